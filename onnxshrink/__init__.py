@@ -1,0 +1,18 @@
+"""onnxshrink: an ONNX graph-rewriting optimizer built on onnx_ir.
+
+Python API::
+
+    import onnxshrink
+    result = onnxshrink.optimize("model.onnx", "model.opt.onnx", preset="default")
+    print(result.after["nodes"])
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from onnxshrink.api import OptimizeResult, optimize
+from onnxshrink.errors import ShrinkError
+from onnxshrink.model_io import load, save
+
+__all__ = ["OptimizeResult", "ShrinkError", "__version__", "load", "optimize", "save"]

@@ -1,0 +1,129 @@
+"""Structural checks of a model: topological order, onnx checker, strict shape inference.
+
+Large initializers are lifted out before the model is handed to onnx's C++ code (which serializes it
+and cannot take 2 GiB), and restored in ``finally`` so the model is unchanged whatever happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+
+import onnx
+import onnx_ir as ir
+
+logger = logging.getLogger(__name__)
+
+#: Initializers bigger than this are turned into graph inputs while onnx's C++ code looks at the model.
+LIFT_BYTES = 1024
+
+
+@contextlib.contextmanager
+def lifted_proto(model: ir.Model):
+    """Yield a ModelProto of ``model`` whose big main-graph initializers are graph inputs instead."""
+    graph = model.graph
+    lifted = [
+        v
+        for v in graph.initializers.values()
+        if v.const_value is not None and v.const_value.nbytes > LIFT_BYTES
+    ]
+    n_inputs = len(graph.inputs)
+    saved = {}
+    try:
+        for v in lifted:
+            saved[v] = v.const_value
+            if v.shape is None:
+                v.shape = v.const_value.shape
+            if v.dtype is None:
+                v.dtype = v.const_value.dtype
+            if v not in graph.inputs:
+                graph.inputs.append(v)
+            graph.initializers.pop(v.name)
+            v.const_value = None
+        yield ir.serde.serialize_model(model)
+    finally:
+        for v, tensor in saved.items():
+            v.const_value = tensor
+            graph.register_initializer(v)
+        kept = list(graph.inputs[:n_inputs])
+        graph.inputs.clear()
+        graph.inputs.extend(kept)
+
+
+def topo_errors(model: ir.Model) -> list[str]:
+    """Nodes that read a value before it is produced, in every graph and function."""
+    errors: list[str] = []
+    _topo_graph(model.graph, set(), errors)
+    for fn in model.functions.values():
+        _topo_graph(fn, set(), errors)
+    return errors
+
+
+def _topo_graph(graph, outer: set, errors: list[str]) -> None:
+    known = set(outer)
+    known.update(graph.inputs)
+    if isinstance(graph, ir.Graph):
+        known.update(graph.initializers.values())
+    for node in graph:
+        for i, v in enumerate(node.inputs):
+            if v is not None and v not in known:
+                errors.append(
+                    f"node {node.name!r} ({node.op_type}) input {i} {v.name!r} is not produced "
+                    "before it (graph not topologically sorted, or dangling)"
+                )
+        for attr in node.attributes.values():
+            subs = []
+            if attr.type == ir.AttributeType.GRAPH:
+                subs = [attr.value]
+            elif attr.type == ir.AttributeType.GRAPHS:
+                subs = list(attr.value)
+            for sub in subs:
+                _topo_graph(sub, known, errors)
+        known.update(node.outputs)
+    for v in graph.outputs:
+        if v not in known:
+            errors.append(f"graph output {v.name!r} is not produced by any node")
+
+
+def checker_error(model: ir.Model) -> str | None:
+    """The onnx checker's complaint about ``model``, or None."""
+    try:
+        with lifted_proto(model) as proto:
+            onnx.checker.check_model(proto, full_check=False)
+    except Exception as e:  # noqa: BLE001 - checker raises several types
+        return f"onnx.checker: {e}"
+    return None
+
+
+def shape_inference_error(model: ir.Model) -> str | None:
+    """What strict onnx shape inference says is wrong with ``model``, or None."""
+    try:
+        with lifted_proto(model) as proto:
+            onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as e:  # noqa: BLE001
+        return f"strict shape inference: {e}"
+    return None
+
+
+@dataclasses.dataclass
+class StructureReport:
+    topo: list[str]
+    checker: str | None
+    shapes: str | None
+
+    @property
+    def problems(self) -> list[str]:
+        return [*self.topo, *(x for x in (self.checker, self.shapes) if x)]
+
+    def __bool__(self) -> bool:
+        return not self.problems
+
+
+def check_structure(model: ir.Model, *, checker: bool = True, shapes: bool = True) -> StructureReport:
+    """Run the three structural checks and collect what each says."""
+    return StructureReport(
+        topo=topo_errors(model),
+        checker=checker_error(model) if checker else None,
+        shapes=shape_inference_error(model) if shapes else None,
+    )

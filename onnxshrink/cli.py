@@ -1,0 +1,183 @@
+"""The ``onnxshrink`` command line. Maps typed errors to exit codes (2 usage/input, 3 internal)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from onnxshrink import __version__
+
+logger = logging.getLogger(__name__)
+
+
+def bundled_model() -> Path:
+    """The small model shipped inside the package (used when ``optimize`` is given no input)."""
+    return Path(__file__).parent / "data" / "demo.onnx"
+
+
+def _progress_printer(enabled: bool):
+    if not enabled:
+        return None
+    tty = sys.stderr.isatty()
+
+    def show(name: str) -> None:
+        if tty:
+            sys.stderr.write(f"\r\033[Krunning {name} ...")
+            sys.stderr.flush()
+
+    return show
+
+
+# ---------------------------------------------------------------- optimize
+
+
+def add_optimize(sub) -> None:
+    p = sub.add_parser(
+        "optimize",
+        help="rewrite a model with a preset, a pass list or a recipe",
+        description="Optimize an ONNX model. Without IN, optimizes the bundled demo model.",
+    )
+    p.add_argument("input", nargs="?", help="input .onnx (default: the bundled demo model)")
+    p.add_argument("-o", "--output", help="output .onnx (default: print the summary only)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--preset", help="named pass list (default: 'default', lossless)")
+    group.add_argument("--recipe", help="TOML recipe file with [[step]] tables")
+    group.add_argument("--passes", help="comma-separated pass names, run once each in order")
+    p.add_argument("--check-each", action="store_true",
+                   help="compare ONNX Runtime outputs after every changing pass; name the pass that breaks them")
+    p.add_argument("--no-check", action="store_true", help="skip the structural check after each pass")
+    p.add_argument("--overwrite-input", action="store_true", help="allow -o to name the input file")
+    p.add_argument("--report", help="write the summary as JSON to this file")
+    p.add_argument("--list-passes", action="store_true", help="list registered passes and presets, then exit")
+    p.set_defaults(func=run_optimize)
+
+
+def run_optimize(args) -> int:
+    from onnxshrink import api, pipeline, report
+    from onnxshrink.passes import REGISTRY
+
+    if args.list_passes:
+        for name, cls in sorted(REGISTRY.items()):
+            print(f"{name:24s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+        print("presets: " + ", ".join(sorted(pipeline.PRESETS)))
+        return 0
+    src = args.input or str(bundled_model())
+    passes = args.passes.split(",") if args.passes else None
+    result = api.optimize(
+        src,
+        args.output,
+        preset=args.preset,
+        passes=passes,
+        recipe=args.recipe,
+        check=not args.no_check,
+        check_each=args.check_each,
+        overwrite_input=args.overwrite_input,
+        progress=_progress_printer(not args.quiet),
+    )
+    if sys.stderr.isatty() and not args.quiet:
+        sys.stderr.write("\r\033[K")
+    print(f"onnxshrink optimize: {src} -> {args.output or '(not written)'}  [{result.seconds:.2f} s]")
+    print(report.before_after_table(result.before, result.after))
+    print()
+    print(report.pass_table(result.report.per_pass()))
+    for problem in result.input_problems:
+        print(f"note: the input already fails a check (not held against the passes): {problem}")
+    if args.report:
+        report.write_json(args.report, result.to_dict())
+    return 0
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="show a model's interface, ops, parameters, MACs and size")
+    p.add_argument("model", help="input .onnx")
+    p.add_argument("--json", dest="json_out", help="also write the summary as JSON to this file")
+    p.set_defaults(func=run_inspect)
+
+
+def run_inspect(args) -> int:
+    from onnxshrink import model_io, report, stats
+
+    model = model_io.load(args.model)
+    summary = stats.summarize(model, args.model)
+    sig = stats.io_signature(model)
+    info = {
+        "ir_version": model.ir_version,
+        "opset_imports": dict(model.opset_imports),
+        "producer": f"{model.producer_name or ''} {model.producer_version or ''}".strip(),
+        **sig,
+        **summary,
+        "external_data_files": stats.external_files(model),
+    }
+    print(f"{args.model}")
+    print(f"  IR version {info['ir_version']}, opsets "
+          + ", ".join(f"{d or 'ai.onnx'}={v}" for d, v in info["opset_imports"].items()))
+    if info["producer"]:
+        print(f"  producer: {info['producer']}")
+    for kind in ("inputs", "outputs"):
+        print(f"  {kind}:")
+        for v in info[kind]:
+            print(f"    {v['name']}: {v['dtype']} {v['shape']}")
+    print(f"  nodes {summary['nodes']:,}, parameters {summary['parameters']:,}, "
+          f"MACs {summary['macs']:,}, initializers {report.human_bytes(summary['initializer_bytes'])}, "
+          f"file {report.human_bytes(summary['file_bytes'])}")
+    if info["external_data_files"]:
+        print("  external data: " + ", ".join(info["external_data_files"]))
+    rows = sorted(summary["ops"].items(), key=lambda kv: (-kv[1], kv[0]))
+    print(report.format_table(["op", "count"], rows))
+    if args.json_out:
+        report.write_json(args.json_out, info)
+    return 0
+
+
+# ---------------------------------------------------------------- main
+
+#: The explicit command table: name -> function adding its sub-parser.
+COMMANDS = {
+    "optimize": add_optimize,
+    "inspect": add_inspect,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onnxshrink",
+        description="ONNX graph optimizer: lossless cleanup, int8 quantization, channel pruning, "
+        "validation and a pre-deploy gate.",
+    )
+    parser.add_argument("--version", action="version", version=f"onnxshrink {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from onnxshrink.errors import ShrinkError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ShrinkError as e:
+        print(f"onnxshrink: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("onnxshrink: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

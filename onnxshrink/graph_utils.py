@@ -1,0 +1,167 @@
+"""Small graph-editing helpers shared by the passes. Tensors are identified by object, never by name."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def is_default_domain(node: ir.Node) -> bool:
+    return node.domain in DEFAULT_DOMAINS
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The constant content of ``value`` (a non-overridable initializer or a Constant node's output)."""
+    if value is None:
+        return None
+    if value.is_graph_input():
+        return None  # an initializer listed as input can be overridden at run time
+    if value.const_value is not None:
+        try:
+            return value.const_value.numpy()
+        except Exception:  # noqa: BLE001 - unsupported dtype (strings of odd kinds, packed types)
+            return None
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and is_default_domain(node):
+        return _constant_node_array(node)
+    return None
+
+
+def _constant_node_array(node: ir.Node) -> np.ndarray | None:
+    attrs = node.attributes
+    if "value" in attrs:
+        return attrs["value"].as_tensor().numpy()
+    for key, dtype in (("value_float", np.float32), ("value_int", np.int64)):
+        if key in attrs:
+            return np.array(attrs[key].value, dtype=dtype)
+    for key, dtype in (("value_floats", np.float32), ("value_ints", np.int64)):
+        if key in attrs:
+            return np.array(list(attrs[key].value), dtype=dtype)
+    return None
+
+
+def is_constant(value: ir.Value | None) -> bool:
+    return const_array(value) is not None
+
+
+def scalar_value(value: ir.Value | None) -> float | None:
+    """The single value of a constant whose elements are all equal, else None."""
+    arr = const_array(value)
+    if arr is None or arr.size == 0 or arr.dtype.kind not in "biuf":
+        return None
+    first = arr.flat[0]
+    if arr.size > 1 and not np.all(arr == first):
+        return None
+    return float(first)
+
+
+class NameGen:
+    """Unique value names for one model: scans names once, then hands out fresh ones."""
+
+    def __init__(self, model_or_graph) -> None:
+        self.taken: set[str] = set()
+        graphs = model_or_graph.graphs() if isinstance(model_or_graph, ir.Model) else [model_or_graph]
+        for g in graphs:
+            for v in itertools.chain(g.inputs, g.outputs, g.initializers.values()):
+                if v.name:
+                    self.taken.add(v.name)
+            for node in g:
+                for v in node.outputs:
+                    if v.name:
+                        self.taken.add(v.name)
+                if node.name:
+                    self.taken.add(node.name)
+
+    def __call__(self, hint: str) -> str:
+        name, i = hint, 0
+        while name in self.taken:
+            i += 1
+            name = f"{hint}_{i}"
+        self.taken.add(name)
+        return name
+
+
+def add_initializer(graph, array: np.ndarray, name: str) -> ir.Value:
+    """Register ``array`` as an initializer of ``graph`` (a Function gets a Constant node instead)."""
+    tensor = ir.tensor(np.ascontiguousarray(array), name=name)
+    if isinstance(graph, ir.Graph):
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
+        value.const_value = tensor
+        graph.register_initializer(value)
+        return value
+    node = ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", tensor)], name=name)
+    out = node.outputs[0]
+    out.name = name
+    out.shape = ir.Shape(array.shape)
+    out.type = ir.TensorType(tensor.dtype)
+    out.const_value = tensor
+    graph.insert_before(graph[0], node) if len(graph) else graph.append(node)
+    return out
+
+
+def owning_graph(node: ir.Node):
+    return node.graph
+
+
+def bypass(node: ir.Node, old: ir.Value, new: ir.Value) -> str | None:
+    """Make every user of ``old`` (produced by ``node``) read ``new`` instead, then drop ``node``.
+
+    Handles ``old`` being a graph output: ``new`` takes over the output's name, type and shape, so the
+    graph's interface never changes. Returns None on success, or the reason it could not.
+    """
+    graph = node.graph
+    if graph is None:
+        return "node is not attached to a graph"
+    if old.is_graph_output():
+        if new.is_graph_input() or new.is_initializer() or new.is_graph_output():
+            return "its output is a graph output and its input is a graph input, initializer or output"
+        if new.graph is not graph:
+            return "its output is a graph output fed from an outer scope"
+        if new.producer() is None:
+            return "its output is a graph output and its input has no producer"
+        outputs = graph.outputs
+        name, shape, dtype = old.name, old.shape, old.dtype
+        for i, out in enumerate(outputs):
+            if out is old:
+                outputs[i] = new
+        old.name = None
+        new.name = name
+        if shape is not None:
+            new.shape = shape
+        if dtype is not None:
+            new.dtype = dtype
+    old.replace_all_uses_with(new)
+    graph.remove(node, safe=True)
+    return None
+
+
+def subgraphs_of(node: ir.Node) -> list:
+    """The graphs held in a node's attributes (If branches, Loop/Scan bodies)."""
+    subs: list = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            subs.append(attr.value)
+        elif attr.type == ir.AttributeType.GRAPHS:
+            subs.extend(attr.value)
+    return subs
+
+
+def drop_node(node: ir.Node, *, safe: bool = True) -> None:
+    """Remove an unused node, first detaching the nodes of its subgraphs from outer-scope values
+    (otherwise those outer values would still look used)."""
+    for sub in subgraphs_of(node):
+        for inner in reversed(list(sub)):
+            drop_node(inner, safe=False)
+    node.graph.remove(node, safe=safe)
+
+
+def iter_nodes_safe(graph):
+    """Snapshot of a graph's nodes, so passes may remove nodes while iterating."""
+    return list(graph)

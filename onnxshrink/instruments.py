@@ -1,0 +1,141 @@
+"""Instruments run around passes, outside them: structural checks, a drift probe, model dumps.
+
+Each instrument has ``begin(model)``, ``after_pass(pass_, model, result)`` and ``end(model)``. The
+pipeline calls ``after_pass`` only when the pass changed the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxshrink import checks, model_io, runtime
+from onnxshrink.errors import CheckFailure, DriftFailure
+from onnxshrink.pass_infra import ShrinkPass, ShrinkResult
+
+logger = logging.getLogger(__name__)
+
+
+class Instrument:
+    def begin(self, model: ir.Model) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def after_pass(self, pass_: ShrinkPass, model: ir.Model, result: ShrinkResult) -> None:  # noqa: B027
+        pass
+
+    def end(self, model: ir.Model) -> None:  # noqa: B027
+        pass
+
+
+class StructuralCheck(Instrument):
+    """Topological order, onnx checker and strict shape inference after every pass that changed the model.
+
+    Checks the input first: a check the input already fails is reported once and not held against
+    the passes (real exported models sometimes fail strict shape inference).
+    """
+
+    def __init__(self) -> None:
+        self.run_checker = True
+        self.run_shapes = True
+        self.input_problems: list[str] = []
+
+    def begin(self, model: ir.Model) -> None:
+        report = checks.check_structure(model)
+        if report.checker:
+            self.run_checker = False
+            self.input_problems.append(report.checker)
+        if report.shapes:
+            self.run_shapes = False
+            self.input_problems.append(report.shapes)
+        for p in self.input_problems:
+            logger.warning("the input model already fails a check, which is skipped: %s", p)
+
+    def after_pass(self, pass_, model, result) -> None:
+        report = checks.check_structure(model, checker=self.run_checker, shapes=self.run_shapes)
+        if not report:
+            raise CheckFailure(
+                f"pass {pass_.name!r} left an invalid model: " + "; ".join(report.problems[:5])
+            )
+
+
+class DriftProbe(Instrument):
+    """Compare ONNX Runtime outputs after each pass with those before it, on a fixed probe batch.
+
+    Lossless passes must match within ``rtol``/``atol``; a pass with ``lossy = True`` must keep the
+    cosine similarity of every output at ``min_cosine`` or above. The first pass that breaks this is
+    named in the ``DriftFailure``.
+    """
+
+    def __init__(
+        self,
+        feeds: list[dict[str, np.ndarray]] | None = None,
+        *,
+        rtol: float = 1e-4,
+        atol: float = 1e-5,
+        min_cosine: float = 0.98,
+        dims: dict[str, int] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.feeds = feeds
+        self.rtol, self.atol, self.min_cosine = rtol, atol, min_cosine
+        self.dims, self.seed = dims, seed
+        self.expected: list[list[np.ndarray]] = []
+        self.checked: list[str] = []
+
+    def _run(self, model: ir.Model) -> list[list[np.ndarray]]:
+        sess = runtime.make_session(model)
+        if self.feeds is None:
+            self.feeds = [runtime.random_feed(sess, self.seed + i, self.dims) for i in range(2)]
+        return [sess.run(None, feed) for feed in self.feeds]
+
+    def begin(self, model: ir.Model) -> None:
+        self.expected = self._run(model)
+
+    def after_pass(self, pass_, model, result) -> None:
+        got = self._run(model)
+        names = [v.name for v in model.graph.outputs]
+        for feed_i, (exp, out) in enumerate(zip(self.expected, got)):
+            for name, e, g in zip(names, exp, out):
+                problem = self._compare(pass_.lossy, e, g)
+                if problem:
+                    raise DriftFailure(
+                        f"pass {pass_.name!r} changed output {name!r} on probe batch {feed_i}: "
+                        f"{problem}"
+                    )
+        self.checked.append(pass_.name)
+        self.expected = got
+
+    def _compare(self, lossy: bool, e: np.ndarray, g: np.ndarray) -> str | None:
+        if e.shape != g.shape:
+            return f"shape {g.shape} != {e.shape}"
+        if e.dtype.kind not in "fc":
+            return None if np.array_equal(e, g) else "integer outputs differ"
+        if not np.all(np.isfinite(g)[np.isfinite(e)]):
+            return "NaN/Inf appeared"
+        if lossy:
+            a, b = e.astype(np.float64).ravel(), g.astype(np.float64).ravel()
+            denom = np.linalg.norm(a) * np.linalg.norm(b)
+            cos = 1.0 if denom == 0 else float(a @ b / denom)
+            return None if cos >= self.min_cosine else f"cosine {cos:.5f} < {self.min_cosine}"
+        if np.allclose(g, e, rtol=self.rtol, atol=self.atol, equal_nan=True):
+            return None
+        err = float(np.max(np.abs(g.astype(np.float64) - e)))
+        return f"max abs error {err:.3g} beyond rtol={self.rtol}, atol={self.atol}"
+
+
+class DumpEach(Instrument):
+    """Write the model after every pass that changed it, numbered, into a folder (for debugging)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.count = 0
+
+    def begin(self, model: ir.Model) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def after_pass(self, pass_, model, result) -> None:
+        self.count += 1
+        model_io.save(model, self.folder / f"{self.count:03d}_{pass_.name}.onnx")

@@ -1,0 +1,171 @@
+"""ONNX Runtime sessions and model inputs, shared by validation, benchmarking and calibration.
+
+Sessions are opened by path when the model is on disk (weights never pass through Python); an
+in-memory ``ir.Model`` is serialized to bytes, or saved to a temporary folder with external data when
+it is too big for one protobuf.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxshrink import model_io
+from onnxshrink.errors import DataError, RuntimeFailure
+
+logger = logging.getLogger(__name__)
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+}
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
+}
+
+
+def ort():
+    import onnxruntime
+
+    return onnxruntime
+
+
+def resolve_providers(providers) -> list[str]:
+    """Map ``cpu``/``cuda``/``tensorrt`` (or full names) to ONNX Runtime provider names."""
+    if providers is None:
+        return ["CPUExecutionProvider"]
+    if isinstance(providers, str):
+        providers = [p for p in providers.split(",") if p.strip()]
+    return [PROVIDER_ALIASES.get(p.strip().lower(), p.strip()) for p in providers]
+
+
+def available_providers() -> list[str]:
+    return list(ort().get_available_providers())
+
+
+def session_options(threads: int | None = None, optimized_path: str | None = None, level=None):
+    so = ort().SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if level is not None:
+        so.graph_optimization_level = level
+    if optimized_path:
+        so.optimized_model_filepath = str(optimized_path)
+    return so
+
+
+@contextlib.contextmanager
+def model_path(model: ir.Model | str | os.PathLike):
+    """A path ONNX Runtime can open: the file itself, or a temporary copy of an in-memory model."""
+    if isinstance(model, (str, os.PathLike)):
+        yield str(model)
+        return
+    tmp = tempfile.mkdtemp(prefix="onnxshrink-rt-")
+    try:
+        yield str(model_io.save(model, Path(tmp) / "model.onnx"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def make_session(
+    model: ir.Model | str | os.PathLike | bytes,
+    providers=None,
+    *,
+    threads: int | None = None,
+    options=None,
+):
+    """An ``InferenceSession`` for a path, serialized bytes or an in-memory model."""
+    rt = ort()
+    so = options or session_options(threads)
+    provs = resolve_providers(providers)
+    try:
+        if isinstance(model, ir.Model):
+            if model_io.initializer_bytes(model) < model_io.EXTERNAL_DATA_THRESHOLD and not (
+                model_io.uses_external_data(model)
+            ):
+                return rt.InferenceSession(model_io.to_bytes(model), so, providers=provs)
+            with model_path(model) as p:
+                return rt.InferenceSession(p, so, providers=provs)
+        if isinstance(model, (bytes, bytearray)):
+            return rt.InferenceSession(bytes(model), so, providers=provs)
+        return rt.InferenceSession(str(model), so, providers=provs)
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+        raise RuntimeFailure(f"ONNX Runtime could not load the model: {e}") from e
+
+
+def numpy_dtype(ort_type: str):
+    try:
+        return _ORT_TYPES[ort_type]
+    except KeyError as e:
+        raise DataError(f"inputs of type {ort_type} are not supported for generated data") from e
+
+
+def resolve_shape(name: str, shape, dims: Mapping[str, int] | None, default_dim: int = 1) -> tuple:
+    """Concrete shape for an input, filling symbolic dims from ``dims`` (by dim name or input name)."""
+    dims = dims or {}
+    out = []
+    for i, d in enumerate(shape):
+        if isinstance(d, int) and d >= 0:
+            out.append(d)
+        elif isinstance(d, str) and d in dims:
+            out.append(int(dims[d]))
+        elif f"{name}:{i}" in dims:
+            out.append(int(dims[f"{name}:{i}"]))
+        else:
+            out.append(default_dim)
+    return tuple(out)
+
+
+def random_feed(session, seed: int = 0, dims: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+    """One feed of random data matching a session's inputs (normal floats, small non-negative ints)."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for inp in session.get_inputs():
+        dtype = numpy_dtype(inp.type)
+        shape = resolve_shape(inp.name, inp.shape, dims)
+        if np.issubdtype(dtype, np.floating):
+            feed[inp.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feed[inp.name] = rng.integers(0, 2, shape).astype(bool)
+        else:
+            feed[inp.name] = rng.integers(0, 4, shape).astype(dtype)
+    return feed
+
+
+def parse_dims(specs) -> dict[str, int]:
+    """Parse ``--shape`` values like ``batch=4`` or ``input:0=4`` into a dims mapping."""
+    dims: dict[str, int] = {}
+    for spec in specs or []:
+        for part in re.split(r"[,\s]+", spec.strip()):
+            if not part:
+                continue
+            key, sep, val = part.rpartition("=")
+            if not sep or not key or not val.isdigit():
+                raise DataError(f"bad --shape {part!r}: write DIM=SIZE, for example batch=8")
+            dims[key] = int(val)
+    return dims

@@ -1,0 +1,133 @@
+"""Model statistics: op histogram, node and parameter counts, initializer bytes, a MACs estimate."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxshrink import checks, model_io
+
+logger = logging.getLogger(__name__)
+
+_FLOAT_TYPES = {
+    ir.DataType.FLOAT,
+    ir.DataType.FLOAT16,
+    ir.DataType.BFLOAT16,
+    ir.DataType.DOUBLE,
+}
+
+
+def op_histogram(model: ir.Model) -> Counter:
+    """Node count per op type over every graph and subgraph (functions counted separately)."""
+    hist: Counter = Counter()
+    for node in model.graph.all_nodes():
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        hist[key] += 1
+    return hist
+
+
+def parameter_count(model: ir.Model) -> int:
+    """Elements of every initializer (weights, biases, quantized weights alike), constants excluded."""
+    return sum(int(np.prod(t.shape.numpy())) for t in model_io.iter_initializer_tensors(model))
+
+
+def inferred_shapes(model: ir.Model, dims: dict[str, int] | None = None) -> dict[str, tuple]:
+    """Value name -> concrete shape after onnx shape inference (symbolic dims count as ``dims`` or 1)."""
+    dims = dims or {}
+    try:
+        with checks.lifted_proto(model) as proto:
+            inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception as e:  # noqa: BLE001
+        logger.info("shape inference failed, MACs estimate incomplete: %s", e)
+        return {}
+    shapes: dict[str, tuple] = {}
+    g = inferred.graph
+    for vi in [*g.input, *g.output, *g.value_info]:
+        t = vi.type.tensor_type
+        if not t.HasField("shape"):
+            continue
+        shapes[vi.name] = tuple(
+            d.dim_value if d.HasField("dim_value") else int(dims.get(d.dim_param, 1))
+            for d in t.shape.dim
+        )
+    for init in model.graph.initializers.values():
+        if init.const_value is not None:
+            shapes[init.name] = tuple(init.const_value.shape.numpy())
+    return shapes
+
+
+def _prod(shape) -> int:
+    return int(np.prod(shape)) if shape else 1
+
+
+def node_macs(node: ir.Node, shapes: dict[str, tuple]) -> int:
+    """Multiply-accumulates of one Conv/ConvTranspose/MatMul/Gemm-like node (0 if unknown)."""
+    def shp(i):
+        v = node.inputs[i] if i < len(node.inputs) else None
+        return shapes.get(v.name) if v is not None else None
+
+    out = shapes.get(node.outputs[0].name) if node.outputs else None
+    op = node.op_type
+    if op in ("Conv", "ConvInteger", "QLinearConv"):
+        w = shp(3 if op == "QLinearConv" else 1)
+        if w and out:
+            return _prod(out) * _prod(w[1:])
+    elif op == "ConvTranspose":
+        x, w = shp(0), shp(1)
+        if x and w:
+            return _prod(x) * _prod(w[1:])
+    elif op in ("MatMul", "MatMulInteger", "QLinearMatMul", "Gemm"):
+        a = shp(0)
+        if a and out:
+            k = a[0] if (op == "Gemm" and _attr_int(node, "transA")) else a[-1]
+            return _prod(out) * k
+    return 0
+
+
+def _attr_int(node: ir.Node, name: str, default: int = 0) -> int:
+    attr = node.attributes.get(name)
+    return attr.as_int() if attr is not None else default
+
+
+def macs(model: ir.Model, dims: dict[str, int] | None = None) -> int:
+    shapes = inferred_shapes(model, dims)
+    return sum(node_macs(n, shapes) for n in model.graph.all_nodes())
+
+
+def summarize(model: ir.Model, path=None, *, with_macs: bool = True) -> dict:
+    """A dict summary used by the before/after table and ``inspect``."""
+    hist = op_histogram(model)
+    out = {
+        "nodes": sum(hist.values()),
+        "ops": dict(sorted(hist.items())),
+        "parameters": parameter_count(model),
+        "initializer_bytes": model_io.initializer_bytes(model),
+        "functions": len(model.functions),
+    }
+    if with_macs:
+        out["macs"] = macs(model)
+    if path is not None:
+        out["file_bytes"] = model_io.file_size(path)
+    return out
+
+
+def io_signature(model: ir.Model) -> dict:
+    def desc(v: ir.Value) -> dict:
+        dims = None if v.shape is None else [d if isinstance(d, int) else str(d) for d in v.shape]
+        return {"name": v.name, "dtype": v.dtype.name if v.dtype is not None else None, "shape": dims}
+
+    inits = set(model.graph.initializers)
+    return {
+        "inputs": [desc(v) for v in model.graph.inputs if v.name not in inits],
+        "outputs": [desc(v) for v in model.graph.outputs],
+    }
+
+
+def external_files(model: ir.Model) -> list[str]:
+    return sorted(
+        {str(t.location) for t in model_io.iter_initializer_tensors(model) if isinstance(t, ir.ExternalTensor)}
+    )

@@ -1,0 +1,21 @@
+"""onnxshrink's rewrite passes, one module per family. Installed as ``onnxshrink.passes``.
+
+``REGISTRY`` is the one explicit map from pass name to class; nothing registers itself on import.
+"""
+
+from __future__ import annotations
+
+if __name__ != "onnxshrink.passes":  # pragma: no cover - packaging guard
+    raise ImportError(
+        f"the passes package must be imported as 'onnxshrink.passes', not {__name__!r}; "
+        "install onnxshrink (pip install -e .) instead of putting its source folder on sys.path"
+    )
+
+from onnxshrink.pass_infra import ShrinkPass
+from onnxshrink.passes import cleanup
+
+REGISTRY: dict[str, type[ShrinkPass]] = {
+    cleanup.DeadCodePass.name: cleanup.DeadCodePass,
+}
+
+__all__ = ["REGISTRY"]
