@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxshrink import checks, model_io, runtime
+from onnxshrink import checks, data, model_io, runtime
 from onnxshrink.errors import CheckFailure, DriftFailure
 from onnxshrink.pass_infra import ShrinkPass, ShrinkResult
 
@@ -88,7 +88,8 @@ class DriftProbe(Instrument):
     def _run(self, model: ir.Model) -> list[list[np.ndarray]]:
         sess = runtime.make_session(model)
         if self.feeds is None:
-            self.feeds = [runtime.random_feed(sess, self.seed + i, self.dims) for i in range(2)]
+            specs = data.input_specs(model)
+            self.feeds = [data.random_feed(specs, self.seed + i, self.dims) for i in range(2)]
         return [sess.run(None, feed) for feed in self.feeds]
 
     def begin(self, model: ir.Model) -> None:

@@ -13,10 +13,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import onnx_ir as ir
 
 from onnxshrink import model_io
@@ -30,22 +28,6 @@ PROVIDER_ALIASES = {
     "tensorrt": "TensorrtExecutionProvider",
     "trt": "TensorrtExecutionProvider",
 }
-
-_ORT_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int16)": np.int16,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(uint16)": np.uint16,
-    "tensor(uint32)": np.uint32,
-    "tensor(uint64)": np.uint64,
-    "tensor(bool)": np.bool_,
-}
-
 
 def ort():
     import onnxruntime
@@ -116,45 +98,6 @@ def make_session(
         return rt.InferenceSession(str(model), so, providers=provs)
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
         raise RuntimeFailure(f"ONNX Runtime could not load the model: {e}") from e
-
-
-def numpy_dtype(ort_type: str):
-    try:
-        return _ORT_TYPES[ort_type]
-    except KeyError as e:
-        raise DataError(f"inputs of type {ort_type} are not supported for generated data") from e
-
-
-def resolve_shape(name: str, shape, dims: Mapping[str, int] | None, default_dim: int = 1) -> tuple:
-    """Concrete shape for an input, filling symbolic dims from ``dims`` (by dim name or input name)."""
-    dims = dims or {}
-    out = []
-    for i, d in enumerate(shape):
-        if isinstance(d, int) and d >= 0:
-            out.append(d)
-        elif isinstance(d, str) and d in dims:
-            out.append(int(dims[d]))
-        elif f"{name}:{i}" in dims:
-            out.append(int(dims[f"{name}:{i}"]))
-        else:
-            out.append(default_dim)
-    return tuple(out)
-
-
-def random_feed(session, seed: int = 0, dims: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
-    """One feed of random data matching a session's inputs (normal floats, small non-negative ints)."""
-    rng = np.random.default_rng(seed)
-    feed = {}
-    for inp in session.get_inputs():
-        dtype = numpy_dtype(inp.type)
-        shape = resolve_shape(inp.name, inp.shape, dims)
-        if np.issubdtype(dtype, np.floating):
-            feed[inp.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            feed[inp.name] = rng.integers(0, 2, shape).astype(bool)
-        else:
-            feed[inp.name] = rng.integers(0, 4, shape).astype(dtype)
-    return feed
 
 
 def parse_dims(specs) -> dict[str, int]:
