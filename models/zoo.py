@@ -1,0 +1,50 @@
+"""The test model zoo: small, seeded, float32 models built in code, one per architecture family.
+
+``ZOO`` maps a name to a builder returning a fresh ``onnx.ModelProto`` (opset 17, batch dim "N").
+Each model's builder docstring states its inputs and outputs; ``save(name, folder)`` writes one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+
+from models import zoo_conv, zoo_other
+
+ZOO: dict[str, Callable[[], onnx.ModelProto]] = {
+    "plain_cnn": zoo_conv.plain_cnn,
+    "resnet": zoo_conv.resnet,
+    "mobilenetv2": zoo_conv.mobilenetv2,
+    "inception": zoo_conv.inception,
+    "densenet": zoo_conv.densenet,
+    "grouped_conv": zoo_conv.grouped_conv,
+    "split_branches": zoo_conv.split_branches,
+    "mlp": zoo_other.mlp,
+    "transformer": zoo_other.transformer,
+    "dynamic_batch": zoo_other.dynamic_batch,
+    "control_flow": zoo_other.control_flow,
+    "lossless_patterns": zoo_other.lossless_patterns,
+}
+
+
+def build(name: str) -> onnx.ModelProto:
+    if name not in ZOO:
+        raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}")
+    return ZOO[name]()
+
+
+def save(name: str, folder: str | Path) -> Path:
+    """Write zoo model ``name`` to ``folder/name.onnx`` and return the path."""
+    path = Path(folder) / f"{name}.onnx"
+    onnx.save(build(name), path)
+    return path
+
+
+if __name__ == "__main__":
+    import sys
+
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+    for n in ZOO:
+        print(save(n, out))
