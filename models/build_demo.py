@@ -1,10 +1,10 @@
-"""Build the demo model bundled in the package (onnxshrink/data/demo.onnx).
+"""Build the demo model bundled in the package (onnxshrink/bundled/demo.onnx).
 
 A small CNN classifier written the way exporters often write them: Conv followed by BatchNormalization,
 Identity and Dropout nodes, a Shape/Gather/Concat chain computing the flatten shape, MatMul + Add
 instead of Gemm, a Mul by one. The lossless preset should remove most of that.
 
-Run: python models/build_demo.py  (writes onnxshrink/data/demo.onnx)
+Run: python models/build_demo.py  (writes onnxshrink/bundled/demo.onnx)
 """
 
 from __future__ import annotations
@@ -70,6 +70,6 @@ def build(seed: int = 0) -> onnx.ModelProto:
 
 
 if __name__ == "__main__":
-    out = Path(__file__).resolve().parent.parent / "onnxshrink" / "data" / "demo.onnx"
+    out = Path(__file__).resolve().parent.parent / "onnxshrink" / "bundled" / "demo.onnx"
     onnx.save(build(), out)
     print(f"wrote {out}")

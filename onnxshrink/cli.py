@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 
 def bundled_model() -> Path:
     """The small model shipped inside the package (used when ``optimize`` is given no input)."""
-    return Path(__file__).parent / "data" / "demo.onnx"
+    return Path(__file__).parent / "bundled" / "demo.onnx"
 
 
 def _progress_printer(enabled: bool):

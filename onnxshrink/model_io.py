@@ -183,7 +183,10 @@ def save(
     if external_data is None:
         external_data = uses_external_data(model) or initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = out.name + ".data"
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".onnxshrink-", dir=out.parent))
+    try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=".onnxshrink-", dir=out.parent))
+    except OSError as e:
+        raise OutputError(f"{out}: cannot create files in {out.parent}: {e}") from e
     try:
         tmp_model = tmp_dir / out.name
         if external_data:

@@ -1,0 +1,105 @@
+"""The command line: summaries, JSON reports, exit codes on bad input, help and version."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+from onnxshrink import __version__, cli
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_optimize_bundled_model_prints_summary_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "demo.opt.onnx"
+    report = tmp_path / "r.json"
+    code, stdout, _ = run(capsys, "optimize", "-o", str(out), "--report", str(report))
+    assert code == 0
+    for field in ("nodes", "parameters", "initializer bytes", "file bytes", "MACs", "pass", "ms"):
+        assert field in stdout
+    onnx.checker.check_model(onnx.load(out))
+    data = json.loads(report.read_text())
+    assert data["output"] == str(out)
+    assert {"nodes", "ops", "parameters", "initializer_bytes", "file_bytes", "macs"} <= set(data["before"])
+    assert data["after"]["nodes"] <= data["before"]["nodes"]
+    assert "dead_code" in data["passes"]
+    assert all("seconds" in row for row in data["passes"].values())
+
+
+def test_optimize_with_pass_list_and_check_each(tmp_path, capsys):
+    src = tmp_path / "in.onnx"
+    shutil.copy(cli.bundled_model(), src)
+    code, stdout, _ = run(capsys, "optimize", str(src), "-o", str(tmp_path / "o.onnx"),
+                          "--passes", "dead_code", "--check-each")
+    assert code == 0 and "dead_code" in stdout
+
+
+def test_optimize_refuses_to_overwrite_input(tmp_path, capsys):
+    src = tmp_path / "in.onnx"
+    shutil.copy(cli.bundled_model(), src)
+    before = src.read_bytes()
+    code, _, err = run(capsys, "optimize", str(src), "-o", str(src))
+    assert code == 2 and "input model" in err
+    assert src.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "content, args, message",
+    [
+        (b"garbage bytes", ["optimize"], "not an ONNX model"),
+        (None, ["optimize"], "no such file"),
+        (b"garbage bytes", ["inspect"], "not an ONNX model"),
+    ],
+)
+def test_bad_input_exits_2(tmp_path, capsys, content, args, message):
+    path = tmp_path / "bad.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    code, _, err = run(capsys, *args, str(path))
+    assert code == 2
+    assert message in err
+
+
+def test_unknown_pass_and_preset_exit_2(capsys):
+    code, _, err = run(capsys, "optimize", "--passes", "nope")
+    assert code == 2 and "unknown pass" in err
+    code, _, err = run(capsys, "optimize", "--preset", "nope")
+    assert code == 2 and "unknown preset" in err
+
+
+def test_inspect(tmp_path, capsys):
+    js = tmp_path / "i.json"
+    code, stdout, _ = run(capsys, "inspect", str(cli.bundled_model()), "--json", str(js))
+    assert code == 0
+    assert "IR version 8" in stdout and "Conv" in stdout and "MACs" in stdout
+    info = json.loads(js.read_text())
+    assert info["inputs"][0]["name"] == "input"
+    assert info["inputs"][0]["shape"] == ["batch", 3, 32, 32]
+    assert info["ops"]["Conv"] == 2
+    assert info["macs"] > 1_000_000
+    assert info["opset_imports"] == {"": 17}
+
+
+def test_list_passes(capsys):
+    code, stdout, _ = run(capsys, "optimize", "--list-passes")
+    assert code == 0 and "dead_code" in stdout and "presets:" in stdout
+
+
+def test_help_and_version_via_console_script():
+    exe = shutil.which("onnxshrink") or None
+    cmd = [exe] if exe else [sys.executable, "-m", "onnxshrink.cli"]
+    res = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and __version__ in res.stdout
+    for sub in ([], *([name] for name in cli.COMMANDS)):
+        res = subprocess.run([*cmd, *sub, "--help"], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert "usage:" in res.stdout

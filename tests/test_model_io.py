@@ -1,0 +1,178 @@
+"""Model I/O: sources, round trips, external data, atomic writes and every kind of bad input."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import helper, numpy_helper
+
+from onnxshrink import model_io
+from onnxshrink.errors import ModelLoadError, OutputError, UnsupportedModelError
+
+
+def _model(opset: int = 17, ir_version: int = 8, weight_elems: int = 64) -> onnx.ModelProto:
+    w = numpy_helper.from_array(np.arange(weight_elems, dtype=np.float32).reshape(-1, 8) / 10, "w")
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", w.dims[0]])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 8])],
+        [w],
+        doc_string="graph doc",
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="t")
+    m.ir_version = ir_version
+    helper.set_model_props(m, {"author": "tests"})
+    return m
+
+
+def test_load_from_path_bytes_proto_and_ir(tmp_path):
+    proto = _model()
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path)
+    for src in (path, str(path), proto.SerializeToString(), proto):
+        m = model_io.load(src)
+        assert isinstance(m, ir.Model)
+        assert [n.op_type for n in m.graph] == ["MatMul"]
+    m = model_io.load(path)
+    assert model_io.load(m) is m
+
+
+def test_round_trip_keeps_metadata_names_and_opsets(tmp_path):
+    proto = _model()
+    src = tmp_path / "m.onnx"
+    onnx.save(proto, src)
+    out = model_io.save(model_io.load(src), tmp_path / "o.onnx")
+    back = onnx.load(out)
+    assert back.ir_version == proto.ir_version
+    assert {o.domain: o.version for o in back.opset_import} == {"": 17}
+    assert {p.key: p.value for p in back.metadata_props} == {"author": "tests"}
+    assert back.graph.doc_string == "graph doc"
+    assert back.graph.node[0].name == "mm"
+    assert [i.name for i in back.graph.initializer] == ["w"]
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"", "empty"),
+        (b"this is certainly not a protobuf model \x00\xff\xfe", "not an ONNX model"),
+        (b"\n\x05hello", "not an ONNX model"),
+    ],
+)
+def test_not_onnx(tmp_path, content, match):
+    p = tmp_path / "bad.onnx"
+    p.write_bytes(content)
+    with pytest.raises(ModelLoadError, match=match):
+        model_io.load(p)
+
+
+def test_truncated_file(tmp_path):
+    data = _model(weight_elems=4096).SerializeToString()
+    p = tmp_path / "trunc.onnx"
+    for cut in (len(data) // 2, len(data) - 3, 20):
+        p.write_bytes(data[:cut])
+        with pytest.raises(ModelLoadError):
+            model_io.load(p)
+
+
+def test_missing_path_and_directory(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such file"):
+        model_io.load(tmp_path / "nope.onnx")
+    with pytest.raises(ModelLoadError, match="directory"):
+        model_io.load(tmp_path)
+
+
+def _save_external(tmp_path) -> Path:
+    p = tmp_path / "ext.onnx"
+    onnx.save(_model(weight_elems=4096), p, save_as_external_data=True, location="ext.data",
+              size_threshold=0)
+    return p
+
+
+def test_external_data_loads_lazily_and_saves_external(tmp_path):
+    p = _save_external(tmp_path)
+    m = model_io.load(p)
+    tensor = m.graph.initializers["w"].const_value
+    assert isinstance(tensor, ir.ExternalTensor)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = model_io.save(m, out_dir / "o.onnx")
+    assert (out_dir / "o.onnx.data").exists()  # kept external, next to the output
+    back = model_io.load(out)
+    np.testing.assert_array_equal(back.graph.initializers["w"].const_value.numpy(), tensor.numpy())
+
+
+def test_missing_and_truncated_external_data(tmp_path):
+    p = _save_external(tmp_path)
+    data = tmp_path / "ext.data"
+    raw = data.read_bytes()
+    data.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ModelLoadError, match="truncated"):
+        model_io.load(p)
+    data.unlink()
+    with pytest.raises(ModelLoadError, match="missing"):
+        model_io.load(p)
+
+
+def test_large_model_written_with_external_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1000)
+    out = model_io.save(model_io.load(_model(weight_elems=4096)), tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").stat().st_size == 4096 * 4
+    assert model_io.file_size(out) > 4096 * 4
+
+
+@pytest.mark.parametrize("opset, ir_version, match", [(5, 8, "opset 5"), (17, 99, "IR version 99")])
+def test_unsupported_versions(opset, ir_version, match):
+    with pytest.raises(UnsupportedModelError, match=match):
+        model_io.load(_model(opset=opset, ir_version=ir_version))
+
+
+def test_never_overwrites_input_unless_asked(tmp_path):
+    p = tmp_path / "m.onnx"
+    onnx.save(_model(), p)
+    before = p.read_bytes()
+    m = model_io.load(p)
+    with pytest.raises(OutputError, match="input model"):
+        model_io.save(m, p, protected=(p,))
+    assert p.read_bytes() == before
+    model_io.save(m, p, protected=(p,), overwrite_input=True)
+    assert model_io.load(p).graph.node(0).op_type == "MatMul"
+
+
+def test_unwritable_output(tmp_path):
+    m = model_io.load(_model())
+    with pytest.raises(OutputError, match="does not exist"):
+        model_io.save(m, tmp_path / "missing_dir" / "o.onnx")
+    with pytest.raises(OutputError):
+        model_io.save(m, Path("/proc/onnxshrink-test.onnx"))  # unwritable even for root
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    try:
+        if os.access(ro, os.W_OK):  # running as root: permissions are not enforced
+            pytest.skip("permissions are not enforced for this user (root)")
+        with pytest.raises(OutputError, match="not writable"):
+            model_io.save(m, ro / "o.onnx")
+    finally:
+        os.chmod(ro, 0o700)
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    out = tmp_path / "o.onnx"
+    out.write_bytes(b"old contents")
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model_io.ir, "save", boom)
+    with pytest.raises(OutputError, match="disk full"):
+        model_io.save(model_io.load(_model()), out)
+    assert out.read_bytes() == b"old contents"
+    assert [p.name for p in tmp_path.iterdir()] == ["o.onnx"]  # no temp files left behind
