@@ -114,13 +114,25 @@ class FeedSource:
         self.description = describe
         self._key = key
         self.random = False
+        #: Names of arrays carried with each feed that are not model inputs (labels); see ``labeled()``.
+        self.extras: tuple[str, ...] = ()
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for feed, _ in self.labeled():
+            yield feed
+
+    def labeled(self) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+        """``(feed, extras)`` pairs: the arrays named in ``extras`` are split off before the feed check."""
         n = 0
         for where, feed in self._factory():
+            extra = {}
+            for name in self.extras:
+                if name not in feed:
+                    raise DataError(f"{where}: no {name!r} array (expected besides the model inputs)")
+                extra[name] = np.asarray(feed.pop(name))
             check_feed(feed, self.specs, where)
             n += 1
-            yield feed
+            yield feed, extra
         if n == 0:
             raise DataError(f"{self.description}: no feeds (the data is empty)")
 
@@ -155,8 +167,22 @@ def feeds(
     dims: Mapping[str, int] | None = None,
     count: int = 8,
     seed: int = 0,
+    extras: Sequence[str] = (),
 ) -> FeedSource:
-    """Open ``source`` (path, iterable, callable or None for random) as a ``FeedSource`` for ``model``."""
+    """Open ``source`` (path, iterable, callable or None for random) as a ``FeedSource`` for ``model``.
+
+    ``extras`` names arrays stored with each feed that are not model inputs (for example ``labels``
+    for a task metric); ``FeedSource.labeled()`` yields them beside the feed.
+    """
+    if extras and source is None:
+        raise DataError(f"no data given, but {list(extras)} must come with it; pass labeled data")
+    src = _open_source(source, model, dims, count, seed)
+    if extras:
+        src.extras = tuple(extras)
+    return src
+
+
+def _open_source(source, model, dims, count, seed) -> FeedSource:
     specs = input_specs(model) if isinstance(model, ir.Model) else list(model)
     if source is None:
         return _random_source(specs, dims, count, seed)
@@ -216,8 +242,12 @@ def _stacked_source(path: Path, specs) -> FeedSource:
     by_name = {s.name: s for s in specs}
     counts = {}
     per_sample_axis = {}
-    for name, a in arrays.items():
+    for name, a in sorted(arrays.items(), key=lambda kv: kv[0] not in by_name):
         spec = by_name.get(name)
+        if spec is None and per_sample_axis:  # not an input (labels): slice as the inputs are sliced
+            per_sample_axis[name] = next(iter(per_sample_axis.values()))
+            counts[name] = a.shape[0] if a.ndim else 0
+            continue
         rank = len(spec.dims) if spec and spec.dims else a.ndim - 1
         per_sample_axis[name] = a.ndim == rank + 1
         counts[name] = a.shape[0] if a.ndim else 0
