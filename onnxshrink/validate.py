@@ -1,0 +1,445 @@
+"""Numerical drift of a candidate model against its reference, measured on ONNX Runtime.
+
+``compare(reference, candidate, data)`` (also callable as ``onnxshrink.validate(...)``) runs both
+models on the same feeds, one feed at a time, and accumulates per-output statistics without keeping
+outputs (bounded memory). For every output shared by name:
+
+- ``max_abs_error``, ``mean_abs_error``: of ``|c - r|`` over all elements;
+- ``max_rel_error``: max of ``|c - r| / max(|r|, rel_floor)`` (``rel_floor`` 1e-6 keeps zeros in the
+  reference from making it infinite);
+- ``cosine``: of the two outputs flattened over all feeds; ``worst_feed_cosine``: the lowest per feed;
+- ``sqnr_db``: ``10 log10(sum r^2 / sum (c - r)^2)`` (inf when identical);
+- ``top1_agreement`` / ``top5_agreement`` for classifier-like outputs (2-D ``[N, C]`` float, ``C >= 2``):
+  the share of rows whose reference arg-max is the candidate's arg-max / among its top 5 (``C > 5``).
+
+NaN or Inf in the candidate where the reference is finite is always a failure; statistics are taken
+over the elements finite in both. A missing output or a changed shape is a failure too. Results are
+values: ``bool(report)`` is True when nothing failed; thresholds are the gate's business.
+
+Task metric (optional): a callable ``metric(outputs, labels) -> score | (score, weight)``, called once
+per feed with the model's outputs by name and that feed's labels (an array stored with each feed under
+``labels_key``, not a model input; None without one). The weight defaults to ``len(labels)`` (1
+without labels); the data set's score is the weighted mean. Scores are higher-is-better (return a
+negative loss). ``load_metric("module:function")`` or ``"path/to/file.py:function"`` or a built-in
+name (``accuracy``) gives such a callable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import logging
+import math
+import os
+import sys
+import time
+import types
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from onnxshrink import data as data_mod
+from onnxshrink import model_io, runtime
+from onnxshrink.errors import ConfigError, DataError, RuntimeFailure
+
+logger = logging.getLogger(__name__)
+
+REL_FLOOR = 1e-6
+
+Metric = Callable[[Mapping[str, np.ndarray], "np.ndarray | None"], "float | tuple[float, float]"]
+
+
+@dataclasses.dataclass
+class OutputDrift:
+    """Drift statistics of one output over all feeds. ``bool()`` is False on NaN/Inf or a mismatch."""
+
+    name: str
+    elements: int = 0
+    max_abs_error: float = 0.0
+    mean_abs_error: float = 0.0
+    max_rel_error: float = 0.0
+    cosine: float = 1.0
+    worst_feed_cosine: float = 1.0
+    sqnr_db: float = math.inf
+    top1_agreement: float | None = None
+    top5_agreement: float | None = None
+    rows: int = 0
+    nonfinite: int = 0
+    reference_nonfinite: int = 0
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.nonfinite == 0 and not self.problems and self.elements > 0
+
+    def to_dict(self) -> dict:
+        return {**_jsonable(dataclasses.asdict(self)), "ok": bool(self)}
+
+
+class _Accumulator:
+    """Running sums for one output; ``update`` per feed, ``result`` at the end."""
+
+    def __init__(self, name: str, rel_floor: float) -> None:
+        self.out = OutputDrift(name)
+        self.rel_floor = rel_floor
+        self.sum_abs = 0.0
+        self.dot = self.rr = self.cc = self.noise = 0.0
+        self.top1 = self.top5 = 0
+        self.top5_rows = 0
+
+    def update(self, ref: np.ndarray, cand: np.ndarray, where: str) -> None:
+        o = self.out
+        ref, cand = np.asarray(ref), np.asarray(cand)
+        if ref.shape != cand.shape:
+            o.problems.append(f"{where}: shape {list(cand.shape)} differs from the reference's {list(ref.shape)}")
+            return
+        r = ref.astype(np.float64).ravel()
+        c = cand.astype(np.float64).ravel()
+        fin_r, fin_c = np.isfinite(r), np.isfinite(c)
+        o.reference_nonfinite += int((~fin_r).sum())
+        o.nonfinite += int((fin_r & ~fin_c).sum())
+        both = fin_r & fin_c
+        if not both.all():
+            r, c = r[both], c[both]
+        if r.size == 0:
+            return
+        d = np.abs(c - r)
+        o.elements += r.size
+        self.sum_abs += float(d.sum())
+        o.max_abs_error = max(o.max_abs_error, float(d.max()))
+        o.max_rel_error = max(o.max_rel_error, float((d / np.maximum(np.abs(r), self.rel_floor)).max()))
+        dot, rr, cc = float(r @ c), float(r @ r), float(c @ c)
+        self.dot, self.rr, self.cc = self.dot + dot, self.rr + rr, self.cc + cc
+        self.noise += float(d @ d)
+        o.worst_feed_cosine = min(o.worst_feed_cosine, cosine_from_sums(dot, rr, cc))
+        if _classifier_like(ref):
+            self._update_topk(ref, cand)
+
+    def _update_topk(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        rows = np.isfinite(ref).all(axis=1) & np.isfinite(cand).all(axis=1)
+        ref, cand = ref[rows], cand[rows]
+        if not len(ref):
+            return
+        truth = ref.argmax(axis=1)
+        self.top1 += int((cand.argmax(axis=1) == truth).sum())
+        self.out.rows += len(ref)
+        if ref.shape[1] > 5:
+            top5 = np.argpartition(-cand, 4, axis=1)[:, :5]
+            self.top5 += int((top5 == truth[:, None]).any(axis=1).sum())
+            self.top5_rows += len(ref)
+
+    def result(self) -> OutputDrift:
+        o = self.out
+        if o.elements:
+            o.mean_abs_error = self.sum_abs / o.elements
+            o.cosine = cosine_from_sums(self.dot, self.rr, self.cc)
+            o.sqnr_db = sqnr_db(self.rr, self.noise)
+        if o.rows:
+            o.top1_agreement = self.top1 / o.rows
+        if self.top5_rows:
+            o.top5_agreement = self.top5 / self.top5_rows
+        return o
+
+
+def cosine_from_sums(dot: float, rr: float, cc: float) -> float:
+    """Cosine similarity from ``r.c``, ``r.r``, ``c.c``; two zero vectors count as identical (1.0)."""
+    if rr == 0 and cc == 0:
+        return 1.0
+    if rr == 0 or cc == 0:
+        return 0.0
+    return max(-1.0, min(1.0, dot / math.sqrt(rr * cc)))
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    """Signal-to-quantization-noise ratio in dB: ``10 log10(signal / noise)``; inf without noise."""
+    if noise == 0:
+        return math.inf
+    if signal == 0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def _classifier_like(a: np.ndarray) -> bool:
+    return a.ndim == 2 and a.shape[1] >= 2 and a.dtype.kind == "f"
+
+
+@dataclasses.dataclass
+class MetricResult:
+    """A task metric for both models; ``drop = reference - candidate`` (scores are higher-is-better)."""
+
+    name: str
+    reference: float
+    candidate: float
+
+    @property
+    def difference(self) -> float:
+        return self.candidate - self.reference
+
+    @property
+    def drop(self) -> float:
+        return self.reference - self.candidate
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "reference": self.reference, "candidate": self.candidate,
+                "difference": self.difference, "drop": self.drop}
+
+
+@dataclasses.dataclass
+class DriftReport:
+    """Per-output drift, the overall view, and the optional task metric. ``bool()``: nothing failed."""
+
+    outputs: dict[str, OutputDrift]
+    feeds: int
+    data: str
+    random_data: bool
+    providers: list[str]
+    problems: list[str] = dataclasses.field(default_factory=list)
+    metric: MetricResult | None = None
+    seconds: float = 0.0
+
+    def __bool__(self) -> bool:
+        return not self.problems and bool(self.outputs) and all(self.outputs.values())
+
+    @property
+    def overall(self) -> dict:
+        """The worst value of each statistic over the outputs (``None`` where no output has it)."""
+        outs = list(self.outputs.values())
+
+        def worst(key, pick):
+            vals = [getattr(o, key) for o in outs if getattr(o, key) is not None and o.elements]
+            return pick(vals) if vals else None
+
+        return {
+            "ok": bool(self),
+            "max_abs_error": worst("max_abs_error", max),
+            "mean_abs_error": worst("mean_abs_error", max),
+            "max_rel_error": worst("max_rel_error", max),
+            "cosine": worst("cosine", min),
+            "worst_feed_cosine": worst("worst_feed_cosine", min),
+            "sqnr_db": worst("sqnr_db", min),
+            "top1_agreement": worst("top1_agreement", min),
+            "top5_agreement": worst("top5_agreement", min),
+            "nonfinite": sum(o.nonfinite for o in outs),
+        }
+
+    def failures(self) -> list[str]:
+        """Why ``bool(self)`` is False, one line each."""
+        lines = list(self.problems)
+        for o in self.outputs.values():
+            if o.nonfinite:
+                lines.append(f"output {o.name!r}: {o.nonfinite} NaN/Inf values in the candidate")
+            lines.extend(f"output {o.name!r}: {p}" for p in o.problems[:3])
+            if not o.elements and not o.problems:
+                lines.append(f"output {o.name!r}: no finite values to compare")
+        return lines
+
+    def to_dict(self) -> dict:
+        return _jsonable({
+            "ok": bool(self),
+            "feeds": self.feeds,
+            "data": self.data,
+            "random_data": self.random_data,
+            "providers": self.providers,
+            "problems": self.failures(),
+            "overall": self.overall,
+            "outputs": {k: v.to_dict() for k, v in self.outputs.items()},
+            "metric": self.metric.to_dict() if self.metric else None,
+            "seconds": self.seconds,
+        })
+
+    def table_rows(self) -> list[list]:
+        rows = []
+        for o in self.outputs.values():
+            rows.append([o.name, o.max_abs_error, o.mean_abs_error, o.max_rel_error, o.cosine, o.sqnr_db,
+                         o.top1_agreement, o.top5_agreement, o.nonfinite, "ok" if o else "FAIL"])
+        return rows
+
+    TABLE_HEADERS = ("output", "max abs", "mean abs", "max rel", "cosine", "SQNR dB", "top-1", "top-5",
+                     "NaN/Inf", "")
+
+
+def compare(
+    reference,
+    candidate,
+    data=None,
+    *,
+    providers=None,
+    reference_providers=None,
+    threads: int | None = None,
+    dims: Mapping[str, int] | None = None,
+    count: int = 8,
+    seed: int = 0,
+    metric: Metric | str | None = None,
+    labels_key: str = "labels",
+    rel_floor: float = REL_FLOOR,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> DriftReport:
+    """Run ``reference`` and ``candidate`` on ``data`` and return a ``DriftReport``.
+
+    Models: paths (opened by path), bytes, ``onnx.ModelProto`` or ``ir.Model``. ``data``: anything
+    ``onnxshrink.data.feeds`` takes (None: ``count`` random feeds, with a warning). The candidate
+    runs on ``providers``, the reference on ``reference_providers`` (default: the same).
+    """
+    t0 = time.perf_counter()
+    metric_fn, metric_name = (load_metric(metric), str(metric)) if isinstance(metric, str) else (
+        metric, getattr(metric, "__name__", "metric"))
+    ref_model, cand_model = _load(reference), _load(candidate)
+    extras = (labels_key,) if metric_fn is not None and data is not None else ()
+    source = data_mod.feeds(data, ref_model, dims=dims, count=count, seed=seed, extras=extras)
+    provs = runtime.resolve_providers(providers)
+    report = DriftReport({}, 0, source.description, source.random, provs)
+    problem = _interface_problem(data_mod.input_specs(ref_model), data_mod.input_specs(cand_model))
+    if problem:
+        report.problems.append(problem)
+        return report
+    ref_sess = _session(reference, ref_model, reference_providers or providers, threads, "reference")
+    cand_sess = _session(candidate, cand_model, providers, threads, "candidate")
+    ref_names = [o.name for o in ref_sess.get_outputs()]
+    cand_names = {o.name for o in cand_sess.get_outputs()}
+    names = [n for n in ref_names if n in cand_names]
+    report.problems.extend(f"the candidate has no output {n!r}" for n in ref_names if n not in cand_names)
+    accs = {n: _Accumulator(n, rel_floor) for n in names}
+    scores = {"reference": [0.0, 0.0], "candidate": [0.0, 0.0]}
+    total = source.count
+    for i, (feed, extra) in enumerate(source.labeled()):
+        where = f"feed {i}"
+        ref_out = dict(zip(names, _run(ref_sess, names, feed, where, "reference")))
+        cand_out = dict(zip(names, _run(cand_sess, names, feed, where, "candidate")))
+        for n in names:
+            accs[n].update(ref_out[n], cand_out[n], where)
+        if metric_fn is not None:
+            labels = extra.get(labels_key)
+            _add_score(scores["reference"], metric_fn, ref_out, labels, metric_name)
+            _add_score(scores["candidate"], metric_fn, cand_out, labels, metric_name)
+        report.feeds += 1
+        if progress:
+            progress(i + 1, total)
+    report.outputs = {n: a.result() for n, a in accs.items()}
+    if metric_fn is not None:
+        report.metric = MetricResult(metric_name, *(_mean(scores[k], metric_name) for k in scores))
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _load(model):
+    """An ``ir.Model`` for input specs (paths load lazily: external weights are not read)."""
+    return model_io.load(model)
+
+
+def _session(source, model, providers, threads, role: str):
+    target = source if isinstance(source, (str, os.PathLike, bytes)) else model
+    sess = runtime.make_session(target, providers, threads=threads)
+    wanted = runtime.resolve_providers(providers)
+    if wanted and wanted[0] not in sess.get_providers():
+        raise RuntimeFailure(
+            f"{role}: ONNX Runtime did not enable {wanted[0]} (available: {runtime.available_providers()}); "
+            "install the matching onnxruntime package or choose another provider"
+        )
+    return sess
+
+
+def _run(sess, names, feed, where: str, role: str) -> list[np.ndarray]:
+    try:
+        return sess.run(names, feed)
+    except Exception as e:  # ORT raises its own exception types
+        raise RuntimeFailure(f"the {role} model failed on {where}: {e}") from e
+
+
+def _interface_problem(ref_specs, cand_specs) -> str | None:
+    ref = {s.name: s for s in ref_specs}
+    cand = {s.name: s for s in cand_specs}
+    if set(ref) != set(cand):
+        return (f"the candidate's inputs {sorted(cand)} differ from the reference's {sorted(ref)}; "
+                "the same feeds cannot drive both")
+    for name, s in ref.items():
+        if cand[name].dtype != s.dtype:
+            return f"input {name!r}: the candidate expects {cand[name].dtype}, the reference {s.dtype}"
+    return None
+
+
+def _add_score(acc: list, fn: Metric, outputs, labels, name: str) -> None:
+    try:
+        value = fn(outputs, labels)
+    except Exception as e:  # user code
+        raise ConfigError(f"metric {name!r} raised {type(e).__name__}: {e}") from e
+    if isinstance(value, tuple):
+        score, weight = float(value[0]), float(value[1])
+    else:
+        score, weight = float(value), float(len(labels)) if labels is not None and np.ndim(labels) else 1.0
+    acc[0] += score * weight
+    acc[1] += weight
+
+
+def _mean(acc: list, name: str) -> float:
+    if acc[1] <= 0:
+        raise ConfigError(f"metric {name!r}: the weights sum to {acc[1]}; return (score, weight > 0)")
+    return acc[0] / acc[1]
+
+
+def accuracy(outputs: Mapping[str, np.ndarray], labels) -> tuple[float, float]:
+    """Top-1 accuracy of the first classifier-like output against integer ``labels`` (one per row)."""
+    if labels is None:
+        raise DataError("the accuracy metric needs labels stored with the data (a 'labels' array)")
+    logits = next((a for a in outputs.values() if _classifier_like(np.asarray(a))), None)
+    if logits is None:
+        raise DataError("the accuracy metric needs a 2-D [N, classes] float output")
+    labels = np.asarray(labels).reshape(-1)
+    if len(labels) != len(logits):
+        raise DataError(f"accuracy: {len(labels)} labels for {len(logits)} output rows")
+    correct = float((np.asarray(logits).argmax(axis=1) == labels).sum())
+    return correct / len(labels), float(len(labels))
+
+
+#: Metrics available by name on the command line.
+BUILTIN_METRICS: dict[str, Metric] = {"accuracy": accuracy}
+
+
+def load_metric(spec: str) -> Metric:
+    """A built-in metric name, ``module:function`` (importable; the current folder is searched) or
+    ``path/to/file.py:function``."""
+    if spec in BUILTIN_METRICS:
+        return BUILTIN_METRICS[spec]
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise ConfigError(f"metric {spec!r}: write module:function, file.py:function or one of "
+                          f"{sorted(BUILTIN_METRICS)}")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            mod_spec = importlib.util.spec_from_file_location(f"_onnxshrink_metric_{path.stem}", path)
+            if mod_spec is None or not path.is_file():
+                raise FileNotFoundError(target)
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(target)
+        fn = getattr(module, attr)
+    except (ImportError, OSError, AttributeError, SyntaxError) as e:
+        raise ConfigError(f"metric {spec!r}: cannot load it ({type(e).__name__}: {e})") from e
+    if not callable(fn):
+        raise ConfigError(f"metric {spec!r}: {attr} is not callable")
+    return fn
+
+
+def _jsonable(obj):
+    """Floats that JSON cannot hold (inf, nan) become the strings 'inf', '-inf', 'nan'."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``onnxshrink.validate(ref, cand, data)`` call ``compare`` while the module stays importable."""
+
+    def __call__(self, *args, **kwargs) -> DriftReport:
+        return compare(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
