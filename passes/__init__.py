@@ -12,10 +12,15 @@ if __name__ != "onnxshrink.passes":  # pragma: no cover - packaging guard
     )
 
 from onnxshrink.pass_infra import ShrinkPass
-from onnxshrink.passes import cleanup
+from onnxshrink.passes import cleanup, fold_constants, fusions, identities
 
 REGISTRY: dict[str, type[ShrinkPass]] = {
+    fold_constants.FoldConstantsPass.name: fold_constants.FoldConstantsPass,
     cleanup.DeadCodePass.name: cleanup.DeadCodePass,
+    identities.EliminateIdentitiesPass.name: identities.EliminateIdentitiesPass,
+    fusions.FuseBatchNormPass.name: fusions.FuseBatchNormPass,
+    fusions.FuseConvBiasPass.name: fusions.FuseConvBiasPass,
+    fusions.FuseGemmPass.name: fusions.FuseGemmPass,
 }
 
 __all__ = ["REGISTRY"]

@@ -1,0 +1,387 @@
+"""Fusions that fold a following affine op into the weights or bias of a Conv, ConvTranspose or Gemm.
+
+``fuse_batchnorm``: ``BatchNormalization(P(x))`` -> ``P'(x)`` for P a Conv, ConvTranspose (weight layout
+[Cin, Cout/group, ...]), Gemm, or MatMul (becomes a Gemm). With s = scale / sqrt(var + eps) and
+t = B - mean * s, the output-channel slices of the weight are scaled by s and the bias becomes
+bias * s + t. Refused when BN is in training mode (or ``spatial=0``), uses more than output 0, has
+non-constant parameters, when P's output has another user, P's weight (or bias) is not a constant
+(a graph input is not), or BN's channel axis (1) is not P's output-feature axis (MatMul with a
+non-2-D input).
+
+``fuse_conv_bias``: ``Conv(x) + c`` (also ``c + Conv(x)``, ``Conv(x) - c``) -> Conv with bias, when c is a
+constant that is uniform or varies only along the channel axis of the output ([C,1,1], [1,C,1,1],
+...; a [C] constant lines up with the last spatial axis, so it fuses only when uniform) and does not
+broadcast the output bigger. The Conv's weight need not be constant, only its shape known.
+
+``fuse_gemm``: ``MatMul(A, B) + C`` -> ``Gemm(A, B, C)`` when A is 2-D, B a constant 2-D, the MatMul output
+feeds only the Add, and C broadcasts unidirectionally to [M, N] (``matmul_add`` option); and
+``Gemm(A, B[, C]) + c`` -> ``Gemm(A, B, beta*C + c)`` for a constant c (``gemm_add`` option).
+Float types only (the types Gemm and ORT's CPU kernels take).
+
+Fused weights are computed in float64 and cast back to the weight dtype (float32, float16, ...), stored
+in new initializers with fresh names (shared weights are never mutated); the old ones are left for
+``dead_code``. Graph outputs keep their names, types and shapes (``graph_utils.bypass``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_ir as ir
+from onnxshrink.passes import _shape_info
+
+from onnxshrink.graph_utils import NameGen, add_initializer, bypass, const_array, drop_node, is_default_domain
+from onnxshrink.pass_infra import Changes, NoConfig, PassStats, ShrinkPass, iter_graphs
+
+logger = logging.getLogger(__name__)
+
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
+
+
+class _Rewriter:
+    """State shared by a fusion's rules: stats, fresh names, and the container being rewritten."""
+
+    def __init__(self, model: ir.Model, stats: PassStats) -> None:
+        self.stats = stats
+        self.names = NameGen(model)
+        for fn in model.functions.values():
+            self.names.taken.update(v.name for n in fn.all_nodes() for v in n.outputs if v.name)
+        self.container = None
+
+    def const(self, array: np.ndarray, dtype: np.dtype, hint: str) -> ir.Value:
+        """A new constant holding ``array`` (computed in float64) cast back to ``dtype``."""
+        return add_initializer(self.container, np.asarray(array).astype(dtype), self.names(hint))
+
+    def replace(self, node: ir.Node, new: ir.Value, key: str, dead: ir.Node | None = None) -> bool:
+        """Route ``node``'s users to ``new``, drop ``node`` (and ``dead`` once unused), count ``key``."""
+        reason = bypass(node, node.outputs[0], new)
+        if reason:
+            self.stats.skip(node, reason)
+            return False
+        if dead is not None and dead.graph is not None and not _used(dead):
+            drop_node(dead)
+        self.stats.add(key)
+        return True
+
+
+def _used(node: ir.Node) -> bool:
+    return any(v.uses() or v.is_graph_output() for v in node.outputs)
+
+
+def _sole_user(value: ir.Value | None, node: ir.Node) -> bool:
+    return value is not None and not value.is_graph_output() and [u.node for u in value.uses()] == [node]
+
+
+def _producer(value: ir.Value | None, op_types) -> ir.Node | None:
+    node = None if value is None else value.producer()
+    if node is None or node.op_type not in op_types or not is_default_domain(node):
+        return None
+    return node
+
+
+def _input(node: ir.Node, i: int) -> ir.Value | None:
+    return node.inputs[i] if len(node.inputs) > i else None
+
+
+def _set_input(node: ir.Node, i: int, value: ir.Value) -> None:
+    if len(node.inputs) <= i:
+        node.resize_inputs(i + 1)
+    node.replace_input_with(i, value)
+
+
+def _f64(arr: np.ndarray) -> np.ndarray:
+    return np.asarray(arr, dtype=np.float64)
+
+
+def _run(model: ir.Model, stats: PassStats, op_types, try_node) -> None:
+    rw = _Rewriter(model, stats)
+    for container in iter_graphs(model):
+        rw.container = container
+        for node in list(container):
+            if node.graph is not None and node.op_type in op_types and is_default_domain(node):
+                try_node(rw, node)
+
+
+# ---------------------------------------------------------------- fuse_batchnorm
+
+
+def _bn_affine(bn: ir.Node) -> tuple[np.ndarray, np.ndarray] | str:
+    """BN as y = x * s + t along axis 1, or the reason it cannot be folded."""
+    if bn.attributes.get_int("training_mode", 0) != 0:
+        return "BatchNormalization is in training mode"
+    if bn.attributes.get_int("spatial", 1) == 0 or bn.attributes.get_int("is_test", 1) == 0:
+        return "BatchNormalization is not in spatial inference mode"
+    if any(_used_value(v) for v in bn.outputs[1:]):
+        return "BatchNormalization's running statistics outputs are used"
+    params = [const_array(_input(bn, i)) for i in range(1, 5)]
+    if any(p is None or p.ndim != 1 for p in params):
+        return "BatchNormalization's scale, bias, mean or var is not a constant vector"
+    scale, bias, mean, var = (_f64(p) for p in params)
+    s = scale / np.sqrt(var + bn.attributes.get_float("epsilon", 1e-5))
+    return s, bias - mean * s
+
+
+def _used_value(v: ir.Value) -> bool:
+    return bool(v.uses()) or v.is_graph_output()
+
+
+def _fold_weights(producer: ir.Node, w: np.ndarray, s: np.ndarray) -> np.ndarray | str:
+    """``w`` with its output-channel slices scaled by ``s``, or why the layout does not match."""
+    op, c = producer.op_type, len(s)
+    if op == "Conv":
+        if w.ndim < 3 or w.shape[0] != c:
+            return f"Conv weight shape {w.shape} does not have {c} output channels"
+        return _f64(w) * s.reshape((c,) + (1,) * (w.ndim - 1))
+    if op == "ConvTranspose":
+        group = producer.attributes.get_int("group", 1)
+        if w.ndim < 3 or w.shape[1] * group != c or w.shape[0] % group:
+            return f"ConvTranspose weight shape {w.shape} (group {group}) does not have {c} output channels"
+        grouped = _f64(w).reshape((group, w.shape[0] // group, w.shape[1]) + w.shape[2:])
+        scale = s.reshape((group, 1, w.shape[1]) + (1,) * (w.ndim - 2))
+        return (grouped * scale).reshape(w.shape)
+    axis = 0 if producer.op_type == "Gemm" and producer.attributes.get_int("transB", 0) else 1
+    if w.ndim != 2 or w.shape[axis] != c:
+        return f"{op} weight shape {w.shape} does not have {c} output features"
+    return _f64(w) * (s if axis == 1 else s[:, None])
+
+
+def _try_batchnorm(rw: _Rewriter, bn: ir.Node) -> bool:
+    producer = _producer(bn.inputs[0], ("Conv", "ConvTranspose", "Gemm", "MatMul"))
+    if producer is None:
+        return False
+    plan = _batchnorm_plan(producer, bn)
+    if isinstance(plan, str):
+        rw.stats.skip(bn, plan)
+        return False
+    new_w, new_b, dtype = plan
+    w_value = rw.const(new_w, dtype, "bn_fused_weight")
+    b_value = rw.const(new_b, dtype, "bn_fused_bias")
+    if producer.op_type == "MatMul":
+        gemm = ir.Node("", "Gemm", [producer.inputs[0], w_value, b_value])
+        bn.graph.insert_before(bn, gemm)
+        _copy_type(gemm.outputs[0], bn.outputs[0])
+        return rw.replace(bn, gemm.outputs[0], "batchnorms_fused", dead=producer)
+    producer.attributes.pop("beta", None)  # Gemm: beta is folded into the new C
+    _set_input(producer, 1, w_value)
+    _set_input(producer, 2, b_value)
+    return rw.replace(bn, producer.outputs[0], "batchnorms_fused")
+
+
+def _batchnorm_plan(producer: ir.Node, bn: ir.Node) -> tuple[np.ndarray, np.ndarray, np.dtype] | str:
+    """(fused weight, fused bias, weight dtype), or the reason BN cannot be folded into ``producer``."""
+    affine = _bn_affine(bn)
+    if isinstance(affine, str):
+        return affine
+    reason = _batchnorm_blocker(producer, bn)
+    if reason:
+        return reason
+    weight = const_array(_input(producer, 1))
+    bias_in = _input(producer, 2)
+    bias = const_array(bias_in) if bias_in is not None else None
+    if weight is None or (bias_in is not None and bias is None):
+        return f"{producer.op_type}'s weight or bias is not a constant (or is a graph input)"
+    s, t = affine
+    new_w = _fold_weights(producer, weight, s)
+    if isinstance(new_w, str):
+        return new_w
+    if bias is None:
+        return new_w, t, weight.dtype
+    beta = producer.attributes.get_float("beta", 1.0) if producer.op_type == "Gemm" else 1.0
+    return new_w, beta * _f64(bias) * s + t, weight.dtype
+
+
+def _batchnorm_blocker(producer: ir.Node, bn: ir.Node) -> str | None:
+    if not _sole_user(producer.outputs[0], bn):
+        return f"the {producer.op_type} output has other users or is a graph output"
+    if producer.op_type == "MatMul":
+        a = producer.inputs[0]
+        if a is None or a.shape is None or len(a.shape) != 2:
+            return ("BN normalizes axis 1; it is the MatMul's output-feature axis only for a 2-D "
+                    "input, and this input's rank is not statically 2")
+    return None
+
+
+def _copy_type(dst: ir.Value, src: ir.Value) -> None:
+    dst.dtype = src.dtype
+    dst.shape = src.shape
+
+
+class FuseBatchNormPass(ShrinkPass):
+    """Fold inference-mode BatchNormalization into the preceding Conv/ConvTranspose/Gemm/MatMul."""
+
+    name = "fuse_batchnorm"
+    Config = NoConfig
+    changes = Changes.TOPOLOGY | Changes.WEIGHTS
+
+    def apply(self, model: ir.Model, stats: PassStats) -> None:
+        _shape_info.fill_missing(
+            model, [n.inputs[0] for g in model.graphs() for n in g if n.op_type == "MatMul"]
+        )
+        _run(model, stats, ("BatchNormalization",), _try_batchnorm)
+
+
+# ---------------------------------------------------------------- fuse_conv_bias
+
+
+def _channel_vector(c: np.ndarray, channels: int, rank: int) -> np.ndarray | str:
+    """A constant added to a [N, C, ...] output as a per-channel [C] vector, or why it is not one."""
+    if c.ndim > rank:
+        return f"the constant's rank {c.ndim} exceeds the Conv output's rank {rank}"
+    padded = c.reshape((1,) * (rank - c.ndim) + c.shape)
+    bad = [i for i, d in enumerate(padded.shape) if d != 1 and not (i == 1 and d == channels)]
+    if bad:
+        return (f"the constant of shape {c.shape} varies (or broadcasts) over output axes {bad}, "
+                "not only over the channel axis 1")
+    return np.broadcast_to(_f64(padded.reshape(padded.shape[1])), (channels,))
+
+
+def _conv_channels(conv: ir.Node) -> tuple[int, int] | None:
+    """(output channels, output rank) of a Conv/ConvTranspose from its weight's static shape."""
+    w = _input(conv, 1)
+    dims = None if w is None or w.shape is None else list(w.shape)
+    if dims is None or len(dims) < 3 or not all(isinstance(d, int) for d in dims[:2]):
+        return None
+    if conv.op_type == "Conv":
+        return dims[0], len(dims)
+    return dims[1] * conv.attributes.get_int("group", 1), len(dims)
+
+
+def _try_conv_bias(rw: _Rewriter, add: ir.Node) -> bool:
+    for xi in (0, 1) if add.op_type == "Add" else (0,):
+        conv = _producer(add.inputs[xi], ("Conv", "ConvTranspose"))
+        c = const_array(add.inputs[1 - xi])
+        if conv is None or c is None:
+            continue
+        if not _sole_user(conv.outputs[0], add):
+            rw.stats.skip(add, f"the {conv.op_type} output has other users or is a graph output")
+            return False
+        shape = _conv_channels(conv)
+        bias_in = _input(conv, 2)
+        bias = const_array(bias_in) if bias_in is not None else None
+        if shape is None or (bias_in is not None and bias is None):
+            rw.stats.skip(add, f"the {conv.op_type} weight shape is unknown or its bias is not constant")
+            return False
+        vec = _channel_vector(c, *shape)
+        if isinstance(vec, str):
+            rw.stats.skip(add, vec)
+            return False
+        sign = 1.0 if add.op_type == "Add" else -1.0
+        new_b = (0.0 if bias is None else _f64(bias)) + sign * vec
+        _set_input(conv, 2, rw.const(new_b, c.dtype, "conv_fused_bias"))
+        return rw.replace(add, conv.outputs[0], "conv_biases_fused")
+    return False
+
+
+class FuseConvBiasPass(ShrinkPass):
+    """Fold a per-channel constant Add/Sub after a Conv/ConvTranspose into its bias."""
+
+    name = "fuse_conv_bias"
+    Config = NoConfig
+    changes = Changes.TOPOLOGY | Changes.WEIGHTS
+
+    def apply(self, model: ir.Model, stats: PassStats) -> None:
+        _run(model, stats, ("Add", "Sub"), _try_conv_bias)
+
+
+# ---------------------------------------------------------------- fuse_gemm
+
+
+def _unidirectional(c_dims: list, m, n) -> bool:
+    """Whether a C of dims ``c_dims`` broadcasts to [m, n] without growing it."""
+    if len(c_dims) > 2:
+        return False
+    padded = [1] * (2 - len(c_dims)) + list(c_dims)
+    return all(d == 1 or _same(d, want) for d, want in zip(padded, (m, n)))
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, int) or isinstance(b, int):
+        return a == b
+    return a is not None and b is not None and a.value is not None and a.value == b.value
+
+
+def _try_matmul_add(rw: _Rewriter, add: ir.Node) -> bool:
+    for xi in (0, 1):
+        mm, c = _producer(add.inputs[xi], ("MatMul",)), add.inputs[1 - xi]
+        if mm is None or c is None or c is add.inputs[xi]:
+            continue
+        a, b = mm.inputs[0], const_array(mm.inputs[1])
+        if not _sole_user(add.inputs[xi], add):
+            rw.stats.skip(add, "the MatMul output has other users or is a graph output")
+            return False
+        if a is None or a.shape is None or len(a.shape) != 2 or b is None or b.ndim != 2:
+            rw.stats.skip(add, "Gemm needs a 2-D MatMul input A and a constant 2-D B")
+            return False
+        if a.dtype not in _FLOAT_TYPES or c.dtype != a.dtype:
+            rw.stats.skip(add, f"dtypes {a.dtype}, {c.dtype}: unknown or not a float type Gemm takes")
+            return False
+        c_const = const_array(c)
+        c_dims = list(c.shape) if c.shape is not None else None
+        c_dims = list(c_const.shape) if c_const is not None else c_dims
+        if c_dims is None or not _unidirectional(c_dims, a.shape[0], b.shape[1]):
+            rw.stats.skip(add, f"the addend (shape {c_dims}) does not broadcast to [M, N] of the MatMul")
+            return False
+        gemm = ir.Node("", "Gemm", [a, mm.inputs[1], c])
+        add.graph.insert_before(add, gemm)
+        _copy_type(gemm.outputs[0], add.outputs[0])
+        return rw.replace(add, gemm.outputs[0], "matmul_add_fused", dead=mm)
+    return False
+
+
+def _try_gemm_add(rw: _Rewriter, add: ir.Node) -> bool:
+    for xi in (0, 1):
+        gemm, c = _producer(add.inputs[xi], ("Gemm",)), const_array(add.inputs[1 - xi])
+        if gemm is None or c is None:
+            continue
+        if not _sole_user(add.inputs[xi], add):
+            rw.stats.skip(add, "the Gemm output has other users or is a graph output")
+            return False
+        old_in = _input(gemm, 2)
+        old = const_array(old_in) if old_in is not None else None
+        dims = add.inputs[xi].shape
+        if (old_in is not None and old is None) or dims is None or len(dims) != 2:
+            rw.stats.skip(add, "the Gemm's C is not constant or its output shape is unknown")
+            return False
+        if not _unidirectional(list(c.shape), dims[0], dims[1]):
+            rw.stats.skip(add, f"the constant of shape {c.shape} does not broadcast to the Gemm output")
+            return False
+        beta = gemm.attributes.get_float("beta", 1.0)
+        new_c = _f64(c) if old is None else beta * _f64(old) + _f64(c)
+        if not _unidirectional(list(new_c.shape), dims[0], dims[1]):
+            rw.stats.skip(add, "the merged C does not broadcast to the Gemm output")
+            return False
+        _set_input(gemm, 2, rw.const(new_c, c.dtype, "gemm_fused_c"))
+        gemm.attributes.pop("beta", None)
+        return rw.replace(add, gemm.outputs[0], "gemm_add_fused")
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class FuseGemmConfig:
+    #: MatMul(A, B) + C -> Gemm(A, B, C).
+    matmul_add: bool = True
+    #: Gemm(A, B[, C]) + c -> Gemm(A, B, C + c).
+    gemm_add: bool = True
+
+
+class FuseGemmPass(ShrinkPass):
+    """Fuse MatMul + Add into Gemm, and a constant Add after a Gemm into its C."""
+
+    name = "fuse_gemm"
+    Config = FuseGemmConfig
+    changes = Changes.TOPOLOGY | Changes.WEIGHTS
+
+    def apply(self, model: ir.Model, stats: PassStats) -> None:
+        _shape_info.fill_missing(
+            model,
+            [v for g in model.graphs() for n in g if n.op_type in ("MatMul", "Gemm", "Add") for v in n.inputs],
+        )
+
+        def try_add(rw: _Rewriter, add: ir.Node) -> bool:
+            return (self.config.matmul_add and _try_matmul_add(rw, add)) or (
+                self.config.gemm_add and _try_gemm_add(rw, add)
+            )
+
+        _run(model, stats, ("Add",), try_add)

@@ -1,0 +1,303 @@
+"""Tests of ``eliminate_identities``: every rule fires where it must and stays put where it must not."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.parser
+import onnxruntime as ort
+import pytest
+
+from onnxshrink import checks, model_io
+from onnxshrink.data import input_specs, random_feed
+from onnxshrink.pipeline import make_pass
+
+HEAD = '<ir_version: 8, opset_import: ["" : 18]>\n'
+
+
+def _ort_outputs(proto: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, feed)
+
+
+def _interface(model) -> list[tuple]:
+    g = model.graph
+    return [(v.name, v.dtype, v.shape) for v in g.outputs] + [(v.name, v.dtype, v.shape) for v in g.inputs]
+
+
+def run_pass(text: str | onnx.ModelProto, name: str = "eliminate_identities", **options):
+    """Run a pass on a model and check everything a lossless rewrite promises; return (model, counts)."""
+    proto = onnx.parser.parse_model(HEAD + text) if isinstance(text, str) else text
+    onnx.checker.check_model(proto, full_check=True)
+    model = model_io.load(proto)
+    before = _interface(model)
+    result = make_pass(name, **options)(model)
+    report = checks.check_structure(model)
+    assert report, report.problems
+    assert _interface(model) == before
+    after = model_io.to_bytes(model)
+    specs = input_specs(model)
+    for seed in range(3):
+        feed = random_feed(specs, seed, dims={})
+        want, got = _ort_outputs(proto, feed), _ort_outputs(onnx.load_from_string(after), feed)
+        for w, g in zip(want, got):
+            assert w.dtype == g.dtype and w.shape == g.shape
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    again = make_pass(name, **options)(model)
+    assert not again.modified, f"second run still changed: {dict(again.stats.counts)}"
+    return model, result.stats
+
+
+def ops(model) -> list[str]:
+    return [n.op_type for n in model.graph]
+
+
+def test_identity_removed_and_graph_output_keeps_name():
+    model, stats = run_pass("""
+        g (float[2,3] x) => (float[2,3] y, float[2,3] z) {
+            a = Identity(x)
+            b = Relu(a)
+            y = Identity(b)
+            z = Identity(y)
+        }""")
+    # the x -> a identity goes; b -> y is renamed; z = Identity(y) must stay (y and z are both outputs)
+    assert stats.counts["identity_removed"] == 2
+    assert ops(model) == ["Relu", "Identity"]
+    assert [v.name for v in model.graph.outputs] == ["y", "z"]
+
+
+def test_identity_from_input_to_output_is_kept_with_reason():
+    model, stats = run_pass("g (float[2] x) => (float[2] y) { y = Identity(x) }")
+    assert ops(model) == ["Identity"] and not stats.counts
+    assert stats.skipped and "graph input" in stats.skipped[0].reason
+
+
+def test_dropout_inference_removed_training_kept():
+    model, stats = run_pass("""
+        g (float[4] x) => (float[4] y) <float r = {0.5}, float r0 = {0.0}, bool t = {1}> {
+            a = Dropout(x)
+            b = Dropout(a, r)
+            c = Relu(b)
+            y, m = Dropout(c, r0, t)
+        }""")
+    assert stats.counts["dropout_removed"] == 2
+    assert ops(model) == ["Relu", "Dropout"]
+
+
+def test_dropout_with_used_mask_kept():
+    model, stats = run_pass("""
+        g (float[4] x) => (float[4] y, bool[4] m) { y, m = Dropout(x) }""")
+    assert ops(model) == ["Dropout"] and not stats.counts
+    assert "mask" in stats.skipped[0].reason
+
+
+def test_cast_and_castlike():
+    model, stats = run_pass("""
+        g (float[3] x, float[3] w) => (float[3] y, double[3] z, int64[3] k) {
+            a = Cast<to=1>(x)
+            b = CastLike(a, w)
+            y = Relu(b)
+            z = Cast<to=11>(x)
+            i = Cast<to=7>(x)
+            k = CastLike(i, i)
+        }""")
+    assert stats.counts["cast_removed"] == 3
+    assert ops(model) == ["Relu", "Cast", "Cast"]
+
+
+def test_reshape_flatten_same_shape():
+    model, stats = run_pass("""
+        g (float[N,12] x, float[2,3,4] u) => (float[N,12] y, float[2,12] v, float[6,4] w) {
+            s1 = Constant<value = int64[2] {0, -1}>()
+            a = Reshape(x, s1)
+            b = Flatten<axis=1>(a)
+            y = Relu(b)
+            s2 = Constant<value = int64[3] {2, 3, 4}>()
+            c = Reshape(u, s2)
+            v = Flatten<axis=1>(c)
+            s3 = Constant<value = int64[2] {6, 4}>()
+            w = Reshape(u, s3)
+        }""")
+    assert stats.counts["reshape_removed"] == 3
+    assert ops(model).count("Reshape") == 1 and ops(model).count("Flatten") == 1
+
+
+def test_transpose_identity_and_merges():
+    model, stats = run_pass("""
+        g (float[2,3,4] x) => (float[2,3,4] y, float[4,3,2] z, float[3,2,4] w, float[3,4,2] v) {
+            a = Transpose<perm=[0,1,2]>(x)
+            b = Transpose<perm=[1,0,2]>(a)
+            c = Transpose<perm=[1,0,2]>(b)
+            y = Relu(c)
+            d = Transpose<perm=[2,0,1]>(x)
+            z = Transpose<perm=[0,2,1]>(d)
+            e = Transpose<perm=[1,2,0]>(x)
+            w = Transpose<perm=[0,2,1]>(e)
+            v = Relu(e)
+        }""")
+    assert stats.counts["transpose_removed"] == 1
+    assert stats.counts["transposes_merged"] == 2  # b∘c cancels; d∘z composes; e has another user
+    perms = [list(n.attributes["perm"].as_ints()) for n in model.graph if n.op_type == "Transpose"]
+    assert [2, 1, 0] in perms and len(perms) == 3
+
+
+def test_expand_pad_slice_concat_split():
+    model, stats = run_pass("""
+        g (float[2,3] x) => (float[2,3] y, float[2,2,3] z, float[2,2] w) {
+            s = Constant<value = int64[2] {1, 3}>()
+            a = Expand(x, s)
+            p = Constant<value = int64[4] {0, 0, 0, 0}>()
+            b = Pad<mode="reflect">(a, p)
+            st = Constant<value = int64[2] {0, 0}>()
+            en = Constant<value = int64[2] {2, 9223372036854775807}>()
+            c = Slice(b, st, en)
+            d = Concat<axis=0>(c)
+            e = Split<axis=0, num_outputs=1>(d)
+            y = Relu(e)
+            s2 = Constant<value = int64[3] {2, 1, 1}>()
+            z = Expand(x, s2)
+            en2 = Constant<value = int64[2] {2, 2}>()
+            w = Slice(x, st, en2)
+        }""")
+    for key in ("expand_removed", "pad_removed", "slice_removed", "concat_removed", "split_removed"):
+        assert stats.counts[key] == 1, key
+    assert sorted(ops(model)) == sorted(["Constant"] * 6 + ["Relu", "Expand", "Slice"])
+
+
+def test_nonzero_pad_kept():
+    model, stats = run_pass("""
+        g (float[2,3] x) => (float[2,5] y) {
+            p = Constant<value = int64[4] {0, 1, 0, 1}>()
+            y = Pad(x, p)
+        }""")
+    assert "Pad" in ops(model) and not stats.counts
+
+
+def test_neutral_elements():
+    model, stats = run_pass("""
+        g (float[2,3] x, int64[3] k) => (float[2,3] y, float[2,3] z, float[2,2,3] w, int64[3] v) {
+            one = Constant<value = float[1,3] {1, 1, 1}>()
+            zero = Constant<value = float {0}>()
+            a = Mul(one, x)
+            b = Add(a, zero)
+            c = Sub(b, zero)
+            d = Div(c, one)
+            y = Relu(d)
+            z = Sub(zero, x)
+            zeros = Constant<value = float[2,1,3] {0, 0, 0, 0, 0, 0}>()
+            w = Add(x, zeros)
+            ione = Constant<value = int64 {1}>()
+            kn = Neg(k)
+            v = Mul(kn, ione)
+        }""")
+    assert stats.counts["neutral_removed"] == 5
+    assert sorted(n for n in ops(model) if n != "Constant") == ["Add", "Neg", "Relu", "Sub"]
+
+
+def test_non_neutral_constant_kept():
+    model, stats = run_pass("""
+        g (float[2,3] x) => (float[2,3] y) {
+            two = Constant<value = float {2}>()
+            y = Mul(x, two)
+        }""")
+    assert "Mul" in ops(model) and not stats.counts
+
+
+def test_squeeze_unsqueeze_pairs():
+    model, stats = run_pass("""
+        g (float[2,3] x, float[2,1,3] u) => (float[2,3] y, float[2,1,3] v, float[2,3,1] w) {
+            ax = Constant<value = int64[1] {1}>()
+            nax = Constant<value = int64[1] {-2}>()
+            a = Unsqueeze(x, ax)
+            b = Squeeze(a, nax)
+            y = Relu(b)
+            un = Neg(u)
+            c = Squeeze(un, ax)
+            v = Unsqueeze(c, ax)
+            ax2 = Constant<value = int64[1] {2}>()
+            w = Unsqueeze(c, ax2)
+        }""")
+    assert stats.counts["squeeze_pairs_removed"] == 2
+    assert sorted(n for n in ops(model) if n != "Constant") == ["Neg", "Relu", "Squeeze", "Unsqueeze"]
+
+
+def test_reshape_chains_merged():
+    model, stats = run_pass("""
+        g (float[2,3,4] x, float[N,6] u) => (float[3,4,2] y, float[3,8] z, float[N,6] w) {
+            s1 = Constant<value = int64[2] {6, 4}>()
+            s2 = Constant<value = int64[3] {3, 0, -1}>()
+            a = Reshape(x, s1)
+            y = Reshape(a, s2)
+            b = Flatten<axis=2>(x)
+            s3 = Constant<value = int64[2] {3, -1}>()
+            z = Reshape(b, s3)
+            s4 = Constant<value = int64[3] {0, 2, 3}>()
+            c = Reshape(u, s4)
+            s5 = Constant<value = int64[2] {0, -1}>()
+            w = Reshape(c, s5)
+        }""")
+    assert stats.counts["reshapes_merged"] == 2
+    # the last chain copies dim 0 of an intermediate whose dim 0 is not static
+    assert any("copies" in s.reason for s in stats.skipped)
+    assert ops(model).count("Reshape") == 4 and "Flatten" not in ops(model)
+
+
+def test_if_subgraph():
+    model, stats = run_pass("""
+        g (bool c, float[3] x) => (float[3] y) {
+            y = If(c) <
+                then_branch = t () => (float[3] ty) { a = Identity(x)  ty = Relu(a) },
+                else_branch = e () => (float[3] ey) {
+                    one = Constant<value = float {1}>()
+                    b = Neg(x)
+                    ey = Mul(b, one)
+                }
+            >
+        }""")
+    assert stats.counts["identity_removed"] == 1
+    assert stats.counts["neutral_removed"] == 1
+    branches = [list(a.value) for a in model.graph[0].attributes.values()]
+    assert all(n.op_type not in ("Identity", "Mul") for b in branches for n in b)
+
+
+FUNCTION_MODEL = """
+<ir_version: 8, opset_import: ["" : 18, "local" : 1]>
+g (float[2,3] x) => (float[2,3] y) { y = local.f(x) }
+<domain: "local", opset_import: ["" : 18]>
+f (a) => (b) {
+    r = Relu(a)
+    t = Identity(r)
+    u = Transpose<perm=[0,1]>(t)
+    s = Constant<value = int64[1] {1}>()
+    v = Unsqueeze(u, s)
+    b = Squeeze(v, s)
+}
+"""
+
+
+def test_function_body():
+    proto = onnx.parser.parse_model(FUNCTION_MODEL)
+    model, stats = run_pass(proto)
+    assert stats.counts["identity_removed"] == 1
+    assert stats.counts["transpose_removed"] == 1
+    assert stats.counts["squeeze_pairs_removed"] == 1
+    fn = next(iter(model.functions.values()))
+    assert [n.op_type for n in fn] == ["Relu", "Constant"]
+    assert fn.outputs[0].name == "b"
+
+
+@pytest.mark.parametrize("opts", [{"infer_shapes": False}])
+def test_without_shape_info_shape_rules_do_not_fire(opts):
+    proto = onnx.parser.parse_model(HEAD + """
+        g (float[2,3] x) => (float[2,3] y) {
+            a = Relu(x)
+            b = Cast<to=1>(a)
+            y = Relu(b)
+        }""")
+    model, stats = run_pass(proto, **opts)
+    assert "Cast" in ops(model)
+    model, stats = run_pass(proto)
+    assert stats.counts["cast_removed"] == 1
