@@ -16,6 +16,8 @@ from onnxshrink.passes import cleanup, fold_constants, fusions, identities
 
 REGISTRY: dict[str, type[ShrinkPass]] = {
     fold_constants.FoldConstantsPass.name: fold_constants.FoldConstantsPass,
+    cleanup.CsePass.name: cleanup.CsePass,
+    cleanup.DedupInitializersPass.name: cleanup.DedupInitializersPass,
     cleanup.DeadCodePass.name: cleanup.DeadCodePass,
     identities.EliminateIdentitiesPass.name: identities.EliminateIdentitiesPass,
     fusions.FuseBatchNormPass.name: fusions.FuseBatchNormPass,

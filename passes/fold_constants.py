@@ -1,0 +1,319 @@
+"""Constant folding: evaluate nodes whose inputs are all constant, and shape computations on static dims.
+
+Rules of ``fold_constants`` (every graph, subgraph and function, in order, so a folded value feeds the
+nodes after it in the same run):
+1. A default-domain node whose inputs are all constant (initializers that are not graph inputs,
+   Constant nodes, constants of an outer scope) is evaluated (see ``const_eval``) and its outputs
+   become initializers (a Constant node in a function, or for a graph output, whose name is kept).
+2. Shape/Size/Gather/Concat/Slice/Unsqueeze/Squeeze/Cast chains are followed through static dims
+   (see ``shape_values``); a fully static result becomes a constant (``shape_ops_folded``), and a
+   ``Reshape`` whose shape copies dims of its own input gets a constant shape with 0 for them
+   (``reshape_shapes_folded``). Missing shapes are inferred first with onnx shape inference.
+3. ``If`` with a constant condition is replaced by the taken branch (``if_inlined``).
+Refused, with the reason in ``stats.skip``: non-deterministic ops, non-default domains, nodes with
+subgraphs, Q/DQ nodes (``keep_ops``: folding them would undo quantization), outputs over
+``max_output_bytes``, outputs over ``small_output_bytes`` that are more than ``max_growth`` times the
+input bytes they free (Expand/Tile/ConstantOfShape blowing up, or a weight shared elsewhere being
+copied), inputs over ``max_input_bytes``, results whose dtype or shape disagree with the graph, and an
+``If`` branch whose names clash with the enclosing scopes. Nodes it orphans are left to ``dead_code``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnxshrink.passes import const_eval, shape_values
+from onnxshrink.passes.fold_guards import defined_names, inline_if_refusal, predicted_bytes, refusal
+
+from onnxshrink import checks
+from onnxshrink.errors import ConfigError
+from onnxshrink.graph_utils import NameGen, const_array, drop_node, is_default_domain, subgraphs_of
+from onnxshrink.pass_infra import Changes, PassStats, ShrinkPass
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldConstantsConfig:
+    max_output_bytes: int = 1 << 20
+    max_growth: float = 2.0
+    small_output_bytes: int = 4096
+    max_input_bytes: int = 64 << 20
+    evaluator: str = "onnxruntime"
+    keep_ops: tuple[str, ...] = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+    inline_if: bool = True
+
+    def __post_init__(self) -> None:
+        if self.evaluator not in const_eval.EVALUATORS:
+            raise ConfigError(f"fold_constants: evaluator must be one of {const_eval.EVALUATORS}")
+        if self.max_output_bytes <= 0 or self.max_growth <= 0:
+            raise ConfigError("fold_constants: max_output_bytes and max_growth must be positive")
+        object.__setattr__(self, "keep_ops", tuple(self.keep_ops))
+
+
+class FoldConstantsPass(ShrinkPass):
+    """Fold constant subexpressions and static shape computations (see module rules)."""
+
+    name = "fold_constants"
+    Config = FoldConstantsConfig
+    changes = Changes.TOPOLOGY | Changes.WEIGHTS
+
+    def apply(self, model: ir.Model, stats: PassStats) -> None:
+        folder = _Folder(model, self.config, stats)
+        folder.fold_graph(model.graph, model.opset_imports)
+        for function in model.functions.values():
+            folder.fold_graph(function, {**model.opset_imports, **function.opset_imports})
+        stats.notes["evaluations"] = folder.evaluator.count
+
+
+class _Folder:
+    def __init__(self, model: ir.Model, config: FoldConstantsConfig, stats: PassStats) -> None:
+        self.model, self.config, self.stats = model, config, stats
+        self.evaluator = const_eval.NodeEvaluator(config.evaluator)
+        self.shapes: dict[ir.Value, shape_values.ShapeValue] = {}
+        self._names: NameGen | None = None
+        self._all_names: collections.Counter | None = None
+        if _needs_shape_inference(model):
+            infer_missing_shapes(model)
+
+    def fold_graph(self, graph, opsets: dict[str, int]) -> None:
+        for node in list(graph):
+            if node.graph is not graph:
+                continue
+            subs = subgraphs_of(node)
+            if subs:
+                for sub in subs:
+                    self.fold_graph(sub, opsets)
+                if node.op_type == "If" and is_default_domain(node) and self.config.inline_if:
+                    self._try_inline_if(node, graph)
+                continue
+            if node.op_type == "Constant" and is_default_domain(node):
+                continue
+            arrays = [None if v is None else const_array(v) for v in node.inputs]
+            if any(a is None and v is not None for a, v in zip(arrays, node.inputs)):
+                self._fold_shapes(node, graph)
+            elif any(o.uses() or o.is_graph_output() for o in node.outputs):
+                self._fold_node(node, graph, arrays, opsets)
+
+    # ------------------------------------------------------------ rule 1: evaluate
+    def _fold_node(self, node: ir.Node, graph, arrays: list, opsets: dict[str, int]) -> None:
+        reason = refusal(node, self.config.keep_ops)
+        if reason is None:
+            reason = self._size_refusal(node, arrays, predicted_bytes(node, arrays))
+        if reason is not None:
+            self.stats.skip(node, reason)
+            return
+        version = node.version or opsets.get("", opsets.get("ai.onnx", onnx.defs.onnx_opset_version()))
+        try:
+            outputs = self.evaluator.run(node, arrays, version)
+        except const_eval.EvaluationError as e:
+            self.stats.skip(node, f"could not evaluate: {e}")
+            return
+        reason = self._size_refusal(node, arrays, sum(a.nbytes for a in outputs))
+        reason = reason or _disagreement(node, outputs)
+        if reason is not None:
+            self.stats.skip(node, reason)
+            return
+        for old, array in zip(node.outputs, outputs):
+            if old.uses() or old.is_graph_output():
+                self._materialize(graph, node, old, array)
+        graph.remove(node, safe=True)
+        self.stats.add("nodes_folded")
+
+    def _size_refusal(self, node: ir.Node, arrays: list, out_bytes: int | None) -> str | None:
+        cfg = self.config
+        in_bytes = sum(a.nbytes for a in arrays if a is not None)
+        if in_bytes > cfg.max_input_bytes:
+            return f"its inputs hold {in_bytes} bytes > max_input_bytes={cfg.max_input_bytes}"
+        if out_bytes is None:
+            return None
+        if out_bytes > cfg.max_output_bytes:
+            return f"its output would hold {out_bytes} bytes > max_output_bytes={cfg.max_output_bytes}"
+        freed = sum(a.nbytes for v, a in zip(node.inputs, arrays) if a is not None and _only_user(v, node))
+        if out_bytes > cfg.small_output_bytes and out_bytes > cfg.max_growth * freed:
+            return (
+                f"its output would hold {out_bytes} bytes, more than max_growth={cfg.max_growth} times "
+                f"the {freed} input bytes folding frees"
+            )
+        return None
+
+    def _materialize(self, graph, anchor: ir.Node, old: ir.Value, array: np.ndarray) -> ir.Value:
+        """A constant holding ``array`` takes the place (uses, graph outputs, name) of ``old``."""
+        name = old.name or self.names(f"{anchor.name or anchor.op_type}_folded")
+        old.name = None
+        tensor = ir.tensor(np.ascontiguousarray(array), name=name)
+        if isinstance(graph, ir.Graph) and not old.is_graph_output():
+            new = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
+            new.const_value = tensor
+            graph.register_initializer(new)
+        else:
+            const = ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", tensor)])
+            new = const.outputs[0]
+            new.name = name
+            new.type = old.type or ir.TensorType(tensor.dtype)
+            new.shape = old.shape if old.is_graph_output() and old.shape else ir.Shape(array.shape)
+            new.const_value = tensor
+            graph.insert_before(anchor, const)
+        old.replace_all_uses_with(new, replace_graph_outputs=True)
+        self.stats.add("bytes_created", array.nbytes)
+        return new
+
+    def names(self, hint: str) -> str:
+        if self._names is None:
+            self._names = NameGen(self.model)
+        return self._names(hint)
+
+    # ------------------------------------------------------------ rule 2: static shapes
+    def _fold_shapes(self, node: ir.Node, graph) -> None:
+        target = shape_values.reshape_target(node, self._lookup)
+        if target is not None:
+            const = self._materialize_input(graph, node, target)
+            node.replace_input_with(1, const)
+            self.stats.add("reshape_shapes_folded")
+            return
+        sv = shape_values.infer(node, self._lookup)
+        if sv is None:
+            return
+        out = node.outputs[0]
+        if not sv.static:
+            self.shapes[out] = sv
+            return
+        if out.dtype is not None and out.dtype != sv.dtype:
+            self.stats.skip(node, f"static shape value is {sv.dtype}, the graph says {out.dtype}")
+            return
+        if not (out.uses() or out.is_graph_output()):
+            return
+        self._materialize(graph, node, out, sv.array())
+        graph.remove(node, safe=True)
+        self.stats.add("shape_ops_folded")
+
+    def _lookup(self, value: ir.Value) -> shape_values.ShapeValue | None:
+        sv = self.shapes.get(value)
+        return sv if sv is not None else shape_values.from_constant(value)
+
+    def _materialize_input(self, graph, node: ir.Node, array: np.ndarray) -> ir.Value:
+        name = self.names(f"{node.name or node.op_type}_shape")
+        tensor = ir.tensor(array, name=name)
+        if isinstance(graph, ir.Graph):
+            value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
+            value.const_value = tensor
+            graph.register_initializer(value)
+            return value
+        const = ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", tensor)])
+        const.outputs[0].name = name
+        graph.insert_before(node, const)
+        return const.outputs[0]
+
+    # ------------------------------------------------------------ rule 3: If with a constant condition
+    def _try_inline_if(self, node: ir.Node, graph) -> None:
+        cond = const_array(node.inputs[0]) if node.inputs else None
+        if cond is None or cond.size != 1:
+            return
+        attr = "then_branch" if bool(cond.reshape(-1)[0]) else "else_branch"
+        branch = node.attributes[attr].as_graph()
+        reason = inline_if_refusal(node, graph, branch, self._model_names())
+        if reason is not None:
+            self.stats.skip(node, reason)
+            return
+        _inline_branch(node, graph, branch)
+        self.stats.add("if_inlined")
+
+    def _model_names(self) -> collections.Counter:
+        if self._all_names is None:
+            self._all_names = collections.Counter()
+            graphs = [*self.model.graphs()]
+            for fn in self.model.functions.values():
+                graphs.extend([fn, *fn.subgraphs()])
+            for g in graphs:
+                self._all_names.update(defined_names(g))
+        return self._all_names
+
+
+def _inline_branch(node: ir.Node, graph, branch: ir.Graph) -> None:
+    """Move ``branch``'s nodes and initializers before ``node`` and route its outputs to them."""
+    results = list(branch.outputs)
+    branch.outputs.clear()
+    for inner in list(branch):
+        branch.remove(inner)
+        graph.insert_before(node, inner)
+    for value in list(branch.initializers.values()):
+        branch.initializers.pop(value.name)
+        graph.register_initializer(value)
+    for out, res in zip(node.outputs, results):
+        if res.type is None:
+            res.type = out.type
+        if res.shape is None:
+            res.shape = out.shape
+        if not out.is_graph_output():
+            out.replace_all_uses_with(res)
+        elif res.producer() is not None and res.graph is graph and not res.is_graph_output():
+            name, out.name = out.name, None
+            res.name = name
+            out.replace_all_uses_with(res, replace_graph_outputs=True)
+        else:
+            ident = ir.Node("", "Identity", [res])
+            ident.outputs[0].name, out.name = out.name, None
+            ident.outputs[0].type, ident.outputs[0].shape = out.type, out.shape
+            graph.insert_before(node, ident)
+            out.replace_all_uses_with(ident.outputs[0], replace_graph_outputs=True)
+    drop_node(node)
+
+
+def _only_user(value: ir.Value | None, node: ir.Node) -> bool:
+    if value is None or value.is_graph_output() or value.is_graph_input():
+        return False
+    return all(user is node for user, _ in value.uses())
+
+
+def _disagreement(node: ir.Node, outputs: list[np.ndarray]) -> str | None:
+    for old, array in zip(node.outputs, outputs):
+        try:
+            dtype = ir.DataType.from_numpy(array.dtype)
+        except TypeError:
+            return f"the evaluator returned an unsupported dtype {array.dtype}"
+        if old.dtype is not None and old.dtype != dtype:
+            return f"the evaluator returned {dtype.name}, the graph says {old.dtype.name}"
+        if old.shape is not None and old.shape.is_static() and tuple(old.shape) != array.shape:
+            return f"the evaluator returned shape {array.shape}, the graph says {tuple(old.shape)}"
+    return None
+
+
+def _needs_shape_inference(model: ir.Model) -> bool:
+    for node in model.graph.all_nodes():
+        if node.op_type not in ("Shape", "Size") or not is_default_domain(node) or not node.inputs:
+            continue
+        if node.inputs[0] is not None and node.inputs[0].shape is None:
+            return True
+    return False
+
+
+def infer_missing_shapes(model: ir.Model) -> int:
+    """Fill in missing value shapes and dtypes from onnx shape inference; returns how many it filled.
+
+    The inferred proto is matched to the IR graph by graph position and value name (names are unique
+    in a graph); a failure of shape inference is logged and leaves the model as it was.
+    """
+    try:
+        with checks.lifted_proto(model) as proto:
+            inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception as e:  # noqa: BLE001 - onnx raises several types
+        logger.info("shape inference failed, folding without it: %s", e)
+        return 0
+    filled = 0
+    for graph, other in zip(model.graphs(), ir.serde.deserialize_model(inferred).graphs()):
+        known = {v.name: v for n in other for v in n.outputs if v.name}
+        for node in graph:
+            for v in node.outputs:
+                twin = known.get(v.name)
+                if twin is None:
+                    continue
+                if v.shape is None and twin.shape is not None:
+                    v.shape, filled = twin.shape, filled + 1
+                if v.type is None and twin.type is not None:
+                    v.type = twin.type
+    return filled
