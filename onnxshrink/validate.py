@@ -241,7 +241,9 @@ class DriftReport:
             "data": self.data,
             "random_data": self.random_data,
             "providers": self.providers,
-            "problems": self.failures(),
+            "problems": self.problems + [f"output {o.name!r}: {p}" for o in self.outputs.values()
+                                         for p in o.problems[:3]],
+            "failures": self.failures(),
             "overall": self.overall,
             "outputs": {k: v.to_dict() for k, v in self.outputs.items()},
             "metric": self.metric.to_dict() if self.metric else None,
