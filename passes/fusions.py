@@ -74,11 +74,22 @@ def _sole_user(value: ir.Value | None, node: ir.Node) -> bool:
     return value is not None and not value.is_graph_output() and [u.node for u in value.uses()] == [node]
 
 
-def _producer(value: ir.Value | None, op_types) -> ir.Node | None:
+def _producer(value: ir.Value | None, op_types, user: ir.Node) -> ir.Node | None:
+    """The producer of ``value`` if it is one of ``op_types`` in ``user``'s graph (not an outer scope)."""
     node = None if value is None else value.producer()
     if node is None or node.op_type not in op_types or not is_default_domain(node):
         return None
-    return node
+    return node if node.graph is user.graph else None
+
+
+def _dtype(value: ir.Value | None) -> ir.DataType | None:
+    if value is None or value.dtype is not None:
+        return None if value is None else value.dtype
+    arr = const_array(value)
+    try:
+        return None if arr is None else ir.DataType.from_numpy(arr.dtype)
+    except Exception:  # noqa: BLE001 - dtypes onnx has no name for
+        return None
 
 
 def _input(node: ir.Node, i: int) -> ir.Value | None:
@@ -93,6 +104,20 @@ def _set_input(node: ir.Node, i: int, value: ir.Value) -> None:
 
 def _f64(arr: np.ndarray) -> np.ndarray:
     return np.asarray(arr, dtype=np.float64)
+
+
+def _candidates(model: ir.Model, op_type: str, producers) -> list[ir.Value]:
+    """The values whose dtype and shape decide whether ``producers -> op_type`` pairs fuse."""
+    values: list[ir.Value] = []
+    for graph in model.graphs():
+        for node in graph:
+            if node.op_type != op_type:
+                continue
+            for v in node.inputs:
+                first = None if v is None else v.producer()
+                if first is not None and first.op_type in producers:
+                    values.extend([*first.inputs, *node.inputs])
+    return values
 
 
 def _run(model: ir.Model, stats: PassStats, op_types, try_node) -> None:
@@ -148,7 +173,7 @@ def _fold_weights(producer: ir.Node, w: np.ndarray, s: np.ndarray) -> np.ndarray
 
 
 def _try_batchnorm(rw: _Rewriter, bn: ir.Node) -> bool:
-    producer = _producer(bn.inputs[0], ("Conv", "ConvTranspose", "Gemm", "MatMul"))
+    producer = _producer(bn.inputs[0], ("Conv", "ConvTranspose", "Gemm", "MatMul"), bn)
     if producer is None:
         return False
     plan = _batchnorm_plan(producer, bn)
@@ -216,9 +241,7 @@ class FuseBatchNormPass(ShrinkPass):
     changes = Changes.TOPOLOGY | Changes.WEIGHTS
 
     def apply(self, model: ir.Model, stats: PassStats) -> None:
-        _shape_info.fill_missing(
-            model, [n.inputs[0] for g in model.graphs() for n in g if n.op_type == "MatMul"]
-        )
+        _shape_info.fill_missing(model, _candidates(model, "BatchNormalization", ("MatMul",)))
         _run(model, stats, ("BatchNormalization",), _try_batchnorm)
 
 
@@ -240,7 +263,8 @@ def _channel_vector(c: np.ndarray, channels: int, rank: int) -> np.ndarray | str
 def _conv_channels(conv: ir.Node) -> tuple[int, int] | None:
     """(output channels, output rank) of a Conv/ConvTranspose from its weight's static shape."""
     w = _input(conv, 1)
-    dims = None if w is None or w.shape is None else list(w.shape)
+    const = const_array(w)
+    dims = list(const.shape) if const is not None else None if w is None or w.shape is None else list(w.shape)
     if dims is None or len(dims) < 3 or not all(isinstance(d, int) for d in dims[:2]):
         return None
     if conv.op_type == "Conv":
@@ -250,7 +274,7 @@ def _conv_channels(conv: ir.Node) -> tuple[int, int] | None:
 
 def _try_conv_bias(rw: _Rewriter, add: ir.Node) -> bool:
     for xi in (0, 1) if add.op_type == "Add" else (0,):
-        conv = _producer(add.inputs[xi], ("Conv", "ConvTranspose"))
+        conv = _producer(add.inputs[xi], ("Conv", "ConvTranspose"), add)
         c = const_array(add.inputs[1 - xi])
         if conv is None or c is None:
             continue
@@ -304,7 +328,7 @@ def _same(a, b) -> bool:
 
 def _try_matmul_add(rw: _Rewriter, add: ir.Node) -> bool:
     for xi in (0, 1):
-        mm, c = _producer(add.inputs[xi], ("MatMul",)), add.inputs[1 - xi]
+        mm, c = _producer(add.inputs[xi], ("MatMul",), add), add.inputs[1 - xi]
         if mm is None or c is None or c is add.inputs[xi]:
             continue
         a, b = mm.inputs[0], const_array(mm.inputs[1])
@@ -314,8 +338,8 @@ def _try_matmul_add(rw: _Rewriter, add: ir.Node) -> bool:
         if a is None or a.shape is None or len(a.shape) != 2 or b is None or b.ndim != 2:
             rw.stats.skip(add, "Gemm needs a 2-D MatMul input A and a constant 2-D B")
             return False
-        if a.dtype not in _FLOAT_TYPES or c.dtype != a.dtype:
-            rw.stats.skip(add, f"dtypes {a.dtype}, {c.dtype}: unknown or not a float type Gemm takes")
+        if _dtype(a) not in _FLOAT_TYPES or _dtype(c) != _dtype(a):
+            rw.stats.skip(add, f"dtypes {_dtype(a)}, {_dtype(c)}: unknown or not a float type Gemm takes")
             return False
         c_const = const_array(c)
         c_dims = list(c.shape) if c.shape is not None else None
@@ -332,7 +356,7 @@ def _try_matmul_add(rw: _Rewriter, add: ir.Node) -> bool:
 
 def _try_gemm_add(rw: _Rewriter, add: ir.Node) -> bool:
     for xi in (0, 1):
-        gemm, c = _producer(add.inputs[xi], ("Gemm",)), const_array(add.inputs[1 - xi])
+        gemm, c = _producer(add.inputs[xi], ("Gemm",), add), const_array(add.inputs[1 - xi])
         if gemm is None or c is None:
             continue
         if not _sole_user(add.inputs[xi], add):
@@ -374,10 +398,7 @@ class FuseGemmPass(ShrinkPass):
     changes = Changes.TOPOLOGY | Changes.WEIGHTS
 
     def apply(self, model: ir.Model, stats: PassStats) -> None:
-        _shape_info.fill_missing(
-            model,
-            [v for g in model.graphs() for n in g if n.op_type in ("MatMul", "Gemm", "Add") for v in n.inputs],
-        )
+        _shape_info.fill_missing(model, _candidates(model, "Add", ("MatMul", "Gemm")))
 
         def try_add(rw: _Rewriter, add: ir.Node) -> bool:
             return (self.config.matmul_add and _try_matmul_add(rw, add)) or (
