@@ -16,7 +16,8 @@ broadcast the output bigger. The Conv's weight need not be constant, only its sh
 ``fuse_gemm``: ``MatMul(A, B) + C`` -> ``Gemm(A, B, C)`` when A is 2-D, B a constant 2-D, the MatMul output
 feeds only the Add, and C broadcasts unidirectionally to [M, N] (``matmul_add`` option); and
 ``Gemm(A, B[, C]) + c`` -> ``Gemm(A, B, beta*C + c)`` for a constant c (``gemm_add`` option).
-Float types only (the types Gemm and ORT's CPU kernels take).
+Float types only (the types Gemm and ORT's CPU kernels take). On by default: ``benchmarks/bench_fuse_gemm.py``
+measured Gemm / (MatMul + Add) latency ratios of 0.95-1.02 (float32 and float16, ORT 1.32 CPU, 1 thread).
 
 Fused weights are computed in float64 and cast back to the weight dtype (float32, float16, ...), stored
 in new initializers with fresh names (shared weights are never mutated); the old ones are left for
