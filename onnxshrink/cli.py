@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from onnxshrink import __version__
+from onnxshrink import __version__, cli_check
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +140,10 @@ def run_inspect(args) -> int:
 COMMANDS = {
     "optimize": add_optimize,
     "inspect": add_inspect,
+    "validate": cli_check.add_validate,
+    "bench": cli_check.add_bench,
+    "explain": cli_check.add_explain,
+    "check": cli_check.add_check,
 }
 
 

@@ -378,4 +378,5 @@ def _verdict(key: str, limit: float, value: float | None, why_missing: str, name
         return Check(name, limit, None, False, f"not measured: {why_missing}")
     passed = value >= limit if direction == "min" else value <= limit
     op = (">=" if passed else "<") if direction == "min" else ("<=" if passed else ">")
-    return Check(name, limit, value, passed, f"{what}: {_fmt(value)} {op} {_fmt(limit)}")
+    message = f"{_fmt(value)} {op} {_fmt(limit)}"
+    return Check(name, limit, value, passed, message if passed else f"{message}: {what}")
