@@ -90,7 +90,7 @@ class NameGen:
 
 def add_initializer(graph, array: np.ndarray, name: str) -> ir.Value:
     """Register ``array`` as an initializer of ``graph`` (a Function gets a Constant node instead)."""
-    tensor = ir.tensor(np.ascontiguousarray(array), name=name)
+    tensor = ir.tensor(np.require(array, requirements="C"), name=name)
     if isinstance(graph, ir.Graph):
         value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
         value.const_value = tensor

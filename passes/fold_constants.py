@@ -76,6 +76,7 @@ class _Folder:
         self.model, self.config, self.stats = model, config, stats
         self.evaluator = const_eval.NodeEvaluator(config.evaluator)
         self.shapes: dict[ir.Value, shape_values.ShapeValue] = {}
+        self.created: set[ir.Value] = set()  # constants this run made, dropped again once unused
         self._names: NameGen | None = None
         self._all_names: collections.Counter | None = None
         if _needs_shape_inference(model):
@@ -83,22 +84,26 @@ class _Folder:
 
     def fold_graph(self, graph, opsets: dict[str, int]) -> None:
         for node in list(graph):
-            if node.graph is not graph:
+            if node.graph is None:  # removed while folding an earlier node
                 continue
             subs = subgraphs_of(node)
-            if subs:
-                for sub in subs:
-                    self.fold_graph(sub, opsets)
-                if node.op_type == "If" and is_default_domain(node) and self.config.inline_if:
-                    self._try_inline_if(node, graph)
+            if not subs:
+                self._visit(node, graph, opsets)
                 continue
-            if node.op_type == "Constant" and is_default_domain(node):
-                continue
-            arrays = [None if v is None else const_array(v) for v in node.inputs]
-            if any(a is None and v is not None for a, v in zip(arrays, node.inputs)):
-                self._fold_shapes(node, graph)
-            elif any(o.uses() or o.is_graph_output() for o in node.outputs):
-                self._fold_node(node, graph, arrays, opsets)
+            for sub in subs:
+                self.fold_graph(sub, opsets)
+            if node.op_type == "If" and is_default_domain(node) and self.config.inline_if:
+                for added in self._try_inline_if(node, graph):
+                    self._visit(added, graph, opsets)
+
+    def _visit(self, node: ir.Node, graph, opsets: dict[str, int]) -> None:
+        if node.op_type == "Constant" and is_default_domain(node):
+            return
+        arrays = [None if v is None else const_array(v) for v in node.inputs]
+        if any(a is None and v is not None for a, v in zip(arrays, node.inputs)):
+            self._fold_shapes(node, graph)
+        elif any(o.uses() or o.is_graph_output() for o in node.outputs):
+            self._fold_node(node, graph, arrays, opsets)
 
     # ------------------------------------------------------------ rule 1: evaluate
     def _fold_node(self, node: ir.Node, graph, arrays: list, opsets: dict[str, int]) -> None:
@@ -122,7 +127,7 @@ class _Folder:
         for old, array in zip(node.outputs, outputs):
             if old.uses() or old.is_graph_output():
                 self._materialize(graph, node, old, array)
-        graph.remove(node, safe=True)
+        self._remove(node)
         self.stats.add("nodes_folded")
 
     def _size_refusal(self, node: ir.Node, arrays: list, out_bytes: int | None) -> str | None:
@@ -146,7 +151,7 @@ class _Folder:
         """A constant holding ``array`` takes the place (uses, graph outputs, name) of ``old``."""
         name = old.name or self.names(f"{anchor.name or anchor.op_type}_folded")
         old.name = None
-        tensor = ir.tensor(np.ascontiguousarray(array), name=name)
+        tensor = ir.tensor(np.require(array, requirements="C"), name=name)
         if isinstance(graph, ir.Graph) and not old.is_graph_output():
             new = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
             new.const_value = tensor
@@ -160,8 +165,22 @@ class _Folder:
             new.const_value = tensor
             graph.insert_before(anchor, const)
         old.replace_all_uses_with(new, replace_graph_outputs=True)
+        self.created.add(new)
         self.stats.add("bytes_created", array.nbytes)
         return new
+
+    def _remove(self, node: ir.Node) -> None:
+        """Remove a folded node, and the constants this run made that only it read."""
+        inputs = [v for v in node.inputs if v is not None and v in self.created]
+        node.graph.remove(node, safe=True)
+        for value in inputs:
+            if value.uses() or value.is_graph_output():
+                continue
+            self.created.discard(value)
+            if value.is_initializer():
+                value.graph.initializers.pop(value.name)
+            elif value.producer() is not None:
+                value.producer().graph.remove(value.producer(), safe=True)
 
     def names(self, hint: str) -> str:
         if self._names is None:
@@ -189,7 +208,7 @@ class _Folder:
         if not (out.uses() or out.is_graph_output()):
             return
         self._materialize(graph, node, out, sv.array())
-        graph.remove(node, safe=True)
+        self._remove(node)
         self.stats.add("shape_ops_folded")
 
     def _lookup(self, value: ir.Value) -> shape_values.ShapeValue | None:
@@ -210,18 +229,20 @@ class _Folder:
         return const.outputs[0]
 
     # ------------------------------------------------------------ rule 3: If with a constant condition
-    def _try_inline_if(self, node: ir.Node, graph) -> None:
+    def _try_inline_if(self, node: ir.Node, graph) -> list[ir.Node]:
+        """Inline the taken branch; returns the Identity nodes added for graph outputs."""
         cond = const_array(node.inputs[0]) if node.inputs else None
         if cond is None or cond.size != 1:
-            return
+            return []
         attr = "then_branch" if bool(cond.reshape(-1)[0]) else "else_branch"
         branch = node.attributes[attr].as_graph()
         reason = inline_if_refusal(node, graph, branch, self._model_names())
         if reason is not None:
             self.stats.skip(node, reason)
-            return
-        _inline_branch(node, graph, branch)
+            return []
+        added = _inline_branch(node, graph, branch)
         self.stats.add("if_inlined")
+        return added
 
     def _model_names(self) -> collections.Counter:
         if self._all_names is None:
@@ -234,8 +255,9 @@ class _Folder:
         return self._all_names
 
 
-def _inline_branch(node: ir.Node, graph, branch: ir.Graph) -> None:
+def _inline_branch(node: ir.Node, graph, branch: ir.Graph) -> list[ir.Node]:
     """Move ``branch``'s nodes and initializers before ``node`` and route its outputs to them."""
+    added = []
     results = list(branch.outputs)
     branch.outputs.clear()
     for inner in list(branch):
@@ -261,7 +283,9 @@ def _inline_branch(node: ir.Node, graph, branch: ir.Graph) -> None:
             ident.outputs[0].type, ident.outputs[0].shape = out.type, out.shape
             graph.insert_before(node, ident)
             out.replace_all_uses_with(ident.outputs[0], replace_graph_outputs=True)
+            added.append(ident)
     drop_node(node)
+    return added
 
 
 def _only_user(value: ir.Value | None, node: ir.Node) -> bool:
