@@ -55,12 +55,33 @@ class _Rewriter:
         """A new constant holding ``array`` (computed in float64) cast back to ``dtype``."""
         return add_initializer(self.container, np.asarray(array).astype(dtype), self.names(hint))
 
+    def new_node(self, op_type: str, inputs: list, replaces: ir.Node) -> ir.Node:
+        """A node inserted before ``replaces``, with fresh names and ``replaces``' output type and shape.
+
+        Names come from the model-wide ``NameGen``: onnx_ir would name values per graph, which can
+        repeat a name of an outer scope inside a subgraph.
+        """
+        old = replaces.outputs[0]
+        out = ir.Value(name=self.names(f"{old.name or op_type}_fused"), type=old.type, shape=old.shape)
+        node = ir.Node("", op_type, inputs, outputs=[out], name=self.names(f"{op_type}_fused"))
+        replaces.graph.insert_before(replaces, node)
+        return node
+
     def replace(self, node: ir.Node, new: ir.Value, key: str, dead: ir.Node | None = None) -> bool:
-        """Route ``node``'s users to ``new``, drop ``node`` (and ``dead`` once unused), count ``key``."""
-        reason = bypass(node, node.outputs[0], new)
+        """Route ``node``'s users to ``new``, drop ``node`` (and ``dead`` once unused), count ``key``.
+
+        A ``new`` made by ``new_node`` takes over the replaced output's name.
+        """
+        old, fresh = node.outputs[0], new.producer() is not None and not new.uses()
+        reason = bypass(node, old, new)
         if reason:
             self.stats.skip(node, reason)
+            if fresh:
+                new.producer().graph.remove(new.producer(), safe=True)
             return False
+        if fresh and old.name and new.name != old.name:
+            name, old.name = old.name, None
+            new.name = name
         if dead is not None and dead.graph is not None and not _used(dead):
             drop_node(dead)
         self.stats.add(key)
@@ -143,7 +164,7 @@ def _bn_affine(bn: ir.Node) -> tuple[np.ndarray, np.ndarray] | str:
         return "BatchNormalization's running statistics outputs are used"
     params = [const_array(_input(bn, i)) for i in range(1, 5)]
     if any(p is None or p.ndim != 1 for p in params):
-        return "BatchNormalization's scale, bias, mean or var is not a constant vector"
+        return "BatchNormalization's scale, bias, mean or var is not a constant vector (or is a graph input)"
     scale, bias, mean, var = (_f64(p) for p in params)
     s = scale / np.sqrt(var + bn.attributes.get_float("epsilon", 1e-5))
     return s, bias - mean * s
@@ -185,9 +206,7 @@ def _try_batchnorm(rw: _Rewriter, bn: ir.Node) -> bool:
     w_value = rw.const(new_w, dtype, "bn_fused_weight")
     b_value = rw.const(new_b, dtype, "bn_fused_bias")
     if producer.op_type == "MatMul":
-        gemm = ir.Node("", "Gemm", [producer.inputs[0], w_value, b_value])
-        bn.graph.insert_before(bn, gemm)
-        _copy_type(gemm.outputs[0], bn.outputs[0])
+        gemm = rw.new_node("Gemm", [producer.inputs[0], w_value, b_value], bn)
         return rw.replace(bn, gemm.outputs[0], "batchnorms_fused", dead=producer)
     producer.attributes.pop("beta", None)  # Gemm: beta is folded into the new C
     _set_input(producer, 1, w_value)
@@ -227,11 +246,6 @@ def _batchnorm_blocker(producer: ir.Node, bn: ir.Node) -> str | None:
             return ("BN normalizes axis 1; it is the MatMul's output-feature axis only for a 2-D "
                     "input, and this input's rank is not statically 2")
     return None
-
-
-def _copy_type(dst: ir.Value, src: ir.Value) -> None:
-    dst.dtype = src.dtype
-    dst.shape = src.shape
 
 
 class FuseBatchNormPass(ShrinkPass):
@@ -348,9 +362,7 @@ def _try_matmul_add(rw: _Rewriter, add: ir.Node) -> bool:
         if c_dims is None or not _unidirectional(c_dims, a.shape[0], b.shape[1]):
             rw.stats.skip(add, f"the addend (shape {c_dims}) does not broadcast to [M, N] of the MatMul")
             return False
-        gemm = ir.Node("", "Gemm", [a, mm.inputs[1], c])
-        add.graph.insert_before(add, gemm)
-        _copy_type(gemm.outputs[0], add.outputs[0])
+        gemm = rw.new_node("Gemm", [a, mm.inputs[1], c], add)
         return rw.replace(add, gemm.outputs[0], "matmul_add_fused", dead=mm)
     return False
 

@@ -224,6 +224,16 @@ def test_conv_bias_fused(shape, op, bias):
     assert stats.counts["conv_biases_fused"] == 1 and ops(model) == ["Conv"]
 
 
+def test_convtranspose_bias_fused():
+    inits = {"w": RNG.standard_normal((4, 3, 2, 2)).astype(F32), "k": RNG.standard_normal((6, 1, 1)).astype(F32)}
+    proto = build(
+        [helper.make_node("ConvTranspose", ["x", "w"], ["c"], group=2), helper.make_node("Add", ["c", "k"], ["y"])],
+        [("x", F32, [1, 4, 3, 3])], [("y", F32, [1, 6, 4, 4])], inits,
+    )
+    model, stats = run_pass(proto, "fuse_conv_bias")
+    assert stats.counts["conv_biases_fused"] == 1 and ops(model) == ["ConvTranspose"]
+
+
 @pytest.mark.parametrize("dtype", [F32, F16])
 def test_conv1d_bias_constant_first(dtype):
     inits = {"w": RNG.standard_normal((3, 2, 3)).astype(dtype), "k": RNG.standard_normal((3, 1)).astype(dtype)}

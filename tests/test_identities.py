@@ -146,7 +146,7 @@ def test_transpose_identity_and_merges():
 
 def test_expand_pad_slice_concat_split():
     model, stats = run_pass("""
-        g (float[2,3] x) => (float[2,3] y, float[2,2,3] z, float[2,2] w) {
+        g (float[2,3] x) => (float[2,3] y, float[2,2,3] z, float[2,2] w, float[2,3] v) {
             s = Constant<value = int64[2] {1, 3}>()
             a = Expand(x, s)
             p = Constant<value = int64[4] {0, 0, 0, 0}>()
@@ -161,10 +161,16 @@ def test_expand_pad_slice_concat_split():
             z = Expand(x, s2)
             en2 = Constant<value = int64[2] {2, 2}>()
             w = Slice(x, st, en2)
+            xn = Neg(x)
+            cc = Concat<axis=0>(xn, xn)
+            h1, h2 = Split<axis=0, num_outputs=2>(cc)
+            v = Add(h1, h2)
         }""")
     for key in ("expand_removed", "pad_removed", "slice_removed", "concat_removed", "split_removed"):
         assert stats.counts[key] == 1, key
-    assert sorted(ops(model)) == sorted(["Constant"] * 6 + ["Relu", "Expand", "Slice"])
+    assert sorted(ops(model)) == sorted(
+        ["Constant"] * 6 + ["Relu", "Expand", "Slice", "Neg", "Concat", "Split", "Add"]
+    )
 
 
 def test_nonzero_pad_kept():
