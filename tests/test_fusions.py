@@ -350,3 +350,23 @@ def test_gemm_add_constant(with_c):
     model, stats = run_pass(proto, "fuse_gemm")
     assert stats.counts["gemm_add_fused"] == 1 and ops(model) == ["Gemm"]
     assert "beta" not in model.graph[0].attributes
+
+
+def test_matmul_add_in_main_graph_and_branch_get_distinct_names():
+    def dense(x, out, tag):
+        return [helper.make_node("MatMul", [x, "w"], [f"m{tag}"]), helper.make_node("Add", [f"m{tag}", "k"], [out])]
+
+    then = helper.make_graph([*dense("h", "ta", "t"), helper.make_node("Relu", ["ta"], ["ty"])], "then", [],
+                             [helper.make_tensor_value_info("ty", TensorProto.FLOAT, [3, 4])])
+    other = helper.make_graph([helper.make_node("Neg", ["h"], ["ey"])], "else", [],
+                              [helper.make_tensor_value_info("ey", TensorProto.FLOAT, [3, 4])])
+    proto = build(
+        [*dense("x", "h", "g"), helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)],
+        [("cond", np.bool_, []), ("x", F32, [3, 4])], [("y", F32, [3, 4])],
+        {"w": RNG.standard_normal((4, 4)).astype(F32), "k": RNG.standard_normal(4).astype(F32)},
+    )
+    model, stats = run_pass(proto, "fuse_gemm")  # ORT and the checker reject repeated value names
+    assert stats.counts["matmul_add_fused"] == 2
+    branch = model.graph[1].attributes["then_branch"].value
+    assert [n.op_type for n in branch] == ["Gemm", "Relu"] and branch[0].outputs[0].name == "ta"
+    assert model.graph[0].outputs[0].name == "h"
