@@ -2,11 +2,13 @@
 
 ``explain(reference, candidate, data)`` maps the candidate's tensors to the reference's, exposes them
 as extra graph outputs on a copy of each model, runs a few feeds through both (streamed: only the
-running sums are kept), and measures every mapped tensor's SQNR against the reference. A node's
-*drop* is the SQNR of its inputs (the lowest over its non-constant inputs) minus the SQNR of its
-outputs (the lowest): the error the node itself adds. ``rank_nodes`` returns the nodes sorted by drop,
-worst first; it is the input of the mixed-precision fallback (keep the top nodes in float, or prune
-them less).
+running sums are kept), and measures every mapped tensor's SQNR against the reference. For each
+node: its output SQNR (the lowest over its outputs), its input SQNR (the lowest over its non-constant
+inputs), the *drop* between them in dB, and the *added noise*: the relative noise power of the output
+minus that of the input, ``10^(-out/10) - 10^(-in/10)``, the error the node itself adds. Nodes are
+ranked by added noise, worst first (a dB drop overrates the first lossy node after exact inputs: from
+inf to 40 dB is a big drop but little noise). ``rank_nodes`` returns that ranking; it is the input of
+the mixed-precision fallback (keep the top nodes in float, or prune them less).
 
 Mapping, by graph structure (never by parsing names):
 
@@ -64,19 +66,20 @@ class TensorDrift:
 
 @dataclasses.dataclass
 class NodeDrift:
-    """One candidate node: output SQNR, input SQNR and the drop across it (all dB)."""
+    """One candidate node: output and input SQNR, the drop across it (dB), the noise it adds."""
 
     node: str
     op_type: str
     sqnr_db: float
     input_sqnr_db: float
     drop_db: float
+    added_noise: float
     outputs: list[str]
     inputs: list[str]
 
     def line(self) -> str:
         return (f"{self.node:32s} {self.op_type:18s} SQNR {_db(self.sqnr_db):>8s} dB   "
-                f"drop {_db(self.drop_db):>8s} dB")
+                f"drop {_db(self.drop_db):>8s} dB   added noise {self.added_noise:9.3g}")
 
 
 @dataclasses.dataclass
@@ -291,10 +294,18 @@ def _rank(cand: ir.Model, tensors: dict[str, TensorDrift]) -> list[NodeDrift]:
         out_s = min(outs)
         in_s = min(ins) if ins else math.inf
         drop = min(in_s, SQNR_CAP) - min(out_s, SQNR_CAP)
-        ranked.append(NodeDrift(node.name or f"<{node.op_type}>", node.op_type, out_s, in_s, drop,
+        added = noise_ratio(out_s) - noise_ratio(in_s)
+        ranked.append(NodeDrift(node.name or f"<{node.op_type}>", node.op_type, out_s, in_s, drop, added,
                                 [v.name for v in node.outputs if v.name in tensors], names))
-    ranked.sort(key=lambda n: (-n.drop_db, n.sqnr_db))
+    ranked.sort(key=lambda n: (-n.added_noise, -n.drop_db))
     return ranked
+
+
+def noise_ratio(sqnr: float) -> float:
+    """Noise power over signal power for an SQNR in dB (0 for inf; capped at ``SQNR_CAP``)."""
+    if math.isnan(sqnr):
+        return math.inf
+    return 0.0 if sqnr >= SQNR_CAP else 10.0 ** (-sqnr / 10.0)
 
 
 @contextlib.contextmanager
