@@ -1,0 +1,343 @@
+"""Calibration taps: the tensors to observe, the tap model that outputs them, and its session.
+
+``plan_taps`` clones the model (``ir.Model.clone`` shares every tensor, so no weight is copied), maps the
+caller's values onto the clone by walking both graphs in step (values are matched by position, never by
+name), and makes each tapped value an output of the clone's main graph; the original outputs are dropped so
+that ONNX Runtime computes only what the taps need. A tap is found again through ``TapPlan.taps`` (its
+index in the session outputs), never by its output name.
+
+Where a tapped value lives:
+
+- main graph: it becomes a graph output; a main-graph input is read from the feed instead.
+- inside ``If`` branches and ``Loop``/``Scan`` bodies: it is *lifted*. ONNX Runtime cannot return a value
+  of a subgraph, so an ``Identity`` of it becomes a new output of its subgraph and of the node owning that
+  subgraph, level by level up to the main graph. ``If``: the other branch returns an empty tensor (shape
+  ``[0] * rank``, same dtype), so a run through the untaken branch has nothing to observe and a branch never
+  taken leaves the value unobserved. ``Loop``/``Scan``: the value becomes an extra scan output, so the main
+  graph sees every iteration stacked on a new leading axis (``Tap.extra_axes`` counts such axes; a channel
+  axis 1 becomes ``1 + extra_axes``). A loop value whose shape changes between iterations cannot be stacked:
+  ONNX Runtime then fails the run (``plan_taps(lift_loops=False)`` leaves loop bodies out).
+- inside model-local functions or subgraphs of other ops: not tappable. The default selection skips them
+  (``TapPlan.skipped`` says why) and naming one is a ``ConfigError``.
+
+Ranges of tapped values are keyed by the value's own name, so a quantizer finds the range of a value inside
+a subgraph under that value's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxshrink import model_io, runtime
+from onnxshrink.errors import ConfigError, RuntimeFailure
+from onnxshrink.graph_utils import NameGen, subgraphs_of
+
+logger = logging.getLogger(__name__)
+
+FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
+LIFTABLE_OPS = ("If", "Loop", "Scan")
+ORT_FLOAT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)")
+EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+
+
+class _NotTappable(Exception):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Tap:
+    """One observed tensor: read from the feed (``feed``, a graph input name) or from session output
+    ``output``; ``extra_axes`` leading axes were added by lifting out of loops."""
+
+    name: str
+    feed: str | None = None
+    output: int | None = None
+    extra_axes: int = 0
+
+
+@dataclasses.dataclass
+class TapPlan:
+    taps: list[Tap]
+    model: ir.Model | None  # the tap model; None when every tap is a graph input
+    skipped: dict[str, str]  # default selection: value name -> why it was left out
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.taps]
+
+
+def plan_taps(model: ir.Model, tensors: Sequence[ir.Value | str] | None = None, *,
+              lift_loops: bool = True) -> TapPlan:
+    """Build the tap model of ``model`` for ``tensors`` (default: every float tensor that is an input or
+    output of a node, initializers and constants excepted). ``model`` itself is never modified."""
+    clone = model.clone()
+    mapping: dict[ir.Value, ir.Value] = {}
+    _pair_graphs(model.graph, clone.graph, mapping)
+    _infer_types(clone)
+    owners = {sub: node for g in clone.graphs() for node in g for sub in subgraphs_of(node)}
+    skipped: dict[str, str] = {}
+    if tensors is None:
+        chosen = _default_values(clone, owners, skipped, lift_loops)
+    else:
+        chosen = [_resolve(item, clone, mapping, owners, lift_loops) for item in tensors]
+        dupes = {v.name for v in chosen if chosen.count(v) > 1}
+        if dupes:
+            raise ConfigError(f"calibration tensors listed twice: {sorted(dupes)}")
+    fresh = NameGen(clone)
+    taps: list[Tap] = []
+    outputs: list[ir.Value] = []
+    for value in chosen:
+        if value.graph is clone.graph and value.is_graph_input():
+            taps.append(Tap(value.name, feed=value.name))
+            continue
+        lifted, extra = _lift(value, clone.graph, owners, fresh)
+        taps.append(Tap(value.name, output=len(outputs), extra_axes=extra))
+        outputs.append(lifted)
+    clone.graph.outputs.clear()
+    clone.graph.outputs.extend(outputs)
+    if skipped:
+        logger.info("calibration: %d tensors left out of the default selection", len(skipped))
+    return TapPlan(taps, clone if outputs else None, skipped)
+
+
+def _pair_graphs(g1: ir.Graph, g2: ir.Graph, out: dict) -> None:
+    """Map every value of ``g1`` (and its subgraphs) to its twin in the structural copy ``g2``."""
+    nodes1, nodes2 = list(g1), list(g2)
+    if len(nodes1) != len(nodes2) or len(g1.inputs) != len(g2.inputs):
+        raise RuntimeError("the model clone does not match the model")  # a bug, not a user error
+    out.update(zip(g1.inputs, g2.inputs))
+    out.update(zip(g1.initializers.values(), g2.initializers.values()))
+    for n1, n2 in zip(nodes1, nodes2):
+        out.update(zip(n1.outputs, n2.outputs))
+        for s1, s2 in zip(subgraphs_of(n1), subgraphs_of(n2)):
+            _pair_graphs(s1, s2, out)
+
+
+def _infer_types(model: ir.Model) -> None:
+    """Fill in missing dtypes/shapes with onnx shape inference (large initializers lifted out)."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(model)
+
+
+def _why_not(value: ir.Value, owners: dict, main: ir.Graph, lift_loops: bool) -> str | None:
+    """Why ``value`` cannot be tapped, or None."""
+    if not value.name:
+        return "the value has no name"
+    if value.const_value is not None or value.is_initializer():
+        return "it is an initializer (a constant)"
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant":
+        return "it is the output of a Constant node"
+    if value.dtype is not None and value.dtype not in FLOAT_TYPES:
+        return f"its dtype {value.dtype} is not float"
+    graph = value.graph
+    while graph is not main:
+        node = owners.get(graph)
+        if node is None:
+            return "it is inside a function or a detached graph"
+        if node.op_type not in LIFTABLE_OPS or node.domain not in ("", "ai.onnx"):
+            return f"it is inside a subgraph of {node.op_type} node {node.name!r}"
+        if not lift_loops and node.op_type != "If":
+            return f"it is inside the body of {node.op_type} node {node.name!r} (loop lifting is off)"
+        graph = node.graph
+    return None
+
+
+def _default_values(clone, owners, skipped: dict, lift_loops: bool) -> list[ir.Value]:
+    chosen: dict[ir.Value, None] = {}
+    names: dict[str, ir.Value] = {}
+    for graph in clone.graphs():
+        for node in graph:
+            for v in (*node.inputs, *node.outputs):
+                if v is None or v in chosen or v.dtype not in FLOAT_TYPES:
+                    continue
+                reason = _why_not(v, owners, clone.graph, lift_loops)
+                if reason is None and v.name in names and names[v.name] is not v:
+                    reason = "another value has the same name"
+                if reason is not None:
+                    skipped.setdefault(v.name or "<unnamed>", reason)
+                    continue
+                names[v.name] = v
+                chosen[v] = None
+    return list(chosen)
+
+
+def _resolve(item, clone, mapping, owners, lift_loops: bool) -> ir.Value:
+    if isinstance(item, ir.Value):
+        value = mapping.get(item)
+        if value is None:
+            raise ConfigError(f"calibration tensor {item.name!r} is not a value of this model's graphs")
+    elif isinstance(item, str):
+        found = [v for g in clone.graphs() for v in _graph_values(g) if v.name == item]
+        if not found:
+            known = sorted({v.name for g in clone.graphs() for v in _graph_values(g) if v.name})
+            close = difflib.get_close_matches(item, known, n=3)
+            raise ConfigError(f"no tensor named {item!r} in the model" + (f"; did you mean {close}?" if close else ""))
+        if len({id(v) for v in found}) > 1:
+            raise ConfigError(f"{len(found)} different tensors are named {item!r}; pass the ir.Value instead")
+        value = found[0]
+    else:
+        raise ConfigError(f"calibration tensors are ir.Value or names, got a {type(item).__name__}")
+    reason = _why_not(value, owners, clone.graph, lift_loops)
+    if reason is not None:
+        raise ConfigError(f"cannot calibrate tensor {value.name!r}: {reason}")
+    return value
+
+
+def _graph_values(graph: ir.Graph):
+    yield from graph.inputs
+    yield from graph.initializers.values()
+    for node in graph:
+        yield from node.outputs
+
+
+def _lift(value: ir.Value, main: ir.Graph, owners: dict, fresh: NameGen) -> tuple[ir.Value, int]:
+    """A main-graph value carrying ``value`` (see the module docstring), and the loop axes added."""
+    extra = 0
+    while value.graph is not main:
+        graph = value.graph
+        node = owners[graph]
+        ident = ir.Node("", "Identity", [value], name=fresh("calib_tap"))
+        graph.append(ident)
+        inner = ident.outputs[0]
+        inner.name, inner.dtype, inner.shape = fresh(f"{value.name}_tap"), value.dtype, value.shape
+        graph.outputs.append(inner)
+        if node.op_type == "If":
+            _add_empty_output(_other_branch(node, graph), value, fresh)
+        else:  # Loop or Scan: an extra scan output, stacked over iterations
+            extra += 1
+            for key in ("scan_output_axes", "scan_output_directions"):
+                if key in node.attributes:
+                    node.attributes[key] = ir.AttrInt64s(key, [*node.attributes[key].value, 0])
+        node.resize_outputs(len(node.outputs) + 1)
+        lifted = node.outputs[-1]
+        lifted.name, lifted.dtype = fresh(f"{value.name}_tap"), value.dtype
+        value = lifted
+    return value, extra
+
+
+def _other_branch(node: ir.Node, graph: ir.Graph) -> ir.Graph:
+    then_g = node.attributes["then_branch"].value
+    return node.attributes["else_branch"].value if then_g is graph else then_g
+
+
+def _add_empty_output(branch: ir.Graph, like: ir.Value, fresh: NameGen) -> None:
+    rank = len(like.shape) if like.shape is not None else 1
+    empty = ir.tensor(np.zeros([0] * rank, dtype=like.dtype.numpy()))
+    const = ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", empty)], name=fresh("calib_tap"))
+    branch.append(const)
+    out = const.outputs[0]
+    out.name, out.dtype, out.shape = fresh(f"{like.name}_tap_empty"), like.dtype, ir.Shape([0] * rank)
+    branch.outputs.append(out)
+
+
+def open_session(plan: TapPlan, providers=None):
+    """One ONNX Runtime session of the tap model at ``ORT_ENABLE_BASIC``.
+
+    Basic optimizations (constant folding, redundant-node removal) keep every value the graph defines;
+    extended/layout optimizations would fuse nodes and convert layouts around each tapped output (blocked
+    fusions, extra reorders) for no gain. The small tap graph goes to ONNX Runtime as bytes: external
+    weights are referenced in place (the weights' folder is given as the external-data folder, the same as
+    saving the graph next to them); only models whose external data spans several folders, or whose
+    in-memory weights are too big for one protobuf, are written to a temporary folder.
+    """
+    rt = runtime.ort()
+    model = plan.model
+    so = runtime.session_options(level=rt.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    tensors = list(model_io.iter_initializer_tensors(model))
+    folders = {t.base_dir for t in tensors if isinstance(t, ir.ExternalTensor)}
+    inline = sum(t.nbytes for t in tensors if not isinstance(t, ir.ExternalTensor))
+    if len(folders) <= 1 and inline < model_io.EXTERNAL_DATA_THRESHOLD:
+        if folders:
+            so.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(next(iter(folders))))
+        session = runtime.make_session(model_io.to_bytes(model), providers, options=so)
+    else:
+        session = runtime.make_session(model, providers, options=so)
+    _check_output_types(session, plan)
+    return session
+
+
+def _check_output_types(session, plan: TapPlan) -> None:
+    types = [o.type for o in session.get_outputs()]
+    for tap in plan.taps:
+        if tap.output is not None and types[tap.output] not in ORT_FLOAT_TYPES:
+            raise ConfigError(f"cannot calibrate tensor {tap.name!r}: ONNX Runtime says it is {types[tap.output]}")
+
+
+class TapRunner:
+    """Runs the tap session over feeds in batches and hands every tap's array to ``sink(index, array)``.
+
+    Feeds are stacked along axis 0, up to ``batch_size`` per run, when every input has a dynamic first
+    dim, each feed's inputs agree on it and the other dims match the batch's first feed; otherwise each
+    feed runs alone. Stacking assumes rows are independent (dim 0 is a batch axis); if a stacked run
+    fails, its feeds are rerun one by one and stacking stops. At most one batch (plus one feed that did
+    not fit it) and that batch's outputs are held at a time. ``runs`` counts session runs.
+    """
+
+    def __init__(self, session, plan: TapPlan, specs, batch_size: int = 8) -> None:
+        self.session = session
+        self.taps = plan.taps
+        self.batch_size = max(1, int(batch_size))
+        self.stack = self.batch_size > 1 and all(s.dims and not isinstance(s.dims[0], int) for s in specs)
+        self.runs = 0
+
+    def run(self, feeds, sink, on_done=lambda n: None) -> None:
+        for group in self._groups(feeds):
+            self._run_group(group, sink)
+            on_done(len(group))
+
+    def _groups(self, feeds):
+        group: list[dict] = []
+        for feed in feeds:
+            if group and not self._fits(group[0], feed):
+                yield group
+                group = []
+            group.append(feed)
+            if len(group) >= (self.batch_size if self.stack else 1):
+                yield group
+                group = []
+        if group:
+            yield group
+
+    def _fits(self, first: dict, feed: dict) -> bool:
+        if not self.stack:
+            return False
+        rows = {a.shape[0] for a in feed.values()}
+        return len(rows) == 1 and all(feed[k].shape[1:] == first[k].shape[1:] for k in first)
+
+    def _run_group(self, group: list[dict], sink) -> None:
+        if len(group) == 1:
+            self._run_one(group[0], sink, "a feed")
+            return
+        stacked = {k: np.concatenate([f[k] for f in group], axis=0) for k in group[0]}
+        try:
+            outs = self.session.run(None, stacked) if self.session is not None else []
+        except Exception as e:  # noqa: BLE001 - ORT raises its own types; rerun one by one
+            logger.info("calibration: a stacked batch failed (%s); running feeds one by one", e)
+            self.stack = False
+            for feed in group:
+                self._run_one(feed, sink, "a feed")
+            return
+        self.runs += self.session is not None
+        self._hand_out(stacked, outs, sink)
+
+    def _run_one(self, feed: dict, sink, where: str) -> None:
+        outs = []
+        if self.session is not None:
+            try:
+                outs = self.session.run(None, feed)
+            except Exception as e:
+                raise RuntimeFailure(f"calibration: ONNX Runtime failed on {where}: {e}") from e
+            self.runs += 1
+        self._hand_out(feed, outs, sink)
+
+    def _hand_out(self, feed: dict, outs: list, sink) -> None:
+        for i, tap in enumerate(self.taps):
+            sink(i, feed[tap.feed] if tap.feed is not None else outs[tap.output])

@@ -1,0 +1,397 @@
+"""Calibration: run data through a model once and pick a clipping range for each tapped tensor.
+
+``calibrate(model, data)`` taps the tensors (``onnxshrink.calib_taps``: a clone of the model whose outputs
+are the taps, subgraph values lifted out of If/Loop/Scan), opens one ONNX Runtime session, streams the data
+in batches into one observer per tensor (``onnxshrink.observers``) and returns a frozen
+``CalibrationTable`` keyed by value name. Memory does not grow with the number of samples: the runner holds
+one batch, an observer O(bins).
+
+Order of work: options, model and data source are checked first; then the on-disk cache is consulted;
+then every feed is validated (names, dtypes, shapes, empty, NaN/Inf raise ``DataError``) before the model
+runs at all.
+
+Cache (``cache_dir``, default ``~/.cache/onnxshrink/calib``; ``False`` turns it off): the table is stored
+as JSON under a key of the model fingerprint (graph structure and initializer bytes, hashed streaming;
+external tensors by file, offset, length and file stat), the data fingerprint (``FeedSource.fingerprint``),
+the tensor set, method, observer options, batch size, providers and channel-mean tensors. Histogram
+methods also store every tensor's histogram in an ``.npz`` under a key without the method, so trying
+``percentile``/``entropy``/``mse`` (or ``minmax``) on the same data and tensors does not run the model again.
+
+Safe fallbacks, each noted in ``TensorRange.note``: a tensor with a constant value ``c`` gets
+``[min(c, 0), max(c, 0)]``; any range whose span including 0 is below ``MIN_SPAN`` is widened to it (never a
+zero scale); a tensor whose every value was an outlier (``|x| >= outlier_abs``, see ``observers``) gets
+``[0, MIN_SPAN]`` and should stay float. Tensors never observed (an If branch never taken) are left out of
+``ranges`` and listed in ``CalibrationTable.unobserved``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxshrink import calib_taps, model_io, runtime
+from onnxshrink import data as data_mod
+from onnxshrink.calib_fingerprint import model_fingerprint
+from onnxshrink.errors import ConfigError, RuntimeFailure
+from onnxshrink.observers import DEFAULT_BINS, HISTOGRAM_METHODS, HistogramObserver, make_observer
+from onnxshrink.progress import make_progress
+from onnxshrink.report import write_json
+
+logger = logging.getLogger(__name__)
+
+FORMAT = 1
+#: The smallest span (with 0 included) a calibrated range may have.
+MIN_SPAN = 1e-6
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "onnxshrink" / "calib"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRange:
+    """The clipping range chosen for one tensor. ``count`` counts every element seen, the ``outliers``
+    (excluded from the range) included; ``channel_mean`` is the per-channel mean along axis 1 when asked."""
+
+    name: str
+    min: float
+    max: float
+    observed_min: float
+    observed_max: float
+    count: int
+    outliers: int = 0
+    channel_mean: tuple[float, ...] | None = None
+    note: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationTable:
+    """Ranges keyed by ``ir.Value`` name (``table[value]`` and ``value in table`` take a value too)."""
+
+    ranges: Mapping[str, TensorRange]
+    method: str
+    model_fingerprint: str
+    data_fingerprint: str
+    samples: int
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    unobserved: tuple[str, ...] = ()
+
+    def __getitem__(self, key: str | ir.Value) -> TensorRange:
+        name = key.name if isinstance(key, ir.Value) else key
+        try:
+            return self.ranges[name]
+        except KeyError:
+            raise KeyError(f"tensor {name!r} has no calibrated range") from None
+
+    def __contains__(self, key) -> bool:
+        return (key.name if isinstance(key, ir.Value) else key) in self.ranges
+
+    def __len__(self) -> int:
+        return len(self.ranges)
+
+    def __iter__(self):
+        return iter(self.ranges)
+
+    def get(self, key, default=None) -> TensorRange | None:
+        return self.ranges.get(key.name if isinstance(key, ir.Value) else key, default)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT, "method": self.method, "model_fingerprint": self.model_fingerprint,
+            "data_fingerprint": self.data_fingerprint, "samples": self.samples,
+            "options": dict(self.options), "unobserved": list(self.unobserved),
+            "ranges": [dataclasses.asdict(r) for r in self.ranges.values()],
+        }
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> CalibrationTable:
+        if d.get("format") != FORMAT:
+            raise ConfigError(f"calibration table format {d.get('format')!r} is not {FORMAT}")
+        ranges = {}
+        for r in d["ranges"]:
+            cm = r.get("channel_mean")
+            ranges[r["name"]] = TensorRange(**{**r, "channel_mean": tuple(cm) if cm is not None else None})
+        return cls(ranges, d["method"], d["model_fingerprint"], d["data_fingerprint"], int(d["samples"]),
+                   dict(d.get("options", {})), tuple(d.get("unobserved", ())))
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> CalibrationTable:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{path}: not a readable calibration table: {e}") from e
+
+
+def calibrate(
+    model: ir.Model | str | Path,
+    data,
+    tensors: Sequence[ir.Value | str] | None = None,
+    *,
+    method: str = "minmax",
+    batch_size: int = 8,
+    providers=None,
+    cache_dir: str | os.PathLike | None | bool = None,
+    channel_means: Sequence[str] = (),
+    progress: bool | Callable = True,
+    **observer_opts,
+) -> CalibrationTable:
+    """Calibrate ``tensors`` of ``model`` (default: every float node input/output that is not a constant)
+    on ``data`` (see ``onnxshrink.data.feeds``) with observer ``method`` and its ``observer_opts``."""
+    options = make_observer(method, **observer_opts).config()
+    if int(batch_size) < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    if not isinstance(model, ir.Model) and any(isinstance(t, ir.Value) for t in tensors or ()):
+        raise ConfigError("pass tensor names (not ir.Value) when the model is given as a path")
+    ir_model = model_io.load(model)
+    source = data_mod.feeds(data, ir_model)
+    plan = calib_taps.plan_taps(ir_model, tensors)
+    means = _check_channel_means(channel_means, plan)
+    key = _Keys(model_fingerprint(ir_model), source.fingerprint(), plan.names, method, options,
+                int(batch_size), runtime.resolve_providers(providers), means)
+    cache = _Cache(cache_dir)
+    table = cache.load_table(key)
+    if table is not None:
+        logger.info("calibration table from cache (%s)", key.table)
+        return table
+    names = plan.names
+    observers, cmeans, samples = _from_histograms(cache.load_hist(key), key, observer_opts)
+    if observers is None:
+        run = functools.partial(_collect, source=source, key=key, observer_opts=observer_opts,
+                                providers=providers, progress=progress)
+        names, observers, cmeans, samples = _run_with_fallback(run, plan, ir_model, tensors is None)
+        if method in HISTOGRAM_METHODS:
+            cache.save_hist(key, names, observers, cmeans, samples)
+    table = _build_table(names, observers, cmeans, key, samples, [n for n in plan.names if n not in names])
+    cache.save_table(key, table)
+    return table
+
+
+def _run_with_fallback(run, plan, model: ir.Model, default_taps: bool):
+    """``run(plan)``; when it fails with default taps lifted out of loop bodies (a loop value whose shape
+    changes between iterations), run again without loop bodies. Returns ``(names, observers, ...)``."""
+    try:
+        return (plan.names, *run(plan))
+    except RuntimeFailure as e:
+        if not default_taps or not any(t.extra_axes for t in plan.taps):
+            raise
+        logger.warning("calibration: ONNX Runtime refused the loop-body taps (%s); calibrating again "
+                       "without tensors inside Loop/Scan bodies", str(e).splitlines()[0][:200])
+    plan = calib_taps.plan_taps(model, None, lift_loops=False)
+    return (plan.names, *run(plan))
+
+
+def _check_channel_means(names: Sequence[str], plan) -> tuple[str, ...]:
+    if isinstance(names, str):
+        names = [names]
+    missing = [n for n in names if n not in plan.names]
+    if missing:
+        raise ConfigError(f"channel_means names tensors that are not calibrated: {missing}")
+    return tuple(sorted(set(names)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Keys:
+    model: str
+    data: str
+    names: Sequence[str]
+    method: str
+    options: Mapping
+    batch_size: int
+    providers: Sequence[str]
+    means: tuple[str, ...]
+
+    def _digest(self, parts: dict) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+    @property
+    def hist(self) -> str:
+        opts = {k: self.options.get(k) for k in ("bins", "outlier_abs")}
+        opts["bins"] = opts["bins"] or DEFAULT_BINS
+        return self._digest({"v": FORMAT, "model": self.model, "data": self.data, "taps": sorted(self.names),
+                             "opts": opts, "batch": self.batch_size, "providers": list(self.providers)})
+
+    @property
+    def table(self) -> str:
+        return self._digest({"hist": self.hist, "method": self.method, "options": dict(self.options),
+                             "means": list(self.means)})
+
+
+def _collect(plan, *, source, key: _Keys, observer_opts, providers, progress):
+    """Run the data through the tap model into fresh observers (data validated first)."""
+    total = sum(1 for _ in source)  # validates every feed before any run (DataError)
+    observers = [make_observer(key.method, **observer_opts) for _ in plan.taps]
+    sums = {plan.names.index(n): _ChannelSum() for n in key.means if n in plan.names}
+    session = calib_taps.open_session(plan, providers) if plan.model is not None else None
+    plan.model = None  # ONNX Runtime holds its own copy now
+    runner = calib_taps.TapRunner(session, plan, source.specs, key.batch_size)
+
+    def sink(i: int, array: np.ndarray) -> None:
+        observers[i].update(array)
+        if i in sums:
+            sums[i].add(array, 1 + plan.taps[i].extra_axes, plan.names[i])
+
+    bar = make_progress(progress, total)
+    try:
+        runner.run(source, sink, bar.update)
+    finally:
+        bar.close()
+    logger.info("calibration: %d samples in %d runs, %d tensors", total, runner.runs, len(plan.taps))
+    cmeans = {plan.names[i]: s.mean() for i, s in sums.items() if s.n}
+    return observers, cmeans, total
+
+
+class _ChannelSum:
+    """Per-channel sums along one axis (float64), for channel means."""
+
+    def __init__(self) -> None:
+        self.sum: np.ndarray | None = None
+        self.n = 0
+
+    def add(self, array: np.ndarray, axis: int, name: str) -> None:
+        if array.size == 0:
+            return
+        if array.ndim <= axis:
+            raise ConfigError(f"channel mean of {name!r}: it has rank {array.ndim}, no channel axis {axis}")
+        other = tuple(a for a in range(array.ndim) if a != axis)
+        s = array.sum(axis=other, dtype=np.float64)
+        if self.sum is not None and s.shape != self.sum.shape:
+            raise ConfigError(f"channel mean of {name!r}: channel count changed ({self.sum.shape} -> {s.shape})")
+        self.sum = s if self.sum is None else self.sum + s
+        self.n += array.size // array.shape[axis]
+
+    def mean(self) -> np.ndarray:
+        return self.sum / self.n
+
+
+def _from_histograms(stored, key: _Keys, observer_opts):
+    """Observers rebuilt from cached histogram state, or ``(None, None, 0)`` when it does not serve."""
+    if stored is None or (key.method not in HISTOGRAM_METHODS and key.method != "minmax"):
+        return None, None, 0
+    names, states, cmeans, samples = stored
+    if set(names) != set(key.names) or not set(key.means) <= set(cmeans):
+        return None, None, 0
+    by_name = dict(zip(names, states))
+    observers = []
+    for name in key.names:
+        obs = make_observer(key.method, **observer_opts)
+        if isinstance(obs, HistogramObserver):
+            obs.load_state(by_name[name])
+        else:  # minmax: the exact extremes the histogram observers track
+            s = by_name[name]
+            obs.observed_min, obs.observed_max = (float(v) for v in s["scalars"][2:])
+            obs.count, obs.outliers = (int(v) for v in s["tallies"])
+        observers.append(obs)
+    logger.info("calibration: %s ranges from cached histograms (%s), model not run", key.method, key.hist)
+    return observers, {n: cmeans[n] for n in key.means}, samples
+
+
+def _build_table(names, observers, cmeans, key: _Keys, samples: int, not_run=()) -> CalibrationTable:
+    ranges: dict[str, TensorRange] = {}
+    unobserved = list(not_run)
+    for name, obs in zip(names, observers):
+        if obs.count == 0:
+            unobserved.append(name)
+            continue
+        cm = cmeans.get(name)
+        ranges[name] = make_range(name, obs, tuple(float(v) for v in cm) if cm is not None else None)
+    if unobserved:
+        logger.warning("calibration: %d tensors were never observed (untaken If branches or loop bodies left out): %s",
+                       len(unobserved), unobserved[:10])
+    return CalibrationTable(ranges, key.method, key.model, key.data, samples,
+                            {**key.options, "batch_size": key.batch_size}, tuple(unobserved))
+
+
+def make_range(name: str, obs, channel_mean=None) -> TensorRange:
+    """The ``TensorRange`` of an observer, with the safe fallbacks of the module docstring."""
+    note = None
+    if not obs.seen:
+        lo, hi, omin, omax = 0.0, MIN_SPAN, 0.0, 0.0
+        note = (f"all {obs.outliers} values were outliers (|x| >= {obs.outlier_abs:g}); "
+                "range is a placeholder, keep this tensor in float")
+    else:
+        omin, omax = float(obs.observed_min), float(obs.observed_max)
+        lo, hi = (float(v) for v in obs.range())
+        if omin == omax:
+            lo, hi = min(omin, 0.0), max(omax, 0.0)
+            note = f"constant value {omin:g}: range [min(c, 0), max(c, 0)]"
+        if max(hi, 0.0) - min(lo, 0.0) < MIN_SPAN:
+            lo, hi = (lo, lo + MIN_SPAN) if lo >= 0 or hi > 0 else (hi - MIN_SPAN, hi)
+            note = (note + "; " if note else "") + f"span below {MIN_SPAN:g}, widened to it"
+        if obs.outliers:
+            extra = f"{obs.outliers} outliers (|x| >= {obs.outlier_abs:g}) excluded"
+            note = f"{note}; {extra}" if note else extra
+    return TensorRange(name, lo, hi, omin, omax, int(obs.count), int(obs.outliers), channel_mean, note)
+
+
+class _Cache:
+    """Tables (JSON) and histogram states (.npz) under one folder; failures to write are logged."""
+
+    def __init__(self, cache_dir) -> None:
+        if cache_dir is False:
+            self.dir = None
+        else:
+            self.dir = Path(cache_dir) if cache_dir not in (None, True) else default_cache_dir()
+
+    def load_table(self, key: _Keys) -> CalibrationTable | None:
+        if self.dir is None or not (path := self.dir / f"{key.table}.json").is_file():
+            return None
+        try:
+            return CalibrationTable.from_json(path)
+        except ConfigError as e:
+            logger.warning("ignoring unreadable cached calibration table: %s", e)
+            return None
+
+    def save_table(self, key: _Keys, table: CalibrationTable) -> None:
+        self._write(lambda f: f.write(json.dumps(table.to_dict(), indent=1).encode()), f"{key.table}.json")
+
+    def load_hist(self, key: _Keys):
+        if self.dir is None or not (path := self.dir / f"hist-{key.hist}.npz").is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                names = [str(n) for n in z["names"]]
+                states = [{"counts": z["counts"][i], "scalars": z["scalars"][i], "tallies": z["tallies"][i]}
+                          for i in range(len(names))]
+                cmeans = {str(n): z[f"cmean_{i}"] for i, n in enumerate(z["cmean_names"])}
+                return names, states, cmeans, int(z["samples"])
+        except (OSError, ValueError, KeyError) as e:
+            logger.warning("ignoring unreadable cached histograms %s: %s", path, e)
+            return None
+
+    def save_hist(self, key: _Keys, names, observers, cmeans, samples: int) -> None:
+        states = [o.state() for o in observers]
+        arrays = {
+            "names": np.array(names, dtype=str), "samples": np.array(samples),
+            "counts": np.stack([s["counts"] for s in states]),
+            "scalars": np.stack([s["scalars"] for s in states]),
+            "tallies": np.stack([s["tallies"] for s in states]),
+            "cmean_names": np.array(list(cmeans), dtype=str),
+            **{f"cmean_{i}": np.asarray(v) for i, v in enumerate(cmeans.values())},
+        }
+        self._write(lambda f: np.savez_compressed(f, **arrays), f"hist-{key.hist}.npz")
+
+    def _write(self, writer, name: str) -> None:
+        if self.dir is None:
+            return
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.dir)
+            with os.fdopen(fd, "wb") as f:
+                writer(f)
+            os.replace(tmp, self.dir / name)
+        except OSError as e:
+            logger.warning("could not write the calibration cache %s: %s", self.dir / name, e)
