@@ -334,7 +334,7 @@ class CsePass(ShrinkPass):
             if first is None:
                 seen[key] = node
             elif is_non_deterministic(node):
-                stats.skip(node, f"non-deterministic op: not merged with identical node {first.name!r}")
+                stats.skip(node, "non-deterministic op: identical nodes draw different values")
             elif not all(_same_bytes(a, b) for a, b in zip(_tensor_attrs(first), _tensor_attrs(node))):
                 continue  # a digest collision; never seen, but never trusted either
             else:
@@ -351,9 +351,11 @@ def _merge(keep: ir.Node, dup: ir.Node) -> str | None:
     if any(d.is_graph_output() and k.is_graph_output() for k, d in pairs):
         return f"both its outputs and those of identical node {keep.name!r} are graph outputs"
     for k, d in pairs:
-        if d.is_graph_output():
+        if d.is_graph_output():  # k takes d's place in the interface: its name, type and shape
             name, d.name = d.name, None
             k.name = name
+            k.type = d.type or k.type
+            k.shape = d.shape or k.shape
         d.replace_all_uses_with(k, replace_graph_outputs=True)
     dup.graph.remove(dup, safe=True)
     return None

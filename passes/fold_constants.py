@@ -7,8 +7,10 @@ nodes after it in the same run):
    become initializers (a Constant node in a function, or for a graph output, whose name is kept).
 2. Shape/Size/Gather/Concat/Slice/Unsqueeze/Squeeze/Cast chains are followed through static dims
    (see ``shape_values``); a fully static result becomes a constant (``shape_ops_folded``), and a
-   ``Reshape`` whose shape copies dims of its own input gets a constant shape with 0 for them
-   (``reshape_shapes_folded``). Missing shapes are inferred first with onnx shape inference.
+   ``Reshape`` whose shape copies dims of its own input (taken from its Shape, or with
+   ``trust_dim_params`` a dim of the same ``dim_param`` name at the same position) gets a constant
+   shape with 0 for them (``reshape_shapes_folded``). Missing shapes are first inferred with onnx
+   shape inference.
 3. ``If`` with a constant condition is replaced by the taken branch (``if_inlined``).
 Refused, with the reason in ``stats.skip``: non-deterministic ops, non-default domains, nodes with
 subgraphs, Q/DQ nodes (``keep_ops``: folding them would undo quantization), outputs over
@@ -47,6 +49,8 @@ class FoldConstantsConfig:
     evaluator: str = "onnxruntime"
     keep_ops: tuple[str, ...] = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
     inline_if: bool = True
+    #: Dims with the same ``dim_param`` name are the same size (the ONNX convention); see shape_values.
+    trust_dim_params: bool = True
 
     def __post_init__(self) -> None:
         if self.evaluator not in const_eval.EVALUATORS:
@@ -99,17 +103,25 @@ class _Folder:
     def _visit(self, node: ir.Node, graph, opsets: dict[str, int]) -> None:
         if node.op_type == "Constant" and is_default_domain(node):
             return
-        arrays = [None if v is None else const_array(v) for v in node.inputs]
-        if any(a is None and v is not None for a, v in zip(arrays, node.inputs)):
+        if not all(v is None or _is_constant(v) for v in node.inputs):
             self._fold_shapes(node, graph)
         elif any(o.uses() or o.is_graph_output() for o in node.outputs):
-            self._fold_node(node, graph, arrays, opsets)
+            self._fold_node(node, graph, opsets)
 
     # ------------------------------------------------------------ rule 1: evaluate
-    def _fold_node(self, node: ir.Node, graph, arrays: list, opsets: dict[str, int]) -> None:
+    def _fold_node(self, node: ir.Node, graph, opsets: dict[str, int]) -> None:
+        in_bytes = sum(_constant_nbytes(v) for v in node.inputs if v is not None)
         reason = refusal(node, self.config.keep_ops)
-        if reason is None:
-            reason = self._size_refusal(node, arrays, predicted_bytes(node, arrays))
+        if reason is None and in_bytes > self.config.max_input_bytes:
+            reason = f"its inputs hold {in_bytes} bytes > max_input_bytes={self.config.max_input_bytes}"
+        if reason is not None:
+            self.stats.skip(node, reason)
+            return
+        arrays = [None if v is None else const_array(v) for v in node.inputs]
+        if any(a is None and v is not None for a, v in zip(arrays, node.inputs)):
+            self.stats.skip(node, "an input's dtype has no numpy equivalent")
+            return
+        reason = self._size_refusal(node, arrays, predicted_bytes(node, arrays))
         if reason is not None:
             self.stats.skip(node, reason)
             return
@@ -132,9 +144,6 @@ class _Folder:
 
     def _size_refusal(self, node: ir.Node, arrays: list, out_bytes: int | None) -> str | None:
         cfg = self.config
-        in_bytes = sum(a.nbytes for a in arrays if a is not None)
-        if in_bytes > cfg.max_input_bytes:
-            return f"its inputs hold {in_bytes} bytes > max_input_bytes={cfg.max_input_bytes}"
         if out_bytes is None:
             return None
         if out_bytes > cfg.max_output_bytes:
@@ -189,7 +198,7 @@ class _Folder:
 
     # ------------------------------------------------------------ rule 2: static shapes
     def _fold_shapes(self, node: ir.Node, graph) -> None:
-        target = shape_values.reshape_target(node, self._lookup)
+        target = shape_values.reshape_target(node, self._lookup, self.config.trust_dim_params)
         if target is not None:
             const = self._materialize_input(graph, node, target)
             node.replace_input_with(1, const)
@@ -276,6 +285,7 @@ def _inline_branch(node: ir.Node, graph, branch: ir.Graph) -> list[ir.Node]:
         elif res.producer() is not None and res.graph is graph and not res.is_graph_output():
             name, out.name = out.name, None
             res.name = name
+            res.type, res.shape = out.type or res.type, out.shape or res.shape
             out.replace_all_uses_with(res, replace_graph_outputs=True)
         else:
             ident = ir.Node("", "Identity", [res])
@@ -286,6 +296,23 @@ def _inline_branch(node: ir.Node, graph, branch: ir.Graph) -> list[ir.Node]:
             added.append(ident)
     drop_node(node)
     return added
+
+
+def _is_constant(value: ir.Value) -> bool:
+    """Whether ``value`` is a constant, judged from metadata (nothing is loaded)."""
+    if value.is_graph_input():
+        return False
+    if value.const_value is not None:
+        return True
+    node = value.producer()
+    return node is not None and node.op_type == "Constant" and is_default_domain(node)
+
+
+def _constant_nbytes(value: ir.Value) -> int:
+    if value.const_value is not None:
+        return value.const_value.nbytes
+    attr = value.producer().attributes.get("value")
+    return attr.as_tensor().nbytes if attr is not None and attr.type == ir.AttributeType.TENSOR else 8
 
 
 def _only_user(value: ir.Value | None, node: ir.Node) -> bool:
@@ -309,7 +336,7 @@ def _disagreement(node: ir.Node, outputs: list[np.ndarray]) -> str | None:
 
 def _needs_shape_inference(model: ir.Model) -> bool:
     for node in model.graph.all_nodes():
-        if node.op_type not in ("Shape", "Size") or not is_default_domain(node) or not node.inputs:
+        if node.op_type not in ("Shape", "Size", "Reshape") or not is_default_domain(node) or not node.inputs:
             continue
         if node.inputs[0] is not None and node.inputs[0].shape is None:
             return True

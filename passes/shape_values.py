@@ -7,8 +7,10 @@ Shape (with ``start``/``end``), Size (static shapes only), Gather (axis 0, const
 vector), Cast (to int32/int64) and Identity. Any other op, or an input that is neither a shape value
 nor a small integer constant, gives None. A fully static result is folded to a constant by the pass.
 
-Two dims are the same only when they are the same axis of the same ``ir.Value`` object: equal
-``dim_param`` names are not trusted, since nothing at run time enforces them.
+Two unknown dims are the same when they are the same axis of the same ``ir.Value`` object, or (with
+``trust_dim_params``) when both carry the same ``dim_param`` name: by the ONNX convention a dimension
+variable names one size throughout the model, and onnx shape inference gives two dims one name only
+when it proved them equal (fresh ``unk__`` names otherwise).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Dim:
 
     value: ir.Value
     axis: int
+    param: str | None = None  # the dim_param name the dim had, if any
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Dim) and other.value is self.value and other.axis == self.axis
@@ -74,7 +77,10 @@ def shape_elems(value: ir.Value | None) -> tuple | None:
     """The dims of ``value``'s shape as ints and :class:`Dim`, or None when the rank is unknown."""
     if value is None or value.shape is None:
         return None
-    return tuple(d if isinstance(d, int) else Dim(value, i) for i, d in enumerate(value.shape))
+    return tuple(
+        d if isinstance(d, int) else Dim(value, i, getattr(d, "value", None) or None)
+        for i, d in enumerate(value.shape)
+    )
 
 
 def infer(node: ir.Node, lookup: Lookup) -> ShapeValue | None:
@@ -216,7 +222,17 @@ _RULES = {
 }
 
 
-def reshape_target(node: ir.Node, lookup: Lookup) -> np.ndarray | None:
+def same_dim(dim: Dim, value: ir.Value, axis: int, trust_dim_params: bool) -> bool:
+    """Whether ``dim`` is axis ``axis`` of ``value`` (see the module docstring)."""
+    if dim.value is value and dim.axis == axis:
+        return True
+    if not trust_dim_params or dim.param is None or value.shape is None or axis >= len(value.shape):
+        return False
+    other = value.shape[axis]
+    return not isinstance(other, int) and getattr(other, "value", None) == dim.param
+
+
+def reshape_target(node: ir.Node, lookup: Lookup, trust_dim_params: bool = True) -> np.ndarray | None:
     """A constant shape for ``Reshape(data, shape)`` whose shape value is only partly static.
 
     Each element must be an int or the dim of ``data`` at the same position, which becomes 0
@@ -233,7 +249,7 @@ def reshape_target(node: ir.Node, lookup: Lookup) -> np.ndarray | None:
     for i, e in enumerate(sv.elems):
         if isinstance(e, int):
             target.append(e)
-        elif e.value is data and e.axis == i:
+        elif same_dim(e, data, i, trust_dim_params):
             target.append(0)
         else:
             return None

@@ -6,63 +6,22 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx.parser
-import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from onnxshrink import checks, model_io
+from onnxshrink import model_io
 from onnxshrink.data import input_specs, random_feed
 from onnxshrink.errors import ConfigError
 from onnxshrink.pipeline import make_pass
-
-HEAD = '<ir_version: 8, opset_import: ["" : 18]>\n'
-
-
-def ort_outputs(proto: onnx.ModelProto | bytes, feed: dict) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    data = proto if isinstance(proto, bytes) else proto.SerializeToString()
-    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"]).run(None, feed)
+from tests.lossless import HEAD, ops, ort_outputs, reasons, run_pass
 
 
-def interface(model) -> list[tuple]:
-    g = model.graph
-    return [(v.name, v.dtype, v.shape) for v in [*g.inputs, *g.outputs]]
-
-
-def run_pass(text, name: str = "fold_constants", dims=None, **options):
-    """Run a pass and check what a lossless rewrite promises; return (model, stats)."""
-    proto = onnx.parser.parse_model(HEAD + text) if isinstance(text, str) else text
-    onnx.checker.check_model(proto, full_check=True)
-    model = model_io.load(proto)
-    before = interface(model)
-    result = make_pass(name, **options)(model)
-    report = checks.check_structure(model)
-    assert report, report.problems
-    assert interface(model) == before
-    after = model_io.to_bytes(model)
-    specs = input_specs(model)
-    for seed in range(2):
-        feed = random_feed(specs, seed, dims or {})
-        for w, g in zip(ort_outputs(proto, feed), ort_outputs(after, feed)):
-            assert w.dtype == g.dtype and w.shape == g.shape
-            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
-    again = make_pass(name, **options)(model)
-    assert not again.modified, f"second run still changed: {dict(again.stats.counts)}"
-    return model, result.stats
-
-
-def ops(graph) -> list[str]:
-    return [n.op_type for n in graph]
-
-
-def reasons(stats) -> str:
-    return " | ".join(s.reason for s in stats.skipped)
+def fold(text, **options):
+    return run_pass(text, "fold_constants", **options)
 
 
 def test_constant_chain_folds_into_one_initializer():
-    model, stats = run_pass("""
+    model, stats = fold("""
         g (float[2,3] x) => (float[2,3] y) <float[3] a = {1, 2, 3}, float[3] b = {4, 5, 6}> {
             s = Add(a, b)
             t = Mul(s, a)
@@ -79,7 +38,7 @@ def test_constant_chain_folds_into_one_initializer():
 
 
 def test_static_shape_chain_folds():
-    model, stats = run_pass("""
+    model, stats = fold("""
         g (float[2,3,4] x) => (float[2,12] y, int64 n) {
             r = Relu(x)
             s = Shape <start = 1> (r)
@@ -101,7 +60,7 @@ def test_static_shape_chain_folds():
 
 def test_shape_inference_fills_missing_shapes():
     # No value_info for r: the pass runs shape inference to learn r's static shape.
-    model, stats = run_pass("""
+    model, stats = fold("""
         g (float[2,6] x) => (float[2,6] y) {
             r = Relu(x)
             s = Shape(r)
@@ -117,7 +76,7 @@ def test_shape_inference_fills_missing_shapes():
 
 
 def test_dynamic_batch_reshape_gets_copy_dims():
-    model, stats = run_pass(
+    model, stats = fold(
         """
         g (float[N,3,4] x) => (float[N,12] y) <int64[1] i1 = {0}, int64[1] m1 = {-1}> {
             s = Shape(x)
@@ -136,25 +95,38 @@ def test_dynamic_batch_reshape_gets_copy_dims():
     assert ops(model.graph) == ["Reshape"] and dead.stats.counts["nodes_removed"] == 5
 
 
-def test_reshape_of_another_value_is_not_rewritten():
-    # The dim comes from Shape(x) but the Reshape data is r: equal names are not trusted.
-    _, stats = run_pass(
-        """
-        g (float[N,3,4] x) => (float[N,12] y) <int64 i = {0}, int64[1] i1 = {0}, int64[1] m1 = {-1}> {
-            r = Transpose <perm = [0, 2, 1]> (x)
-            s = Shape(x)
-            b = Gather <axis = 0> (s, i)
-            b1 = Unsqueeze(b, i1)
-            shp = Concat <axis = 0> (b1, m1)
-            y = Reshape(r, shp)
-        }""",
-        dims={"N": 2},
-    )
-    assert "reshape_shapes_folded" not in stats.counts
+RESHAPE_OTHER = """
+    g (float[N,3,4] x) => (float[N,12] y) <int64 i = {0}, int64[1] i1 = {0}, int64[1] m1 = {-1}> {
+        r = Transpose <perm = PERM> (x)
+        s = Shape(x)
+        b = Gather <axis = 0> (s, i)
+        b1 = Unsqueeze(b, i1)
+        shp = Concat <axis = 0> (b1, m1)
+        y = Reshape(r, shp)
+    }"""
+
+
+def test_reshape_of_another_value_uses_dim_param_names():
+    # The dim comes from Shape(x), the Reshape data is r: both carry dim_param N at position 0.
+    model, stats = fold(RESHAPE_OTHER.replace("PERM", "[0, 2, 1]"), dims={"N": 2})
+    assert stats.counts["reshape_shapes_folded"] == 1
+    reshape = next(n for n in model.graph if n.op_type == "Reshape")
+    assert reshape.inputs[1].const_value.numpy().tolist() == [0, -1]
+
+
+@pytest.mark.parametrize("perm, trust", [("[0, 2, 1]", False), ("[1, 0, 2]", True)])
+def test_reshape_dim_of_another_value_or_position_is_not_copied(perm, trust):
+    # Untrusted names, or N sitting at another position of the Reshape input: no rewrite.
+    text = RESHAPE_OTHER.replace("PERM", perm)
+    if perm == "[1, 0, 2]":
+        text = text.replace("=> (float[N,12] y)", "=> (float[N,N] y)")
+    model = model_io.load(onnx.parser.parse_model(HEAD + text))
+    result = make_pass("fold_constants", trust_dim_params=trust)(model)
+    assert "reshape_shapes_folded" not in result.stats.counts
 
 
 def test_folded_graph_output_keeps_its_name():
-    model, stats = run_pass("""
+    model, stats = fold("""
         g (float[3] x) => (float[3] y, float[3] k) <float[3] a = {1, 2, 3}> {
             k = Mul(a, a)
             y = Add(x, k)
@@ -220,12 +192,12 @@ def test_small_output_limit_is_configurable_and_config_is_checked():
     assert not result.modified and "12 bytes > max_output_bytes=8" in reasons(result.stats)
     with pytest.raises(ConfigError):
         make_pass("fold_constants", evaluator="magic")
-    model, stats = run_pass(text, evaluator="reference")
+    model, stats = fold(text, evaluator="reference")
     assert stats.counts["nodes_folded"] == 1
 
 
 def test_constant_if_is_inlined():
-    model, stats = run_pass("""
+    model, stats = fold("""
         g (float[3] x) => (float[3] y, float[3] z) <float[3] a = {1, 2, 3}, bool cond = {1}> {
             y = If (cond) <
                 then_branch = then_g () => (float[3] t) { t0 = Mul(a, a)\n t = Add(x, t0) },
@@ -257,7 +229,7 @@ def test_constant_if_with_name_clash_is_skipped():
 
 
 def test_folds_inside_if_and_loop_bodies_with_outer_constants():
-    model, stats = run_pass("""
+    model, stats = fold("""
         g (float[3] x, bool c, int64 n) => (float[3] y, float[3] z) <float[3] a = {1, 2, 3}> {
             y = If (c) <
                 then_branch = g1 () => (float[3] t) { t0 = Mul(a, a)\n t = Add(x, t0) },
@@ -289,7 +261,7 @@ def test_folds_inside_functions_with_constant_nodes():
             two = Add(one, one)
             b = Add(a, two)
         }""")
-    model, stats = run_pass(proto)
+    model, stats = fold(proto)
     fn = next(iter(model.functions.values()))
     assert stats.counts["nodes_folded"] == 1
     assert ops(fn) == ["Constant", "Constant", "Add"]
@@ -320,7 +292,7 @@ def test_chain_of_5000_folds_in_one_pass_with_one_evaluation_per_node():
 
 
 def test_if_returning_a_branch_initializer_keeps_output_name():
-    model, stats = run_pass("""
+    model, stats = fold("""
         g (float[3] x) => (float[3] y, float[3] z) <float[3] a = {1, 2, 3}, bool cond = {0}> {
             y = If (cond) <
                 then_branch = g1 () => (float[3] t) { t = Add(x, a) },
@@ -334,7 +306,7 @@ def test_if_returning_a_branch_initializer_keeps_output_name():
 
 
 def test_slice_squeeze_cast_chain_on_static_dims():
-    model, stats = run_pass(
+    model, stats = fold(
         """
         g (float[N,3,4,5] x) => (int32[3] r, int64 k)
           <int64[1] s0 = {-1}, int64[1] e0 = {-1000}, int64[1] big = {1000}, int64[1] st = {-1}, int64[1] z = {0}> {
