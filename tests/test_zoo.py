@@ -86,3 +86,60 @@ def test_control_flow_takes_both_branches(ort_run):
         x = np.random.default_rng(seed).standard_normal((1, 8)).astype(np.float32)
         seen.add(bool(ort_run(model, {"input": x})[cond_name]))
     assert seen == {True, False}
+
+
+# ---------------------------------------------------------------- trained digits classifiers
+
+MIN_ACCURACY = {"cnn": 0.97, "resnet": 0.97, "mobilenet": 0.97, "inception": 0.97, "mlp": 0.97, "vit": 0.93}
+
+
+def test_digits_splits_are_disjoint_and_sized():
+    from models import digits
+
+    raw = np.load(digits.DATA)
+    train, calib, test = (set(raw[f"{s}_idx"].tolist()) for s in ("train", "calib", "test"))
+    assert len(test) == 360 and len(calib) == 512 and len(train) + len(test) == 1797
+    assert not train & test and calib <= train
+    x, y = digits.load_split("test")
+    assert x.shape == (360, 1, 16, 16) and x.dtype == np.float32 and y.dtype == np.int64
+    assert -1.0 <= x.min() and x.max() <= 1.0
+    assert digits.load_split("calib", flat=True)[0].shape == (512, 64)
+
+
+def test_digits_upsample_is_bilinear_half_pixel():
+    from models import digits
+
+    img = np.arange(4, dtype=np.float32).reshape(1, 2, 2)
+    up = digits.upsample(img, 4)
+    assert up.shape == (1, 4, 4)
+    np.testing.assert_allclose(up[0, 0], [0, 0.25, 0.75, 1])  # torch align_corners=False values
+    np.testing.assert_allclose(up[0, :, 0], [0, 0.5, 1.5, 2])
+
+
+@pytest.mark.parametrize("name", sorted(MIN_ACCURACY))
+def test_digits_model_is_accurate(name, ort_run):
+    from models import digits
+
+    path = digits.trained_path(name)
+    assert path.stat().st_size < 1_000_000
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert [o.name for o in model.graph.output] == ["logits"]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    x, y = digits.model_input(name, "test")
+    logits = ort_run(path, {"input": x})["logits"]
+    assert logits.shape == (360, 10)
+    assert digits.accuracy(logits, y) >= MIN_ACCURACY[name]
+
+
+@pytest.mark.parametrize("name", ["cnn", "vit"])
+def test_digits_torch_weights_match_onnx(name, ort_run):
+    torch = pytest.importorskip("torch")
+    from models import digits, digits_torch
+
+    module = digits_torch.load_torch(name)
+    x, _ = digits.model_input(name, "calib")
+    with torch.no_grad():
+        ref = module(torch.from_numpy(x[:64])).numpy()
+    np.testing.assert_allclose(ort_run(digits.trained_path(name), {"input": x[:64]})["logits"], ref,
+                               rtol=1e-3, atol=1e-4)
