@@ -1,0 +1,129 @@
+"""Quantization arithmetic for the QDQ pass: scales, zero points, weight and bias quantization.
+
+Pure numpy, no graph. Conventions (those of ONNX ``QuantizeLinear``: ``q = sat(rint(x / s) + zp)``):
+
+- Activations, ``uint8``: asymmetric, ``[0, 255]``; the range is widened to contain 0 so that 0 is exact.
+- Activations, ``int8``: symmetric, ``[-127, 127]``, zero point 0; a range whose minimum is >= 0 (a folded
+  Relu, a Sigmoid output) is asymmetric ``[-128, 127]`` instead, so the Relu is still exact and no code
+  is wasted on negatives.
+- Weights: symmetric int8 ``[-127, 127]`` (``[-64, 64]`` with ``reduce_range``), zero point 0, one scale
+  per output channel or one per tensor.
+- Bias: int32, scale = input scale x weight scale (per channel), zero point 0.
+
+Every scale returned is a finite float32 > 0: a zero range (a tensor that is always 0) gets scale 1.0,
+a range narrower than ``MIN_SCALE`` per step is widened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+#: Smallest scale ever produced (a positive float32 far above the denormals).
+MIN_SCALE = 1e-12
+INT32_LIMIT = 2**31 - 1
+#: Bias values are kept within this fraction of the int32 range (headroom for the kernel's accumulator).
+BIAS_HEADROOM = 0.5
+
+QTYPES = {"uint8": (np.uint8, 0, 255), "int8": (np.int8, -128, 127)}
+
+
+@dataclasses.dataclass(frozen=True)
+class QParams:
+    """Scale and zero point of one quantized tensor (per tensor, or per channel along ``axis``)."""
+
+    scale: np.ndarray  # float32, shape () or (C,)
+    zero_point: np.ndarray  # uint8 / int8 / int32, same shape as scale
+    axis: int | None = None
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.zero_point.dtype
+
+    def check(self, what: str) -> None:
+        """Raise ``ValueError`` unless every scale is finite and > 0."""
+        s = np.asarray(self.scale)
+        if s.dtype != np.float32 or not np.all(np.isfinite(s)) or not np.all(s > 0):
+            raise ValueError(f"{what}: invalid scale {s!r} (every scale must be a finite float32 > 0)")
+
+
+def activation_params(rmin: float, rmax: float, qtype: str) -> QParams:
+    """Per-tensor parameters for an activation observed in ``[rmin, rmax]`` (see module conventions)."""
+    if not (np.isfinite(rmin) and np.isfinite(rmax)) or rmin > rmax:
+        raise ValueError(f"bad activation range [{rmin}, {rmax}]")
+    np_type, qmin, qmax = QTYPES[qtype]
+    rmin, rmax = min(float(rmin), 0.0), max(float(rmax), 0.0)
+    if qtype == "int8" and rmin < 0:
+        qmin = -127  # symmetric: [-a, a] onto [-127, 127], zero point 0
+        a = max(-rmin, rmax)
+        rmin, rmax = -a, a
+    if rmax == rmin:
+        return QParams(np.array(1.0, np.float32), np.array(qmin if qtype == "uint8" else 0, np_type))
+    scale = np.float32(max((rmax - rmin) / (qmax - qmin), MIN_SCALE))
+    zp = int(np.clip(np.rint(qmin - rmin / float(scale)), qmin, qmax))
+    return QParams(np.array(scale, np.float32), np.array(zp, np_type))
+
+
+def weight_params(w: np.ndarray, axis: int | None, reduce_range: bool = False) -> QParams:
+    """Symmetric int8 parameters of a constant weight, per channel along ``axis`` or per tensor."""
+    qmax = 64 if reduce_range else 127
+    w = np.asarray(w, np.float32)
+    if axis is None:
+        absmax = np.array(np.max(np.abs(w)) if w.size else 0.0, np.float64)
+    else:
+        axes = tuple(i for i in range(w.ndim) if i != axis)
+        absmax = np.max(np.abs(w), axis=axes).astype(np.float64) if w.size else np.zeros(w.shape[axis])
+    scale = np.where(absmax > 0, np.maximum(absmax / qmax, MIN_SCALE), 1.0).astype(np.float32)
+    return QParams(scale, np.zeros(scale.shape, np.int8), axis)
+
+
+def quantize_weight(w: np.ndarray, params: QParams, reduce_range: bool = False) -> np.ndarray:
+    """``w`` as int8 with ``params`` (scales broadcast along ``params.axis``)."""
+    qmax = 64 if reduce_range else 127
+    s = _broadcast(params.scale, np.asarray(w).ndim, params.axis)
+    return np.clip(np.rint(np.asarray(w, np.float32) / s), -qmax, qmax).astype(np.int8)
+
+
+def bias_scale(x_scale: np.ndarray, w_scale: np.ndarray) -> np.ndarray:
+    """Scale of an int32 bias: input scale x weight scale, computed in float32 as the kernels do."""
+    return (np.float32(x_scale) * np.asarray(w_scale, np.float32)).astype(np.float32)
+
+
+def fit_weight_scale_to_bias(
+    bias: np.ndarray, x_scale: np.ndarray, w_scale: np.ndarray
+) -> np.ndarray:
+    """Weight scales, raised where needed so that ``bias / (x_scale * w_scale)`` fits in int32 with headroom.
+
+    A tiny weight channel with a large bias would otherwise overflow the int32 bias; raising that
+    channel's weight scale costs weight precision only in that channel. Returns ``w_scale`` unchanged
+    when nothing overflows.
+    """
+    bias = np.asarray(bias, np.float64).reshape(-1)
+    need = np.abs(bias) / (float(x_scale) * INT32_LIMIT * BIAS_HEADROOM)
+    w = np.asarray(w_scale, np.float64)
+    if w.ndim == 0:
+        return np.array(max(float(w), float(need.max(initial=0.0))), np.float32)
+    return np.maximum(w, need).astype(np.float32)
+
+
+def quantize_bias(bias: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``bias`` as int32 with per-channel (or scalar) ``scale``: ``rint(b / s)``, saturated."""
+    q = np.rint(np.asarray(bias, np.float64) / np.asarray(scale, np.float64))
+    return np.clip(q, -INT32_LIMIT - 1, INT32_LIMIT).astype(np.int32)
+
+
+def quantize_activation(x: np.ndarray, params: QParams) -> np.ndarray:
+    """Reference ``QuantizeLinear`` for a per-tensor activation (used for constant inputs and tests)."""
+    info = np.iinfo(params.dtype)
+    q = np.rint(np.asarray(x, np.float32) / params.scale) + params.zero_point.astype(np.int64)
+    return np.clip(q, info.min, info.max).astype(params.dtype)
+
+
+def _broadcast(values: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    values = np.asarray(values)
+    if axis is None or values.ndim == 0:
+        return values
+    shape = [1] * ndim
+    shape[axis] = values.shape[0]
+    return values.reshape(shape)
