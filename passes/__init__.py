@@ -12,7 +12,7 @@ if __name__ != "onnxshrink.passes":  # pragma: no cover - packaging guard
     )
 
 from onnxshrink.pass_infra import ShrinkPass
-from onnxshrink.passes import cleanup, fold_constants, fusions, identities
+from onnxshrink.passes import cleanup, fold_constants, fusions, identities, qdq
 
 REGISTRY: dict[str, type[ShrinkPass]] = {
     fold_constants.FoldConstantsPass.name: fold_constants.FoldConstantsPass,
@@ -23,6 +23,7 @@ REGISTRY: dict[str, type[ShrinkPass]] = {
     fusions.FuseBatchNormPass.name: fusions.FuseBatchNormPass,
     fusions.FuseConvBiasPass.name: fusions.FuseConvBiasPass,
     fusions.FuseGemmPass.name: fusions.FuseGemmPass,
+    qdq.QDQPass.name: qdq.QDQPass,
 }
 
 __all__ = ["REGISTRY"]
