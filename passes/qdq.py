@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from onnxshrink.passes import qdq_math as qm
+from onnxshrink.passes import _qdq_math as qm
 from onnxshrink.passes.qdq_rules import GraphPlan, QDQPlan, plan_qdq
 
 from onnxshrink import model_io

@@ -18,7 +18,7 @@ makes of ``DQ -> op -> Q`` on the CPU EP. Its kinds:
 
 Ops not in the table (Softmax, LayerNormalization, HardSwish, HardSigmoid, Erf, Div, Pow, ...) stay float,
 and the planner keeps their neighbours float too when quantizing them would only add Q/DQ (see
-``qdq_planner``). A node a rule refuses is reported with the reason.
+``_qdq_planner``). A node a rule refuses is reported with the reason.
 """
 
 from __future__ import annotations
@@ -344,6 +344,6 @@ def plan_qdq(model: ir.Model, options: PlanOptions | None = None, ranges=None) -
     usable range, mask-like tensors and what depends on them are kept float, and each shared-scale
     group gets its range.
     """
-    from onnxshrink.passes import qdq_planner
+    from onnxshrink.passes import _qdq_planner
 
-    return qdq_planner.plan_model(model, options or PlanOptions(), ranges)
+    return _qdq_planner.plan_model(model, options or PlanOptions(), ranges)

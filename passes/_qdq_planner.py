@@ -412,7 +412,7 @@ def _saturates(group: tuple[float, float], bounds: tuple[float, float], qtype: s
     """Whether Q over the group's range saturates within ``bounds``, so dropping the Relu/Clip is exact.
 
     The representable interval always holds 0; with symmetric int8 it is ``[-A, A]`` unless the range
-    is non-negative (then ``[0, hi]``, see ``qdq_math``).
+    is non-negative (then ``[0, hi]``, see ``_qdq_math``).
     """
     lo, hi = min(group[0], 0.0), max(group[1], 0.0)
     if qtype == "int8" and lo < 0:
