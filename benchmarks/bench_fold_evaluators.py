@@ -25,9 +25,10 @@ from onnx import helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from onnxshrink import model_io  # noqa: E402
-from onnxshrink.passes import const_eval  # noqa: E402
-from onnxshrink.pipeline import make_pass  # noqa: E402
+from onnxshrink.passes import const_eval
+
+from onnxshrink import model_io
+from onnxshrink.pipeline import make_pass
 
 rng = np.random.default_rng(0)
 
@@ -41,19 +42,35 @@ def i64(*values):
 
 
 CASES = [
-    ("Shape", [f(2, 3)], {}), ("Gather", [i64(1, 2, 3), i64(0)], {"axis": 0}),
-    ("Unsqueeze", [f(3), i64(0)], {}), ("Concat", [i64(1), i64(-1)], {"axis": 0}),
-    ("Cast", [f(4)], {"to": 10}), ("Range", [i64(0)[0], i64(10)[0], i64(2)[0]], {}),
-    ("ConstantOfShape", [i64(3, 4)], {}), ("Expand", [f(1, 4), i64(3, 4)], {}),
-    ("Where", [np.array([True, False]), f(2), f(2)], {}), ("Reshape", [f(2, 6), i64(3, 4)], {}),
-    ("Slice", [f(10), i64(1), i64(5)], {}), ("Squeeze", [f(1, 3), i64(0)], {}),
-    ("Transpose", [f(64, 32)], {"perm": [1, 0]}), ("Sqrt", [np.abs(f(10))], {}),
-    ("MatMul", [f(256, 256), f(256, 256)], {}), ("Conv", [f(1, 32, 56, 56), f(32, 32, 3, 3)], {"pads": [1] * 4}),
-    ("ReduceSum", [f(4, 5), i64(1)], {}), ("Tile", [f(2, 2), i64(2, 3)], {}),
-    ("Einsum", [f(3, 4), f(4, 5)], {"equation": "ij,jk->ik"}), ("Trilu", [f(4, 4)], {}),
-    ("CumSum", [f(5), i64(0)[0]], {}), ("NonZero", [f(3, 3)], {}), ("Pad", [f(2, 2), i64(1, 1, 1, 1)], {}),
-    ("LayerNormalization", [f(2, 8), f(8), f(8)], {}), ("Softmax", [f(3, 4)], {}), ("Erf", [f(10)], {}),
-    ("Gelu", [f(10)], {}), ("Equal", [i64(1, 2), i64(1, 3)], {}), ("Div", [i64(7), i64(2)], {}),
+    ("Shape", [f(2, 3)], {}),
+    ("Gather", [i64(1, 2, 3), i64(0)], {"axis": 0}),
+    ("Unsqueeze", [f(3), i64(0)], {}),
+    ("Concat", [i64(1), i64(-1)], {"axis": 0}),
+    ("Cast", [f(4)], {"to": 10}),
+    ("Range", [i64(0)[0], i64(10)[0], i64(2)[0]], {}),
+    ("ConstantOfShape", [i64(3, 4)], {}),
+    ("Expand", [f(1, 4), i64(3, 4)], {}),
+    ("Where", [np.array([True, False]), f(2), f(2)], {}),
+    ("Reshape", [f(2, 6), i64(3, 4)], {}),
+    ("Slice", [f(10), i64(1), i64(5)], {}),
+    ("Squeeze", [f(1, 3), i64(0)], {}),
+    ("Transpose", [f(64, 32)], {"perm": [1, 0]}),
+    ("Sqrt", [np.abs(f(10))], {}),
+    ("MatMul", [f(256, 256), f(256, 256)], {}),
+    ("Conv", [f(1, 32, 56, 56), f(32, 32, 3, 3)], {"pads": [1] * 4}),
+    ("ReduceSum", [f(4, 5), i64(1)], {}),
+    ("Tile", [f(2, 2), i64(2, 3)], {}),
+    ("Einsum", [f(3, 4), f(4, 5)], {"equation": "ij,jk->ik"}),
+    ("Trilu", [f(4, 4)], {}),
+    ("CumSum", [f(5), i64(0)[0]], {}),
+    ("NonZero", [f(3, 3)], {}),
+    ("Pad", [f(2, 2), i64(1, 1, 1, 1)], {}),
+    ("LayerNormalization", [f(2, 8), f(8), f(8)], {}),
+    ("Softmax", [f(3, 4)], {}),
+    ("Erf", [f(10)], {}),
+    ("Gelu", [f(10)], {}),
+    ("Equal", [i64(1, 2), i64(1, 3)], {}),
+    ("Div", [i64(7), i64(2)], {}),
     ("DFT", [f(1, 8, 1)], {}),
 ]
 
@@ -62,9 +79,12 @@ def single_node(op, inputs, attrs):
     names = [f"x{k}" for k in range(len(inputs))]
     node = helper.make_node(op, names, ["y"], **attrs)
     graph = helper.make_graph(
-        [node], "g",
-        [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
-         for n, a in zip(names, inputs)],
+        [node],
+        "g",
+        [
+            helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+            for n, a in zip(names, inputs)
+        ],
         [helper.make_tensor_value_info("y", onnx.TensorProto.UNDEFINED, None)],
     )
     model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
@@ -85,11 +105,16 @@ def time_case(prefer, node, inputs):
 def chain_model(n):
     nodes = [helper.make_node("Add", [f"v{i}", "one"], [f"v{i + 1}"]) for i in range(n)]
     nodes.append(helper.make_node("Add", ["x", f"v{n}"], ["y"]))
-    inits = [numpy_helper.from_array(np.zeros(4, np.float32), "v0"),
-             numpy_helper.from_array(np.ones(4, np.float32), "one")]
+    inits = [
+        numpy_helper.from_array(np.zeros(4, np.float32), "v0"),
+        numpy_helper.from_array(np.ones(4, np.float32), "one"),
+    ]
     graph = helper.make_graph(
-        nodes, "chain", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])], inits,
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])],
+        inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
@@ -123,7 +148,10 @@ def main() -> None:
         node = single_node(op, inputs, attrs)
         ta, tb, oks = [], [], []
         for _ in range(args.repeats):
-            (t, ok_a), (u, ok_b) = time_case("onnxruntime", node, inputs), time_case("reference", node, inputs)
+            (t, ok_a), (u, ok_b) = (
+                time_case("onnxruntime", node, inputs),
+                time_case("reference", node, inputs),
+            )
             ta.append(t)
             tb.append(u)
             oks = [ok_a, ok_b]
@@ -131,7 +159,9 @@ def main() -> None:
         totals[0] += ma
         totals[1] += mb
         print(f"{op:20s} {ma * 1e3:8.3f} {mb * 1e3:8.3f}  {mb / ma:13.2f}  {oks[0]!s:6s}  {oks[1]!s:6s}")
-    print(f"{'sum of medians':20s} {totals[0] * 1e3:8.2f} {totals[1] * 1e3:8.2f}  {totals[1] / totals[0]:13.2f}")
+    print(
+        f"{'sum of medians':20s} {totals[0] * 1e3:8.2f} {totals[1] * 1e3:8.2f}  {totals[1] / totals[0]:13.2f}"
+    )
     print("(each evaluator falls back to the other, so 'ok' is whether the case folds with that preference)")
     chain = chain_model(2000)
     a, b = interleaved(lambda p: time_pass(p, chain), args.repeats)
