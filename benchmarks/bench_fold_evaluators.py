@@ -25,7 +25,7 @@ from onnx import helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from onnxshrink.passes import const_eval
+from onnxshrink.passes import _const_eval as const_eval
 
 from onnxshrink import model_io
 from onnxshrink.pipeline import make_pass

@@ -24,7 +24,7 @@ import logging
 from collections import defaultdict
 
 import onnx_ir as ir
-from onnxshrink.passes.fold_guards import is_non_deterministic
+from onnxshrink.passes._fold_guards import is_non_deterministic
 
 from onnxshrink.graph_utils import DEFAULT_DOMAINS, drop_node
 from onnxshrink.pass_infra import Changes, PassStats, ShrinkPass, iter_graphs

@@ -3,10 +3,10 @@
 Rules of ``fold_constants`` (every graph, subgraph and function, in order, so a folded value feeds the
 nodes after it in the same run):
 1. A default-domain node whose inputs are all constant (initializers that are not graph inputs,
-   Constant nodes, constants of an outer scope) is evaluated (see ``const_eval``) and its outputs
+   Constant nodes, constants of an outer scope) is evaluated (see ``_const_eval``) and its outputs
    become initializers (a Constant node in a function, or for a graph output, whose name is kept).
 2. Shape/Size/Gather/Concat/Slice/Unsqueeze/Squeeze/Cast chains are followed through static dims
-   (see ``shape_values``); a fully static result becomes a constant (``shape_ops_folded``), and a
+   (see ``_shape_values``); a fully static result becomes a constant (``shape_ops_folded``), and a
    ``Reshape`` whose shape copies dims of its own input (taken from its Shape, or with
    ``trust_dim_params`` a dim of the same ``dim_param`` name at the same position) gets a constant
    shape with 0 for them (``reshape_shapes_folded``). Missing shapes are first inferred with onnx
@@ -29,8 +29,9 @@ import logging
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnxshrink.passes import const_eval, shape_values
-from onnxshrink.passes.fold_guards import defined_names, inline_if_refusal, predicted_bytes, refusal
+from onnxshrink.passes import _const_eval as const_eval
+from onnxshrink.passes import _shape_values as shape_values
+from onnxshrink.passes._fold_guards import defined_names, inline_if_refusal, predicted_bytes, refusal
 
 from onnxshrink import checks
 from onnxshrink.errors import ConfigError
@@ -49,7 +50,7 @@ class FoldConstantsConfig:
     evaluator: str = "onnxruntime"
     keep_ops: tuple[str, ...] = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
     inline_if: bool = True
-    #: Dims with the same ``dim_param`` name are the same size (the ONNX convention); see shape_values.
+    #: Dims with the same ``dim_param`` name are the same size (the ONNX convention); see _shape_values.
     trust_dim_params: bool = True
 
     def __post_init__(self) -> None:
