@@ -167,7 +167,9 @@ class _Eliminator:
         self.container = container
         for node in list(container):
             rules = self.rules.get(node.op_type) if is_default_domain(node) else None
-            for _ in range(4):  # a merge may leave a node another rule removes
+            # A merge keeps the node and may enable another merge or removal: repeat until nothing
+            # fires. Every firing removes a node, so this ends; the cap only guards against bugs.
+            for _ in range(1000):
                 if not rules or node.graph is None or not any(rule(node) for rule in rules):
                     break
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import onnx
 import onnx.parser
@@ -251,6 +253,24 @@ def test_reshape_chains_merged():
     assert ops(model).count("Reshape") == 4 and "Flatten" not in ops(model)
 
 
+def test_long_reshape_chain_collapses_in_one_run():
+    model, stats = run_pass("""
+        g (float[3,1] x) => (float[3] y) {
+            a = Neg(x)
+            ax = Constant<value = int64[1] {0}>()
+            b = Unsqueeze(a, ax)
+            c = Unsqueeze(b, ax)
+            d = Unsqueeze(c, ax)
+            e = Unsqueeze(d, ax)
+            s = Constant<value = int64[2] {3, 1}>()
+            f = Reshape(e, s)
+            one = Constant<value = int64[1] {1}>()
+            y = Squeeze(f, one)
+        }""")
+    assert stats.counts["reshapes_merged"] == 4 and stats.counts["reshape_removed"] == 1
+    assert [n for n in ops(model) if n != "Constant"] == ["Neg", "Squeeze"]
+
+
 def test_if_subgraph():
     model, stats = run_pass("""
         g (bool c, float[3] x) => (float[3] y) {
@@ -307,3 +327,109 @@ def test_without_shape_info_shape_rules_do_not_fire(opts):
     assert "Cast" in ops(model)
     model, stats = run_pass(proto)
     assert stats.counts["cast_removed"] == 1
+
+
+# ---------------------------------------------------------------- randomized chains
+
+
+def _random_chain(rng: np.random.Generator) -> tuple[onnx.ModelProto, np.ndarray]:
+    """A chain of reshaping/no-op-ish ops on a random tensor; the numpy result tracks the shape."""
+    arr = rng.standard_normal([int(rng.choice([1, 2, 3, 4])) for _ in range(rng.integers(1, 5))]).astype(np.float32)
+    x, nodes, inits, outputs, cur = arr, [], [], [], "x"
+
+    def const(a):
+        inits.append(onnx.numpy_helper.from_array(np.asarray(a), f"c{len(inits)}"))
+        return inits[-1].name
+
+    for i in range(int(rng.integers(2, 8))):
+        op, r, out = str(rng.choice(_CHAIN_OPS)), arr.ndim, f"v{i}"
+        if r == 0 and op not in ("Unsqueeze", "Identity", "Cast"):
+            continue
+        if op == "Transpose":
+            perm = [int(p) for p in (rng.permutation(r) if rng.random() < 0.7 else range(r))]
+            nodes.append(onnx.helper.make_node(op, [cur], [out], perm=perm))
+            arr = arr.transpose(perm)
+        elif op == "Reshape":
+            dims = list(arr.shape) if rng.random() < 0.3 else _factorize(rng, arr.size)
+            target = [0 if i < r and d == arr.shape[i] and rng.random() < 0.5 else d for i, d in enumerate(dims)]
+            if rng.random() < 0.5:
+                target[int(rng.integers(len(target)))] = -1
+            nodes.append(onnx.helper.make_node(op, [cur, const(np.array(target, np.int64))], [out]))
+            arr = arr.reshape(dims)
+        elif op == "Squeeze" and 1 in arr.shape:
+            axes = sorted({int(rng.choice([i for i, d in enumerate(arr.shape) if d == 1])) for _ in range(r)})
+            signed = [a - r if rng.random() < 0.5 else a for a in axes]
+            nodes.append(onnx.helper.make_node(op, [cur, const(np.array(signed, np.int64))], [out]))
+            arr = arr.squeeze(tuple(axes))
+        elif op == "Unsqueeze":
+            axis = int(rng.integers(0, r + 1))
+            signed = axis - r - 1 if rng.random() < 0.5 else axis
+            nodes.append(onnx.helper.make_node(op, [cur, const(np.array([signed], np.int64))], [out]))
+            arr = np.expand_dims(arr, axis)
+        elif op == "Slice":
+            axis = int(rng.integers(r))
+            d = arr.shape[axis]
+            start, end = int(rng.choice([0, -d, 1])), int(rng.choice([d, d + 5, 2**63 - 1, d - 1]))
+            if arr[(slice(None),) * axis + (slice(start, end),)].size == 0:
+                continue
+            ins = [cur, *(const(np.array([v], np.int64)) for v in (start, end, axis))]
+            nodes.append(onnx.helper.make_node(op, ins, [out]))
+            arr = arr[(slice(None),) * axis + (slice(start, end),)]
+        elif op in ("Expand", "Mul", "Add", "Sub"):
+            shape = [int(rng.choice([1, d])) for d in arr.shape][int(rng.integers(0, r + 1)):]
+            if rng.random() < 0.15:
+                shape = [2] + [1] * r  # broadcasts the operand bigger: must stay
+            if op == "Expand":
+                nodes.append(onnx.helper.make_node(op, [cur, const(np.array(shape, np.int64))], [out]))
+                arr = arr * np.ones(shape, np.float32)
+            else:
+                c = np.full(shape, {"Mul": 1.0, "Add": 0.0, "Sub": 0.0}[op] if rng.random() < 0.8 else 2.0, np.float32)
+                ins = [cur, const(c)] if rng.random() < 0.6 else [const(c), cur]
+                nodes.append(onnx.helper.make_node(op, ins, [out]))
+                a, b = (arr, c) if ins[0] == cur else (c, arr)
+                arr = {"Mul": a * b, "Add": a + b, "Sub": a - b}[op]
+        elif op in ("Identity", "Cast"):
+            nodes.append(onnx.helper.make_node(op, [cur], [out], **({"to": 1} if op == "Cast" else {})))
+        else:
+            continue
+        if rng.random() < 0.15:
+            outputs.append((out, arr.shape))
+        cur = out
+    nodes.append(onnx.helper.make_node("Neg", [cur], ["y"]))
+    outs = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, list(s)) for n, s in [*outputs, ("y", arr.shape)]]
+    in_shape = list(x.shape) if rng.random() < 0.6 else ["N", *x.shape[1:]]
+    graph = onnx.helper.make_graph(
+        nodes, "chain", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, in_shape)], outs,
+        initializer=inits,
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)], ir_version=8), x
+
+
+_CHAIN_OPS = ("Transpose", "Transpose", "Reshape", "Reshape", "Squeeze", "Unsqueeze", "Slice", "Expand", "Mul",
+              "Add", "Sub", "Identity", "Cast")
+
+
+def _factorize(rng: np.random.Generator, n: int) -> list[int]:
+    dims = []
+    for _ in range(int(rng.integers(1, 4))):
+        d = int(rng.choice([d for d in range(1, n + 1) if n % d == 0]))
+        dims.append(d)
+        n //= d
+    return [*dims, n]
+
+
+def test_random_chains_match_onnxruntime():
+    """200 random chains: every rewrite keeps outputs, passes the checks, and a second run finds nothing."""
+    fired, rng = Counter(), np.random.default_rng(2024)
+    for _ in range(200):
+        proto, x = _random_chain(rng)
+        model = model_io.load(proto)
+        fired.update(make_pass("eliminate_identities")(model).stats.counts)
+        make_pass("dead_code")(model)
+        assert not make_pass("eliminate_identities")(model).modified
+        assert checks.check_structure(model)
+        after = onnx.load_from_string(model_io.to_bytes(model))
+        assert [(o.name, o.type) for o in after.graph.output] == [(o.name, o.type) for o in proto.graph.output]
+        for want, got in zip(_ort_outputs(proto, {"x": x}), _ort_outputs(after, {"x": x})):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert min(fired.values()) > 0 and len(fired) >= 9, fired
