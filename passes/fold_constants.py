@@ -74,6 +74,8 @@ class FoldConstantsPass(ShrinkPass):
         for function in model.functions.values():
             folder.fold_graph(function, {**model.opset_imports, **function.opset_imports})
         stats.notes["evaluations"] = folder.evaluator.count
+        for value, shape, type_ in folder.inferred:  # inferred for folding only: leave no value_info
+            value.shape, value.type = shape, type_
 
 
 class _Folder:
@@ -84,8 +86,7 @@ class _Folder:
         self.created: set[ir.Value] = set()  # constants this run made, dropped again once unused
         self._names: NameGen | None = None
         self._all_names: collections.Counter | None = None
-        if _needs_shape_inference(model):
-            infer_missing_shapes(model)
+        self.inferred = infer_missing_shapes(model) if _needs_shape_inference(model) else []
 
     def fold_graph(self, graph, opsets: dict[str, int]) -> None:
         for node in list(graph):
@@ -149,13 +150,33 @@ class _Folder:
             return None
         if out_bytes > cfg.max_output_bytes:
             return f"its output would hold {out_bytes} bytes > max_output_bytes={cfg.max_output_bytes}"
-        freed = sum(a.nbytes for v, a in zip(node.inputs, arrays) if a is not None and _only_user(v, node))
+        freed = sum(self._freed_share(v, node, a) for v, a in zip(node.inputs, arrays) if a is not None)
         if out_bytes > cfg.small_output_bytes and out_bytes > cfg.max_growth * freed:
             return (
                 f"its output would hold {out_bytes} bytes, more than max_growth={cfg.max_growth} times "
-                f"the {freed} input bytes folding frees"
+                f"the {int(freed)} input bytes folding frees"
             )
         return None
+
+    def _freed_share(self, value: ir.Value, node: ir.Node, array: np.ndarray) -> float:
+        """Bytes of constant input ``value`` that folding ``node`` frees: all of them when ``node`` is
+        its only user, an equal share when every user can be folded too (the four Slices of one LSTM
+        weight), else none (folding would copy a weight that stays)."""
+        if value.is_graph_output() or value.is_graph_input():
+            return 0
+        users = {id(user): user for user, _ in value.uses()}
+        if all(user is node for user in users.values()):
+            return array.nbytes
+        if all(self._foldable(user) for user in users.values()):
+            return array.nbytes / len(users)
+        return 0
+
+    def _foldable(self, node: ir.Node) -> bool:
+        return (
+            refusal(node, self.config.keep_ops) is None
+            and not subgraphs_of(node)
+            and all(v is None or _is_constant(v) for v in node.inputs)
+        )
 
     def _materialize(self, graph, anchor: ir.Node, old: ir.Value, array: np.ndarray) -> ir.Value:
         """A constant holding ``array`` takes the place (uses, graph outputs, name) of ``old``."""
@@ -316,12 +337,6 @@ def _constant_nbytes(value: ir.Value) -> int:
     return attr.as_tensor().nbytes if attr is not None and attr.type == ir.AttributeType.TENSOR else 8
 
 
-def _only_user(value: ir.Value | None, node: ir.Node) -> bool:
-    if value is None or value.is_graph_output() or value.is_graph_input():
-        return False
-    return all(user is node for user, _ in value.uses())
-
-
 def _disagreement(node: ir.Node, outputs: list[np.ndarray]) -> str | None:
     for old, array in zip(node.outputs, outputs):
         try:
@@ -344,28 +359,28 @@ def _needs_shape_inference(model: ir.Model) -> bool:
     return False
 
 
-def infer_missing_shapes(model: ir.Model) -> int:
-    """Fill in missing value shapes and dtypes from onnx shape inference; returns how many it filled.
+def infer_missing_shapes(model: ir.Model) -> list[tuple[ir.Value, ir.Shape | None, object]]:
+    """Fill in missing value shapes and dtypes from onnx shape inference.
 
     The inferred proto is matched to the IR graph by graph position and value name (names are unique
-    in a graph); a failure of shape inference is logged and leaves the model as it was.
+    in a graph); a failure of shape inference is logged and leaves the model as it was. Returns
+    ``(value, old shape, old type)`` for every value it filled, so the caller can put them back.
     """
     try:
         with checks.lifted_proto(model) as proto:
             inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception as e:  # noqa: BLE001 - onnx raises several types
         logger.info("shape inference failed, folding without it: %s", e)
-        return 0
-    filled = 0
+        return []
+    filled = []
     for graph, other in zip(model.graphs(), ir.serde.deserialize_model(inferred).graphs()):
         known = {v.name: v for n in other for v in n.outputs if v.name}
         for node in graph:
             for v in node.outputs:
                 twin = known.get(v.name)
-                if twin is None:
+                if twin is None or (v.shape is not None and v.type is not None):
                     continue
-                if v.shape is None and twin.shape is not None:
-                    v.shape, filled = twin.shape, filled + 1
-                if v.type is None and twin.type is not None:
-                    v.type = twin.type
+                filled.append((v, v.shape, v.type))
+                v.shape = v.shape if v.shape is not None else twin.shape
+                v.type = v.type if v.type is not None else twin.type
     return filled
