@@ -38,7 +38,7 @@ def chain(*, corrupt: int | None = None, quantize: dict[int, float] | None = Non
         x = f"act{i}"
     graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", WIDTH])],
                               [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", WIDTH])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def _qdq(nodes, inits, i, x, w, act_scale):

@@ -26,7 +26,7 @@ def unary_model(op: str, width: int, *, out: str = "y", extra=None, out_shape=No
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
         [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape or ["N", width])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def f32(rows) -> np.ndarray:
@@ -95,7 +95,7 @@ def test_missing_output_and_changed_shape_fail():
     flat = helper.make_model(helper.make_graph(
         [helper.make_node("Flatten", ["x"], ["y"], axis=0)], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]), opset_imports=[helper.make_opsetid("", 17)])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]), opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     rep = validate.compare(REF, flat, [{"x": f32([[1, 2, 3, 4], [5, 6, 7, 8]])}], threads=1)
     assert not rep and "shape [1, 8] differs" in rep.outputs["y"].problems[0]
 
@@ -104,7 +104,7 @@ def test_changed_interface_is_a_failure_not_a_crash():
     other = helper.make_model(helper.make_graph(
         [helper.make_node("Identity", ["u"], ["y"])], "g",
         [helper.make_tensor_value_info("u", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])]), opset_imports=[helper.make_opsetid("", 17)])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])]), opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     rep = validate.compare(REF, other, FEEDS, threads=1)
     assert not rep and "inputs" in rep.problems[0]
 
