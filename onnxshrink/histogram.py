@@ -22,6 +22,8 @@ import numpy as np
 
 #: Most window ends tried per 1-D search (evenly spread over the possible bin edges).
 MAX_CANDIDATES = 160
+#: Probability given to a bin where P has mass and Q none (TensorRT's smoothing).
+KL_EPS = 1e-4
 #: Coordinate-descent rounds for asymmetric windows (upper end, then lower end, per round).
 DESCENT_ROUNDS = 2
 
@@ -139,8 +141,23 @@ def kl_cost(counts: np.ndarray, i: int, j: int, nq: int) -> float:
     if qtot <= 0:
         return math.inf
     pn = p[nonzero] / ptot
-    qn = np.maximum(q[nonzero] / qtot, 1e-12)
+    qn = q[nonzero] / qtot
+    empty = qn == 0  # clipped mass where Q has none: smoothed like TensorRT (eps per empty bin)
+    if empty.any():
+        qn = (qn + KL_EPS * empty) / (1.0 + KL_EPS * empty.sum())
     return float(np.sum(pn * np.log(pn / qn)))
+
+
+def _best(cost, first: int, last: int) -> int:
+    """Argmin of ``cost(k)`` over integers ``[first, last]``: evenly spread candidates, then every
+    position between the best one's neighbours."""
+    coarse = _candidates(first, last)
+    k = int(coarse[np.argmin([cost(int(c)) for c in coarse])])
+    step = int(np.max(np.diff(coarse))) if len(coarse) > 1 else 0
+    if step <= 1:
+        return k
+    fine = np.arange(max(first, k - step + 1), min(last, k + step - 1) + 1)
+    return int(fine[np.argmin([cost(int(c)) for c in fine])])
 
 
 def kl_window(counts: np.ndarray, zero: int, nq: int) -> tuple[int, int]:
@@ -150,12 +167,10 @@ def kl_window(counts: np.ndarray, zero: int, nq: int) -> tuple[int, int]:
         return 0, n
     i, j = 0, n
     for _ in range(DESCENT_ROUNDS):
-        js = _candidates(max(zero, i + nq), n)
-        j = int(js[np.argmin([kl_cost(counts, i, int(c), nq) for c in js])])
+        j = _best(lambda c: kl_cost(counts, i, c, nq), max(zero, i + nq), n)
         if zero == 0:
             break
-        iis = _candidates(0, min(zero, j - nq))
-        i = int(iis[np.argmin([kl_cost(counts, int(c), j, nq) for c in iis])])
+        i = _best(lambda c: kl_cost(counts, c, j, nq), 0, min(zero, j - nq))
     return i, j
 
 

@@ -14,8 +14,9 @@ An observer takes batches with ``update(x)`` and answers ``range() -> (lo, hi)``
 
 Histogram observers keep ``bins`` counts whose range grows, with exact re-binning, when new data exceeds it
 (see ``onnxshrink.histogram``). ``symmetric=True`` searches ``[-t, t]`` windows for int8 symmetric
-activations (``num_quantized_bins`` then defaults to 254: levels -127..127); the default searches asymmetric
-windows containing 0 for uint8 (255 steps).
+activations (``num_quantized_bins`` then defaults to 254: levels -127..127) and returns ``(-t, t)``; the
+default searches asymmetric windows containing 0 for uint8 (255 steps) and returns them clipped to the
+observed extremes.
 
 Outliers: values with ``|x| >= outlier_abs`` (default 1e8), and NaN, are excluded from every statistic and
 counted in ``outliers``. They are constant-like fillers (attention masks of -1e9, float32-min -3.4e38, inf)
@@ -35,7 +36,7 @@ from onnxshrink import histogram as H
 from onnxshrink.errors import ConfigError
 
 OUTLIER_ABS = 1e8
-DEFAULT_BINS = 2048
+DEFAULT_BINS = 4096
 HISTOGRAM_METHODS = ("percentile", "entropy", "mse")
 
 
@@ -179,6 +180,9 @@ class HistogramObserver(_Stats):
         if self.observed_min == self.observed_max:
             return (self.observed_min, self.observed_max)
         lo, hi = self._search()
+        if self.symmetric:  # the window searched for int8 symmetric: [-t, t], t <= max |x|
+            t = min(hi, max(-self.observed_min, self.observed_max))
+            return (-t, t)
         return (max(lo, self.observed_min), min(hi, self.observed_max))
 
     def _grid(self):
