@@ -31,7 +31,9 @@ def build(m: int, k: int, n: int, layers: int, fused: bool, dtype=np.float32):
     nodes, inits, x = [], [], "x"
     tp = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     for i in range(layers):
-        w = numpy_helper.from_array(rng.standard_normal((k if i == 0 else n, n)).astype(dtype) * 0.05, f"w{i}")
+        w = numpy_helper.from_array(
+            rng.standard_normal((k if i == 0 else n, n)).astype(dtype) * 0.05, f"w{i}"
+        )
         b = numpy_helper.from_array(rng.standard_normal(n).astype(dtype), f"b{i}")
         inits += [w, b]
         if fused:
@@ -42,8 +44,11 @@ def build(m: int, k: int, n: int, layers: int, fused: bool, dtype=np.float32):
         nodes.append(helper.make_node("Relu", [f"a{i}"], [f"h{i}"]))
         x = f"h{i}"
     graph = helper.make_graph(
-        nodes, "dense", [helper.make_tensor_value_info("x", tp, [m, k])],
-        [helper.make_tensor_value_info(x, tp, [m, n])], initializer=inits,
+        nodes,
+        "dense",
+        [helper.make_tensor_value_info("x", tp, [m, k])],
+        [helper.make_tensor_value_info(x, tp, [m, n])],
+        initializer=inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
 
@@ -79,8 +84,10 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     args = parser.parse_args()
     dtype = np.dtype(args.dtype)
-    levels = {"disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-              "enable_all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    levels = {
+        "disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "enable_all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
     print(f"onnxruntime {ort.__version__}, {dtype}, 1 thread, {args.rounds} interleaved rounds")
     print(f"{'M,K,N x layers':<22}{'ORT level':<13}{'MatMul+Add us':>14}{'Gemm us':>10}{'Gemm/MatMul':>13}")
     for m, k, n, layers in CASES:

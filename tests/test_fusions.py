@@ -32,11 +32,15 @@ def _interface(model) -> list[tuple]:
 
 def build(nodes, inputs, outputs, inits=None, opset=18, functions=()):
     """A model from helper nodes; ``inputs``/``outputs`` are (name, numpy dtype, shape) triples."""
+
     def vi(name, dtype, shape):
         return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape)
 
     graph = helper.make_graph(
-        nodes, "g", [vi(*i) for i in inputs], [vi(*o) for o in outputs],
+        nodes,
+        "g",
+        [vi(*i) for i in inputs],
+        [vi(*o) for o in outputs],
         initializer=[numpy_helper.from_array(np.asarray(a), n) for n, a in (inits or {}).items()],
     )
     opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid("local", 1)] if functions else [])
@@ -71,8 +75,10 @@ def ops(model) -> list[str]:
 
 def bn_params(c, dtype=F32, prefix="bn"):
     return {
-        f"{prefix}_s": RNG.uniform(0.5, 1.5, c).astype(dtype), f"{prefix}_b": RNG.standard_normal(c).astype(dtype),
-        f"{prefix}_m": RNG.standard_normal(c).astype(dtype), f"{prefix}_v": RNG.uniform(0.5, 2, c).astype(dtype),
+        f"{prefix}_s": RNG.uniform(0.5, 1.5, c).astype(dtype),
+        f"{prefix}_b": RNG.standard_normal(c).astype(dtype),
+        f"{prefix}_m": RNG.standard_normal(c).astype(dtype),
+        f"{prefix}_v": RNG.uniform(0.5, 2, c).astype(dtype),
     }
 
 
@@ -94,7 +100,9 @@ def test_conv_bn_fused(dtype, bias):
         conv_in.append("b")
     proto = build(
         [helper.make_node("Conv", conv_in, ["c"], group=2, pads=[1, 1, 1, 1]), bn_node("c", "y")],
-        [("x", dtype, [1, 4, 5, 5])], [("y", dtype, [1, 6, 5, 5])], inits,
+        [("x", dtype, [1, 4, 5, 5])],
+        [("y", dtype, [1, 6, 5, 5])],
+        inits,
     )
     model, stats = run_pass(proto, "fuse_batchnorm", dtype)
     assert stats.counts["batchnorms_fused"] == 1 and ops(model) == ["Conv"]
@@ -107,20 +115,30 @@ def test_conv_bn_fused(dtype, bias):
 def test_convtranspose_bn_fused_grouped():
     inits = {"w": RNG.standard_normal((4, 3, 2, 2)).astype(F32), **bn_params(6)}
     proto = build(
-        [helper.make_node("ConvTranspose", ["x", "w"], ["c"], group=2), bn_node("c", "t"),
-         helper.make_node("Relu", ["t"], ["y"])],
-        [("x", F32, [1, 4, 3, 3])], [("y", F32, [1, 6, 4, 4])], inits,
+        [
+            helper.make_node("ConvTranspose", ["x", "w"], ["c"], group=2),
+            bn_node("c", "t"),
+            helper.make_node("Relu", ["t"], ["y"]),
+        ],
+        [("x", F32, [1, 4, 3, 3])],
+        [("y", F32, [1, 6, 4, 4])],
+        inits,
     )
     model, stats = run_pass(proto, "fuse_batchnorm")
     assert stats.counts["batchnorms_fused"] == 1 and ops(model) == ["ConvTranspose", "Relu"]
 
 
 def test_gemm_bn_fused():
-    inits = {"w": RNG.standard_normal((5, 3)).astype(F32), "c": RNG.standard_normal((2, 5)).astype(F32),
-             **bn_params(5)}
+    inits = {
+        "w": RNG.standard_normal((5, 3)).astype(F32),
+        "c": RNG.standard_normal((2, 5)).astype(F32),
+        **bn_params(5),
+    }
     proto = build(
         [helper.make_node("Gemm", ["x", "w", "c"], ["g"], transB=1, alpha=2.0, beta=0.5), bn_node("g", "y")],
-        [("x", F32, [2, 3])], [("y", F32, [2, 5])], inits,
+        [("x", F32, [2, 3])],
+        [("y", F32, [2, 5])],
+        inits,
     )
     model, stats = run_pass(proto, "fuse_batchnorm")
     assert stats.counts["batchnorms_fused"] == 1 and ops(model) == ["Gemm"]
@@ -129,9 +147,15 @@ def test_gemm_bn_fused():
 def test_matmul_bn_becomes_gemm_and_3d_matmul_is_refused():
     inits = {"w": RNG.standard_normal((3, 4)).astype(F32), **bn_params(4), **bn_params(5, prefix="b3")}
     proto = build(
-        [helper.make_node("MatMul", ["x", "w"], ["m"]), bn_node("m", "y"),
-         helper.make_node("MatMul", ["z", "w"], ["m3"]), bn_node("m3", "y3", prefix="b3")],
-        [("x", F32, ["N", 3]), ("z", F32, [2, 5, 3])], [("y", F32, ["N", 4]), ("y3", F32, [2, 5, 4])], inits,
+        [
+            helper.make_node("MatMul", ["x", "w"], ["m"]),
+            bn_node("m", "y"),
+            helper.make_node("MatMul", ["z", "w"], ["m3"]),
+            bn_node("m3", "y3", prefix="b3"),
+        ],
+        [("x", F32, ["N", 3]), ("z", F32, [2, 5, 3])],
+        [("y", F32, ["N", 4]), ("y3", F32, [2, 5, 4])],
+        inits,
     )
     model, stats = run_pass(proto, "fuse_batchnorm")
     assert stats.counts["batchnorms_fused"] == 1
@@ -150,7 +174,8 @@ def test_bn_refusals():
             bn_node("c2", "y2", prefix="t"),
         ],
         [("x", F32, [1, 4, 3, 3]), ("wi", F32, [4, 4, 1, 1])],
-        [("y", F32, [1, 4, 3, 3]), ("r", F32, [1, 4, 3, 3]), ("y2", F32, [1, 4, 3, 3])], inits,
+        [("y", F32, [1, 4, 3, 3]), ("r", F32, [1, 4, 3, 3]), ("y2", F32, [1, 4, 3, 3])],
+        inits,
     )
     model, stats = run_pass(proto, "fuse_batchnorm")
     assert not stats.counts and ops(model).count("BatchNormalization") == 2
@@ -162,7 +187,9 @@ def test_bn_training_mode_not_fused():
     inits = {"w": RNG.standard_normal((4, 4, 1, 1)).astype(F32), **bn_params(4)}
     proto = build(
         [helper.make_node("Conv", ["x", "w"], ["c"]), bn_node("c", "y", training_mode=1)],
-        [("x", F32, [1, 4, 3, 3])], [("y", F32, [1, 4, 3, 3])], inits,
+        [("x", F32, [1, 4, 3, 3])],
+        [("y", F32, [1, 4, 3, 3])],
+        inits,
     )
     model = model_io.load(proto)  # ORT has no training-mode BatchNormalization: check structure only
     stats = make_pass("fuse_batchnorm")(model).stats
@@ -173,8 +200,14 @@ def test_bn_training_mode_not_fused():
 def test_shared_weight_is_copied_not_mutated():
     w = RNG.standard_normal((4, 4, 1, 1)).astype(F32)
     proto = build(
-        [helper.make_node("Conv", ["x", "w"], ["c"]), bn_node("c", "y"), helper.make_node("Conv", ["x", "w"], ["z"])],
-        [("x", F32, [1, 4, 3, 3])], [("y", F32, [1, 4, 3, 3]), ("z", F32, [1, 4, 3, 3])], {"w": w, **bn_params(4)},
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"]),
+            bn_node("c", "y"),
+            helper.make_node("Conv", ["x", "w"], ["z"]),
+        ],
+        [("x", F32, [1, 4, 3, 3])],
+        [("y", F32, [1, 4, 3, 3]), ("z", F32, [1, 4, 3, 3])],
+        {"w": w, **bn_params(4)},
     )
     model, stats = run_pass(proto, "fuse_batchnorm")
     assert stats.counts["batchnorms_fused"] == 1
@@ -185,16 +218,21 @@ def test_shared_weight_is_copied_not_mutated():
 
 def test_bn_in_if_branch():
     branch = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["c"]), bn_node("c", "ty")], "then", [],
+        [helper.make_node("Conv", ["x", "w"], ["c"]), bn_node("c", "ty")],
+        "then",
+        [],
         [helper.make_tensor_value_info("ty", TensorProto.FLOAT, [1, 4, 3, 3])],
     )
     other = helper.make_graph(
-        [helper.make_node("Neg", ["x"], ["ey"])], "else", [],
+        [helper.make_node("Neg", ["x"], ["ey"])],
+        "else",
+        [],
         [helper.make_tensor_value_info("ey", TensorProto.FLOAT, [1, 4, 3, 3])],
     )
     proto = build(
         [helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=other)],
-        [("cond", np.bool_, []), ("x", F32, [1, 4, 3, 3])], [("y", F32, [1, 4, 3, 3])],
+        [("cond", np.bool_, []), ("x", F32, [1, 4, 3, 3])],
+        [("y", F32, [1, 4, 3, 3])],
         {"w": RNG.standard_normal((4, 4, 1, 1)).astype(F32), **bn_params(4)},
     )
     model, stats = run_pass(proto, "fuse_batchnorm")
@@ -208,8 +246,13 @@ def test_bn_in_if_branch():
 
 @pytest.mark.parametrize(
     "shape, op, bias",
-    [((4, 1, 1), "Add", False), ((1, 4, 1, 1), "Add", True), ((), "Add", False), ((4, 1, 1), "Sub", True),
-     ((1,), "Add", True)],
+    [
+        ((4, 1, 1), "Add", False),
+        ((1, 4, 1, 1), "Add", True),
+        ((), "Add", False),
+        ((4, 1, 1), "Sub", True),
+        ((1,), "Add", True),
+    ],
 )
 def test_conv_bias_fused(shape, op, bias):
     inits = {"w": RNG.standard_normal((4, 2, 3, 3)).astype(F32), "k": RNG.standard_normal(shape).astype(F32)}
@@ -218,17 +261,27 @@ def test_conv_bias_fused(shape, op, bias):
         inits["b"] = RNG.standard_normal(4).astype(F32)
     proto = build(
         [helper.make_node("Conv", conv_in, ["c"]), helper.make_node(op, ["c", "k"], ["y"])],
-        [("x", F32, [2, 2, 5, 5])], [("y", F32, [2, 4, 3, 3])], inits,
+        [("x", F32, [2, 2, 5, 5])],
+        [("y", F32, [2, 4, 3, 3])],
+        inits,
     )
     model, stats = run_pass(proto, "fuse_conv_bias")
     assert stats.counts["conv_biases_fused"] == 1 and ops(model) == ["Conv"]
 
 
 def test_convtranspose_bias_fused():
-    inits = {"w": RNG.standard_normal((4, 3, 2, 2)).astype(F32), "k": RNG.standard_normal((6, 1, 1)).astype(F32)}
+    inits = {
+        "w": RNG.standard_normal((4, 3, 2, 2)).astype(F32),
+        "k": RNG.standard_normal((6, 1, 1)).astype(F32),
+    }
     proto = build(
-        [helper.make_node("ConvTranspose", ["x", "w"], ["c"], group=2), helper.make_node("Add", ["c", "k"], ["y"])],
-        [("x", F32, [1, 4, 3, 3])], [("y", F32, [1, 6, 4, 4])], inits,
+        [
+            helper.make_node("ConvTranspose", ["x", "w"], ["c"], group=2),
+            helper.make_node("Add", ["c", "k"], ["y"]),
+        ],
+        [("x", F32, [1, 4, 3, 3])],
+        [("y", F32, [1, 6, 4, 4])],
+        inits,
     )
     model, stats = run_pass(proto, "fuse_conv_bias")
     assert stats.counts["conv_biases_fused"] == 1 and ops(model) == ["ConvTranspose"]
@@ -236,11 +289,19 @@ def test_convtranspose_bias_fused():
 
 @pytest.mark.parametrize("dtype", [F32, F16])
 def test_conv1d_bias_constant_first(dtype):
-    inits = {"w": RNG.standard_normal((3, 2, 3)).astype(dtype), "k": RNG.standard_normal((3, 1)).astype(dtype)}
+    inits = {
+        "w": RNG.standard_normal((3, 2, 3)).astype(dtype),
+        "k": RNG.standard_normal((3, 1)).astype(dtype),
+    }
     proto = build(
-        [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Add", ["k", "c"], ["a"]),
-         helper.make_node("Relu", ["a"], ["y"])],
-        [("x", dtype, [1, 2, 7])], [("y", dtype, [1, 3, 5])], inits,
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"]),
+            helper.make_node("Add", ["k", "c"], ["a"]),
+            helper.make_node("Relu", ["a"], ["y"]),
+        ],
+        [("x", dtype, [1, 2, 7])],
+        [("y", dtype, [1, 3, 5])],
+        inits,
     )
     model, stats = run_pass(proto, "fuse_conv_bias", dtype)
     assert stats.counts["conv_biases_fused"] == 1 and ops(model) == ["Conv", "Relu"]
@@ -256,7 +317,9 @@ def test_conv_bias_refused_for_spatial_constants(shape):
     out[0] = x[0] if shape != (2, 4, 1, 1) else 2
     proto = build(
         [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Add", ["c", "k"], ["y"])],
-        [("x", F32, x)], [("y", F32, out)], inits,
+        [("x", F32, x)],
+        [("y", F32, out)],
+        inits,
     )
     model, stats = run_pass(proto, "fuse_conv_bias")
     assert not stats.counts and ops(model) == ["Conv", "Add"]
@@ -264,11 +327,19 @@ def test_conv_bias_refused_for_spatial_constants(shape):
 
 
 def test_conv_bias_refused_with_second_consumer():
-    inits = {"w": RNG.standard_normal((4, 2, 1, 1)).astype(F32), "k": RNG.standard_normal((4, 1, 1)).astype(F32)}
+    inits = {
+        "w": RNG.standard_normal((4, 2, 1, 1)).astype(F32),
+        "k": RNG.standard_normal((4, 1, 1)).astype(F32),
+    }
     proto = build(
-        [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Add", ["c", "k"], ["y"]),
-         helper.make_node("Relu", ["c"], ["z"])],
-        [("x", F32, [1, 2, 3, 3])], [("y", F32, [1, 4, 3, 3]), ("z", F32, [1, 4, 3, 3])], inits,
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"]),
+            helper.make_node("Add", ["c", "k"], ["y"]),
+            helper.make_node("Relu", ["c"], ["z"]),
+        ],
+        [("x", F32, [1, 2, 3, 3])],
+        [("y", F32, [1, 4, 3, 3]), ("z", F32, [1, 4, 3, 3])],
+        inits,
     )
     model, stats = run_pass(proto, "fuse_conv_bias")
     assert not stats.counts and "other users" in stats.skipped[0].reason
@@ -284,8 +355,12 @@ def test_conv_bias_in_function():
             c = Conv(x, w)
             y = Add(c, k)
         }""")
-    proto = build([helper.make_node("f", ["x"], ["y"], domain="local")],
-                  [("x", F32, [1, 2, 3, 3])], [("y", F32, [1, 2, 3, 3])], functions=[fn])
+    proto = build(
+        [helper.make_node("f", ["x"], ["y"], domain="local")],
+        [("x", F32, [1, 2, 3, 3])],
+        [("y", F32, [1, 2, 3, 3])],
+        functions=[fn],
+    )
     model, stats = run_pass(proto, "fuse_conv_bias")
     assert stats.counts["conv_biases_fused"] == 1
     body = next(iter(model.functions.values()))
@@ -302,7 +377,9 @@ def test_matmul_add_to_gemm(dtype, c_shape, swap):
     add_in = ["k", "m"] if swap else ["m", "k"]
     proto = build(
         [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", add_in, ["y"])],
-        [("x", dtype, [3, 5])], [("y", dtype, [3, 4])], inits,
+        [("x", dtype, [3, 5])],
+        [("y", dtype, [3, 4])],
+        inits,
     )
     model, stats = run_pass(proto, "fuse_gemm", dtype)
     assert stats.counts["matmul_add_fused"] == 1 and ops(model) == ["Gemm"]
@@ -313,12 +390,15 @@ def test_matmul_add_refusals():
     inits = {"w": RNG.standard_normal((5, 4)).astype(F32), "k": RNG.standard_normal(4).astype(F32)}
     proto = build(
         [
-            helper.make_node("MatMul", ["x3", "w"], ["m3"]), helper.make_node("Add", ["m3", "k"], ["y3"]),
-            helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "k"], ["y"]),
+            helper.make_node("MatMul", ["x3", "w"], ["m3"]),
+            helper.make_node("Add", ["m3", "k"], ["y3"]),
+            helper.make_node("MatMul", ["x", "w"], ["m"]),
+            helper.make_node("Add", ["m", "k"], ["y"]),
             helper.make_node("Relu", ["m"], ["r"]),
         ],
         [("x3", F32, [2, 3, 5]), ("x", F32, [3, 5])],
-        [("y3", F32, [2, 3, 4]), ("y", F32, [3, 4]), ("r", F32, [3, 4])], inits,
+        [("y3", F32, [2, 3, 4]), ("y", F32, [3, 4]), ("r", F32, [3, 4])],
+        inits,
     )
     model, stats = run_pass(proto, "fuse_gemm")
     assert not stats.counts and "Gemm" not in ops(model)
@@ -330,7 +410,9 @@ def test_matmul_add_can_be_turned_off():
     inits = {"w": RNG.standard_normal((5, 4)).astype(F32), "k": RNG.standard_normal(4).astype(F32)}
     proto = build(
         [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "k"], ["y"])],
-        [("x", F32, [3, 5])], [("y", F32, [3, 4])], inits,
+        [("x", F32, [3, 5])],
+        [("y", F32, [3, 4])],
+        inits,
     )
     model, stats = run_pass(proto, "fuse_gemm", matmul_add=False)
     assert not stats.counts and ops(model) == ["MatMul", "Add"]
@@ -344,8 +426,13 @@ def test_gemm_add_constant(with_c):
         inits["c"] = RNG.standard_normal((3, 1)).astype(F32)
         gemm_in.append("c")
     proto = build(
-        [helper.make_node("Gemm", gemm_in, ["g"], beta=0.5, transA=1), helper.make_node("Add", ["g", "k"], ["y"])],
-        [("x", F32, [5, 3])], [("y", F32, [3, 4])], inits,
+        [
+            helper.make_node("Gemm", gemm_in, ["g"], beta=0.5, transA=1),
+            helper.make_node("Add", ["g", "k"], ["y"]),
+        ],
+        [("x", F32, [5, 3])],
+        [("y", F32, [3, 4])],
+        inits,
     )
     model, stats = run_pass(proto, "fuse_gemm")
     assert stats.counts["gemm_add_fused"] == 1 and ops(model) == ["Gemm"]
@@ -354,15 +441,27 @@ def test_gemm_add_constant(with_c):
 
 def test_matmul_add_in_main_graph_and_branch_get_distinct_names():
     def dense(x, out, tag):
-        return [helper.make_node("MatMul", [x, "w"], [f"m{tag}"]), helper.make_node("Add", [f"m{tag}", "k"], [out])]
+        return [
+            helper.make_node("MatMul", [x, "w"], [f"m{tag}"]),
+            helper.make_node("Add", [f"m{tag}", "k"], [out]),
+        ]
 
-    then = helper.make_graph([*dense("h", "ta", "t"), helper.make_node("Relu", ["ta"], ["ty"])], "then", [],
-                             [helper.make_tensor_value_info("ty", TensorProto.FLOAT, [3, 4])])
-    other = helper.make_graph([helper.make_node("Neg", ["h"], ["ey"])], "else", [],
-                              [helper.make_tensor_value_info("ey", TensorProto.FLOAT, [3, 4])])
+    then = helper.make_graph(
+        [*dense("h", "ta", "t"), helper.make_node("Relu", ["ta"], ["ty"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("ty", TensorProto.FLOAT, [3, 4])],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Neg", ["h"], ["ey"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("ey", TensorProto.FLOAT, [3, 4])],
+    )
     proto = build(
         [*dense("x", "h", "g"), helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)],
-        [("cond", np.bool_, []), ("x", F32, [3, 4])], [("y", F32, [3, 4])],
+        [("cond", np.bool_, []), ("x", F32, [3, 4])],
+        [("y", F32, [3, 4])],
         {"w": RNG.standard_normal((4, 4)).astype(F32), "k": RNG.standard_normal(4).astype(F32)},
     )
     model, stats = run_pass(proto, "fuse_gemm")  # ORT and the checker reject repeated value names

@@ -334,7 +334,8 @@ def test_without_shape_info_shape_rules_do_not_fire(opts):
 
 def _random_chain(rng: np.random.Generator) -> tuple[onnx.ModelProto, np.ndarray]:
     """A chain of reshaping/no-op-ish ops on a random tensor; the numpy result tracks the shape."""
-    arr = rng.standard_normal([int(rng.choice([1, 2, 3, 4])) for _ in range(rng.integers(1, 5))]).astype(np.float32)
+    shape = [int(rng.choice([1, 2, 3, 4])) for _ in range(rng.integers(1, 5))]
+    arr = rng.standard_normal(shape).astype(np.float32)
     x, nodes, inits, outputs, cur = arr, [], [], [], "x"
 
     def const(a):
@@ -351,7 +352,9 @@ def _random_chain(rng: np.random.Generator) -> tuple[onnx.ModelProto, np.ndarray
             arr = arr.transpose(perm)
         elif op == "Reshape":
             dims = list(arr.shape) if rng.random() < 0.3 else _factorize(rng, arr.size)
-            target = [0 if i < r and d == arr.shape[i] and rng.random() < 0.5 else d for i, d in enumerate(dims)]
+            target = [
+                0 if i < r and d == arr.shape[i] and rng.random() < 0.5 else d for i, d in enumerate(dims)
+            ]
             if rng.random() < 0.5:
                 target[int(rng.integers(len(target)))] = -1
             nodes.append(onnx.helper.make_node(op, [cur, const(np.array(target, np.int64))], [out]))
@@ -383,7 +386,8 @@ def _random_chain(rng: np.random.Generator) -> tuple[onnx.ModelProto, np.ndarray
                 nodes.append(onnx.helper.make_node(op, [cur, const(np.array(shape, np.int64))], [out]))
                 arr = arr * np.ones(shape, np.float32)
             else:
-                c = np.full(shape, {"Mul": 1.0, "Add": 0.0, "Sub": 0.0}[op] if rng.random() < 0.8 else 2.0, np.float32)
+                neutral = 1.0 if op == "Mul" else 0.0
+                c = np.full(shape, neutral if rng.random() < 0.8 else 2.0, np.float32)
                 ins = [cur, const(c)] if rng.random() < 0.6 else [const(c), cur]
                 nodes.append(onnx.helper.make_node(op, ins, [out]))
                 a, b = (arr, c) if ins[0] == cur else (c, arr)
@@ -396,7 +400,10 @@ def _random_chain(rng: np.random.Generator) -> tuple[onnx.ModelProto, np.ndarray
             outputs.append((out, arr.shape))
         cur = out
     nodes.append(onnx.helper.make_node("Neg", [cur], ["y"]))
-    outs = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, list(s)) for n, s in [*outputs, ("y", arr.shape)]]
+    outs = [
+        onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, list(s))
+        for n, s in [*outputs, ("y", arr.shape)]
+    ]
     in_shape = list(x.shape) if rng.random() < 0.6 else ["N", *x.shape[1:]]
     graph = onnx.helper.make_graph(
         nodes, "chain", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, in_shape)], outs,
@@ -405,8 +412,10 @@ def _random_chain(rng: np.random.Generator) -> tuple[onnx.ModelProto, np.ndarray
     return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)], ir_version=8), x
 
 
-_CHAIN_OPS = ("Transpose", "Transpose", "Reshape", "Reshape", "Squeeze", "Unsqueeze", "Slice", "Expand", "Mul",
-              "Add", "Sub", "Identity", "Cast")
+_CHAIN_OPS = (
+    "Transpose", "Transpose", "Reshape", "Reshape", "Squeeze", "Unsqueeze", "Slice", "Expand",
+    "Mul", "Add", "Sub", "Identity", "Cast",
+)
 
 
 def _factorize(rng: np.random.Generator, n: int) -> list[int]:
@@ -429,7 +438,9 @@ def test_random_chains_match_onnxruntime():
         assert not make_pass("eliminate_identities")(model).modified
         assert checks.check_structure(model)
         after = onnx.load_from_string(model_io.to_bytes(model))
-        assert [(o.name, o.type) for o in after.graph.output] == [(o.name, o.type) for o in proto.graph.output]
+        assert [(o.name, o.type) for o in after.graph.output] == [
+            (o.name, o.type) for o in proto.graph.output
+        ]
         for want, got in zip(_ort_outputs(proto, {"x": x}), _ort_outputs(after, {"x": x})):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert min(fired.values()) > 0 and len(fired) >= 9, fired
