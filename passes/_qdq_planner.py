@@ -260,6 +260,8 @@ class _GraphPlanner:
         if v.name is None or v.name not in self.ranges:
             return None
         r = self.ranges[v.name]
+        if getattr(r, "outliers", 0):
+            return None  # it held mask-like fillers (|x| >= the observers' outlier bound)
         lo, hi = float(r.min), float(r.max)
         return (lo, hi) if math.isfinite(lo) and math.isfinite(hi) and lo <= hi else None
 
@@ -267,6 +269,8 @@ class _GraphPlanner:
         if self.ranges is not None and v.name not in self.ranges:
             inside = " (it lives in a subgraph)" if self.graph is not self.main else ""
             return f"not in the calibration table{inside}"
+        if self.ranges is not None and getattr(self.ranges[v.name], "outliers", 0):
+            return f"it holds {self.ranges[v.name].outliers} mask-like values"
         return "mask-like or non-finite range"
 
     def _block_unranged(self) -> None:

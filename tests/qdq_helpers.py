@@ -1,0 +1,96 @@
+"""Helpers shared by the QDQ tests: models from onnx text, calibrate + qdq pass, ORT runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.parser
+import onnx_ir as ir
+import onnxruntime as ort
+from onnx import numpy_helper
+from onnx_ir.passes.common import ShapeInferencePass
+from onnxshrink.passes.qdq import QDQPass
+from onnxshrink.passes.qdq_rules import PlanOptions, plan_qdq
+
+from onnxshrink import checks, model_io
+from onnxshrink.calibration import calibrate
+
+RNG = np.random.default_rng(0)
+
+
+def weights(*shape, scale: float = 0.3, seed: int | None = None) -> np.ndarray:
+    rng = RNG if seed is None else np.random.default_rng(seed)
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def model(text: str, inits: dict[str, np.ndarray] | None = None, opset: int = 17) -> onnx.ModelProto:
+    """A model from onnx text graph ``text`` (``name (inputs) => (outputs) {...}``) plus initializers."""
+    m = onnx.parser.parse_model(f'<ir_version: 8, opset_import: ["" : {opset}]>\n{text}')
+    for name, arr in (inits or {}).items():
+        m.graph.initializer.append(numpy_helper.from_array(np.asarray(arr), name))
+    onnx.checker.check_model(m)
+    return m
+
+
+def feeds_for(proto: onnx.ModelProto, n: int = 8, seed: int = 1, batch: int = 1) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        feed = {}
+        for inp in proto.graph.input:
+            dims = [d.dim_value if d.dim_value else batch for d in inp.type.tensor_type.shape.dim]
+            feed[inp.name] = rng.standard_normal(dims).astype(np.float32)
+        out.append(feed)
+    return out
+
+
+def prepare(proto) -> ir.Model:
+    m = model_io.load(proto)
+    ShapeInferencePass(check_type=False, strict_mode=False)(m)
+    return m
+
+
+def run_qdq(proto, feeds, *, table=None, **options):
+    """Plan, calibrate (minmax) and run the qdq pass. Returns ``(ir_model, pass_result, table)``."""
+    m = prepare(proto)
+    plan = plan_qdq(m, PlanOptions(**options))
+    if table is None:
+        table = calibrate(m, feeds, plan.calibration_values(), cache_dir=False, progress=False)
+    result = QDQPass(plan=plan, table=table)(m)
+    report = checks.check_structure(m)
+    assert report, report.problems
+    return m, result, table
+
+
+def ort_run(model_or_path, feed: dict, level=None) -> list[np.ndarray]:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    if level is not None:
+        so.graph_optimization_level = level
+    if isinstance(model_or_path, ir.Model):
+        model_or_path = model_io.to_bytes(model_or_path)
+    elif isinstance(model_or_path, onnx.ModelProto):
+        model_or_path = model_or_path.SerializeToString()
+    else:
+        model_or_path = str(model_or_path)
+    sess = ort.InferenceSession(model_or_path, so, providers=["CPUExecutionProvider"])
+    return sess.run(None, feed)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
+def nodes(m: ir.Model, op_type: str) -> list[ir.Node]:
+    return [n for n in m.graph.all_nodes() if n.op_type == op_type]
+
+
+def const(v: ir.Value) -> np.ndarray:
+    return v.const_value.numpy()
+
+
+def dq_feeding(node: ir.Node, index: int) -> ir.Node | None:
+    p = node.inputs[index].producer() if node.inputs[index] is not None else None
+    return p if p is not None and p.op_type == "DequantizeLinear" else None
