@@ -5,29 +5,16 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx.parser
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxshrink import checks, model_io
 from onnxshrink.data import input_specs, random_feed
 from onnxshrink.pipeline import make_pass
+from tests.lossless import interface, ort_outputs
 
 RNG = np.random.default_rng(0)
 F32, F16 = np.float32, np.float16
-
-
-def _ort_outputs(proto: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, feed)
-
-
-def _interface(model) -> list[tuple]:
-    g = model.graph
-    return [(v.name, v.dtype, v.shape) for v in [*g.outputs, *g.inputs]]
 
 
 def build(nodes, inputs, outputs, inits=None, opset=18, functions=()):
@@ -48,20 +35,24 @@ def build(nodes, inputs, outputs, inits=None, opset=18, functions=()):
 
 
 def run_pass(proto: onnx.ModelProto, name: str, dtype=F32, **options):
-    """Run a pass and check the lossless contract; return (model, stats)."""
+    """Run a pass and check the lossless contract; return (model, stats).
+
+    Like ``tests.lossless.run_pass``, with float16 tolerances (rtol/atol 1e-2: the fused weights are
+    rounded to float16 once, the unfused model rounds after each op) and three random feeds.
+    """
     onnx.checker.check_model(proto, full_check=True)
     model = model_io.load(proto)
-    before = _interface(model)
+    before = interface(model)
     result = make_pass(name, **options)(model)
     report = checks.check_structure(model)
     assert report, report.problems
-    assert _interface(model) == before
+    assert interface(model) == before
     after = onnx.load_from_string(model_io.to_bytes(model))
     tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == F32 else {"rtol": 1e-2, "atol": 1e-2}
     specs = input_specs(model)
     for seed in range(3):
         feed = random_feed(specs, seed, dims={})
-        for w, g in zip(_ort_outputs(proto, feed), _ort_outputs(after, feed)):
+        for w, g in zip(ort_outputs(proto, feed), ort_outputs(after, feed)):
             assert w.dtype == g.dtype and w.shape == g.shape
             np.testing.assert_allclose(g.astype(F32), w.astype(F32), **tol)
     again = make_pass(name, **options)(model)

@@ -7,54 +7,21 @@ from collections import Counter
 import numpy as np
 import onnx
 import onnx.parser
-import onnxruntime as ort
 import pytest
 
 from onnxshrink import checks, model_io
-from onnxshrink.data import input_specs, random_feed
 from onnxshrink.pipeline import make_pass
-
-HEAD = '<ir_version: 8, opset_import: ["" : 18]>\n'
-
-
-def _ort_outputs(proto: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, feed)
+from tests import lossless
+from tests.lossless import HEAD, ort_outputs
 
 
-def _interface(model) -> list[tuple]:
-    g = model.graph
-    return [(v.name, v.dtype, v.shape) for v in g.outputs] + [(v.name, v.dtype, v.shape) for v in g.inputs]
-
-
-def run_pass(text: str | onnx.ModelProto, name: str = "eliminate_identities", **options):
-    """Run a pass on a model and check everything a lossless rewrite promises; return (model, counts)."""
-    proto = onnx.parser.parse_model(HEAD + text) if isinstance(text, str) else text
-    onnx.checker.check_model(proto, full_check=True)
-    model = model_io.load(proto)
-    before = _interface(model)
-    result = make_pass(name, **options)(model)
-    report = checks.check_structure(model)
-    assert report, report.problems
-    assert _interface(model) == before
-    after = model_io.to_bytes(model)
-    specs = input_specs(model)
-    for seed in range(3):
-        feed = random_feed(specs, seed, dims={})
-        want, got = _ort_outputs(proto, feed), _ort_outputs(onnx.load_from_string(after), feed)
-        for w, g in zip(want, got):
-            assert w.dtype == g.dtype and w.shape == g.shape
-            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
-    again = make_pass(name, **options)(model)
-    assert not again.modified, f"second run still changed: {dict(again.stats.counts)}"
-    return model, result.stats
+def run_pass(text: str | onnx.ModelProto, **options):
+    """``eliminate_identities`` on a model, with every lossless check of ``tests.lossless.run_pass``."""
+    return lossless.run_pass(text, "eliminate_identities", **options)
 
 
 def ops(model) -> list[str]:
-    return [n.op_type for n in model.graph]
+    return lossless.ops(model.graph)
 
 
 def test_identity_removed_and_graph_output_keeps_name():
@@ -441,6 +408,6 @@ def test_random_chains_match_onnxruntime():
         assert [(o.name, o.type) for o in after.graph.output] == [
             (o.name, o.type) for o in proto.graph.output
         ]
-        for want, got in zip(_ort_outputs(proto, {"x": x}), _ort_outputs(after, {"x": x})):
+        for want, got in zip(ort_outputs(proto, {"x": x}), ort_outputs(after, {"x": x})):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert min(fired.values()) > 0 and len(fired) >= 9, fired
