@@ -51,6 +51,9 @@ def add_optimize(sub) -> None:
     p.add_argument("--overwrite-input", action="store_true", help="allow -o to name the input file")
     p.add_argument("--report", help="write the summary as JSON to this file")
     p.add_argument("--list-passes", action="store_true", help="list registered passes and presets, then exit")
+    from onnxshrink.cli_quantize import add_quantize_args
+
+    add_quantize_args(p)
     p.set_defaults(func=run_optimize)
 
 
@@ -63,6 +66,10 @@ def run_optimize(args) -> int:
             print(f"{name:24s} {(cls.__doc__ or '').strip().splitlines()[0]}")
         print("presets: " + ", ".join(sorted(pipeline.PRESETS)))
         return 0
+    if args.quantize or args.preset == "int8":
+        from onnxshrink.cli_quantize import run_quantize
+
+        return run_quantize(args)
     src = args.input or str(bundled_model())
     passes = args.passes.split(",") if args.passes else None
     result = api.optimize(

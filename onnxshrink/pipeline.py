@@ -170,9 +170,18 @@ def lossless_steps() -> list[Step]:
     return [FixedPoint([make_pass(n) for n in LOSSLESS_PASSES if n in REGISTRY])]
 
 
+def int8_steps() -> list[Step]:
+    """The ``int8`` preset needs calibration data, which a step list cannot carry."""
+    raise ConfigError(
+        "preset 'int8' needs calibration data: run `onnxshrink optimize IN -o OUT --quantize int8 "
+        "--calibration DATA` or onnxshrink.quantize(model, data, output) (lossless passes, then QDQ)"
+    )
+
+
 #: Named presets. Each maps to a function returning fresh pass instances.
 PRESETS: dict[str, Callable[[], list[Step]]] = {
     "default": lossless_steps,
+    "int8": int8_steps,
 }
 
 
