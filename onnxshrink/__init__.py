@@ -12,8 +12,9 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from onnxshrink import validate  # callable module: onnxshrink.validate(ref, cand, data) -> DriftReport
+from onnxshrink import quantize  # callable module: onnxshrink.quantize(model, data, output)
 from onnxshrink.api import OptimizeResult, optimize
 from onnxshrink.errors import ShrinkError
 from onnxshrink.model_io import load, save
 
-__all__ = ["OptimizeResult", "ShrinkError", "__version__", "load", "optimize", "save", "validate"]
+__all__ = ["OptimizeResult", "ShrinkError", "__version__", "load", "optimize", "quantize", "save", "validate"]
