@@ -203,15 +203,17 @@ def _try_batchnorm(rw: _Rewriter, bn: ir.Node) -> bool:
         rw.stats.skip(bn, plan)
         return False
     new_w, new_b, dtype = plan
-    w_value = rw.const(new_w, dtype, "bn_fused_weight")
-    b_value = rw.const(new_b, dtype, "bn_fused_bias")
     if producer.op_type == "MatMul":
+        w_value, b_value = rw.const(new_w, dtype, "bn_fused_weight"), rw.const(new_b, dtype, "bn_fused_bias")
         gemm = rw.new_node("Gemm", [producer.inputs[0], w_value, b_value], bn)
         return rw.replace(bn, gemm.outputs[0], "batchnorms_fused", dead=producer)
+    # Rewire first: the producer is only changed once the BN is gone.
+    if not rw.replace(bn, producer.outputs[0], "batchnorms_fused"):
+        return False
     producer.attributes.pop("beta", None)  # Gemm: beta is folded into the new C
-    _set_input(producer, 1, w_value)
-    _set_input(producer, 2, b_value)
-    return rw.replace(bn, producer.outputs[0], "batchnorms_fused")
+    _set_input(producer, 1, rw.const(new_w, dtype, "bn_fused_weight"))
+    _set_input(producer, 2, rw.const(new_b, dtype, "bn_fused_bias"))
+    return True
 
 
 def _batchnorm_plan(producer: ir.Node, bn: ir.Node) -> tuple[np.ndarray, np.ndarray, np.dtype] | str:
@@ -308,8 +310,10 @@ def _try_conv_bias(rw: _Rewriter, add: ir.Node) -> bool:
             return False
         sign = 1.0 if add.op_type == "Add" else -1.0
         new_b = (0.0 if bias is None else _f64(bias)) + sign * vec
+        if not rw.replace(add, conv.outputs[0], "conv_biases_fused"):
+            return False
         _set_input(conv, 2, rw.const(new_b, c.dtype, "conv_fused_bias"))
-        return rw.replace(add, conv.outputs[0], "conv_biases_fused")
+        return True
     return False
 
 
@@ -389,9 +393,11 @@ def _try_gemm_add(rw: _Rewriter, add: ir.Node) -> bool:
         if not _unidirectional(list(new_c.shape), dims[0], dims[1]):
             rw.stats.skip(add, "the merged C does not broadcast to the Gemm output")
             return False
+        if not rw.replace(add, gemm.outputs[0], "gemm_add_fused"):
+            return False
         _set_input(gemm, 2, rw.const(new_c, c.dtype, "gemm_fused_c"))
         gemm.attributes.pop("beta", None)
-        return rw.replace(add, gemm.outputs[0], "gemm_add_fused")
+        return True
     return False
 
 
