@@ -11,8 +11,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from onnxshrink import validate  # callable module: onnxshrink.validate(ref, cand, data) -> DriftReport
-from onnxshrink import quantize  # callable module: onnxshrink.quantize(model, data, output)
+from onnxshrink import (
+    quantize,  # callable module: onnxshrink.quantize(model, data, output)
+    validate,  # callable module: onnxshrink.validate(ref, cand, data) -> DriftReport
+)
 from onnxshrink.api import OptimizeResult, optimize
 from onnxshrink.errors import ShrinkError
 from onnxshrink.model_io import load, save
