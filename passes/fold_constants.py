@@ -2,6 +2,8 @@
 
 Rules of ``fold_constants`` (every graph, subgraph and function, in order, so a folded value feeds the
 nodes after it in the same run):
+0. A Constant node of a graph or subgraph (not a function, not a graph output) becomes an
+   initializer of the same name (``constants_to_initializers``), as onnxsim and onnxslim do.
 1. A default-domain node whose inputs are all constant (initializers that are not graph inputs,
    Constant nodes, constants of an outer scope) is evaluated (see ``_const_eval``) and its outputs
    become initializers (a Constant node in a function, or for a graph output, whose name is kept).
@@ -50,6 +52,7 @@ class FoldConstantsConfig:
     evaluator: str = "onnxruntime"
     keep_ops: tuple[str, ...] = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
     inline_if: bool = True
+    constants_to_initializers: bool = True
     #: Dims with the same ``dim_param`` name are the same size (the ONNX convention); see _shape_values.
     trust_dim_params: bool = True
 
@@ -104,11 +107,37 @@ class _Folder:
 
     def _visit(self, node: ir.Node, graph, opsets: dict[str, int]) -> None:
         if node.op_type == "Constant" and is_default_domain(node):
+            if self.config.constants_to_initializers and isinstance(graph, ir.Graph):
+                self._to_initializer(node, graph)
             return
         if not all(v is None or _is_constant(v) for v in node.inputs):
             self._fold_shapes(node, graph)
         elif any(o.uses() or o.is_graph_output() for o in node.outputs):
             self._fold_node(node, graph, opsets)
+
+    def _to_initializer(self, node: ir.Node, graph: ir.Graph) -> None:
+        """Rule 0: a Constant node of a graph becomes an initializer of the same name."""
+        out = node.outputs[0]
+        if out.is_graph_output():
+            return
+        attr = node.attributes.get("value")
+        if attr is not None and attr.type == ir.AttributeType.TENSOR:
+            tensor = attr.as_tensor()
+        else:
+            array = const_array(out)
+            if array is None:  # sparse or string-list values stay Constant nodes
+                return
+            tensor = ir.tensor(array)
+        name = out.name or self.names(f"{node.name or 'Constant'}_value")
+        out.name = None
+        tensor.name = name
+        new = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
+        new.const_value = tensor
+        graph.register_initializer(new)
+        out.replace_all_uses_with(new)
+        graph.remove(node, safe=True)
+        self.created.add(new)
+        self.stats.add("constants_to_initializers")
 
     # ------------------------------------------------------------ rule 1: evaluate
     def _fold_node(self, node: ir.Node, graph, opsets: dict[str, int]) -> None:
