@@ -16,13 +16,18 @@ when it proved them equal (fresh ``unk__`` names otherwise).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
+from onnxshrink import checks
 from onnxshrink.graph_utils import const_array, is_default_domain
+
+logger = logging.getLogger(__name__)
 
 #: Integer constants up to this many elements take part in shape arithmetic.
 MAX_ELEMENTS = 64
@@ -254,3 +259,40 @@ def reshape_target(node: ir.Node, lookup: Lookup, trust_dim_params: bool = True)
         else:
             return None
     return np.array(target, dtype=np.int64)
+
+
+def needs_inference(model: ir.Model) -> bool:
+    """Whether a Shape/Size/Reshape input of the main graph (or its subgraphs) has no shape."""
+    for node in model.graph.all_nodes():
+        if node.op_type not in ("Shape", "Size", "Reshape") or not is_default_domain(node) or not node.inputs:
+            continue
+        if node.inputs[0] is not None and node.inputs[0].shape is None:
+            return True
+    return False
+
+
+def infer_missing_shapes(model: ir.Model) -> list[tuple[ir.Value, ir.Shape | None, object]]:
+    """Fill in missing value shapes and dtypes from onnx shape inference.
+
+    The inferred proto is matched to the IR graph by graph position and value name (names are unique
+    in a graph); a failure of shape inference is logged and leaves the model as it was. Returns
+    ``(value, old shape, old type)`` for every value it filled, so the caller can put them back.
+    """
+    try:
+        with checks.lifted_proto(model) as proto:
+            inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception as e:  # noqa: BLE001 - onnx raises several types
+        logger.info("shape inference failed, folding without it: %s", e)
+        return []
+    filled = []
+    for graph, other in zip(model.graphs(), ir.serde.deserialize_model(inferred).graphs()):
+        known = {v.name: v for n in other for v in n.outputs if v.name}
+        for node in graph:
+            for v in node.outputs:
+                twin = known.get(v.name)
+                if twin is None or (v.shape is not None and v.type is not None):
+                    continue
+                filled.append((v, v.shape, v.type))
+                v.shape = v.shape if v.shape is not None else twin.shape
+                v.type = v.type if v.type is not None else twin.type
+    return filled

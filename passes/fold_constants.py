@@ -35,7 +35,6 @@ from onnxshrink.passes import _const_eval as const_eval
 from onnxshrink.passes import _shape_values as shape_values
 from onnxshrink.passes._fold_guards import defined_names, inline_if_refusal, predicted_bytes, refusal
 
-from onnxshrink import checks
 from onnxshrink.errors import ConfigError
 from onnxshrink.graph_utils import NameGen, const_array, drop_node, is_default_domain, subgraphs_of
 from onnxshrink.pass_infra import Changes, PassStats, ShrinkPass
@@ -89,7 +88,9 @@ class _Folder:
         self.created: set[ir.Value] = set()  # constants this run made, dropped again once unused
         self._names: NameGen | None = None
         self._all_names: collections.Counter | None = None
-        self.inferred = infer_missing_shapes(model) if _needs_shape_inference(model) else []
+        self.inferred = (
+            shape_values.infer_missing_shapes(model) if shape_values.needs_inference(model) else []
+        )
 
     def fold_graph(self, graph, opsets: dict[str, int]) -> None:
         for node in list(graph):
@@ -377,39 +378,3 @@ def _disagreement(node: ir.Node, outputs: list[np.ndarray]) -> str | None:
         if old.shape is not None and old.shape.is_static() and tuple(old.shape) != array.shape:
             return f"the evaluator returned shape {array.shape}, the graph says {tuple(old.shape)}"
     return None
-
-
-def _needs_shape_inference(model: ir.Model) -> bool:
-    for node in model.graph.all_nodes():
-        if node.op_type not in ("Shape", "Size", "Reshape") or not is_default_domain(node) or not node.inputs:
-            continue
-        if node.inputs[0] is not None and node.inputs[0].shape is None:
-            return True
-    return False
-
-
-def infer_missing_shapes(model: ir.Model) -> list[tuple[ir.Value, ir.Shape | None, object]]:
-    """Fill in missing value shapes and dtypes from onnx shape inference.
-
-    The inferred proto is matched to the IR graph by graph position and value name (names are unique
-    in a graph); a failure of shape inference is logged and leaves the model as it was. Returns
-    ``(value, old shape, old type)`` for every value it filled, so the caller can put them back.
-    """
-    try:
-        with checks.lifted_proto(model) as proto:
-            inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    except Exception as e:  # noqa: BLE001 - onnx raises several types
-        logger.info("shape inference failed, folding without it: %s", e)
-        return []
-    filled = []
-    for graph, other in zip(model.graphs(), ir.serde.deserialize_model(inferred).graphs()):
-        known = {v.name: v for n in other for v in n.outputs if v.name}
-        for node in graph:
-            for v in node.outputs:
-                twin = known.get(v.name)
-                if twin is None or (v.shape is not None and v.type is not None):
-                    continue
-                filled.append((v, v.shape, v.type))
-                v.shape = v.shape if v.shape is not None else twin.shape
-                v.type = v.type if v.type is not None else twin.type
-    return filled
