@@ -11,6 +11,9 @@ Two unknown dims are the same when they are the same axis of the same ``ir.Value
 ``trust_dim_params``) when both carry the same ``dim_param`` name: by the ONNX convention a dimension
 variable names one size throughout the model, and onnx shape inference gives two dims one name only
 when it proved them equal (fresh ``unk__`` names otherwise).
+
+``infer_missing_shapes`` fills the shapes these rules need from onnx shape inference, and says what it
+filled so that the pass can put the model's ``value_info`` back as it was.
 """
 
 from __future__ import annotations
