@@ -189,9 +189,8 @@ def run_explain(args) -> int:
 
     result = explain.explain(args.reference, args.candidate, args.data, providers=args.providers,
                              threads=args.threads, batches=args.batches, dims=_dims(args), seed=args.seed)
-    print(f"top {min(args.top, len(result.nodes))} of {len(result.nodes)} nodes by SQNR drop "
+    print(f"top {min(args.top, len(result.nodes))} of {len(result.nodes)} nodes by the noise they add "
           f"({result.batches} feeds, {len(result.tensors)} tensors compared, {len(result.unmatched)} unmatched)")
-    print(f"{'node':32s} {'op':18s} {'SQNR':>13s}      {'drop':>8s}")
     for node in result.top(args.top):
         print(node.line())
     if args.json_out:
@@ -219,7 +218,7 @@ def add_check(sub) -> None:
                    help="override a budget or setting, e.g. min_cosine=0.999 or max_latency_ms.cpu=5")
     for key, (_, what) in gate.BUDGETS.items():
         p.add_argument("--" + key.replace("_", "-"), type=float, metavar="X",
-                       help=what + (" (all providers)" if key in gate.PER_PROVIDER else ""))
+                       help=what.replace("%", "%%") + (" (all providers)" if key in gate.PER_PROVIDER else ""))
     p.add_argument("--bench", action="store_true", help="time the models even without a speed budget")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs per model (default 10)")
     p.add_argument("--runs", type=int, default=None, help="timed runs per model (default 100)")

@@ -120,8 +120,8 @@ def test_cli_explain_prints_offenders_and_writes_json(tmp_path, capsys):
                "--threads", "1", "--json", str(out)])
     assert rc == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[2].startswith("layer5/matmul") and "MatMul" in lines[2] and "drop" in lines[2]
-    assert len(lines) == 2 + 3
+    assert lines[1].startswith("layer5/matmul") and "MatMul" in lines[1] and "drop" in lines[1]
+    assert len(lines) == 1 + 3
     doc = json.loads(out.read_text())
     assert doc["nodes"][0]["node"] == "layer5/matmul" and doc["batches"] == 2
     assert doc["tensors"]["act0"]["sqnr_db"] == "inf"
