@@ -204,12 +204,19 @@ def test_check_exit_code_2_on_usage_and_input_errors(models, tmp_path, capsys):
     assert e.value.code == 2
 
 
-def test_check_with_a_speed_budget_times_both_models(models, tmp_path):
+def test_check_with_a_speed_budget_and_a_metric_on_labeled_data(models, tmp_path):
     ref, faithful, _ = models
-    junit = tmp_path / "gate.xml"
+    data = tmp_path / "val.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, input=rng.standard_normal((3, 3, 32, 32)).astype(np.float32), labels=np.array([1, 2, 3]))
+    junit, out = tmp_path / "gate.xml", tmp_path / "gate.json"
     # min_speedup 0 and a huge latency budget hold whatever the timing: the test checks plumbing only
-    rc = main(["check", ref, faithful, "--shape", "N=1", "--count", "1", "--threads", "1", "--runs", "3",
-               "--warmup", "1", "--min-speedup", "0", "--set", "max_latency_ms.cpu=1e9", "--junit", str(junit)])
+    rc = main(["check", ref, faithful, "--data", str(data), "--metric", "accuracy", "--max-metric-drop", "0",
+               "--threads", "1", "--runs", "3", "--warmup", "1", "--min-speedup", "0",
+               "--set", "max_latency_ms.cpu=1e9", "--junit", str(junit), "--json", str(out)])
     assert rc == 0
     names = [c.get("name") for c in ET.parse(junit).getroot().iter("testcase")]
-    assert names == ["finite_outputs", "outputs_match", "min_speedup.cpu", "max_latency_ms.cpu"]
+    assert names == ["finite_outputs", "outputs_match", "max_metric_drop", "min_speedup.cpu", "max_latency_ms.cpu"]
+    doc = json.loads(out.read_text())
+    assert doc["measurements"]["drift"]["metric"]["drop"] == 0
+    assert doc["measurements"]["bench"]["feed"] == {"input": [1, 3, 32, 32]}
