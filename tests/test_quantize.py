@@ -1,0 +1,233 @@
+"""Tests of ``onnxshrink.quantize`` end to end: accuracy on trained models, ORT fusion, opset upgrade,
+dynamic shapes, If bodies, masks, bad calibration data and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import onnxshrink
+from models import digits, zoo
+from onnxshrink import cli, cli_quantize, model_io
+from onnxshrink.errors import ConfigError, DataError
+from onnxshrink.quantize import CALIB_METHODS, fusion_report
+from tests.qdq_helpers import cosine, dq_feeding, feeds_for, model, ort_run, weights
+
+
+def _accuracy(path, x, y) -> float:
+    return digits.accuracy(ort_run(path, {"input": x})[0], y)
+
+
+@pytest.mark.parametrize("name", digits.TRAINED)
+def test_trained_digits_accuracy_drop_within_one_point_and_fully_fused(name, tmp_path):
+    x, y = digits.model_input(name, "test")
+    result = onnxshrink.quantize(
+        digits.trained_path(name), digits.feeds(name, "calib", batch=32), tmp_path / "q.onnx", cache_dir=False
+    )
+    assert result.plan.summary()["quantized_nodes"] > 0
+    before, after = _accuracy(digits.trained_path(name), x, y), _accuracy(result.output, x, y)
+    assert before - after <= 0.01, f"{name}: accuracy {before:.4f} -> {after:.4f}"
+    report = fusion_report(result.output)
+    assert report, str(report)
+    assert result.after["initializer_bytes"] < 0.4 * result.before["initializer_bytes"]
+
+
+@pytest.mark.parametrize("name", ["resnet", "inception", "densenet", "grouped_conv", "split_branches", "mlp"])
+def test_zoo_models_fully_fused(name, tmp_path):
+    proto = zoo.build(name)
+    feeds = feeds_for(proto, n=4, batch=2)
+    result = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", cache_dir=False)
+    report = fusion_report(result.output)
+    assert report, str(report)
+    assert not any(op in report.ops for op in ("Conv", "Gemm", "MatMul")), report.ops
+    got, ref = ort_run(result.output, feeds[0])[0], ort_run(proto, feeds[0])[0]
+    assert cosine(ref, got) > 0.99
+
+
+def test_opset11_model_is_upgraded_and_per_channel(tmp_path):
+    proto = model("""g (float[1,4,8,8] inp) => (float[1,8,8] out) {
+        x = Conv <pads=[1,1,1,1]> (inp, W1, B1)
+        r = Relu(x)
+        c = Conv <pads=[1,1,1,1]> (r, W2, B2)
+        out = Squeeze <axes=[1]> (c)
+    }""", {"W1": weights(8, 4, 3, 3), "B1": weights(8), "W2": weights(1, 8, 3, 3), "B2": weights(1)}, opset=11)
+    feeds = feeds_for(proto)
+    result = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", cache_dir=False)
+    assert result.opset_upgraded_from == 11
+    saved = onnx.load(str(result.output))
+    assert next(o.version for o in saved.opset_import if o.domain in ("", "ai.onnx")) >= 13
+    onnx.checker.check_model(saved, full_check=True)
+    axes = [a.i for n in saved.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute if a.name == "axis"]
+    assert axes, "no per-channel DequantizeLinear"
+    assert cosine(ort_run(proto, feeds[0])[0], ort_run(result.output, feeds[0])[0]) > 0.995
+
+
+def test_dynamic_batch_model(tmp_path):
+    proto = zoo.build("dynamic_batch")
+    feeds = feeds_for(proto, n=4, batch=3)
+    result = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", cache_dir=False)
+    saved = onnx.load(str(result.output))
+    assert saved.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # still symbolic
+    for batch in (1, 7):
+        feed = feeds_for(proto, n=1, batch=batch, seed=9)[0]
+        got, ref = ort_run(result.output, feed)[0], ort_run(proto, feed)[0]
+        assert got.shape[0] == batch and cosine(ref, got) > 0.99
+
+
+def _if_model(else_convs: int = 1, thr: float = 0.0) -> onnx.ModelProto:
+    """Input -> If(sum > thr): then Conv-Relu-Conv, else ``else_convs`` convs; everything sits in branches."""
+    def conv_branch(name, n_convs):
+        nodes, prev = [], "inp"
+        for i in range(n_convs):
+            nodes.append(helper.make_node("Conv", [prev, f"{name}_w{i}", f"{name}_b{i}"], [f"{name}_c{i}"],
+                                          pads=[1, 1, 1, 1], name=f"{name}_c{i}"))
+            prev = f"{name}_c{i}"
+            if i + 1 < n_convs:
+                nodes.append(helper.make_node("Relu", [prev], [f"{name}_r{i}"]))
+                prev = f"{name}_r{i}"
+        nodes.append(helper.make_node("Identity", [prev], [f"{name}_out"]))
+        inits = [numpy_helper.from_array(weights(4, 4, 3, 3), f"{name}_w{i}") for i in range(n_convs)]
+        inits += [numpy_helper.from_array(weights(4), f"{name}_b{i}") for i in range(n_convs)]
+        out = helper.make_tensor_value_info(f"{name}_out", onnx.TensorProto.FLOAT, [1, 4, 8, 8])
+        return helper.make_graph(nodes, name, [], [out], inits)
+
+    nodes = [
+        helper.make_node("ReduceSum", ["inp"], ["s"], keepdims=0),
+        helper.make_node("Greater", ["s", "thr"], ["cond"]),
+        helper.make_node("If", ["cond"], ["out"], then_branch=conv_branch("then", 2),
+                         else_branch=conv_branch("else", else_convs)),
+    ]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("inp", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
+                          [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
+                          [numpy_helper.from_array(np.array(thr, np.float32), "thr")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _conv_inputs_dequantized(m) -> dict[str, bool]:
+    return {n.name: dq_feeding(n, 1) is not None
+            for n in m.graph.all_nodes() if n.op_type == "Conv"}
+
+
+def test_if_bodies_are_quantized(tmp_path):
+    proto = _if_model()
+    feeds = feeds_for(proto, n=8)
+    feeds = [{"inp": f["inp"] + (2.0 if i % 2 else -2.0)} for i, f in enumerate(feeds)]  # both branches
+    result = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", cache_dir=False)
+    assert _conv_inputs_dequantized(result.model) == {"then_c0": True, "then_c1": True, "else_c0": True}
+    for feed in feeds[:2]:
+        assert cosine(ort_run(proto, feed)[0], ort_run(result.output, feed)[0]) > 0.995
+
+
+def test_branch_never_taken_stays_float_with_a_reason_and_all_float_warns(tmp_path, caplog):
+    feeds = feeds_for(_if_model(), n=4)
+    result = onnxshrink.quantize(_if_model(thr=-1e9), feeds, tmp_path / "q.onnx", cache_dir=False)
+    assert _conv_inputs_dequantized(result.model) == {"then_c0": True, "then_c1": True, "else_c0": False}
+    assert "not in the calibration table (it lives in a subgraph)" in " ".join(result.skipped)
+    caplog.clear()
+    nothing = onnxshrink.quantize(_if_model(else_convs=0, thr=1e9), feeds, tmp_path / "q2.onnx", cache_dir=False)
+    assert not any(_conv_inputs_dequantized(nothing.model).values())
+    assert "nothing was quantized" in caplog.text
+
+
+def test_attention_mask_keeps_ranges_sane(tmp_path):
+    proto = model("""g (float[1,6,16] inp, float[1,1,6] m) => (float[1,6,16] out) {
+        q = MatMul(inp, Wq)
+        k = MatMul(inp, Wk)
+        v = MatMul(inp, Wv)
+        kt = Transpose <perm=[0,2,1]> (k)
+        s = MatMul(q, kt)
+        inv = Sub(one, m)
+        bias = Mul(inv, fmin)
+        a = Add(s, bias)
+        p = Softmax <axis=-1> (a)
+        o = MatMul(p, v)
+        out = MatMul(o, Wo)
+    }""", {"Wq": weights(16, 16), "Wk": weights(16, 16), "Wv": weights(16, 16), "Wo": weights(16, 16),
+           "one": np.array(1.0, np.float32), "fmin": np.array(np.finfo(np.float32).min, np.float32)})
+    rng = np.random.default_rng(3)
+    feeds = [{"inp": rng.standard_normal((1, 6, 16)).astype(np.float32),
+              "m": (np.arange(6) < rng.integers(2, 7)).astype(np.float32).reshape(1, 1, 6)} for _ in range(8)]
+    result = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", cache_dir=False)
+    saved = onnx.load(str(result.output))
+    inits = {t.name: numpy_helper.to_array(t) for t in saved.graph.initializer}
+    for n in saved.graph.node:
+        if n.op_type == "QuantizeLinear":
+            assert float(inits[n.input[1]]) * 255 < 100, f"{n.name}: range swamped by the mask"
+    for feed in feeds[:3]:
+        assert cosine(ort_run(proto, feed)[0], ort_run(result.output, feed)[0]) > 0.99
+
+
+def test_constant_zero_activation_gets_a_safe_scale(tmp_path):
+    proto = model("""g (float[1,4,8,8] inp) => (float[1,4,8,8] out) {
+        r = Relu(inp)
+        out = Conv <pads=[1,1,1,1]> (r, W, B)
+    }""", {"W": weights(4, 4, 3, 3), "B": weights(4)})
+    feeds = [{"inp": -np.abs(f["inp"]) - 0.1} for f in feeds_for(proto)]  # Relu output is always 0
+    result = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", cache_dir=False)
+    saved = onnx.load(str(result.output))
+    for t in saved.graph.initializer:
+        a = numpy_helper.to_array(t)
+        if a.dtype == np.float32:
+            assert np.all(np.isfinite(a))
+    scales = [numpy_helper.to_array(next(t for t in saved.graph.initializer if t.name == n.input[1]))
+              for n in saved.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert scales and all(np.all(s > 0) for s in scales)
+    np.testing.assert_allclose(ort_run(result.output, feeds[0])[0], ort_run(proto, feeds[0])[0], atol=0.02)
+
+
+@pytest.mark.parametrize("bad", ["name", "dtype", "shape", "empty", "nan", "none"])
+def test_bad_calibration_data_raises_data_error(bad, tmp_path):
+    proto = zoo.build("plain_cnn")
+    good = feeds_for(proto, n=2, batch=1)[0]
+    key = next(iter(good))
+    data = {
+        "name": [{"wrong": good[key]}],
+        "dtype": [{key: good[key].astype(np.float64)}],
+        "shape": [{key: good[key][..., :3]}],
+        "empty": [],
+        "nan": [{key: np.full_like(good[key], np.nan)}],
+        "none": None,
+    }[bad]
+    with pytest.raises(DataError):
+        onnxshrink.quantize(proto, data, tmp_path / "q.onnx", cache_dir=False)
+
+
+def test_options_per_tensor_exclusions_and_recovery_hook(tmp_path):
+    proto = zoo.build("plain_cnn")
+    feeds = feeds_for(proto, n=4)
+    seen = []
+    result = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", cache_dir=False, per_channel=False,
+                                 exclude_ops=["Gemm"], recovery=[seen.append])
+    assert len(seen) == 1 and seen[0].model is result.model and seen[0].float_model is not result.model
+    dqs = [n for n in result.model.graph if n.op_type == "DequantizeLinear"]
+    assert all(n.inputs[1].const_value.numpy().ndim == 0 for n in dqs)
+    gemm = next(n for n in result.model.graph if n.op_type == "Gemm")
+    assert dq_feeding(gemm, 1) is None and any("excluded" in s for s in result.skipped)
+    with pytest.raises(ConfigError):
+        onnxshrink.quantize(proto, feeds, method="median", cache_dir=False)
+
+
+def test_cli_quantize_int8(tmp_path, capsys):
+    proto = zoo.build("resnet")
+    src = tmp_path / "m.onnx"
+    onnx.save(proto, src)
+    data_dir = tmp_path / "calib"
+    data_dir.mkdir()
+    for i, feed in enumerate(feeds_for(proto, n=4)):
+        np.savez(data_dir / f"{i:03d}.npz", **feed)
+    out, rep = tmp_path / "q.onnx", tmp_path / "r.json"
+    rc = cli.main(["optimize", str(src), "-o", str(out), "--quantize", "int8", "--calibration", str(data_dir),
+                   "--calib-method", "percentile", "--exclude-op", "Gemm", "--report", str(rep)])
+    assert rc == 0 and out.exists()
+    printed = capsys.readouterr().out
+    assert "every QDQ node unit fused" in printed and "percentile" in printed
+    report = json.loads(rep.read_text())
+    assert report["fusion"]["unfused"] == [] and report["plan"]["quantized_ops"].get("Gemm") is None
+    assert model_io.load(out).graph.outputs[0].name == proto.graph.output[0].name
+    assert cli.main(["optimize", str(src), "--quantize", "int8"]) == ConfigError.exit_code
+    assert cli.main(["optimize", str(src), "--preset", "int8"]) == ConfigError.exit_code
+    assert cli_quantize.CALIB_METHODS == CALIB_METHODS
