@@ -18,17 +18,13 @@ values: ``bool(report)`` is True when nothing failed; thresholds are the gate's 
 
 Task metric (optional): a callable ``metric(outputs, labels) -> score | (score, weight)``, called once
 per feed with the model's outputs by name and that feed's labels (an array stored with each feed under
-``labels_key``, not a model input; None without one). The weight defaults to ``len(labels)`` (1
-without labels); the data set's score is the weighted mean. Scores are higher-is-better (return a
-negative loss). ``load_metric("module:function")`` or ``"path/to/file.py:function"`` or a built-in
-name (``accuracy``) gives such a callable.
+``labels_key``, not a model input). The weight defaults to ``len(labels)``; the data set's score is the
+weighted mean, higher is better. See ``onnxshrink.task_metrics`` (``load_metric``, ``accuracy``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import logging
 import math
 import os
@@ -36,19 +32,24 @@ import sys
 import time
 import types
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import numpy as np
 
 from onnxshrink import data as data_mod
 from onnxshrink import model_io, runtime
-from onnxshrink.errors import ConfigError, DataError, RuntimeFailure
+from onnxshrink.errors import RuntimeFailure
+from onnxshrink.task_metrics import (  # noqa: F401 - accuracy and load_metric are part of this API
+    Metric,
+    MetricResult,
+    ScoreSum,
+    accuracy,
+    classifier_like,
+    load_metric,
+)
 
 logger = logging.getLogger(__name__)
 
 REL_FLOOR = 1e-6
-
-Metric = Callable[[Mapping[str, np.ndarray], "np.ndarray | None"], "float | tuple[float, float]"]
 
 
 @dataclasses.dataclass
@@ -113,7 +114,7 @@ class _Accumulator:
         self.dot, self.rr, self.cc = self.dot + dot, self.rr + rr, self.cc + cc
         self.noise += float(d @ d)
         o.worst_feed_cosine = min(o.worst_feed_cosine, cosine_from_sums(dot, rr, cc))
-        if _classifier_like(ref):
+        if classifier_like(ref):
             self._update_topk(ref, cand)
 
     def _update_topk(self, ref: np.ndarray, cand: np.ndarray) -> None:
@@ -158,31 +159,6 @@ def sqnr_db(signal: float, noise: float) -> float:
     if signal == 0:
         return -math.inf
     return 10.0 * math.log10(signal / noise)
-
-
-def _classifier_like(a: np.ndarray) -> bool:
-    return a.ndim == 2 and a.shape[1] >= 2 and a.dtype.kind == "f"
-
-
-@dataclasses.dataclass
-class MetricResult:
-    """A task metric for both models; ``drop = reference - candidate`` (scores are higher-is-better)."""
-
-    name: str
-    reference: float
-    candidate: float
-
-    @property
-    def difference(self) -> float:
-        return self.candidate - self.reference
-
-    @property
-    def drop(self) -> float:
-        return self.reference - self.candidate
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "reference": self.reference, "candidate": self.candidate,
-                "difference": self.difference, "drop": self.drop}
 
 
 @dataclasses.dataclass
@@ -286,7 +262,7 @@ def compare(
     t0 = time.perf_counter()
     metric_fn, metric_name = (load_metric(metric), str(metric)) if isinstance(metric, str) else (
         metric, getattr(metric, "__name__", "metric"))
-    ref_model, cand_model = _load(reference), _load(candidate)
+    ref_model, cand_model = model_io.load(reference), model_io.load(candidate)
     extras = (labels_key,) if metric_fn is not None and data is not None else ()
     source = data_mod.feeds(data, ref_model, dims=dims, count=count, seed=seed, extras=extras)
     provs = runtime.resolve_providers(providers)
@@ -302,31 +278,24 @@ def compare(
     names = [n for n in ref_names if n in cand_names]
     report.problems.extend(f"the candidate has no output {n!r}" for n in ref_names if n not in cand_names)
     accs = {n: _Accumulator(n, rel_floor) for n in names}
-    scores = {"reference": [0.0, 0.0], "candidate": [0.0, 0.0]}
-    total = source.count
+    scores = [ScoreSum(metric_fn, metric_name) for _ in range(2)] if metric_fn is not None else None
     for i, (feed, extra) in enumerate(source.labeled()):
         where = f"feed {i}"
         ref_out = dict(zip(names, _run(ref_sess, names, feed, where, "reference")))
         cand_out = dict(zip(names, _run(cand_sess, names, feed, where, "candidate")))
         for n in names:
             accs[n].update(ref_out[n], cand_out[n], where)
-        if metric_fn is not None:
-            labels = extra.get(labels_key)
-            _add_score(scores["reference"], metric_fn, ref_out, labels, metric_name)
-            _add_score(scores["candidate"], metric_fn, cand_out, labels, metric_name)
+        if scores:
+            scores[0].add(ref_out, extra.get(labels_key))
+            scores[1].add(cand_out, extra.get(labels_key))
         report.feeds += 1
         if progress:
-            progress(i + 1, total)
+            progress(i + 1, source.count)
     report.outputs = {n: a.result() for n, a in accs.items()}
-    if metric_fn is not None:
-        report.metric = MetricResult(metric_name, *(_mean(scores[k], metric_name) for k in scores))
+    if scores:
+        report.metric = MetricResult(metric_name, scores[0].mean(), scores[1].mean())
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def _load(model):
-    """An ``ir.Model`` for input specs (paths load lazily: external weights are not read)."""
-    return model_io.load(model)
 
 
 def _session(source, model, providers, threads, role: str):
@@ -358,72 +327,6 @@ def _interface_problem(ref_specs, cand_specs) -> str | None:
         if cand[name].dtype != s.dtype:
             return f"input {name!r}: the candidate expects {cand[name].dtype}, the reference {s.dtype}"
     return None
-
-
-def _add_score(acc: list, fn: Metric, outputs, labels, name: str) -> None:
-    try:
-        value = fn(outputs, labels)
-    except Exception as e:  # user code
-        raise ConfigError(f"metric {name!r} raised {type(e).__name__}: {e}") from e
-    if isinstance(value, tuple):
-        score, weight = float(value[0]), float(value[1])
-    else:
-        score, weight = float(value), float(len(labels)) if labels is not None and np.ndim(labels) else 1.0
-    acc[0] += score * weight
-    acc[1] += weight
-
-
-def _mean(acc: list, name: str) -> float:
-    if acc[1] <= 0:
-        raise ConfigError(f"metric {name!r}: the weights sum to {acc[1]}; return (score, weight > 0)")
-    return acc[0] / acc[1]
-
-
-def accuracy(outputs: Mapping[str, np.ndarray], labels) -> tuple[float, float]:
-    """Top-1 accuracy of the first classifier-like output against integer ``labels`` (one per row)."""
-    if labels is None:
-        raise DataError("the accuracy metric needs labels stored with the data (a 'labels' array)")
-    logits = next((a for a in outputs.values() if _classifier_like(np.asarray(a))), None)
-    if logits is None:
-        raise DataError("the accuracy metric needs a 2-D [N, classes] float output")
-    labels = np.asarray(labels).reshape(-1)
-    if len(labels) != len(logits):
-        raise DataError(f"accuracy: {len(labels)} labels for {len(logits)} output rows")
-    correct = float((np.asarray(logits).argmax(axis=1) == labels).sum())
-    return correct / len(labels), float(len(labels))
-
-
-#: Metrics available by name on the command line.
-BUILTIN_METRICS: dict[str, Metric] = {"accuracy": accuracy}
-
-
-def load_metric(spec: str) -> Metric:
-    """A built-in metric name, ``module:function`` (importable; the current folder is searched) or
-    ``path/to/file.py:function``."""
-    if spec in BUILTIN_METRICS:
-        return BUILTIN_METRICS[spec]
-    target, sep, attr = spec.rpartition(":")
-    if not sep or not target or not attr:
-        raise ConfigError(f"metric {spec!r}: write module:function, file.py:function or one of "
-                          f"{sorted(BUILTIN_METRICS)}")
-    try:
-        if target.endswith(".py"):
-            path = Path(target)
-            mod_spec = importlib.util.spec_from_file_location(f"_onnxshrink_metric_{path.stem}", path)
-            if mod_spec is None or not path.is_file():
-                raise FileNotFoundError(target)
-            module = importlib.util.module_from_spec(mod_spec)
-            mod_spec.loader.exec_module(module)
-        else:
-            if os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            module = importlib.import_module(target)
-        fn = getattr(module, attr)
-    except (ImportError, OSError, AttributeError, SyntaxError) as e:
-        raise ConfigError(f"metric {spec!r}: cannot load it ({type(e).__name__}: {e})") from e
-    if not callable(fn):
-        raise ConfigError(f"metric {spec!r}: {attr} is not callable")
-    return fn
 
 
 def _jsonable(obj):
