@@ -137,10 +137,18 @@ def run_bench(args) -> int:
 
 
 def _bench_progress(args):
-    show = _progress(args, "bench")
-    if show is None:
+    """Rounds done on a terminal; one line per finished provider in logs (CI)."""
+    if getattr(args, "quiet", False):
         return None
-    return lambda provider, done, total: show(f"{provider} round {done}", total)
+    show = _progress(args, "bench")
+    if show is not None:
+        return lambda provider, done, total: show(f"{provider} round {done}", total)
+
+    def log(provider, done, total):
+        if done == total:
+            print(f"bench: {provider}: {total} interleaved rounds done", file=sys.stderr)
+
+    return log
 
 
 def _print_bench(result) -> None:

@@ -51,7 +51,6 @@ class MetricResult:
                 "difference": self.difference, "drop": self.drop}
 
 
-
 class ScoreSum:
     """Weighted running sum of a metric's per-feed scores for one model."""
 
