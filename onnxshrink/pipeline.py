@@ -178,10 +178,25 @@ def int8_steps() -> list[Step]:
     )
 
 
+#: Cleanup before pruning: BatchNorm kept, so the ``bn`` criterion and BN re-estimation still see it.
+PRE_PRUNE_PASSES = ("fold_constants", "eliminate_identities", "cse", "dead_code")
+
+
+def prune_steps() -> list[Step]:
+    """The ``prune`` preset: cleanup, data-free pruning of 30% of the channels (L1, widths rounded to
+    8), then the lossless loop. Other ratios, data criteria, reconstruction: ``optimize --prune RATIO``
+    or ``onnxshrink.prune(...)``."""
+    from onnxshrink.passes import REGISTRY
+
+    pre = FixedPoint([make_pass(n) for n in PRE_PRUNE_PASSES if n in REGISTRY])
+    return [pre, make_pass("prune_channels"), *lossless_steps()]
+
+
 #: Named presets. Each maps to a function returning fresh pass instances.
 PRESETS: dict[str, Callable[[], list[Step]]] = {
     "default": lossless_steps,
     "int8": int8_steps,
+    "prune": prune_steps,
 }
 
 

@@ -1,0 +1,492 @@
+"""The pruning dependency graph of an ONNX model.
+
+Nodes of the networkx graph are channel slots ``(value, axes)``; edges come from ONE explicit table of
+per-op channel rules, ``RULES`` (families in :mod:`onnxshrink.channel_rules` and
+:mod:`onnxshrink.channel_reshape`). Each edge carries an index map (identity, concat/split/slice
+offsets, flatten strides, group residues, head splits). Building starts from the output channels of
+every Conv/ConvTranspose/Gemm/MatMul and walks every op that touches a slot.
+
+Connected components of the slot graph are the coupled groups of layers. Inside them, cells (one
+index of one slot) joined through the index maps form *atoms*: the smallest sets of channels that can
+be removed together (a channel, a whole conv group, an attention head with its Q/K/V/out features).
+Atoms touching the same slots form a :class:`Group`, the unit a plan prunes. A group is blocked,
+never pruned, when one of its slots is a graph input or output, is read inside a subgraph, or reaches
+an op that is not in the table or that the table refuses; ``Group.stops`` says which op and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from collections import defaultdict
+
+import networkx as nx
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxshrink import channel_rules as cr
+from onnxshrink.channel_reshape import reshape, resolve_minus_one, shape_entries, shape_op
+from onnxshrink.checks import lifted_proto
+from onnxshrink.graph_utils import const_array
+
+logger = logging.getLogger(__name__)
+
+UNARY_OPS = (
+    "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu", "Gelu",
+    "Erf", "Softplus", "Softsign", "Mish", "Exp", "Log", "Abs", "Neg", "Sqrt", "Reciprocal", "Identity",
+    "Cast", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "ThresholdedRelu", "Dropout",
+)
+ELEMENTWISE_OPS = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Clip")
+POOL_OPS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
+REDUCE_OPS = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+              "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp")
+
+#: THE rule table: op type (default ONNX domain) -> channel rule. Any other op is a barrier.
+RULES: dict[str, cr.RuleFn] = {
+    "Conv": cr.conv,
+    "ConvTranspose": cr.conv,
+    "Gemm": cr.gemm,
+    "MatMul": cr.matmul,
+    "BatchNormalization": cr.batchnorm,
+    "InstanceNormalization": cr.batchnorm,
+    **{op: cr.unary for op in UNARY_OPS},
+    **{op: cr.elementwise for op in ELEMENTWISE_OPS},
+    **{op: cr.pool for op in POOL_OPS},
+    **{op: cr.reduce for op in REDUCE_OPS},
+    "Resize": cr.resize,
+    "Upsample": cr.resize,
+    "Transpose": cr.transpose,
+    "Softmax": cr.softmax,
+    "LogSoftmax": cr.softmax,
+    "Concat": cr.concat,
+    "Split": cr.split,
+    "Slice": cr.slice_,
+    "Reshape": reshape,
+    "Flatten": reshape,
+    "Squeeze": reshape,
+    "Unsqueeze": reshape,
+    "Shape": shape_op,
+    "Constant": cr.constant,
+}
+
+#: Ops whose constant weight has an output-channel axis and an input-channel axis: (out, in).
+WEIGHT_AXES = {"Conv": (0, 1), "ConvTranspose": (1, 0), "Gemm": None, "MatMul": (1, 0)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    value: ir.Value
+    axes: tuple[int, ...]
+
+    def label(self) -> str:
+        return f"{value_name(self.value)}:{','.join(map(str, self.axes))}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stop:
+    """Why channels stop: the op that refused them, the value they reached it through, the reason."""
+
+    node: str
+    op_type: str
+    value: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.op_type} {self.node!r} (via {self.value!r}): {self.reason}"
+
+
+@dataclasses.dataclass
+class Group:
+    """Atoms touching the same slots: the unit a plan prunes."""
+
+    id: int
+    key: str
+    slots: list[Slot]
+    atoms: list[dict[Slot, np.ndarray]]  # per atom: slot -> its cell indices
+    stops: list[Stop]
+    producers: list[str]  # weight ops whose output channels are in the group
+    consumers: list[str]  # weight ops whose input channels are in the group
+    nodes: list[str]  # every op joining the group's slots
+
+    @property
+    def blocked(self) -> bool:
+        return bool(self.stops)
+
+    @property
+    def width(self) -> int:
+        return len(self.atoms)
+
+    def atom_size(self, slot: Slot) -> int:
+        return len(self.atoms[0][slot]) if self.atoms else 0
+
+    def channels_per_atom(self) -> int:
+        """Cells per atom on the narrowest constant weight slot (1 for plain channels, d for heads)."""
+        sizes = [self.atom_size(s) for s in self.slots if is_const(s.value)]
+        sizes = [s for s in sizes if s] or [self.atom_size(s) for s in self.slots] or [1]
+        return min(sizes)
+
+    def describe(self) -> dict:
+        return {
+            "id": self.id, "key": self.key, "atoms": self.width,
+            "channels_per_atom": self.channels_per_atom(), "producers": self.producers,
+            "consumers": self.consumers, "nodes": self.nodes, "stops": [str(s) for s in self.stops],
+        }
+
+
+def is_const(v: ir.Value) -> bool:
+    """A constant the pass can slice: a (non-input) initializer or a Constant node's output."""
+    if v.is_graph_input():
+        return False
+    prod = v.producer()
+    return v.const_value is not None or (prod is not None and prod.op_type == "Constant")
+
+
+def value_name(v: ir.Value) -> str:
+    if v.name:
+        return v.name
+    prod = v.producer()
+    return f"{prod.name or prod.op_type}#{v.index()}" if prod is not None else "<anonymous>"
+
+
+def infer_shapes(model: ir.Model) -> dict[ir.Value, tuple]:
+    """Static shapes of every main-graph value (symbolic dims as strings, unknown as None); pure."""
+    shapes: dict[ir.Value, tuple] = {}
+    graph = model.graph
+    try:
+        with lifted_proto(model) as proto:
+            inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception as e:  # noqa: BLE001 - onnx raises several types
+        logger.info("shape inference failed; falling back to the shapes the model carries: %s", e)
+        inferred = None
+    by_name = {}
+    if inferred is not None:
+        for vi in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]:
+            t = vi.type.tensor_type
+            if t.HasField("shape"):
+                by_name[vi.name] = tuple(
+                    d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim
+                )
+    for v in _main_values(graph):
+        if v.const_value is not None:
+            shapes[v] = tuple(int(d) for d in v.const_value.shape)
+        elif v.name in by_name:
+            shapes[v] = by_name[v.name]
+        elif v.shape is not None:
+            shapes[v] = tuple(d if isinstance(d, int) else (str(d) if d.value else None) for d in v.shape)
+    return shapes
+
+
+def _main_values(graph: ir.Graph):
+    seen = set()
+    for v in [*graph.inputs, *graph.initializers.values()]:
+        seen.add(v)
+        yield v
+    for node in graph:
+        for v in [*node.inputs, *node.outputs]:
+            if v is not None and v not in seen:
+                seen.add(v)
+                yield v
+
+
+class DepGraph:
+    """Build with :func:`build`. ``graph``: networkx slot graph; ``groups``: prunable units."""
+
+    def __init__(self, model: ir.Model, ctx: cr.Ctx) -> None:
+        self.model = model
+        self.ctx = ctx
+        self.graph = nx.Graph()
+        self.blocked: dict[Slot, list[Stop]] = defaultdict(list)
+        self.groups: list[Group] = []
+        self._links: list[tuple[Slot, Slot, np.ndarray | None, np.ndarray | None, str]] = []
+        self._order = {n: i for i, n in enumerate(model.graph)}
+
+    # ------------------------------------------------------------ building
+
+    def seed_slots(self) -> list[Slot]:
+        """Output channels of every op with a constant weight (the places channels are made)."""
+        seeds = []
+        for node in self.model.graph:
+            if node.op_type in WEIGHT_AXES and len(node.inputs) > 1 and weight_axes(node, 1):
+                y = node.outputs[0]
+                shape = self.ctx.shape(y)
+                if shape:
+                    axis = 1 if node.op_type in ("Conv", "ConvTranspose") else len(shape) - 1
+                    seeds.append(Slot(y, (axis,)))
+        return seeds
+
+    def walk(self, seeds) -> None:
+        todo, seen = list(seeds), set()
+        while todo:
+            slot = todo.pop()
+            if slot in seen:
+                continue
+            seen.add(slot)
+            self._ensure(slot)
+            todo.extend(self._expand(slot))
+
+    def _ensure(self, slot: Slot) -> None:
+        if slot not in self.graph:
+            self.graph.add_node(slot, dims=self.ctx.dims(slot.value, slot.axes))
+
+    def _expand(self, slot: Slot) -> list[Slot]:
+        v = slot.value
+        dims = self.ctx.dims(v, slot.axes)
+        if dims is None:
+            self._block(slot, None, "channel dimension not static")
+            return []
+        if v.is_graph_input() or v.is_graph_output():
+            self._block(slot, None, "graph inputs and outputs never change")
+        out = []
+        for node, port in self._ports(v):
+            if node.graph is not self.model.graph:
+                self._block(slot, node, "read inside a subgraph (If/Loop/Scan body)")
+                continue
+            rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+            if rule is None:
+                self._block(slot, node, f"{node.domain + '.' if node.domain else ''}{node.op_type} "
+                            "is not in the channel rule table")
+                continue
+            result = rule(node, port, slot.axes, self.ctx)
+            if isinstance(result, cr.Barrier):
+                self._block(slot, node, result.reason)
+                continue
+            for link in result:
+                tgt = Slot(link.value, tuple(link.axes))
+                if self.ctx.dims(tgt.value, tgt.axes) is None:
+                    self._block(slot, node, f"channel dims of {value_name(tgt.value)!r} unknown")
+                    continue
+                self._add_link(slot, tgt, link.src, link.dst, node)
+                out.append(tgt)
+        return out
+
+    def _ports(self, v: ir.Value):
+        prod = v.producer()
+        if prod is not None:
+            yield prod, ("out", v.index())
+        seen = set()
+        for use in v.uses():
+            if (use.node, use.idx) not in seen:
+                seen.add((use.node, use.idx))
+                yield use.node, ("in", use.idx)
+
+    def _block(self, slot: Slot, node: ir.Node | None, reason: str) -> None:
+        stop = Stop(node.name or "<unnamed>" if node is not None else "-",
+                    node.op_type if node is not None else "graph", value_name(slot.value), reason)
+        if stop not in self.blocked[slot]:
+            self.blocked[slot].append(stop)
+
+    def _add_link(self, a: Slot, b: Slot, src, dst, node) -> None:
+        self._ensure(a)
+        self._ensure(b)
+        self.graph.add_edge(a, b)
+        self.graph.edges[a, b].setdefault("nodes", set()).add(node)
+        self._links.append((a, b, src, dst, node))
+
+    def link_overlaps(self) -> None:
+        """Two slots of one value sharing axes: a cell of one goes with the cells it overlaps."""
+        by_value = defaultdict(list)
+        for s in list(self.graph.nodes):
+            by_value[s.value].append(s)
+        for slots in by_value.values():
+            for i, a in enumerate(slots):
+                for b in slots[i + 1:]:
+                    common = tuple(x for x in a.axes if x in b.axes)
+                    if not common:
+                        continue
+                    mid = Slot(a.value, common)
+                    for s in (a, b):
+                        if s != mid:
+                            keep = [s.axes.index(x) for x in common]
+                            link = cr.projection(mid.value, common, self.ctx.dims(s.value, s.axes), keep)
+                            self._add_link(s, mid, link.src, link.dst, None)
+
+    # ------------------------------------------------------------ atoms and groups
+
+    def _offsets(self) -> tuple[dict[Slot, int], int]:
+        offsets, total = {}, 0
+        for s in self.graph.nodes:
+            offsets[s] = total
+            total += int(np.prod(self.graph.nodes[s]["dims"] or (0,)))
+        return offsets, total
+
+    def _edge_arrays(self, offsets, extra=()):
+        us, vs = [], []
+        for a, b, src, dst, _ in [*self._links, *extra]:
+            if self.graph.nodes[a]["dims"] is None or self.graph.nodes[b]["dims"] is None:
+                continue
+            n = int(np.prod(self.graph.nodes[a]["dims"]))
+            src = np.arange(n) if src is None else src
+            dst = np.arange(n) if dst is None else dst
+            us.append(offsets[a] + src)
+            vs.append(offsets[b] + dst)
+        if not us:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(us).astype(np.int64), np.concatenate(vs).astype(np.int64)
+
+    def atoms(self) -> tuple[dict[Slot, int], np.ndarray]:
+        """Union the cells joined by index maps; force compound slots (head splits, shuffles) to be
+        pruned along one axis so every kept set stays a product of per-axis index sets."""
+        offsets, total = self._offsets()
+        extra: list = []
+        for _ in range(8):
+            labels = union_find(total, *self._edge_arrays(offsets, extra))
+            forced = self._closure_links(offsets, labels)
+            if not forced:
+                return offsets, labels
+            extra.extend(forced)
+        return offsets, labels
+
+    def _closure_links(self, offsets, labels) -> list:
+        forced = []
+        for s in self.graph.nodes:
+            dims = self.graph.nodes[s]["dims"]
+            if dims is None or len([d for d in dims if d > 1]) < 2:
+                continue
+            cells = labels[offsets[s]: offsets[s] + int(np.prod(dims))]
+            if any(_closed(cells, dims, p) for p in range(len(dims))):
+                continue
+            p = next(i for i, d in enumerate(dims) if d > 1)
+            coords = np.unravel_index(np.arange(len(cells)), dims)
+            first = np.ravel_multi_index([coords[i] if i == p else np.zeros_like(coords[i])
+                                          for i in range(len(dims))], dims)
+            forced.append((s, s, np.arange(len(cells)), first, None))
+        return forced
+
+    def make_groups(self) -> None:
+        offsets, labels = self.atoms()
+        slot_of = np.empty(len(labels), np.int64)
+        slots = list(self.graph.nodes)
+        for i, s in enumerate(slots):
+            n = int(np.prod(self.graph.nodes[s]["dims"] or (0,)))
+            slot_of[offsets[s]: offsets[s] + n] = i
+        order = np.argsort(labels, kind="stable")
+        bounds = np.flatnonzero(np.diff(labels[order])) + 1
+        by_signature: dict[tuple, list[np.ndarray]] = defaultdict(list)
+        for cells in np.split(order, bounds):
+            if len(cells):
+                by_signature[tuple(np.unique(slot_of[cells]))].append(cells)
+        units = [self._group(sig, atoms, slots, offsets, slot_of) for sig, atoms in by_signature.items()]
+        units.sort(key=lambda g: (self._position(g), g.key))
+        for i, g in enumerate(units):
+            g.id = i
+        self.groups = units
+
+    def _group(self, sig, atom_cells, slots, offsets, slot_of) -> Group:
+        gslots = sorted((slots[i] for i in sig), key=lambda s: s.label())
+        index = {s: i for i, s in enumerate(slots)}
+        atoms = []
+        for cells in atom_cells:
+            per = {}
+            for s in gslots:
+                mine = cells[slot_of[cells] == index[s]] if len(gslots) > 1 else cells
+                per[s] = np.sort(mine - offsets[s])
+            atoms.append(per)
+        first = gslots[0]
+        atoms.sort(key=lambda a: int(a[first][0]))
+        stops = [st for s in gslots for st in self.blocked.get(s, [])]
+        nodes = set()
+        for a, b in self.graph.subgraph(gslots).edges:
+            nodes |= {n for n in self.graph.edges[a, b]["nodes"] if n is not None}
+        producers, consumers = self._weight_roles(gslots)
+        key = hashlib.sha1("|".join(s.label() for s in gslots).encode()).hexdigest()[:12]
+        names = sorted({n.name or n.op_type for n in nodes}, key=str)
+        return Group(-1, key, gslots, atoms, stops, producers, consumers, names)
+
+    def _weight_roles(self, gslots) -> tuple[list[str], list[str]]:
+        producers, consumers = [], []
+        for s in gslots:
+            if not is_const(s.value):
+                continue
+            for use in s.value.uses():
+                node = use.node
+                axes = weight_axes(node, use.idx)
+                if axes is None:
+                    continue
+                name = node.name or node.op_type
+                if s.axes == (axes[0],) and name not in producers:
+                    producers.append(name)
+                elif s.axes == (axes[1],) and name not in consumers:
+                    consumers.append(name)
+        return producers, consumers
+
+    def _position(self, g: Group) -> int:
+        best = len(self._order)
+        for s in g.slots:
+            node = s.value.producer() or next((u.node for u in s.value.uses()), None)
+            if node is not None:
+                best = min(best, self._order.get(node, best))
+        return best
+
+    # ------------------------------------------------------------ reporting
+
+    def stops(self) -> list[tuple[int, Stop]]:
+        return [(g.id, st) for g in self.groups for st in g.stops]
+
+    def summary(self) -> dict:
+        return {
+            "slots": self.graph.number_of_nodes(),
+            "edges": self.graph.number_of_edges(),
+            "components": nx.number_connected_components(self.graph),
+            "groups": [g.describe() for g in self.groups],
+        }
+
+
+def weight_axes(node: ir.Node, idx: int) -> tuple[int, int] | None:
+    """(out axis, in axis) of a weight op's constant weight input ``idx``, else None."""
+    if node.domain not in ("", "ai.onnx") or const_array(node.inputs[idx]) is None:
+        return None
+    if node.op_type in ("Conv", "ConvTranspose") and idx == 1:
+        return WEIGHT_AXES[node.op_type]
+    if node.op_type == "Gemm" and idx == 1:
+        tb = node.attributes.get("transB")
+        return (0, 1) if tb is not None and tb.as_int() else (1, 0)
+    if node.op_type == "MatMul" and idx == 1 and const_array(node.inputs[1]).ndim == 2:
+        return (1, 0)
+    return None
+
+
+def _closed(cells: np.ndarray, dims, p: int) -> bool:
+    """Whether every atom in this slot is a union of whole hyperplanes along axis ``p``."""
+    grid = cells.reshape(dims)
+    moved = np.moveaxis(grid, p, 0).reshape(dims[p], -1)
+    return bool(np.all(moved == moved[:, :1]))
+
+
+def union_find(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Component label (smallest member) of each of ``n`` items joined by the pairs ``u``-``v``."""
+    parent = np.arange(n, dtype=np.int64)
+    if len(u) == 0:
+        return parent
+    while True:
+        pu, pv = parent[u], parent[v]
+        if np.array_equal(pu, pv):
+            return parent
+        m = np.minimum(pu, pv)
+        np.minimum.at(parent, pu, m)
+        np.minimum.at(parent, pv, m)
+        while True:
+            nxt = parent[parent]
+            if np.array_equal(nxt, parent):
+                break
+            parent = nxt
+
+
+def build(model: ir.Model, *, grouped: str = "auto", shapes: dict | None = None) -> DepGraph:
+    """The dependency graph and pruning groups of ``model``'s main graph (the model is not changed)."""
+    if grouped not in ("auto", "groups"):
+        raise ValueError(f"grouped must be 'auto' or 'groups', not {grouped!r}")
+    shapes = dict(shapes) if shapes is not None else infer_shapes(model)
+    for node in model.graph:
+        if node.op_type == "Reshape" and node.outputs[0] in shapes and node.inputs[0] in shapes:
+            shapes[node.outputs[0]] = resolve_minus_one(
+                shapes[node.inputs[0]], shapes[node.outputs[0]], shape_entries(node, shapes))
+    ctx = cr.Ctx(shapes, grouped=grouped)
+    dg = DepGraph(model, ctx)
+    dg.walk(dg.seed_slots())
+    dg.link_overlaps()
+    dg.make_groups()
+    logger.info("dependency graph: %d slots, %d groups (%d blocked)", dg.graph.number_of_nodes(),
+                len(dg.groups), sum(g.blocked for g in dg.groups))
+    return dg

@@ -1,0 +1,249 @@
+"""Channel importance for pruning: one score per atom of a dependency group (higher = keep).
+
+An importance is anything with ``name``, ``needs_data`` and ``__call__(group, stats) -> scores``
+(:class:`Importance`); ``CRITERIA`` is the explicit table of the built-in ones:
+
+- ``l1`` / ``l2``: weight magnitude summed over every weight slice in the group (the producers' rows and
+  the consumers' columns), each slice normalized by its mean so no layer dominates by scale;
+- ``bn``: |gamma| of the group's BatchNormalization scales (l1 when the group has none);
+- ``activation``: mean |activation| on calibration data at the consumers' inputs;
+- ``reconstruction``: the output error a consumer layer takes when a channel is removed and its mean
+  is folded into the bias, Var[x_c] * ||W[:, c]||^2 (ThiNet/He et al.'s criterion, diagonal form).
+
+Data criteria read :class:`ActivationStats` collected by :func:`collect_stats`, which streams
+calibration batches through ONNX Runtime with tapped outputs (``onnxshrink.calib_taps``) and keeps only
+per-channel sums, never the activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Protocol
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxshrink import data as data_mod
+from onnxshrink.depgraph import DepGraph, Group, Slot, is_const, weight_axes
+from onnxshrink.errors import ConfigError
+from onnxshrink.graph_utils import const_array
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ActivationStats:
+    """Per-cell statistics of activation slots, keyed by slot label (JSON-friendly)."""
+
+    samples: int
+    mean: dict[str, np.ndarray]
+    abs_mean: dict[str, np.ndarray]
+    sq_mean: dict[str, np.ndarray]
+
+    def var(self, label: str) -> np.ndarray:
+        return np.maximum(self.sq_mean[label] - self.mean[label] ** 2, 0.0)
+
+
+class Importance(Protocol):
+    name: str
+    needs_data: bool
+
+    def __call__(self, group: Group, stats: ActivationStats | None) -> np.ndarray: ...
+
+
+def _per_atom(group: Group, slot: Slot, per_cell: np.ndarray) -> np.ndarray:
+    return np.array([per_cell[a[slot]].sum() for a in group.atoms], dtype=np.float64)
+
+
+def _normalized_sum(parts: list[np.ndarray], width: int) -> np.ndarray:
+    total = np.zeros(width)
+    for p in parts:
+        mean = p.mean()
+        if mean > 0:
+            total += p / mean
+    return total
+
+
+def weight_slots(group: Group) -> list[tuple[Slot, ir.Node, int]]:
+    """Constant weight slots of weight ops in the group: (slot, op, input index)."""
+    out = []
+    for s in group.slots:
+        if not is_const(s.value):
+            continue
+        for use in s.value.uses():
+            axes = weight_axes(use.node, use.idx)
+            if axes is not None and s.axes[0] in axes and len(s.axes) == 1:
+                out.append((s, use.node, use.idx))
+    return out
+
+
+def cell_norms(slot: Slot, p: int) -> np.ndarray:
+    w = np.abs(const_array(slot.value).astype(np.float64))
+    moved = np.moveaxis(w, slot.axes[0], 0).reshape(w.shape[slot.axes[0]], -1)
+    return (moved**p).sum(axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Magnitude:
+    """L1 (p=1) or L2 (p=2) weight magnitude of every weight slice in the group."""
+
+    p: int = 1
+    name: str = "l1"
+    needs_data: bool = False
+
+    def __call__(self, group: Group, stats=None) -> np.ndarray:
+        parts = [_per_atom(group, s, cell_norms(s, self.p)) for s, _, _ in weight_slots(group)]
+        if self.p == 2:
+            parts = [np.sqrt(x) for x in parts]
+        return _normalized_sum(parts, group.width)
+
+
+@dataclasses.dataclass(frozen=True)
+class BNScale:
+    """|gamma| of the group's BatchNormalization scales; L1 magnitude when there is none."""
+
+    name: str = "bn"
+    needs_data: bool = False
+
+    def __call__(self, group: Group, stats=None) -> np.ndarray:
+        parts = []
+        for s in group.slots:
+            if not is_const(s.value):
+                continue
+            if any(u.node.op_type == "BatchNormalization" and u.idx == 1 for u in s.value.uses()):
+                parts.append(_per_atom(group, s, np.abs(const_array(s.value).astype(np.float64))))
+        if not parts:
+            return Magnitude()(group)
+        return _normalized_sum(parts, group.width)
+
+
+def consumer_inputs(group: Group) -> list[tuple[Slot, Slot | None]]:
+    """(data slot, weight in-slot) of each consumer layer reading the group's channels."""
+    by_value = {s.value: s for s in group.slots if not is_const(s.value)}
+    pairs = []
+    for w_slot, node, idx in weight_slots(group):
+        axes = weight_axes(node, idx)
+        if w_slot.axes != (axes[1],):
+            continue
+        x_slot = by_value.get(node.inputs[0])
+        if x_slot is not None:
+            pairs.append((x_slot, w_slot))
+    return pairs
+
+
+@dataclasses.dataclass(frozen=True)
+class MeanActivation:
+    """Mean |activation| at the consumers' inputs on calibration data."""
+
+    name: str = "activation"
+    needs_data: bool = True
+
+    def __call__(self, group: Group, stats: ActivationStats | None) -> np.ndarray:
+        stats = _need(stats, self.name)
+        parts = [_per_atom(group, x, stats.abs_mean[x.label()]) for x, _ in consumer_inputs(group)
+                 if x.label() in stats.abs_mean]
+        return _normalized_sum(parts, group.width) if parts else Magnitude()(group)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reconstruction:
+    """Var[x_c] * ||W[:, c]||^2 summed over consumer layers: the squared output error of removing c
+    once its mean is compensated in the bias."""
+
+    name: str = "reconstruction"
+    needs_data: bool = True
+
+    def __call__(self, group: Group, stats: ActivationStats | None) -> np.ndarray:
+        stats = _need(stats, self.name)
+        parts = []
+        for x, w in consumer_inputs(group):
+            if x.label() not in stats.sq_mean:
+                continue
+            var, norms = stats.var(x.label()), cell_norms(w, 2)
+            if len(var) == len(norms):
+                parts.append(_per_atom(group, x, var * norms))
+        return _normalized_sum(parts, group.width) if parts else Magnitude(2, "l2")(group)
+
+
+def _need(stats, name):
+    if stats is None:
+        raise ConfigError(f"pruning criterion {name!r} needs calibration data (--calibration DATA)")
+    return stats
+
+
+#: The explicit table of built-in criteria.
+CRITERIA: dict[str, Importance] = {
+    "l1": Magnitude(1, "l1"),
+    "l2": Magnitude(2, "l2"),
+    "bn": BNScale(),
+    "activation": MeanActivation(),
+    "reconstruction": Reconstruction(),
+}
+
+
+def get(criterion) -> Importance:
+    if not isinstance(criterion, str):
+        return criterion
+    if criterion not in CRITERIA:
+        raise ConfigError(f"unknown pruning criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+    return CRITERIA[criterion]
+
+
+# ---------------------------------------------------------------- statistics from calibration data
+
+
+def stat_slots(dg: DepGraph) -> list[Slot]:
+    """The activation slots data criteria read: consumer inputs of every unblocked group."""
+    seen, out = set(), []
+    for g in dg.groups:
+        if g.blocked:
+            continue
+        for x, _ in consumer_inputs(g):
+            if x not in seen:
+                seen.add(x)
+                out.append(x)
+    return out
+
+
+def collect_stats(model: ir.Model, slots: list[Slot], feeds, *, batch_size: int = 8,
+                  providers=None) -> ActivationStats:
+    """Stream ``feeds`` through ONNX Runtime and reduce each slot's value to per-cell mean, mean |x|
+    and mean x^2 (over every other axis). Holds one batch at a time."""
+    from onnxshrink import calib_taps
+
+    values = list(dict.fromkeys(s.value for s in slots))
+    if not values:
+        return ActivationStats(0, {}, {}, {})
+    source = data_mod.feeds(feeds, model)
+    plan = calib_taps.plan_taps(model, values)
+    session = calib_taps.open_session(plan, providers)
+    runner = calib_taps.TapRunner(session, plan, source.specs, batch_size)
+    sums = {s.label(): [0.0, 0.0, 0.0, 0] for s in slots}
+    by_value = {v: [s for s in slots if s.value is v] for v in values}
+
+    def sink(i: int, arr: np.ndarray) -> None:
+        for s in by_value[values[i]]:
+            cells = _cells_last(arr, s.axes).astype(np.float64)
+            acc = sums[s.label()]
+            acc[0] = acc[0] + cells.sum(0)
+            acc[1] = acc[1] + np.abs(cells).sum(0)
+            acc[2] = acc[2] + (cells**2).sum(0)
+            acc[3] += cells.shape[0]
+
+    runner.run(source, sink)
+    n = max(next(iter(sums.values()))[3], 1)
+    return ActivationStats(
+        n,
+        {k: np.asarray(v[0]) / max(v[3], 1) for k, v in sums.items()},
+        {k: np.asarray(v[1]) / max(v[3], 1) for k, v in sums.items()},
+        {k: np.asarray(v[2]) / max(v[3], 1) for k, v in sums.items()},
+    )
+
+
+def _cells_last(arr: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """``arr`` as [rows, cells]: the slot axes moved last (in slot order) and flattened."""
+    rest = [a for a in range(arr.ndim) if a not in axes]
+    moved = np.transpose(arr, rest + list(axes))
+    ncells = int(np.prod([arr.shape[a] for a in axes]))
+    return moved.reshape(-1, ncells)

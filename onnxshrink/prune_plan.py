@@ -1,0 +1,238 @@
+"""Pruning plans: which atoms of which dependency group to remove. Pure and JSON-serializable.
+
+``plan_pruning(model, ratio, ...)`` scores every unblocked group with an importance criterion and
+picks the atoms to remove; it never changes the model. A plan lists every group (``remove``: atom
+indices, editable by hand; ``status`` says why a group is left whole) and the settings it was made
+with. Applying a plan (``passes/prune_channels.py``) rebuilds the dependency graph of the model it is
+given and matches groups by ``key`` (a hash of the group's slots), so a plan made for another model
+is refused instead of misapplied.
+
+Widths: ``ratio`` of each group's channels is removed (``scope="local"``), or the lowest-scoring
+``ratio`` of all prunable channels with scores normalized per group (``scope="global"``, at most
+``max_ratio`` of any group). Kept widths are rounded to a multiple of ``round_to`` channels (fast CPU
+kernels want multiples of 8 or 16: odd widths can make a pruned model slower) and never go below
+``min_width``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxshrink import depgraph, importance
+from onnxshrink.errors import ConfigError
+
+FORMAT = "onnxshrink.prune-plan/1"
+
+
+@dataclasses.dataclass
+class GroupPlan:
+    id: int
+    key: str
+    producers: list[str]
+    consumers: list[str]
+    atoms: int
+    channels_per_atom: int
+    remove: list[int]
+    status: str  # pruned | unchanged | blocked | protected | too narrow
+    stops: list[str] = dataclasses.field(default_factory=list)
+    scores: list[float] | None = None
+
+    @property
+    def kept_channels(self) -> int:
+        return (self.atoms - len(self.remove)) * self.channels_per_atom
+
+
+@dataclasses.dataclass
+class PruningPlan:
+    settings: dict
+    groups: list[GroupPlan]
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "settings": self.settings,
+                "groups": [dataclasses.asdict(g) for g in self.groups]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> PruningPlan:
+        if d.get("format") != FORMAT:
+            raise ConfigError(f"not a pruning plan (format {d.get('format')!r}, expected {FORMAT!r})")
+        try:
+            groups = [GroupPlan(**g) for g in d["groups"]]
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"pruning plan: malformed group entry: {e}") from e
+        return cls(dict(d.get("settings", {})), groups)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from onnxshrink.report import write_json
+
+        write_json(path, self.to_dict())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PruningPlan:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except FileNotFoundError as e:
+            raise ConfigError(f"pruning plan {path}: no such file") from e
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"pruning plan {path}: not JSON: {e}") from e
+
+    @property
+    def pruned(self) -> list[GroupPlan]:
+        return [g for g in self.groups if g.remove]
+
+    def summary(self) -> dict:
+        status: dict[str, int] = {}
+        for g in self.groups:
+            status[g.status] = status.get(g.status, 0) + 1
+        return {"groups": len(self.groups), "status": status,
+                "channels_removed": sum(len(g.remove) * g.channels_per_atom for g in self.groups)}
+
+
+def plan_pruning(
+    model: ir.Model,
+    ratio: float = 0.3,
+    *,
+    criterion="l1",
+    scope: str = "local",
+    round_to: int = 8,
+    min_width: int = 8,
+    max_ratio: float = 0.9,
+    protect: Sequence[str] = (),
+    layer_ratios: Mapping[str, float] | None = None,
+    stats: importance.ActivationStats | None = None,
+    grouped: str = "auto",
+    graph: depgraph.DepGraph | None = None,
+) -> PruningPlan:
+    """Plan the removal of ``ratio`` of the channels of ``model`` (unchanged). See the module doc.
+
+    ``protect``: glob patterns of node names; a group touching a matching node is left whole.
+    ``layer_ratios``: glob pattern of a producer node name -> ratio for its group (overrides ``ratio``).
+    """
+    _check_settings(ratio, scope, round_to, min_width, max_ratio, layer_ratios)
+    crit = importance.get(criterion)
+    dg = graph or depgraph.build(model, grouped=grouped)
+    plans = [_group_plan(g) for g in dg.groups]
+    live = []
+    for g, gp in zip(dg.groups, plans):
+        if g.blocked:
+            gp.status = "blocked"
+        elif _matches(g, protect):
+            gp.status = "protected"
+        elif _min_keep(gp, round_to, min_width) >= gp.atoms:
+            gp.status = "too narrow"
+        else:
+            live.append((g, gp, np.asarray(crit(g, stats), dtype=np.float64)))
+    if scope == "global" and not layer_ratios:
+        keeps = _global_keeps(live, ratio, round_to, min_width, max_ratio)
+    else:
+        keeps = [_local_keep(gp, _ratio_for(g, ratio, layer_ratios), round_to, min_width) for g, gp, _ in live]
+    for (g, gp, scores), keep in zip(live, keeps):
+        order = np.argsort(scores, kind="stable")
+        gp.remove = sorted(int(i) for i in order[: gp.atoms - keep])
+        gp.status = "pruned" if gp.remove else "unchanged"
+        gp.scores = [round(float(s), 6) for s in scores]
+    settings = {"ratio": ratio, "criterion": getattr(crit, "name", str(criterion)), "scope": scope,
+                "round_to": round_to, "min_width": min_width, "max_ratio": max_ratio,
+                "protect": list(protect), "layer_ratios": dict(layer_ratios or {}), "grouped": grouped}
+    return PruningPlan(settings, plans)
+
+
+def _check_settings(ratio, scope, round_to, min_width, max_ratio, layer_ratios) -> None:
+    for r in [ratio, *(layer_ratios or {}).values()]:
+        if not 0.0 <= float(r) < 1.0:
+            raise ConfigError(f"pruning ratio must be in [0, 1), got {r}")
+    if scope not in ("local", "global"):
+        raise ConfigError(f"pruning scope must be 'local' or 'global', not {scope!r}")
+    if round_to < 0 or min_width < 0 or not 0 < max_ratio < 1:
+        raise ConfigError("round_to and min_width must be >= 0 and max_ratio in (0, 1)")
+
+
+def _group_plan(g: depgraph.Group) -> GroupPlan:
+    return GroupPlan(g.id, g.key, g.producers, g.consumers, g.width, g.channels_per_atom(), [],
+                     "unchanged", [str(s) for s in g.stops])
+
+
+def _matches(g: depgraph.Group, patterns: Sequence[str]) -> bool:
+    names = [*g.nodes, *g.producers, *g.consumers]
+    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
+
+
+def _ratio_for(g, ratio, layer_ratios) -> float:
+    for pattern, r in (layer_ratios or {}).items():
+        if any(fnmatch.fnmatchcase(n, pattern) for n in g.producers):
+            return float(r)
+    return float(ratio)
+
+
+def _step(gp: GroupPlan, round_to: int) -> int:
+    """Atoms per rounding step: kept channels stay a multiple of ``round_to``."""
+    if not round_to:
+        return 1
+    return round_to // math.gcd(round_to, gp.channels_per_atom)
+
+
+def _min_keep(gp: GroupPlan, round_to: int, min_width: int) -> int:
+    step = _step(gp, round_to)
+    need = max(1, math.ceil(min_width / gp.channels_per_atom))
+    return max(step, math.ceil(need / step) * step)
+
+
+def _local_keep(gp: GroupPlan, ratio: float, round_to: int, min_width: int) -> int:
+    step = _step(gp, round_to)
+    target = gp.atoms * (1.0 - ratio)
+    keep = math.floor(target / step + 0.5) * step
+    keep = max(keep, _min_keep(gp, round_to, min_width))
+    return min(keep, gp.atoms)
+
+
+def _global_keeps(live, ratio, round_to, min_width, max_ratio) -> list[int]:
+    if not live:
+        return []
+    norm = [s / s.mean() if s.mean() > 0 else s for _, _, s in live]
+    weights = np.concatenate([np.full(gp.atoms, gp.channels_per_atom, float) for _, gp, _ in live])
+    flat = np.concatenate(norm)
+    order = np.argsort(flat, kind="stable")
+    cum = np.cumsum(weights[order])
+    cut = np.searchsorted(cum, ratio * weights.sum(), side="right")
+    threshold = flat[order[cut - 1]] if cut > 0 else -np.inf
+    keeps = []
+    for (_, gp, _), s in zip(live, norm):
+        removed = int((s <= threshold).sum())
+        removed = min(removed, int(gp.atoms * max_ratio))
+        keeps.append(_local_keep(gp, removed / gp.atoms, round_to, min_width))
+    return keeps
+
+
+# ---------------------------------------------------------------- resolving a plan against a model
+
+
+def match_groups(plan: PruningPlan, dg: depgraph.DepGraph) -> list[tuple[depgraph.Group, GroupPlan]]:
+    """Pair each planned removal with the model's group of the same key; refuse mismatches."""
+    by_key = {g.key: g for g in dg.groups}
+    pairs = []
+    for gp in plan.groups:
+        if not gp.remove:
+            continue
+        g = by_key.get(gp.key)
+        if g is None or g.width != gp.atoms:
+            raise ConfigError(
+                f"pruning plan group {gp.id} (producers {gp.producers}) does not match this model; "
+                "was the plan made for another model or after other rewrites? Re-plan on this model"
+            )
+        if g.blocked:
+            raise ConfigError(f"pruning plan group {gp.id} is blocked in this model: {g.stops[0]}")
+        bad = [i for i in gp.remove if not 0 <= i < g.width]
+        if bad or len(set(gp.remove)) >= g.width:
+            raise ConfigError(f"pruning plan group {gp.id}: remove must be distinct atom indices in "
+                              f"[0, {g.width}) leaving at least one; got {gp.remove}")
+        pairs.append((g, gp))
+    return pairs

@@ -1,0 +1,195 @@
+"""Structured pruning, end to end: ``onnxshrink.prune(model, ratio, output=None, **options)``.
+
+Steps, in order:
+
+1. cleanup that keeps BatchNormalization (``fold_constants``, ``eliminate_identities``, ``cse``,
+   ``dead_code``), so computed Reshape targets become constants and the ``bn`` criterion and BN
+   re-estimation still see the BNs;
+2. the dependency graph (``onnxshrink.depgraph``) and, for data criteria, per-channel activation
+   statistics streamed from the calibration data;
+3. the plan (``onnxshrink.prune_plan.plan_pruning``, or ``plan=`` given), optionally written as JSON;
+4. the ``prune_channels`` pass with a structural check (checker and strict shape inference);
+5. optionally reconstruction on the calibration data (``onnxshrink.reconstruct``): ``"lsq"``
+   least-squares refit of the layers that lost inputs, or ``"bn"`` BatchNorm re-estimation;
+6. the lossless passes (BN folded into Conv) unless ``lossless=False``.
+
+The result holds the plan, a per-layer table (channels, parameters and MACs before and after) and the
+reconstruction report. Then quantize the pruned model if wanted (prune first, then quantize).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import onnx_ir as ir
+
+from onnxshrink import depgraph, importance, model_io, pipeline, stats
+from onnxshrink.errors import ConfigError
+from onnxshrink.instruments import StructuralCheck
+from onnxshrink.prune_plan import PruningPlan, plan_pruning
+
+logger = logging.getLogger(__name__)
+
+@dataclasses.dataclass
+class PruneResult:
+    model: ir.Model
+    plan: PruningPlan
+    layers: list[dict]
+    before: dict
+    after: dict
+    report: pipeline.PipelineReport
+    reconstruction: dict | None
+    seconds: float
+    output: Path | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "output": str(self.output) if self.output else None, "seconds": self.seconds,
+            "plan": self.plan.summary(), "layers": self.layers, "before": self.before, "after": self.after,
+            "reconstruction": self.reconstruction, **self.report.to_dict(),
+        }
+
+
+def prune(
+    model: model_io.ModelSource,
+    ratio: float = 0.3,
+    output: str | os.PathLike | None = None,
+    *,
+    criterion: str = "l1",
+    calibration=None,
+    reconstruct: bool | str = False,
+    scope: str = "local",
+    round_to: int = 8,
+    min_width: int = 8,
+    protect: Sequence[str] = (),
+    layer_ratios: Mapping[str, float] | None = None,
+    grouped: str = "auto",
+    plan: PruningPlan | str | os.PathLike | None = None,
+    plan_out: str | os.PathLike | None = None,
+    lossless: bool = True,
+    check: bool = True,
+    overwrite_input: bool = False,
+) -> PruneResult:
+    """Remove ``ratio`` of the prunable channels of ``model`` (see the module doc for the steps).
+
+    ``calibration``: feeds (folder of .npz, stacked .npz, list of dicts) for the ``activation`` and
+    ``reconstruction`` criteria and for ``reconstruct`` (``True``/``"lsq"``: least-squares refit;
+    ``"bn"``: BatchNorm re-estimation only). ``plan``: apply this plan (object or JSON path) instead
+    of planning; ``plan_out``: write the plan used as JSON.
+    """
+    t0 = time.perf_counter()
+    method = {True: "lsq", False: None, None: None}.get(reconstruct, reconstruct)
+    crit = importance.get(criterion)
+    if (crit.needs_data or method) and calibration is None:
+        raise ConfigError(f"pruning with criterion {crit.name!r}"
+                          f"{' and reconstruction' if method else ''} needs calibration data")
+    in_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
+    ir_model = model_io.load(model)
+    before = stats.summarize(ir_model, in_path)
+    report = pipeline.PipelineReport()
+    insts = [StructuralCheck()] if check else []
+    _run(ir_model, _pre_steps(), insts, report)
+    if plan is None:
+        dg = depgraph.build(ir_model, grouped=grouped)
+        act = (importance.collect_stats(ir_model, importance.stat_slots(dg), calibration)
+               if crit.needs_data else None)
+        plan = plan_pruning(ir_model, ratio, criterion=crit, scope=scope, round_to=round_to,
+                            min_width=min_width, protect=protect, layer_ratios=layer_ratios,
+                            stats=act, grouped=grouped, graph=dg)
+    elif not isinstance(plan, PruningPlan):
+        plan = PruningPlan.load(plan)
+    if plan_out is not None:
+        plan.save(plan_out)
+    original = ir_model.clone() if method else None
+    rows_before = layer_rows(ir_model)
+    prune_pass = pipeline.make_pass("prune_channels", plan=plan)
+    _run(ir_model, [prune_pass], insts, report)
+    kept = next((r.stats.notes.get("kept") for r in report.records if r.name == "prune_channels"), {})
+    recon = None
+    if method and kept:
+        from onnxshrink.reconstruct import reconstruct as run_reconstruct
+
+        recon = run_reconstruct(original, ir_model, kept, calibration, method=method).to_dict()
+    table = merge_rows(rows_before, layer_rows(ir_model))
+    if lossless:
+        _run(ir_model, pipeline.lossless_steps(), insts, report)
+    out_path = None
+    if output is not None:
+        out_path = model_io.save(ir_model, output, protected=(in_path,) if in_path else (),
+                                 overwrite_input=overwrite_input)
+    after = stats.summarize(ir_model, out_path)
+    return PruneResult(ir_model, plan, table, before, after, report, recon, time.perf_counter() - t0, out_path)
+
+
+def _pre_steps() -> list:
+    from onnxshrink.passes import REGISTRY
+
+    names = [n for n in pipeline.PRE_PRUNE_PASSES if n in REGISTRY]
+    return [pipeline.FixedPoint([pipeline.make_pass(n) for n in names])]
+
+
+def _run(model, steps, insts, report) -> None:
+    sub = pipeline.Pipeline(steps, insts).run(model)
+    report.records.extend(sub.records)
+    report.iterations.update(sub.iterations)
+
+
+# ---------------------------------------------------------------- per-layer table
+
+
+def layer_rows(model: ir.Model) -> dict[ir.Node, dict]:
+    """Channels in/out, parameters and MACs (symbolic dims as 1) of every layer with a constant weight."""
+    shapes = stats.inferred_shapes(model)
+    rows = {}
+    for node in model.graph:
+        if node.op_type not in depgraph.WEIGHT_AXES or len(node.inputs) < 2:
+            continue
+        axes = depgraph.weight_axes(node, 1)
+        if axes is None:
+            continue
+        w = node.inputs[1]
+        wshape = shapes.get(w.name) or tuple(w.const_value.shape)
+        g = node.attributes.get("group")
+        g = g.as_int() if g is not None else 1
+        cin = wshape[axes[1]] * (g if node.op_type == "Conv" else 1)
+        cout = wshape[axes[0]] * (g if node.op_type == "ConvTranspose" else 1)
+        params = sum(int(_numel(shapes.get(v.name))) for v in node.inputs[1:] if v is not None and v.name in shapes)
+        rows[node] = {"layer": node.name or node.outputs[0].name, "op": node.op_type, "in": cin,
+                      "out": cout, "params": params, "macs": stats.node_macs(node, shapes)}
+    return rows
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape or ():
+        n *= int(d) if isinstance(d, int) else 1
+    return n
+
+
+def merge_rows(before: dict, after: dict) -> list[dict]:
+    out = []
+    for node, b in before.items():
+        a = after.get(node, b)
+        out.append({"layer": b["layer"], "op": b["op"], "in": [b["in"], a["in"]], "out": [b["out"], a["out"]],
+                    "params": [b["params"], a["params"]], "macs": [b["macs"], a["macs"]]})
+    return out
+
+
+def format_layers(rows: list[dict]) -> str:
+    """The per-layer before -> after table."""
+    from onnxshrink.report import format_table
+
+    def arrow(pair):
+        return f"{pair[0]:,}" if pair[0] == pair[1] else f"{pair[0]:,} -> {pair[1]:,}"
+
+    body = [[r["layer"], r["op"], arrow(r["in"]), arrow(r["out"]), arrow(r["params"]), arrow(r["macs"])]
+            for r in rows]
+    tb, ta = (sum(r["macs"][i] for r in rows) for i in (0, 1))
+    pb, pa = (sum(r["params"][i] for r in rows) for i in (0, 1))
+    body.append(["total", "", "", "", arrow([pb, pa]), arrow([tb, ta])])
+    return format_table(["layer", "op", "in ch", "out ch", "params", "MACs"], body)

@@ -1,0 +1,212 @@
+"""Recovery after pruning, without training: least-squares refit and BatchNorm re-estimation.
+
+``refit`` (He et al. 2017 / ThiNet): every consumer layer that lost input channels (Conv with group 1,
+Gemm, MatMul with a constant weight and its bias Add) gets new weights and bias solving
+``min ||[X' 1] W - Y||^2 + ridge`` where ``X'`` is the layer's input in the pruned model (unfolded into
+patches for a Conv) and ``Y`` the same layer's output in the original model (kept output channels
+only). Layers are refit in topological stages, so each stage sees inputs already corrected upstream.
+Memory stays bounded: batches stream through ONNX Runtime (tapped outputs, ``onnxshrink.calib_taps``)
+and only ``X^T X`` and ``X^T Y`` are accumulated per layer, never the activations.
+
+``reestimate_bn``: BatchNormalization nodes downstream of pruning get their mean and variance
+measured on the pruned model (stage by stage); used on its own (``method="bn"``) or for the BNs after
+layers the refit skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxshrink import calib_taps
+from onnxshrink import data as data_mod
+from onnxshrink.errors import ConfigError
+from onnxshrink.graph_utils import NameGen, const_array
+from onnxshrink.reconstruct_layers import Layer, _replace_const, find_layers, stages
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ReconstructReport:
+    refit: list[dict] = dataclasses.field(default_factory=list)  # layer, rows, error before/after
+    bn: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    passes: int = 0  # passes over the calibration data
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def reconstruct(original: ir.Model, pruned: ir.Model, kept: dict, feeds, *, method: str = "lsq",
+                ridge: float = 1e-3, max_rows: int = 4096, seed: int = 0) -> ReconstructReport:
+    """Recover ``pruned`` (changed in place) toward ``original`` on calibration ``feeds``.
+
+    ``kept``: value name -> axis -> kept indices (the pass's ``stats.notes["kept"]``). ``method``:
+    ``lsq`` (refit, then BN re-estimation where no refit covered it) or ``bn`` (BN re-estimation only).
+    ``max_rows``: rows (patch positions or tokens) sampled per batch and layer, bounding the cost.
+    """
+    if method not in ("lsq", "bn"):
+        raise ConfigError(f"reconstruction method must be 'lsq' or 'bn', not {method!r}")
+    source = data_mod.feeds(feeds, pruned)
+    if source.random:
+        logger.warning("reconstruction on random data fits noise; give calibration data")
+    report = ReconstructReport()
+    layers, skipped = find_layers(pruned, kept)
+    report.skipped.extend(skipped)
+    refit_done = set()
+    if method == "lsq":
+        for stage in stages(pruned, layers):
+            _refit_stage(original, pruned, stage, kept, source, ridge, max_rows, seed, report)
+            refit_done.update(layer.node for layer in stage)
+    bns = _bns_to_reestimate(pruned, kept, refit_done, everything=(method == "bn"))
+    for stage in stages(pruned, [Layer(n, n.inputs[0], n.outputs[0]) for n in bns]):
+        _bn_stage(pruned, stage, source, report)
+    return report
+
+
+# ---------------------------------------------------------------- least squares
+
+
+class _Normal:
+    """Streaming normal equations of one layer: X^T X, X^T Y and Y^T Y (float64)."""
+
+    def __init__(self) -> None:
+        self.xtx = self.xty = None
+        self.yty = 0.0
+        self.rows = 0
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Accumulate one batch (float32 products, float64 sums)."""
+        x = np.concatenate([x, np.ones((len(x), 1), x.dtype)], axis=1)
+        xtx, xty = (x.T @ x).astype(np.float64), (x.T @ y).astype(np.float64)
+        if self.xtx is None:
+            self.xtx, self.xty = xtx, xty
+        else:
+            self.xtx += xtx
+            self.xty += xty
+        self.yty += float((y.astype(np.float64) ** 2).sum())
+        self.rows += len(x)
+
+    def solve(self, ridge: float, w0: np.ndarray, fit_bias: bool = True) -> tuple[np.ndarray, float, float]:
+        """Ridge solution (bias row fixed at 0 unless ``fit_bias``) and the mean squared errors of
+        ``w0`` and of the solution."""
+        n = self.xtx.shape[0] if fit_bias else self.xtx.shape[0] - 1
+        a, b = self.xtx[:n, :n], self.xty[:n]
+        f = self.xtx.shape[0] - 1
+        lam = ridge * max(float(np.trace(self.xtx[:f, :f])) / max(f, 1), 1e-12)
+        reg = a + lam * np.diag(np.r_[np.ones(f), np.zeros(n - f)])
+        try:
+            w = np.linalg.solve(reg, b)
+        except np.linalg.LinAlgError:
+            w = np.linalg.lstsq(reg, b, rcond=None)[0]
+        if not fit_bias:
+            w = np.vstack([w, np.zeros((1, w.shape[1]))])
+        return w, self._mse(w0), self._mse(w)
+
+    def _mse(self, w: np.ndarray) -> float:
+        sse = self.yty - 2 * float((w * self.xty).sum()) + float((w * (self.xtx @ w)).sum())
+        return max(sse, 0.0) / max(self.rows * self.xty.shape[1], 1)
+
+
+def _refit_stage(original, pruned, stage: list[Layer], kept, source, ridge, max_rows, seed, report) -> None:
+    targets = [_twin(original, layer.target) for layer in stage]
+    ok = [(layer, t) for layer, t in zip(stage, targets) if t is not None]
+    for layer, t in zip(stage, targets):
+        if t is None:
+            report.skipped.append(f"{layer.name}: no twin of its output in the original model")
+    if not ok:
+        return
+    rng = np.random.default_rng(seed)
+    normals = [_Normal() for _ in ok]
+    x_vals = [layer.x for layer, _ in ok]
+    y_vals = [t for _, t in ok]
+    for xs, ys in _paired_taps(pruned, x_vals, original, y_vals, source):
+        for (layer, _), ne, x, y in zip(ok, normals, xs, ys):
+            feats, rows = layer.features(x), layer.targets(y, kept)
+            if len(rows) > max_rows:
+                pick = rng.choice(len(rows), max_rows, replace=False)
+                feats, rows = feats[pick], rows[pick]
+            ne.add(np.ascontiguousarray(feats, np.float32), np.ascontiguousarray(rows, np.float32))
+    report.passes += 1
+    names = NameGen(pruned)
+    for (layer, _), ne in zip(ok, normals):
+        w, before, after = ne.solve(ridge, layer.current_solution(), layer.fit_bias)
+        if after <= before:
+            layer.write(pruned, w, names)
+        report.refit.append({"layer": layer.name, "rows": ne.rows, "mse_before": before,
+                             "mse_after": min(after, before)})
+
+
+def _twin(original: ir.Model, value: ir.Value) -> ir.Value | None:
+    for node in original.graph:
+        for out in node.outputs:
+            if out.name == value.name:
+                return out
+    return None
+
+
+def _paired_taps(model_a, values_a, model_b, values_b, source):
+    """Yield, per feed, the arrays of ``values_a`` in ``model_a`` and of ``values_b`` in ``model_b``."""
+    plan_a = calib_taps.plan_taps(model_a, values_a)
+    plan_b = calib_taps.plan_taps(model_b, values_b)
+    sess_a = calib_taps.open_session(plan_a) if plan_a.model is not None else None
+    sess_b = calib_taps.open_session(plan_b) if plan_b.model is not None else None
+    for feed in source:
+        yield _read(plan_a, sess_a, feed), _read(plan_b, sess_b, feed)
+
+
+def _read(plan, session, feed) -> list[np.ndarray]:
+    outs = session.run(None, feed) if session is not None else []
+    return [feed[t.feed] if t.feed is not None else outs[t.output] for t in plan.taps]
+
+
+# ---------------------------------------------------------------- BatchNorm re-estimation
+
+
+def _bns_to_reestimate(model: ir.Model, kept: dict, refit_done: set, everything: bool) -> list[ir.Node]:
+    changed = _downstream_of_pruning(model, kept)
+    out = []
+    for node in model.graph:
+        if node.op_type != "BatchNormalization" or node.inputs[0] not in changed:
+            continue
+        prod = node.inputs[0].producer()
+        if everything or prod is None or prod not in refit_done:
+            if any(const_array(v) is None for v in node.inputs[1:5]):
+                continue
+            out.append(node)
+    return out
+
+
+def _downstream_of_pruning(model: ir.Model, kept: dict) -> set:
+    changed = set()
+    for node in model.graph:  # topological order
+        ins = [v for v in node.inputs if v is not None]
+        if any(v in changed or (v.name in kept and v.const_value is None) for v in ins):
+            changed.update(node.outputs)
+    return changed
+
+
+def _bn_stage(pruned: ir.Model, stage: list[Layer], source, report) -> None:
+    plan = calib_taps.plan_taps(pruned, [layer.x for layer in stage])
+    session = calib_taps.open_session(plan)
+    sums = [[0.0, 0.0, 0] for _ in stage]
+    for feed in source:
+        for acc, x in zip(sums, _read(plan, session, feed)):
+            moved = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1]).astype(np.float64)
+            acc[0] = acc[0] + moved.sum(0)
+            acc[1] = acc[1] + (moved**2).sum(0)
+            acc[2] += len(moved)
+    report.passes += 1
+    names = NameGen(pruned)
+    for layer, (s, sq, n) in zip(stage, sums):
+        node = layer.node
+        mean = s / max(n, 1)
+        var = np.maximum(sq / max(n, 1) - mean**2, 0.0)
+        for idx, arr in ((3, mean), (4, var)):
+            _replace_const(pruned, node, idx, arr, names)
+        report.bn.append(layer.name)
+

@@ -1,0 +1,240 @@
+"""The layers a least-squares refit can rewrite, and the topological stages it runs them in.
+
+Each layer turns its tapped input into a feature matrix (a Conv unfolds patches), its original output
+into target rows (kept output channels only), and writes a solution ``W_aug`` ([features + 1, outputs],
+the last row the bias) back into the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxshrink.graph_utils import NameGen, add_initializer, const_array
+
+
+@dataclasses.dataclass
+class Layer:
+    node: ir.Node
+    x: ir.Value  # input in the pruned model
+    target: ir.Value  # output to match (a MatMul's bias Add output when there is one)
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.target.name or self.node.op_type
+
+    @property
+    def fit_bias(self) -> bool:
+        return True
+
+
+def _kept_axis(kept: dict, value: ir.Value, axis: int):
+    axes = kept.get(value.name) or {}
+    idx = axes.get(axis, axes.get(str(axis)))
+    return None if idx is None else np.asarray(idx, dtype=np.int64)
+
+
+def _attr(node, name, default):
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def _replace_const(model, node: ir.Node, index: int, arr: np.ndarray, names: NameGen) -> None:
+    """Give input ``index`` of ``node`` a new initializer (never edit a shared one in place)."""
+    old = node.inputs[index] if index < len(node.inputs) else None
+    base = (old.name if old is not None else None) or f"{node.name or node.op_type}_in{index}"
+    new = add_initializer(model.graph, arr.astype(np.float32), names(f"{base}_refit"))
+    if index >= len(node.inputs):
+        node.resize_inputs(index + 1)
+    node.replace_input_with(index, new)
+    if old is not None and not old.uses() and old.is_initializer() and not old.is_graph_input():
+        model.graph.initializers.pop(old.name, None)
+
+
+class ConvLayer(Layer):
+    def _geometry(self):
+        w = const_array(self.node.inputs[1])
+        k = w.shape[2:]
+        strides = list(_attr(self.node, "strides", None) or [1] * len(k))
+        dil = list(_attr(self.node, "dilations", None) or [1] * len(k))
+        pads = list(_attr(self.node, "pads", None) or [0] * (2 * len(k)))
+        return w, k, strides, dil, pads
+
+    def features(self, x: np.ndarray) -> np.ndarray:
+        _w, k, strides, dil, pads = self._geometry()
+        return im2col(x, k, strides, dil, pads)
+
+    def targets(self, y: np.ndarray, kept: dict) -> np.ndarray:
+        idx = _kept_axis(kept, self.target, 1)
+        y = y if idx is None else y[:, idx]
+        return np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
+
+    def current_solution(self) -> np.ndarray:
+        w = const_array(self.node.inputs[1])
+        b = const_array(self.node.inputs[2]) if len(self.node.inputs) > 2 and self.node.inputs[2] else None
+        b = np.zeros(w.shape[0]) if b is None else b
+        return np.vstack([w.reshape(w.shape[0], -1).T, b[None, :]]).astype(np.float64)
+
+    def write(self, model, w_aug: np.ndarray, names: NameGen) -> None:
+        w = const_array(self.node.inputs[1])
+        _replace_const(model, self.node, 1, w_aug[:-1].T.reshape(w.shape), names)
+        _replace_const(model, self.node, 2, w_aug[-1], names)
+
+
+class GemmLayer(Layer):
+    def features(self, x):
+        return x.T if _attr(self.node, "transA", 0) else x
+
+    def targets(self, y, kept):
+        idx = _kept_axis(kept, self.target, 1)
+        return y if idx is None else y[:, idx]
+
+    def _parts(self):
+        b = const_array(self.node.inputs[1])
+        b = b.T if _attr(self.node, "transB", 0) else b
+        c = const_array(self.node.inputs[2]) if len(self.node.inputs) > 2 and self.node.inputs[2] else None
+        return b, c, _attr(self.node, "alpha", 1.0), _attr(self.node, "beta", 1.0)
+
+    def current_solution(self):
+        b, c, alpha, beta = self._parts()
+        bias = np.zeros(b.shape[1]) if c is None else np.broadcast_to(beta * c, (1, b.shape[1]))[0]
+        return np.vstack([alpha * b, bias[None, :]]).astype(np.float64)
+
+    def write(self, model, w_aug, names):
+        _b, c, alpha, beta = self._parts()
+        new_b = w_aug[:-1] / alpha
+        _replace_const(model, self.node, 1, new_b.T if _attr(self.node, "transB", 0) else new_b, names)
+        shape = c.shape if c is not None and c.size == w_aug.shape[1] else (w_aug.shape[1],)
+        _replace_const(model, self.node, 2, (w_aug[-1] / (beta if c is not None else 1.0)).reshape(shape),
+                       names)
+
+
+class MatMulLayer(Layer):
+    bias_add: ir.Node | None = None
+    bias_index: int = 1
+
+    def features(self, x):
+        return x.reshape(-1, x.shape[-1])
+
+    def targets(self, y, kept):
+        idx = _kept_axis(kept, self.target, y.ndim - 1)
+        y = y if idx is None else y[..., idx]
+        return y.reshape(-1, y.shape[-1])
+
+    def current_solution(self):
+        w = const_array(self.node.inputs[1])
+        bias = np.zeros(w.shape[1])
+        if self.bias_add is not None:
+            bias = const_array(self.bias_add.inputs[self.bias_index]).reshape(-1)
+        return np.vstack([w, bias[None, :]]).astype(np.float64)
+
+    def write(self, model, w_aug, names):
+        _replace_const(model, self.node, 1, w_aug[:-1], names)
+        if self.bias_add is not None:
+            old = const_array(self.bias_add.inputs[self.bias_index])
+            _replace_const(model, self.bias_add, self.bias_index, w_aug[-1].reshape(old.shape), names)
+
+    @property
+    def fit_bias(self) -> bool:
+        return self.bias_add is not None
+
+
+def im2col(x: np.ndarray, k, strides, dil, pads) -> np.ndarray:
+    """Patches of a 2-D conv input [N, C, H, W] as rows [N*OH*OW, C*kh*kw] (weight order)."""
+    n, c = x.shape[:2]
+    xp = np.pad(x, [(0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])])
+    span = [(k[i] - 1) * dil[i] + 1 for i in range(2)]
+    win = np.lib.stride_tricks.sliding_window_view(xp, span, axis=(2, 3))
+    win = win[:, :, :: strides[0], :: strides[1], :: dil[0], :: dil[1]]
+    oh, ow = win.shape[2], win.shape[3]
+    return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, c * k[0] * k[1])
+
+
+def find_layers(model: ir.Model, kept: dict) -> tuple[list[Layer], list[str]]:
+    """Consumer layers whose input channels were pruned, and the ones that cannot be refit (why)."""
+    layers, skipped = [], []
+    for node in model.graph:
+        x = node.inputs[0] if node.inputs else None
+        if x is None or node.op_type not in ("Conv", "Gemm", "MatMul") or x.name not in kept:
+            continue
+        if len(node.inputs) < 2 or const_array(node.inputs[1]) is None:
+            continue
+        why = _why_not(node, x, kept)
+        if why:
+            skipped.append(f"{node.name or node.op_type}: {why}")
+            continue
+        layers.append(_make(node, x))
+    return layers, skipped
+
+
+def _why_not(node, x, kept) -> str | None:
+    shape = x.shape
+    rank = len(shape) if shape is not None else None
+    if node.op_type == "Conv":
+        if int(_attr(node, "group", 1)) != 1:
+            return "grouped conv is not refit (its kept outputs do not lose inputs)"
+        if rank != 4 or _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+            return "only 2-D convs with explicit pads are refit"
+        return None if _kept_axis(kept, x, 1) is not None else "its input channels were not pruned"
+    if node.op_type == "Gemm":
+        c = node.inputs[2] if len(node.inputs) > 2 else None
+        if c is not None and (const_array(c) is None or const_array(c).ndim == 2 and const_array(c).shape[0] != 1):
+            return "Gemm C is not a constant row"
+        return None if _kept_axis(kept, x, 0 if _attr(node, "transA", 0) else 1) is not None \
+            else "its input features were not pruned"
+    if const_array(node.inputs[1]).ndim != 2:
+        return "MatMul weight is not 2-D"
+    return None if rank and _kept_axis(kept, x, rank - 1) is not None else "its input features were not pruned"
+
+
+def _make(node, x) -> Layer:
+    y = node.outputs[0]
+    if node.op_type == "Conv":
+        return ConvLayer(node, x, y)
+    if node.op_type == "Gemm":
+        return GemmLayer(node, x, y)
+    layer = MatMulLayer(node, x, y)
+    uses = list(y.uses())
+    if len(uses) == 1 and uses[0].node.op_type == "Add" and not y.is_graph_output():
+        add = uses[0].node
+        other = 1 - uses[0].idx
+        bias = const_array(add.inputs[other])
+        w = const_array(node.inputs[1])
+        if bias is not None and bias.size == w.shape[1] and bias.shape[-1:] == (w.shape[1],):
+            layer.bias_add, layer.bias_index, layer.target = add, other, add.outputs[0]
+    return layer
+
+
+def stages(model: ir.Model, layers: list[Layer]) -> list[list[Layer]]:
+    """Split ``layers`` (any order) into consecutive stages, none depending on another of its stage."""
+    order = {n: i for i, n in enumerate(model.graph)}
+    todo = sorted(layers, key=lambda layer: order.get(layer.node, 0))
+    out: list[list[Layer]] = []
+    current: list[Layer] = []
+    for layer in todo:
+        ups = _ancestors(layer.x)
+        if any(other.node in ups or other.target in _values_of(ups) for other in current):
+            out.append(current)
+            current = []
+        current.append(layer)
+    if current:
+        out.append(current)
+    return out
+
+
+def _ancestors(value: ir.Value) -> set:
+    seen, todo = set(), [value]
+    while todo:
+        v = todo.pop()
+        node = v.producer() if v is not None else None
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo.extend(i for i in node.inputs if i is not None)
+    return seen
+
+
+def _values_of(nodes: set) -> set:
+    return {o for n in nodes for o in n.outputs}
