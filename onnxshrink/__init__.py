@@ -18,5 +18,9 @@ from onnxshrink import (
 from onnxshrink.api import OptimizeResult, optimize
 from onnxshrink.errors import ShrinkError
 from onnxshrink.model_io import load, save
+from onnxshrink.pruning import PruneResult, prune
 
-__all__ = ["OptimizeResult", "ShrinkError", "__version__", "load", "optimize", "quantize", "save", "validate"]
+__all__ = [
+    "OptimizeResult", "PruneResult", "ShrinkError", "__version__", "load", "optimize", "prune", "quantize",
+    "save", "validate",
+]
