@@ -54,6 +54,9 @@ def add_optimize(sub) -> None:
     from onnxshrink.cli_quantize import add_quantize_args
 
     add_quantize_args(p)
+    from onnxshrink.cli_prune import add_prune_args
+
+    add_prune_args(p)
     p.set_defaults(func=run_optimize)
 
 
@@ -66,6 +69,10 @@ def run_optimize(args) -> int:
             print(f"{name:24s} {(cls.__doc__ or '').strip().splitlines()[0]}")
         print("presets: " + ", ".join(sorted(pipeline.PRESETS)))
         return 0
+    if args.prune is not None or args.plan_in:
+        from onnxshrink.cli_prune import run_prune
+
+        return run_prune(args)
     if args.quantize or args.preset == "int8":
         from onnxshrink.cli_quantize import run_quantize
 

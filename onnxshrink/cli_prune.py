@@ -1,0 +1,94 @@
+"""The pruning options of ``onnxshrink optimize``: ``--prune RATIO [--prune-criterion ...] ...``.
+
+``add_prune_args(parser)`` adds them to the optimize sub-parser (``--calibration`` is shared with the
+quantization options); ``run_prune(args)`` runs ``onnxshrink.prune`` and prints the per-layer table.
+With ``--quantize int8`` as well, the pruned model is quantized next (prune first, then quantize).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from onnxshrink.errors import ConfigError, OutputError
+
+CRITERIA = ("l1", "l2", "bn", "activation", "reconstruction")
+
+
+def add_prune_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("structured channel pruning (dependency graph; keeps BatchNorm until pruned)")
+    g.add_argument("--prune", type=float, metavar="RATIO",
+                   help="remove this fraction of the channels of every prunable group (e.g. 0.3)")
+    g.add_argument("--prune-criterion", choices=CRITERIA, default="l1",
+                   help="channel importance (default l1; activation and reconstruction need --calibration)")
+    g.add_argument("--prune-scope", choices=["local", "global"], default="local",
+                   help="local: the ratio in every group; global: lowest scores across groups")
+    g.add_argument("--reconstruct", nargs="?", const="lsq", choices=["lsq", "bn"],
+                   help="recover without training on --calibration data: lsq (least-squares refit of "
+                        "the layers that lost inputs, default) or bn (BatchNorm re-estimation)")
+    g.add_argument("--round-to", type=int, default=8, metavar="N",
+                   help="keep widths a multiple of N channels (default 8; 0: no rounding)")
+    g.add_argument("--min-width", type=int, default=8, metavar="N", help="never keep fewer channels (default 8)")
+    g.add_argument("--protect", nargs="+", action="extend", default=[], metavar="PATTERN",
+                   help="leave groups touching nodes whose name matches (fnmatch) whole")
+    g.add_argument("--plan-out", metavar="JSON", help="write the pruning plan (editable) to this file")
+    g.add_argument("--plan-in", metavar="JSON", help="apply this pruning plan instead of planning")
+
+
+def run_prune(args) -> int:
+    from onnxshrink import pruning, report
+
+    if args.recipe or args.passes or args.preset not in (None, "default", "prune"):
+        raise ConfigError("--prune runs its own cleanup, pruning and the lossless passes; "
+                          "drop --preset/--passes/--recipe")
+    if not args.input:
+        raise ConfigError("--prune needs an input model")
+    ratio = 0.3 if args.prune is None else args.prune
+    quantize_next = bool(getattr(args, "quantize", None))
+    if quantize_next and args.output and not args.overwrite_input \
+            and Path(args.output).resolve() == Path(args.input).resolve():
+        raise OutputError(f"-o {args.output} is the input model; pass --overwrite-input to replace it")
+    result = pruning.prune(
+        args.input, ratio, None if quantize_next else args.output,
+        criterion=args.prune_criterion, calibration=args.calibration, reconstruct=args.reconstruct or False,
+        scope=args.prune_scope, round_to=args.round_to, min_width=args.min_width, protect=args.protect,
+        plan=args.plan_in, plan_out=args.plan_out, check=not args.no_check,
+        overwrite_input=args.overwrite_input,
+    )
+    summary = result.plan.summary()
+    target = "(quantized next)" if quantize_next else (args.output or "(not written)")
+    print(f"onnxshrink optimize --prune {ratio}: {args.input} -> {target}  [{result.seconds:.2f} s, "
+          f"criterion {result.plan.settings.get('criterion')}, {summary['channels_removed']} channels removed]")
+    print(report.before_after_table(result.before, result.after))
+    print()
+    print(pruning.format_layers(result.layers))
+    _print_groups(result.plan)
+    if result.reconstruction:
+        rec = result.reconstruction
+        print(f"reconstruction: {len(rec['refit'])} layers refit, {len(rec['bn'])} BatchNorms re-estimated, "
+              f"{rec['passes']} passes over the calibration data")
+    if args.report:
+        report.write_json(args.report, result.to_dict())
+    if quantize_next:
+        return _quantize_pruned(args, result.model)
+    return 0
+
+
+def _print_groups(plan) -> None:
+    for g in plan.groups:
+        if g.status == "blocked":
+            print(f"  group {g.id} ({', '.join(g.producers) or 'no weights'}) not pruned: {g.stops[0]}")
+        elif g.status in ("protected", "too narrow"):
+            print(f"  group {g.id} ({', '.join(g.producers)}) not pruned: {g.status}")
+
+
+def _quantize_pruned(args, model) -> int:
+    from onnxshrink import model_io
+    from onnxshrink.cli_quantize import run_quantize
+
+    with tempfile.TemporaryDirectory(prefix="onnxshrink-pruned-") as tmp:
+        path = model_io.save(model, Path(tmp) / "pruned.onnx")
+        sys.stdout.flush()
+        return run_quantize(argparse.Namespace(**{**vars(args), "input": str(path)}))
