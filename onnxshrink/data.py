@@ -16,6 +16,7 @@ dtypes, static dims, NaN/Inf. Errors name the input and the feed.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -178,6 +179,8 @@ def feeds(
         raise DataError(f"no data given, but {list(extras)} must come with it; pass labeled data")
     src = _open_source(source, model, dims, count, seed)
     if extras:
+        if src is source:  # never change the caller's FeedSource
+            src = copy.copy(src)
         src.extras = tuple(extras)
     return src
 
