@@ -1,0 +1,198 @@
+"""Dependency groups of the pruning graph, per architecture pattern, and the barriers."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from models import zoo
+from onnxshrink import depgraph, model_io
+from onnxshrink.channel_reshape import segments
+from onnxshrink.depgraph import union_find
+
+
+def graph_of(name: str, **kw) -> depgraph.DepGraph:
+    return depgraph.build(model_io.load(zoo.build(name)), **kw)
+
+
+def group_with(dg, producer: str) -> depgraph.Group:
+    hits = [g for g in dg.groups if producer in g.producers]
+    assert len(hits) == 1, f"{producer} is in {len(hits)} groups"
+    return hits[0]
+
+
+def weight_cells(g: depgraph.Group, name: str, axis: int) -> list[list[int]]:
+    """Per atom, the cells of weight initializer ``name`` along ``axis``."""
+    slot = next(s for s in g.slots if s.value.name == name and s.axes == (axis,))
+    return [a[slot].tolist() for a in g.atoms]
+
+
+def conv_weight(model, node_name: str) -> str:
+    return next(n for n in model.graph if n.name == node_name).inputs[1].name
+
+
+def test_residual_couples_every_add_operand():
+    dg = graph_of("resnet")
+    stem = group_with(dg, "conv_0")
+    assert set(stem.producers) == {"conv_0", "conv_2"}  # stem and the identity block's second conv
+    assert set(stem.consumers) == {"conv_1", "conv_3", "conv_5"}  # next block's conv1 and 1x1 shortcut
+    proj = group_with(dg, "conv_4")
+    assert set(proj.producers) == {"conv_4", "conv_5", "conv_7"}
+    assert set(proj.consumers) == {"conv_6", "gemm_0"}
+    assert not stem.blocked and stem.width == 32 and stem.channels_per_atom() == 1
+    inner = group_with(dg, "conv_1")
+    assert inner.producers == ["conv_1"] and inner.consumers == ["conv_2"]
+
+
+def test_depthwise_ties_input_and_output_channels():
+    dg = graph_of("mobilenetv2")
+    expand = group_with(dg, "conv_1")
+    assert set(expand.producers) == {"conv_1", "conv_2"}  # 1x1 expand and the depthwise conv
+    assert expand.consumers == ["conv_3"]
+    dw = conv_weight(dg.model, "conv_2")
+    assert weight_cells(expand, dw, 0)[:3] == [[0], [1], [2]]
+    assert set(group_with(dg, "conv_0").producers) == {"conv_0", "conv_3"}  # inverted residual
+
+
+def test_concat_offsets():
+    dg = graph_of("inception")
+    concat = next(n for n in dg.model.graph if n.op_type == "Concat")
+    out = concat.outputs[0]
+    offsets = {"conv_1": (0, 16), "conv_3": (16, 40), "conv_6": (40, 52), "conv_7": (52, 64)}
+    for producer, (lo, hi) in offsets.items():
+        g = group_with(dg, producer)
+        slot = next(s for s in g.slots if s.value is out and s.axes == (1,))
+        cells = sorted(c for a in g.atoms for c in a[slot].tolist())
+        assert cells == list(range(lo, hi)), producer
+        assert set(g.consumers) == {"conv_8", "conv_9", "conv_11", "conv_14"}
+
+
+def test_split_and_slice_ranges():
+    dg = graph_of("split_branches")
+    glu = next(g for g in dg.groups if g.producers == ["conv_0"] and g.consumers == ["conv_2"])
+    w0 = conv_weight(dg.model, "conv_0")
+    assert weight_cells(glu, w0, 0)[:2] == [[0, 16], [1, 17]]  # Mul(s0, sigmoid(s1)) pairs channels
+    path = next(g for g in dg.groups if g.producers == ["conv_0"] and g.consumers == ["conv_1"])
+    assert [c for a in weight_cells(path, w0, 0) for c in a] == list(range(32, 48))
+    hi = group_with(dg, "conv_3")  # Slice [32:64] of conv_2 added to conv_3's output
+    w2 = conv_weight(dg.model, "conv_2")
+    assert [c for a in weight_cells(hi, w2, 0) for c in a] == list(range(32, 64))
+
+
+def test_grouped_conv_prunes_same_positions_in_every_group():
+    dg = graph_of("grouped_conv")
+    residual = group_with(dg, "conv_0")
+    assert residual.channels_per_atom() == 2  # group-2 conv: channel o goes with o + 16
+    assert weight_cells(residual, conv_weight(dg.model, "conv_0"), 0)[0] == [0, 16]
+    g1 = group_with(dg, "conv_2")  # group 4 conv, then a channel shuffle into a group 2 conv
+    cells = weight_cells(g1, conv_weight(dg.model, "conv_2"), 0)
+    assert cells[0] == [k * 16 + j for k in range(4) for j in (0, 8)]
+    assert g1.consumers == ["conv_3"] and not g1.blocked
+
+
+GROUPED = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 8, 8, 8] x) => (float[N, 4, 8, 8] y) <float[16, 8, 1, 1] w1, float[16, 4, 3, 3] w2,
+                                                 float[4, 16, 1, 1] w3> {
+    a = Conv <kernel_shape = [1, 1]> (x, w1)
+    r = Relu (a)
+    b = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1], group = 4> (r, w2)
+    y = Conv <kernel_shape = [1, 1]> (b, w3)
+}
+"""
+
+
+def _grouped_model():
+    proto = onnx.parser.parse_model(GROUPED)
+    rng = np.random.default_rng(0)
+    for name, shape in (("w1", (16, 8, 1, 1)), ("w2", (16, 4, 3, 3)), ("w3", (4, 16, 1, 1))):
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name))
+    return model_io.load(proto)
+
+
+def test_whole_group_mode_ties_groups_in_and_out():
+    dg = depgraph.build(_grouped_model(), grouped="groups")
+    g = next(g for g in dg.groups if any(s.value.name == "w1" for s in g.slots))  # 1x1 + grouped conv
+    names = {s.value.name for s in g.slots}
+    assert {"w1", "w2", "w3", "a", "b"} <= names
+    assert g.width == 4 and weight_cells(g, "w1", 0)[1] == [4, 5, 6, 7]
+    within = depgraph.build(_grouped_model())
+    assert max(g.width for g in within.groups if not g.blocked) == 4  # 4 positions per group of 4
+
+
+def test_attention_heads_are_atoms():
+    dg = graph_of("transformer")
+    heads = [g for g in dg.groups if g.width == 4]
+    assert len(heads) == 2
+    g = heads[0]
+    assert set(g.producers) == {"matmul_0", "matmul_1", "matmul_2"}  # Q, K, V projections
+    assert g.consumers == ["matmul_5"]  # output projection
+    q = next(n for n in dg.model.graph if n.name == "matmul_0").inputs[1].name
+    assert weight_cells(g, q, 1) == [list(range(16 * h, 16 * h + 16)) for h in range(4)]
+    assert g.channels_per_atom() == 16
+    ffn = [g for g in dg.groups if g.width == 128]
+    assert len(ffn) == 2 and all(not g.blocked for g in ffn)
+
+
+def test_layernorm_residual_stream_is_a_barrier():
+    dg = graph_of("transformer")
+    stream = group_with(dg, "matmul_5")
+    assert stream.blocked
+    reasons = " ".join(str(s) for s in stream.stops)
+    assert "LayerNormalization" in reasons and "graph inputs and outputs" in reasons
+
+
+UNKNOWN = """
+<ir_version: 8, opset_import: ["" : 17, "custom" : 1]>
+g (float[N, 3, 8, 8] x) => (float[N, 4, 8, 8] y) <float[16, 3, 3, 3] w1, float[16, 16, 1, 1] w2,
+                                                 float[4, 16, 1, 1] w3> {
+    a = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w1)
+    b = Relu (a)
+    c = Conv <kernel_shape = [1, 1]> (b, w2)
+    d = custom.Frobnicate (c)
+    y = Conv <kernel_shape = [1, 1]> (d, w3)
+}
+"""
+
+
+def unknown_op_model():
+    proto = onnx.parser.parse_model(UNKNOWN)
+    rng = np.random.default_rng(1)
+    for name, shape in (("w1", (16, 3, 3, 3)), ("w2", (16, 16, 1, 1)), ("w3", (4, 16, 1, 1))):
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name))
+    return model_io.load(proto, check_support=False)
+
+
+def test_unknown_op_is_a_barrier_naming_the_op():
+    dg = depgraph.build(unknown_op_model())
+    by_weight = {next(s.value.name for s in g.slots if s.value.name in ("w1", "w2", "w3") and s.axes == (0,)): g
+                 for g in dg.groups if any(s.axes == (0,) and s.value.name in ("w1", "w2") for s in g.slots)}
+    assert not by_weight["w1"].blocked  # a -> Relu -> 1x1 conv: fine
+    blocked = by_weight["w2"]
+    assert blocked.blocked
+    stop = blocked.stops[0]
+    assert stop.op_type == "Frobnicate" and "not in the channel rule table" in stop.reason
+    assert stop.value == "c"
+
+
+def test_reshape_segments():
+    assert segments(("N", 64, 4, 4), ("N", 1024)) == [([0], [0]), ([1, 2, 3], [1])]
+    assert segments(("N", 16, 64), ("N", 16, 4, 16)) == [([0], [0]), ([1], [1]), ([2], [2, 3])]
+    assert segments(("N", 64, 1, 1), ("N", 64)) == [([0], [0]), ([1], [1])]
+    assert segments(("N", 6), ("N", 4)) is None
+
+
+def test_union_find_components():
+    labels = union_find(6, np.array([0, 2, 4]), np.array([1, 3, 2]))
+    assert labels.tolist() == [0, 0, 2, 2, 2, 5]
+
+
+@pytest.mark.parametrize("name", ["dynamic_batch", "control_flow"])
+def test_shape_ops_and_control_flow_stop_with_reasons(name):
+    dg = graph_of(name)
+    blocked = [g for g in dg.groups if g.blocked]
+    assert blocked and all(g.stops for g in blocked)
+    text = " ".join(str(s) for g in blocked for s in g.stops)
+    expected = {"dynamic_batch": "ConstantOfShape", "control_flow": "ReduceSum"}[name]
+    assert expected in text

@@ -1,0 +1,182 @@
+"""The prune_channels pass, plans and the prune() API on every zoo architecture."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from models import zoo
+from onnxshrink import checks, depgraph, model_io, pruning, stats
+from onnxshrink.depgraph import is_const, weight_axes
+from onnxshrink.errors import ConfigError
+from onnxshrink.graph_utils import const_array
+from onnxshrink.passes.prune_channels import PruneChannelsPass
+from onnxshrink.prune_plan import PruningPlan, match_groups, plan_pruning
+
+ARCHS = ["resnet", "mobilenetv2", "inception", "grouped_conv", "split_branches", "mlp", "transformer",
+         "densenet", "plain_cnn", "dynamic_batch"]
+
+
+def masked_original(name: str, plan: PruningPlan):
+    """The original model with the consumer weight columns of every removed atom set to zero: what the
+    pruned model must compute exactly when coupled channels were removed consistently."""
+    model = model_io.load(zoo.build(name))
+    dg = depgraph.build(model, grouped=plan.settings.get("grouped", "auto"))
+    zeroed = 0
+    for g, gp in match_groups(plan, dg):
+        for i in gp.remove:
+            for slot, cells in g.atoms[i].items():
+                if not is_const(slot.value) or not _is_consumer_slot(slot):
+                    continue
+                arr = const_array(slot.value).copy()
+                np.moveaxis(arr, slot.axes[0], 0)[cells] = 0
+                slot.value.const_value = model_io.ir.tensor(arr, name=slot.value.name)
+                zeroed += 1
+    return model, zeroed
+
+
+def _is_consumer_slot(slot) -> bool:
+    return any((ax := weight_axes(u.node, u.idx)) is not None and slot.axes == (ax[1],)
+               for u in slot.value.uses())
+
+
+def io_signature(model):
+    return stats.io_signature(model)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_ratio_zero_changes_nothing(name, ort_run, assert_close, make_feeds):
+    proto = zoo.build(name)
+    model = model_io.load(zoo.build(name))
+    result = PruneChannelsPass(ratio=0.0)(model)
+    assert not result.modified
+    feed = make_feeds(proto, batch=2, n=1)[0]
+    assert_close(ort_run(model, feed), ort_run(proto, feed), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+@pytest.mark.parametrize("name", ARCHS)
+def test_pruned_model_is_valid_and_consistent(name, ratio, ort_run, assert_close, make_feeds):
+    proto = zoo.build(name)
+    model = model_io.load(zoo.build(name))
+    plan = plan_pruning(model, ratio)
+    before = io_signature(model)
+    result = PruneChannelsPass(plan=plan)(model)
+    assert result.modified and result.stats.counts["channels_pruned"] > 0
+    report = checks.check_structure(model)
+    assert report, report.problems
+    assert io_signature(model) == before
+    reference, zeroed = masked_original(name, plan)
+    assert zeroed > 0
+    feed = make_feeds(proto, batch=3, n=1)[0]
+    assert_close(ort_run(model, feed), ort_run(reference, feed), rtol=1e-4, atol=1e-4)
+    assert stats.parameter_count(model) < stats.parameter_count(model_io.load(proto))
+
+
+def test_widths_are_rounded_and_bounded():
+    model = model_io.load(zoo.build("resnet"))
+    plan = plan_pruning(model, 0.3, round_to=8, min_width=8)
+    for g in plan.groups:
+        if g.status == "pruned":
+            assert g.kept_channels % 8 == 0 and g.kept_channels >= 8
+    narrow = plan_pruning(model, 0.9, round_to=16, min_width=32)
+    assert all(g.kept_channels >= 32 for g in narrow.groups if g.remove)
+
+
+def test_protect_and_layer_ratios():
+    model = model_io.load(zoo.build("resnet"))
+    plan = plan_pruning(model, 0.5, protect=["conv_1"], layer_ratios={"conv_6": 0.25})
+    by_producer = {tuple(g.producers): g for g in plan.groups}
+    assert by_producer[("conv_1",)].status == "protected" and not by_producer[("conv_1",)].remove
+    assert len(by_producer[("conv_6",)].remove) == 16  # 25% of 64
+    assert len(by_producer[("conv_3",)].remove) == 32
+
+
+def test_global_scope_removes_about_the_ratio():
+    model = model_io.load(zoo.build("inception"))
+    plan = plan_pruning(model, 0.4, scope="global", round_to=0, min_width=1)
+    live = [g for g in plan.groups if g.status in ("pruned", "unchanged")]
+    total = sum(g.atoms * g.channels_per_atom for g in live)
+    removed = sum(len(g.remove) * g.channels_per_atom for g in live)
+    assert 0.3 <= removed / total <= 0.5
+    assert len({len(g.remove) / g.atoms for g in live}) > 1  # not the same ratio everywhere
+
+
+def test_plan_roundtrip_and_hand_edit(tmp_path, ort_run, assert_close, make_feeds):
+    model = model_io.load(zoo.build("resnet"))
+    plan = plan_pruning(model, 0.3)
+    path = plan.save(tmp_path / "plan.json")
+    data = json.loads(path.read_text())
+    stem = next(g for g in data["groups"] if "conv_0" in g["producers"])
+    stem["remove"] = list(range(8))  # a user keeps the last 24 stem channels instead
+    path.write_text(json.dumps(data))
+    edited = PruningPlan.load(path)
+    pruned = model_io.load(zoo.build("resnet"))
+    result = PruneChannelsPass(plan=str(path))(pruned)
+    assert result.stats.notes["kept"]["conv_0_out"]["1"] == list(range(8, 32))
+    reference, _ = masked_original("resnet", edited)
+    feed = make_feeds(zoo.build("resnet"), batch=2, n=1)[0]
+    assert_close(ort_run(pruned, feed), ort_run(reference, feed), rtol=1e-4, atol=1e-4)
+
+
+def test_plan_for_another_model_is_refused():
+    plan = plan_pruning(model_io.load(zoo.build("resnet")), 0.3)
+    with pytest.raises(ConfigError, match="does not match this model"):
+        PruneChannelsPass(plan=plan)(model_io.load(zoo.build("plain_cnn")))
+
+
+def test_attention_head_count_constant_is_rewritten(ort_run, make_feeds):
+    model = model_io.load(zoo.build("transformer"))
+    plan = plan_pruning(model, 0.3)
+    heads = [g for g in plan.groups if g.atoms == 4]
+    assert all(len(g.remove) == 1 for g in heads)  # 4 heads -> 3
+    PruneChannelsPass(plan=plan)(model)
+    reshapes = [n for n in model.graph if n.op_type == "Reshape"]
+    targets = []
+    for node in reshapes:
+        concat = node.inputs[1].producer()
+        targets.append(const_array(concat.inputs[-1]).tolist())
+    assert targets.count([3, 16]) == 6  # q, k, v in both blocks: 3 heads of 16
+    assert targets.count([48]) == 2  # the merge back to 3 * 16 features
+    out = ort_run(model, make_feeds(zoo.build("transformer"), batch=2, n=1)[0])
+    assert out["output"].shape == (2, 16, 64)
+
+
+def test_blocked_groups_stay_whole():
+    model = model_io.load(zoo.build("control_flow"))
+    plan = plan_pruning(model, 0.5)
+    assert all(g.status == "blocked" and g.stops for g in plan.groups)
+    assert not PruneChannelsPass(plan=plan)(model).modified
+
+
+def test_prune_api_with_table_and_preset(tmp_path):
+    src = zoo.save("resnet", tmp_path)
+    result = pruning.prune(src, 0.5, tmp_path / "out.onnx", plan_out=tmp_path / "plan.json")
+    assert (tmp_path / "out.onnx").exists() and (tmp_path / "plan.json").exists()
+    assert result.after["macs"] < 0.5 * result.before["macs"]
+    rows = {r["layer"]: r for r in result.layers}
+    assert rows["conv_1"]["out"] == [32, 16] and rows["conv_1"]["macs"][1] < rows["conv_1"]["macs"][0]
+    table = pruning.format_layers(result.layers)
+    assert "32 -> 16" in table and "total" in table
+    assert "BatchNormalization" not in result.after["ops"]  # lossless passes ran afterwards
+    from onnxshrink import api
+
+    preset = api.optimize(src, preset="prune")
+    assert preset.after["parameters"] < preset.before["parameters"]
+
+
+def test_cli_prune(tmp_path, capsys):
+    from onnxshrink.cli import main
+
+    src = zoo.save("mobilenetv2", tmp_path)
+    out, plan = tmp_path / "m.onnx", tmp_path / "plan.json"
+    assert main(["optimize", str(src), "-o", str(out), "--prune", "0.3", "--round-to", "8",
+                 "--protect", "conv_10", "--plan-out", str(plan)]) == 0
+    text = capsys.readouterr().out
+    assert "channels removed" in text and "graph inputs and outputs never change" in text
+    assert main(["optimize", str(src), "-o", str(tmp_path / "again.onnx"), "--plan-in", str(plan)]) == 0
+    a, b = model_io.load(out), model_io.load(tmp_path / "again.onnx")
+    assert stats.parameter_count(a) == stats.parameter_count(b)
+    assert main(["optimize", str(src), "--prune", "0.3", "--prune-criterion", "activation"]) == 2
