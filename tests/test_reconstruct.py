@@ -1,0 +1,117 @@
+"""Least-squares reconstruction and BatchNorm re-estimation after pruning, on the trained digits nets."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from models import digits
+from onnxshrink import model_io, pruning, runtime
+from onnxshrink.reconstruct import _Normal
+from onnxshrink.reconstruct_layers import im2col
+
+CALIB = 96  # samples: enough for the small layers, fast on two cores
+
+
+def test_im2col_matches_onnxruntime_conv():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 9, 8)).astype(np.float32)
+    w = rng.standard_normal((5, 3, 3, 2)).astype(np.float32)
+    node = onnx.helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 2], strides=[2, 1],
+                                 pads=[1, 0, 2, 1], dilations=[1, 2])
+    graph = onnx.helper.make_graph(
+        [node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x.shape)],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(w, "w")])
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    y = runtime.make_session(proto.SerializeToString()).run(None, {"x": x})[0]
+    cols = im2col(x, (3, 2), [2, 1], [1, 2], [1, 0, 2, 1])
+    ours = (cols @ w.reshape(5, -1).T).reshape(2, y.shape[2], y.shape[3], 5).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(ours, y, rtol=1e-4, atol=1e-4)
+
+
+def test_streamed_normal_equations_match_one_shot_least_squares():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((600, 7)).astype(np.float32)
+    y = (x @ rng.standard_normal((7, 3)) + 0.5 + 0.01 * rng.standard_normal((600, 3))).astype(np.float32)
+    ne = _Normal()
+    for i in range(0, 600, 128):
+        ne.add(x[i:i + 128], y[i:i + 128])
+    w, before, after = ne.solve(1e-9, np.zeros((8, 3)))
+    ref = np.linalg.lstsq(np.c_[x, np.ones(600)], y, rcond=None)[0]
+    np.testing.assert_allclose(w, ref, rtol=1e-3, atol=1e-3)
+    assert after < 1e-3 < before
+
+
+def _accuracy(model, name: str) -> float:
+    x, y = digits.model_input(name, "test")
+    session = runtime.make_session(model, threads=1)
+    return digits.accuracy(session.run(None, {"input": x})[0], y)
+
+
+def _logit_error(model, name: str) -> float:
+    x, _ = digits.model_input(name, "test")
+    ref = runtime.make_session(str(digits.trained_path(name)), threads=1).run(None, {"input": x})[0]
+    out = runtime.make_session(model, threads=1).run(None, {"input": x})[0]
+    return float(np.mean((out - ref) ** 2))
+
+
+@pytest.fixture(scope="module")
+def resnet_runs():
+    name = "resnet"
+    calib = digits.feeds(name, "calib", batch=32, limit=CALIB)
+    path = str(digits.trained_path(name))
+    plain = pruning.prune(path, 0.3)
+    lsq = pruning.prune(path, 0.3, calibration=calib, reconstruct="lsq")
+    bn = pruning.prune(path, 0.3, calibration=calib, reconstruct="bn")
+    return plain, lsq, bn
+
+
+def test_refit_reduces_every_layers_output_error(resnet_runs):
+    _, lsq, _ = resnet_runs
+    refit = lsq.reconstruction["refit"]
+    assert len(refit) >= 6  # every conv that lost inputs, and the classifier
+    for row in refit:
+        assert row["mse_after"] < row["mse_before"], row
+    assert sum(r["mse_after"] for r in refit) < 0.5 * sum(r["mse_before"] for r in refit)
+
+
+def test_reconstruction_recovers_the_outputs(resnet_runs):
+    plain, lsq, bn = resnet_runs
+    errors = {k: _logit_error(r.model, "resnet") for k, r in (("plain", plain), ("lsq", lsq), ("bn", bn))}
+    assert errors["lsq"] < 0.2 * errors["plain"], errors
+    assert errors["bn"] < errors["plain"], errors
+    assert _accuracy(lsq.model, "resnet") >= _accuracy(str(digits.trained_path("resnet")), "resnet") - 0.02
+    assert bn.reconstruction["bn"] and not bn.reconstruction["refit"]
+
+
+def test_refit_of_matmul_and_gemm_layers():
+    calib = digits.feeds("mlp", "calib", batch=64, limit=CALIB * 2)
+    result = pruning.prune(str(digits.trained_path("mlp")), 0.5, calibration=calib, reconstruct=True)
+    refit = {r["layer"]: r for r in result.reconstruction["refit"]}
+    assert refit and all(r["mse_after"] < r["mse_before"] for r in refit.values())
+    plain = pruning.prune(str(digits.trained_path("mlp")), 0.5)
+    assert _logit_error(result.model, "mlp") < _logit_error(plain.model, "mlp")
+
+
+def test_reconstruction_needs_data():
+    from onnxshrink.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="calibration data"):
+        pruning.prune(str(digits.trained_path("mlp")), 0.3, reconstruct=True)
+
+
+def test_prune_then_quantize(tmp_path):
+    quantize = pytest.importorskip("onnxshrink.quantize")
+    name = "resnet"
+    calib = digits.feeds(name, "calib", batch=32, limit=CALIB)
+    pruned = pruning.prune(str(digits.trained_path(name)), 0.3, calibration=calib, reconstruct=True)
+    path = model_io.save(pruned.model, tmp_path / "pruned.onnx")
+    result = quantize.quantize(path, calib, tmp_path / "pruned.int8.onnx")
+    ops = result.after["ops"]
+    assert ops.get("QuantizeLinear", 0) > 0 and ops.get("DequantizeLinear", 0) > 0
+    acc_float = _accuracy(str(path), name)
+    acc_int8 = _accuracy(str(tmp_path / "pruned.int8.onnx"), name)
+    assert acc_int8 >= acc_float - 0.02, (acc_float, acc_int8)
