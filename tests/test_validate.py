@@ -185,3 +185,12 @@ def test_cli_validate_exit_codes_and_json(tmp_path, capsys):
     assert main(["validate", str(ref), str(nan), "--data", str(data), "--threads", "1"]) == 1
     assert "NaN/Inf" in capsys.readouterr().out
     assert main(["validate", str(ref), str(tmp_path / "missing.onnx")]) == 2
+
+
+def test_labels_in_a_folder_of_npz_files(tmp_path):
+    for i, (x, y) in enumerate([([[1, 2, 0, -1]], [1]), ([[1.8, 2, 0, 0]], [0])]):
+        np.savez(tmp_path / f"{i:02d}.npz", x=f32(x), labels=np.array(y))
+    rep = validate.compare(REF, CAND, str(tmp_path), threads=1, metric="accuracy")
+    assert (rep.metric.reference, rep.metric.candidate) == (0.5, 1.0)
+    with pytest.raises(DataError, match="unknown \\['labels'\\]"):  # without a metric, labels are not inputs
+        validate.compare(REF, CAND, str(tmp_path), threads=1)
