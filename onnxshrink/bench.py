@@ -163,12 +163,14 @@ def measure(
     seed: int = 0,
     labels: Sequence[str] | None = None,
     bootstrap: int = 1000,
+    extras: Sequence[str] = ("labels",),
     progress: Callable[[str, int, int], None] | None = None,
 ) -> BenchReport:
     """Time one or two models (paths, bytes or ``ir.Model``) on each provider; see the module doc.
 
     The first feed of ``data`` (anything ``onnxshrink.data.feeds`` takes; None: random) drives every
-    run. ``progress(provider, done, total)`` is called during the timed rounds.
+    run; arrays named in ``extras`` (labels kept with validation data) are left out.
+    ``progress(provider, done, total)`` is called during the timed rounds.
     """
     if not 1 <= len(models) <= 2:
         raise DataError(f"bench takes one or two models, got {len(models)}")
@@ -179,7 +181,7 @@ def measure(
     specs = data_mod.input_specs(irs[0])
     if len(irs) == 2 and {s.name for s in data_mod.input_specs(irs[1])} != {s.name for s in specs}:
         raise DataError("the two models take different inputs; they cannot run on the same feed")
-    feed = next(iter(data_mod.feeds(data, specs, dims=dims, count=1, seed=seed)))
+    feed = next(iter(data_mod.feeds(data, specs, dims=dims, count=1, seed=seed, extras=extras)))
     batch = _batch_of(feed)
     report = BenchReport({}, warmup, runs, {k: list(v.shape) for k, v in feed.items()})
     for provider in runtime.resolve_providers(providers):

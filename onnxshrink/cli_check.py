@@ -277,7 +277,6 @@ def run_check(args) -> int:
 
 def _measure_for_gate(args, config) -> dict:
     from onnxshrink import bench, gate, model_io, runtime, validate
-    from onnxshrink import data as data_mod
 
     dims = runtime.parse_dims(args.shape or _as_list(config.settings.get("shape")))
     data = _setting(args, config, "data", None)
@@ -292,12 +291,11 @@ def _measure_for_gate(args, config) -> dict:
     _clear_progress(args)
     measurements = {"drift": drift.to_dict()}
     if args.bench or any(k in config.budgets for k in gate.PER_PROVIDER):
-        if data is not None and _setting(args, config, "metric", None):  # labels ride along: drop them
-            data = data_mod.feeds(data, model_io.load(args.reference), dims=dims, extras=(args.labels,))
         timed = bench.measure(
             [args.reference, args.candidate], data, providers=providers,
             threads=_setting(args, config, "threads", 1), warmup=_setting(args, config, "warmup", 10),
-            runs=_setting(args, config, "runs", 100), dims=dims, seed=args.seed, progress=_bench_progress(args),
+            runs=_setting(args, config, "runs", 100), dims=dims, seed=args.seed, extras=(args.labels,),
+            progress=_bench_progress(args),
         )
         _clear_progress(args)
         measurements["bench"] = timed.to_dict()

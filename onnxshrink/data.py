@@ -123,14 +123,15 @@ class FeedSource:
             yield feed
 
     def labeled(self) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
-        """``(feed, extras)`` pairs: the arrays named in ``extras`` are split off before the feed check."""
+        """``(feed, extras)`` pairs: arrays named in ``extras`` (where present and not model inputs)
+        are split off before the feed check; a feed without them gets an empty ``extras``."""
+        inputs = {s.name for s in self.specs}
         n = 0
         for where, feed in self._factory():
             extra = {}
             for name in self.extras:
-                if name not in feed:
-                    raise DataError(f"{where}: no {name!r} array (expected besides the model inputs)")
-                extra[name] = np.asarray(feed.pop(name))
+                if name in feed and name not in inputs:
+                    extra[name] = np.asarray(feed.pop(name))
             check_feed(feed, self.specs, where)
             n += 1
             yield feed, extra
@@ -175,8 +176,6 @@ def feeds(
     ``extras`` names arrays stored with each feed that are not model inputs (for example ``labels``
     for a task metric); ``FeedSource.labeled()`` yields them beside the feed.
     """
-    if extras and source is None:
-        raise DataError(f"no data given, but {list(extras)} must come with it; pass labeled data")
     src = _open_source(source, model, dims, count, seed)
     if extras:
         if src is source:  # never change the caller's FeedSource

@@ -263,8 +263,7 @@ def compare(
     metric_fn, metric_name = (load_metric(metric), str(metric)) if isinstance(metric, str) else (
         metric, getattr(metric, "__name__", "metric"))
     ref_model, cand_model = model_io.load(reference), model_io.load(candidate)
-    extras = (labels_key,) if metric_fn is not None and data is not None else ()
-    source = data_mod.feeds(data, ref_model, dims=dims, count=count, seed=seed, extras=extras)
+    source = data_mod.feeds(data, ref_model, dims=dims, count=count, seed=seed, extras=(labels_key,))
     provs = runtime.resolve_providers(providers)
     report = DriftReport({}, 0, source.description, source.random, provs)
     problem = _interface_problem(data_mod.input_specs(ref_model), data_mod.input_specs(cand_model))

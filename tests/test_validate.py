@@ -192,5 +192,10 @@ def test_labels_in_a_folder_of_npz_files(tmp_path):
         np.savez(tmp_path / f"{i:02d}.npz", x=f32(x), labels=np.array(y))
     rep = validate.compare(REF, CAND, str(tmp_path), threads=1, metric="accuracy")
     assert (rep.metric.reference, rep.metric.candidate) == (0.5, 1.0)
-    with pytest.raises(DataError, match="unknown \\['labels'\\]"):  # without a metric, labels are not inputs
-        validate.compare(REF, CAND, str(tmp_path), threads=1)
+    assert validate.compare(REF, CAND, str(tmp_path), threads=1).metric is None  # labels are no input
+
+
+def test_labels_key_that_is_a_model_input_stays_an_input():
+    feeds = [{"x": f32([[1, 2, 0, -1]])}]
+    rep = validate.compare(REF, CAND, feeds, threads=1, labels_key="x")
+    assert rep and rep.feeds == 1
