@@ -199,8 +199,11 @@ def run_explain(args) -> int:
                              threads=args.threads, batches=args.batches, dims=_dims(args), seed=args.seed)
     print(f"top {min(args.top, len(result.nodes))} of {len(result.nodes)} nodes by the noise they add "
           f"({result.batches} feeds, {len(result.tensors)} tensors compared, {len(result.unmatched)} unmatched)")
-    for node in result.top(args.top):
-        print(node.line())
+    top = result.top(args.top)
+    width = max((len(n.node) for n in top), default=4)
+    op_width = max((len(n.op_type) for n in top), default=2)
+    for node in top:
+        print(node.line(width, op_width))
     if args.json_out:
         report.write_json(args.json_out, result.to_dict())
     return 0

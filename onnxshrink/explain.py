@@ -77,8 +77,8 @@ class NodeDrift:
     outputs: list[str]
     inputs: list[str]
 
-    def line(self) -> str:
-        return (f"{self.node:32s} {self.op_type:18s} SQNR {_db(self.sqnr_db):>8s} dB   "
+    def line(self, width: int = 32, op_width: int = 18) -> str:
+        return (f"{self.node:{width}s} {self.op_type:{op_width}s} SQNR {_db(self.sqnr_db):>8s} dB   "
                 f"drop {_db(self.drop_db):>8s} dB   added noise {self.added_noise:9.3g}")
 
 
@@ -131,7 +131,8 @@ def explain(
     """Measure every mapped tensor on ``batches`` feeds of ``data`` and rank the candidate's nodes.
 
     Models: paths, bytes, ``onnx.ModelProto`` or ``ir.Model`` (never modified: copies are tapped).
-    ``data``: anything ``onnxshrink.data.feeds`` takes (None: random feeds, with a warning).
+    ``data``: anything ``onnxshrink.data.feeds`` takes (None: random feeds, with a warning); a
+    ``labels`` array kept with the feeds is ignored.
     """
     if batches < 1:
         raise DataError(f"batches must be >= 1, got {batches}")
@@ -144,7 +145,7 @@ def explain(
     acc = {c.name: _TapAccumulator(r, c.name) for c, r in taps.items()}
     cand_names = [c.name for c in taps]
     ref_names = [taps[c] for c in taps]
-    source = data_mod.feeds(data, ref, dims=dims, count=batches, seed=seed)
+    source = data_mod.feeds(data, ref, dims=dims, count=batches, seed=seed, extras=("labels",))
     n = 0
     with _tapped_session(ref, [ref_values[r] for r in dict.fromkeys(ref_names)], providers, threads) as rs, \
             _tapped_session(cand, list(taps), providers, threads) as cs:

@@ -125,3 +125,10 @@ def test_cli_explain_prints_offenders_and_writes_json(tmp_path, capsys):
     doc = json.loads(out.read_text())
     assert doc["nodes"][0]["node"] == "layer5/matmul" and doc["batches"] == 2
     assert doc["tensors"]["act0"]["sqnr_db"] == "inf"
+
+
+def test_labels_kept_with_the_data_are_ignored(tmp_path):
+    data = tmp_path / "val.npz"
+    np.savez(data, input=np.random.default_rng(0).standard_normal((2, WIDTH)).astype(np.float32),
+             labels=np.array([0, 1]))
+    assert explain.rank_nodes(chain(), chain(corrupt=2), str(data), threads=1)[0].node == "layer2/matmul"
