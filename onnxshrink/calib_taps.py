@@ -20,6 +20,9 @@ Where a tapped value lives:
 - inside model-local functions or subgraphs of other ops: not tappable. The default selection skips them
   (``TapPlan.skipped`` says why) and naming one is a ``ConfigError``.
 
+With ``reduce=True`` (min/max observers) each tap outputs four scalars reduced inside the graph instead of
+the tensor (``calib_reduce``), so a run returns a few numbers per tensor rather than every activation.
+
 Ranges of tapped values are keyed by the value's own name, so a quantizer finds the range of a value inside
 a subgraph under that value's name.
 """
@@ -35,8 +38,10 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshrink import model_io, runtime
-from onnxshrink.errors import ConfigError, RuntimeFailure
+from onnxshrink.calib_reduce import ReduceBuilder
+from onnxshrink.errors import ConfigError
 from onnxshrink.graph_utils import NameGen, subgraphs_of
+from onnxshrink.observers import OUTLIER_ABS
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +57,16 @@ class _NotTappable(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Tap:
-    """One observed tensor: read from the feed (``feed``, a graph input name) or from session output
-    ``output``; ``extra_axes`` leading axes were added by lifting out of loops."""
+    """One observed tensor and where its data comes from: ``feed`` (a graph input name, read from the
+    feed), ``output`` (session output index of the whole tensor) or ``stats`` (session output indices
+    of min, max, outliers and size reduced in the graph, see ``calib_reduce``); ``channel_sum``: output
+    index of in-graph per-channel sums. ``extra_axes`` leading axes were added by lifting out of loops."""
 
     name: str
     feed: str | None = None
     output: int | None = None
+    stats: tuple[int, int, int, int] | None = None
+    channel_sum: int | None = None
     extra_axes: int = 0
 
 
@@ -73,9 +82,12 @@ class TapPlan:
 
 
 def plan_taps(model: ir.Model, tensors: Sequence[ir.Value | str] | None = None, *,
-              lift_loops: bool = True) -> TapPlan:
+              lift_loops: bool = True, reduce: bool = False, outlier_abs: float = OUTLIER_ABS,
+              channel_means: Sequence[str] = ()) -> TapPlan:
     """Build the tap model of ``model`` for ``tensors`` (default: every float tensor that is an input or
-    output of a node, initializers and constants excepted). ``model`` itself is never modified."""
+    output of a node, initializers and constants excepted). ``reduce``: output in-graph extremes instead
+    of whole tensors (``calib_reduce``); ``channel_means``: tap names whose per-channel sums are reduced in
+    the graph too. ``model`` itself is never modified."""
     clone = model.clone()
     mapping: dict[ir.Value, ir.Value] = {}
     _pair_graphs(model.graph, clone.graph, mapping)
@@ -89,7 +101,11 @@ def plan_taps(model: ir.Model, tensors: Sequence[ir.Value | str] | None = None, 
         dupes = {v.name for v in chosen if chosen.count(v) > 1}
         if dupes:
             raise ConfigError(f"calibration tensors listed twice: {sorted(dupes)}")
+    unknown = sorted(set(channel_means) - {v.name for v in chosen})
+    if unknown:
+        raise ConfigError(f"channel_means names tensors that are not calibrated: {unknown}")
     fresh = NameGen(clone)
+    builder = ReduceBuilder(clone.graph, model_io.default_opset(clone) or 1, outlier_abs, fresh)
     taps: list[Tap] = []
     outputs: list[ir.Value] = []
     for value in chosen:
@@ -97,13 +113,29 @@ def plan_taps(model: ir.Model, tensors: Sequence[ir.Value | str] | None = None, 
             taps.append(Tap(value.name, feed=value.name))
             continue
         lifted, extra = _lift(value, clone.graph, owners, fresh)
-        taps.append(Tap(value.name, output=len(outputs), extra_axes=extra))
-        outputs.append(lifted)
+        taps.append(_output_tap(value, lifted, extra, outputs, builder if reduce else None,
+                                value.name in channel_means))
     clone.graph.outputs.clear()
     clone.graph.outputs.extend(outputs)
     if skipped:
         logger.info("calibration: %d tensors left out of the default selection", len(skipped))
     return TapPlan(taps, clone if outputs else None, skipped)
+
+
+def _output_tap(value, lifted, extra: int, outputs: list, builder, want_mean: bool) -> Tap:
+    """Add the outputs carrying ``lifted`` (the whole tensor, or in-graph reductions) to ``outputs``."""
+    rank = len(value.shape) + extra if value.shape is not None else None
+    if builder is None or (want_mean and rank is None):
+        outputs.append(lifted)
+        return Tap(value.name, output=len(outputs) - 1, extra_axes=extra)
+    start = len(outputs)
+    outputs.extend(builder.stats(lifted))
+    stats = (start, start + 1, start + 2, start + 3)
+    channel_sum = None
+    if want_mean:
+        outputs.append(builder.channel_sum(lifted, rank, 1 + extra))
+        channel_sum = len(outputs) - 1
+    return Tap(value.name, stats=stats, channel_sum=channel_sum, extra_axes=extra)
 
 
 def _pair_graphs(g1: ir.Graph, g2: ir.Graph, out: dict) -> None:
@@ -267,77 +299,6 @@ def open_session(plan: TapPlan, providers=None):
 def _check_output_types(session, plan: TapPlan) -> None:
     types = [o.type for o in session.get_outputs()]
     for tap in plan.taps:
-        if tap.output is not None and types[tap.output] not in ORT_FLOAT_TYPES:
-            raise ConfigError(f"cannot calibrate tensor {tap.name!r}: ONNX Runtime says it is {types[tap.output]}")
-
-
-class TapRunner:
-    """Runs the tap session over feeds in batches and hands every tap's array to ``sink(index, array)``.
-
-    Feeds are stacked along axis 0, up to ``batch_size`` per run, when every input has a dynamic first
-    dim, each feed's inputs agree on it and the other dims match the batch's first feed; otherwise each
-    feed runs alone. Stacking assumes rows are independent (dim 0 is a batch axis); if a stacked run
-    fails, its feeds are rerun one by one and stacking stops. At most one batch (plus one feed that did
-    not fit it) and that batch's outputs are held at a time. ``runs`` counts session runs.
-    """
-
-    def __init__(self, session, plan: TapPlan, specs, batch_size: int = 8) -> None:
-        self.session = session
-        self.taps = plan.taps
-        self.batch_size = max(1, int(batch_size))
-        self.stack = self.batch_size > 1 and all(s.dims and not isinstance(s.dims[0], int) for s in specs)
-        self.runs = 0
-
-    def run(self, feeds, sink, on_done=lambda n: None) -> None:
-        for group in self._groups(feeds):
-            self._run_group(group, sink)
-            on_done(len(group))
-
-    def _groups(self, feeds):
-        group: list[dict] = []
-        for feed in feeds:
-            if group and not self._fits(group[0], feed):
-                yield group
-                group = []
-            group.append(feed)
-            if len(group) >= (self.batch_size if self.stack else 1):
-                yield group
-                group = []
-        if group:
-            yield group
-
-    def _fits(self, first: dict, feed: dict) -> bool:
-        if not self.stack:
-            return False
-        rows = {a.shape[0] for a in feed.values()}
-        return len(rows) == 1 and all(feed[k].shape[1:] == first[k].shape[1:] for k in first)
-
-    def _run_group(self, group: list[dict], sink) -> None:
-        if len(group) == 1:
-            self._run_one(group[0], sink, "a feed")
-            return
-        stacked = {k: np.concatenate([f[k] for f in group], axis=0) for k in group[0]}
-        try:
-            outs = self.session.run(None, stacked) if self.session is not None else []
-        except Exception as e:  # noqa: BLE001 - ORT raises its own types; rerun one by one
-            logger.info("calibration: a stacked batch failed (%s); running feeds one by one", e)
-            self.stack = False
-            for feed in group:
-                self._run_one(feed, sink, "a feed")
-            return
-        self.runs += self.session is not None
-        self._hand_out(stacked, outs, sink)
-
-    def _run_one(self, feed: dict, sink, where: str) -> None:
-        outs = []
-        if self.session is not None:
-            try:
-                outs = self.session.run(None, feed)
-            except Exception as e:
-                raise RuntimeFailure(f"calibration: ONNX Runtime failed on {where}: {e}") from e
-            self.runs += 1
-        self._hand_out(feed, outs, sink)
-
-    def _hand_out(self, feed: dict, outs: list, sink) -> None:
-        for i, tap in enumerate(self.taps):
-            sink(i, feed[tap.feed] if tap.feed is not None else outs[tap.output])
+        index = tap.output if tap.output is not None else (tap.stats[0] if tap.stats else None)
+        if index is not None and types[index] not in ORT_FLOAT_TYPES:
+            raise ConfigError(f"cannot calibrate tensor {tap.name!r}: ONNX Runtime says it is {types[index]}")

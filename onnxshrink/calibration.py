@@ -43,8 +43,15 @@ import onnx_ir as ir
 from onnxshrink import calib_taps, model_io, runtime
 from onnxshrink import data as data_mod
 from onnxshrink.calib_fingerprint import model_fingerprint
+from onnxshrink.calib_runner import Reduced, TapRunner
 from onnxshrink.errors import ConfigError, RuntimeFailure
-from onnxshrink.observers import DEFAULT_BINS, HISTOGRAM_METHODS, HistogramObserver, make_observer
+from onnxshrink.observers import (
+    DEFAULT_BINS,
+    HISTOGRAM_METHODS,
+    OBSERVERS,
+    HistogramObserver,
+    make_observer,
+)
 from onnxshrink.progress import make_progress
 from onnxshrink.report import write_json
 
@@ -158,8 +165,11 @@ def calibrate(
         raise ConfigError("pass tensor names (not ir.Value) when the model is given as a path")
     ir_model = model_io.load(model)
     source = data_mod.feeds(data, ir_model)
-    plan = calib_taps.plan_taps(ir_model, tensors)
-    means = _check_channel_means(channel_means, plan)
+    means = tuple(sorted({channel_means} if isinstance(channel_means, str) else set(channel_means)))
+    replan = functools.partial(calib_taps.plan_taps, ir_model, tensors, channel_means=means,
+                               outlier_abs=options["outlier_abs"],
+                               reduce=OBSERVERS[method].accepts_extremes)
+    plan = replan()
     key = _Keys(model_fingerprint(ir_model), source.fingerprint(), plan.names, method, options,
                 int(batch_size), runtime.resolve_providers(providers), means)
     cache = _Cache(cache_dir)
@@ -172,7 +182,7 @@ def calibrate(
     if observers is None:
         run = functools.partial(_collect, source=source, key=key, observer_opts=observer_opts,
                                 providers=providers, progress=progress)
-        names, observers, cmeans, samples = _run_with_fallback(run, plan, ir_model, tensors is None)
+        names, observers, cmeans, samples = _run_with_fallback(run, plan, replan, tensors is None)
         if method in HISTOGRAM_METHODS:
             cache.save_hist(key, names, observers, cmeans, samples)
     table = _build_table(names, observers, cmeans, key, samples, [n for n in plan.names if n not in names])
@@ -180,7 +190,7 @@ def calibrate(
     return table
 
 
-def _run_with_fallback(run, plan, model: ir.Model, default_taps: bool):
+def _run_with_fallback(run, plan, replan, default_taps: bool):
     """``run(plan)``; when it fails with default taps lifted out of loop bodies (a loop value whose shape
     changes between iterations), run again without loop bodies. Returns ``(names, observers, ...)``."""
     try:
@@ -190,17 +200,8 @@ def _run_with_fallback(run, plan, model: ir.Model, default_taps: bool):
             raise
         logger.warning("calibration: ONNX Runtime refused the loop-body taps (%s); calibrating again "
                        "without tensors inside Loop/Scan bodies", str(e).splitlines()[0][:200])
-    plan = calib_taps.plan_taps(model, None, lift_loops=False)
+    plan = replan(lift_loops=False, channel_means=())
     return (plan.names, *run(plan))
-
-
-def _check_channel_means(names: Sequence[str], plan) -> tuple[str, ...]:
-    if isinstance(names, str):
-        names = [names]
-    missing = [n for n in names if n not in plan.names]
-    if missing:
-        raise ConfigError(f"channel_means names tensors that are not calibrated: {missing}")
-    return tuple(sorted(set(names)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,12 +238,17 @@ def _collect(plan, *, source, key: _Keys, observer_opts, providers, progress):
     sums = {plan.names.index(n): _ChannelSum() for n in key.means if n in plan.names}
     session = calib_taps.open_session(plan, providers) if plan.model is not None else None
     plan.model = None  # ONNX Runtime holds its own copy now
-    runner = calib_taps.TapRunner(session, plan, source.specs, key.batch_size)
+    runner = TapRunner(session, plan.taps, source.specs, key.batch_size)
 
-    def sink(i: int, array: np.ndarray) -> None:
-        observers[i].update(array)
+    def sink(i: int, data) -> None:
+        if isinstance(data, Reduced):
+            observers[i].update_extremes(data.vmin, data.vmax, data.size, data.outliers)
+            if i in sums and data.channel_sum is not None:
+                sums[i].add_sums(data.channel_sum, data.size)
+            return
+        observers[i].update(data)
         if i in sums:
-            sums[i].add(array, 1 + plan.taps[i].extra_axes, plan.names[i])
+            sums[i].add(data, 1 + plan.taps[i].extra_axes, plan.names[i])
 
     bar = make_progress(progress, total)
     try:
@@ -272,6 +278,14 @@ class _ChannelSum:
             raise ConfigError(f"channel mean of {name!r}: channel count changed ({self.sum.shape} -> {s.shape})")
         self.sum = s if self.sum is None else self.sum + s
         self.n += array.size // array.shape[axis]
+
+    def add_sums(self, sums: np.ndarray, size: int) -> None:
+        """Per-channel sums reduced in the graph over a tensor of ``size`` elements."""
+        if size == 0 or sums.size == 0:
+            return
+        sums = sums.astype(np.float64)
+        self.sum = sums if self.sum is None else self.sum + sums
+        self.n += size // sums.size
 
     def mean(self) -> np.ndarray:
         return self.sum / self.n

@@ -22,9 +22,11 @@ import numpy as np
 
 #: Most window ends tried per 1-D search (evenly spread over the possible bin edges).
 MAX_CANDIDATES = 160
+#: Window ends tried per refinement level of the KL search (the KL cost is O(bins) per window).
+REFINE_POINTS = 24
 #: Probability given to a bin where P has mass and Q none (TensorRT's smoothing).
 KL_EPS = 1e-4
-#: Coordinate-descent rounds for asymmetric windows (upper end, then lower end, per round).
+#: Coordinate-descent rounds for asymmetric windows: upper end, lower end, upper end again.
 DESCENT_ROUNDS = 2
 
 
@@ -114,11 +116,11 @@ def quantile(edges: np.ndarray, counts: np.ndarray, q: float) -> float:
     return float(edges[i - 1] + frac * (edges[i] - edges[i - 1]))
 
 
-def _candidates(first: int, last: int) -> np.ndarray:
-    """At most ``MAX_CANDIDATES`` integer positions spread evenly over ``[first, last]``."""
+def _candidates(first: int, last: int, n: int = MAX_CANDIDATES) -> np.ndarray:
+    """At most ``n`` integer positions spread evenly over ``[first, last]``."""
     if last <= first:
         return np.array([last], dtype=np.intp)
-    n = min(MAX_CANDIDATES, last - first + 1)
+    n = min(n, last - first + 1)
     return np.unique(np.linspace(first, last, n).round().astype(np.intp))
 
 
@@ -149,15 +151,16 @@ def kl_cost(counts: np.ndarray, i: int, j: int, nq: int) -> float:
 
 
 def _best(cost, first: int, last: int) -> int:
-    """Argmin of ``cost(k)`` over integers ``[first, last]``: evenly spread candidates, then every
-    position between the best one's neighbours."""
-    coarse = _candidates(first, last)
-    k = int(coarse[np.argmin([cost(int(c)) for c in coarse])])
-    step = int(np.max(np.diff(coarse))) if len(coarse) > 1 else 0
-    if step <= 1:
-        return k
-    fine = np.arange(max(first, k - step + 1), min(last, k + step - 1) + 1)
-    return int(fine[np.argmin([cost(int(c)) for c in fine])])
+    """Argmin of ``cost(k)`` over integers ``[first, last]`` by successive refinement: ``REFINE_POINTS``
+    evenly spread candidates, then as many between the best one's neighbours, down to single steps."""
+    lo, hi = first, last
+    while True:
+        cands = _candidates(lo, hi, REFINE_POINTS)
+        k = int(cands[np.argmin([cost(int(c)) for c in cands])])
+        step = int(np.max(np.diff(cands))) if len(cands) > 1 else 1
+        if step <= 1:
+            return k
+        lo, hi = max(first, k - step + 1), min(last, k + step - 1)
 
 
 def kl_window(counts: np.ndarray, zero: int, nq: int) -> tuple[int, int]:
@@ -166,11 +169,11 @@ def kl_window(counts: np.ndarray, zero: int, nq: int) -> tuple[int, int]:
     if n <= nq:
         return 0, n
     i, j = 0, n
-    for _ in range(DESCENT_ROUNDS):
-        j = _best(lambda c: kl_cost(counts, i, c, nq), max(zero, i + nq), n)
-        if zero == 0:
+    for round_ in range(DESCENT_ROUNDS):
+        j = _best(lambda c, i=i: kl_cost(counts, i, c, nq), max(zero, i + nq), n)
+        if zero == 0 or round_ == DESCENT_ROUNDS - 1:
             break
-        i = _best(lambda c: kl_cost(counts, c, j, nq), 0, min(zero, j - nq))
+        i = _best(lambda c, j=j: kl_cost(counts, c, j, nq), 0, min(zero, j - nq))
     return i, j
 
 

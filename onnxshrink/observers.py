@@ -67,6 +67,10 @@ def split_outliers(x: np.ndarray, outlier_abs: float = OUTLIER_ABS):
 class _Stats:
     """Counting and extremes shared by every observer; subclasses add ``_observe`` and ``range``."""
 
+    #: Whether each batch's extremes are enough (``update_extremes``): calibration then reduces the
+    #: tensors inside the graph instead of fetching them.
+    accepts_extremes = True
+
     def __init__(self, outlier_abs: float = OUTLIER_ABS) -> None:
         if not outlier_abs > 0:
             raise ConfigError(f"outlier_abs must be > 0, got {outlier_abs}")
@@ -91,7 +95,18 @@ class _Stats:
         self.observed_max = max(self.observed_max, vmax)
         self._observe(values, vmin, vmax)
 
-    def _observe(self, values: np.ndarray, vmin: float, vmax: float) -> None:
+    def update_extremes(self, vmin: float, vmax: float, size: int, outliers: int = 0) -> None:
+        """One batch seen only through its extremes (outliers already left out), for observers with
+        ``accepts_extremes``; ``vmin > vmax`` means no usable value."""
+        self.count += int(size)
+        self.outliers += int(outliers)
+        if not vmin <= vmax:
+            return
+        self.observed_min = min(self.observed_min, float(vmin))
+        self.observed_max = max(self.observed_max, float(vmax))
+        self._observe(None, float(vmin), float(vmax))
+
+    def _observe(self, values: np.ndarray | None, vmin: float, vmax: float) -> None:
         pass
 
     def config(self) -> dict:
@@ -139,6 +154,8 @@ class MovingAverageMinMaxObserver(_Stats):
 class HistogramObserver(_Stats):
     """Base of the histogram observers: a growing ``Histogram`` plus the exact extremes."""
 
+    accepts_extremes = False
+
     def __init__(self, bins: int = DEFAULT_BINS, symmetric: bool = False, outlier_abs: float = OUTLIER_ABS):
         super().__init__(outlier_abs)
         if int(bins) < 128:
@@ -147,6 +164,8 @@ class HistogramObserver(_Stats):
         self.symmetric = bool(symmetric)
 
     def _observe(self, values, vmin, vmax) -> None:
+        if values is None:
+            raise TypeError(f"{type(self).__name__} needs the values, not only their extremes")
         self.hist.add(values, vmin, vmax)
 
     def config(self) -> dict:

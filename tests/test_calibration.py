@@ -8,7 +8,8 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxshrink import calib_taps
+from onnxshrink.calib_runner import TapRunner
+from onnxshrink.calib_taps import Tap, open_session, plan_taps
 from onnxshrink.calibration import MIN_SPAN, CalibrationTable, calibrate
 from onnxshrink.data import InputSpec
 from onnxshrink.errors import ConfigError, DataError
@@ -80,7 +81,7 @@ def test_taps_mapped_through_odd_names(runs):
         r = table[name]
         assert (r.min, r.max) == pytest.approx((arr.min(), arr.max()), rel=1e-6), name
         assert r.count == arr.size and r.outliers == 0 and r.note is None
-    assert runs["n"] == 3  # 20 feeds stacked 8 + 8 + 4 on the dynamic batch axis
+    assert runs["n"] == 4  # 20 feeds: 1 to size the outputs, then stacked 8 + 8 + 3 on the batch axis
 
 
 def test_static_batch_runs_one_feed_at_a_time(runs):
@@ -94,7 +95,7 @@ def test_feeds_with_other_shapes_start_a_new_batch(runs):
     model = _model([helper.make_node("Relu", ["x"], ["y"])], [_f("x", ["N", "T"])], [_f("y", ["N", "T"])])
     feeds = [{"x": RNG.standard_normal((1, t)).astype(np.float32)} for t in (3, 3, 5, 5, 5)]
     table = calibrate(model, feeds, cache_dir=False, progress=False)
-    assert runs["n"] == 2 and table["y"].count == 21
+    assert runs["n"] == 3 and table["y"].count == 21  # [3], [3], [5, 5, 5]
 
 
 def test_failed_stacked_run_falls_back_to_single_feeds(runs):
@@ -217,10 +218,11 @@ def test_if_branch_values_are_lifted():
     assert calibrate(model, only_then, cache_dir=False, progress=False).unobserved == ("inner", "o2")
 
 
-def test_loop_body_values_are_lifted_with_channel_means():
+@pytest.mark.parametrize("method", ["minmax", "mse"])  # reduced in the graph / whole tensors
+def test_loop_body_values_are_lifted_with_channel_means(method):
     model = onnx.parser.parse_model(LOOP_MODEL)
     feeds = [{"x": RNG.standard_normal((2, 4)).astype(np.float32), "n": np.array(3, np.int64)} for _ in range(4)]
-    table = calibrate(model, feeds, cache_dir=False, progress=False, channel_means=["h"])
+    table = calibrate(model, feeds, cache_dir=False, progress=False, channel_means=["h"], method=method)
     hs = []
     for f in feeds:
         acc = f["x"]
@@ -228,14 +230,15 @@ def test_loop_body_values_are_lifted_with_channel_means():
             hs.append(np.tanh(acc))
             acc = np.tanh(acc) + acc
     h = np.concatenate(hs)
-    assert table["h"].min == pytest.approx(h.min(), rel=1e-5) and table["h"].count == h.size
+    assert table["h"].observed_min == pytest.approx(h.min(), rel=1e-5) and table["h"].count == h.size
     np.testing.assert_allclose(table["h"].channel_mean, h.mean(axis=0), rtol=1e-5)
 
 
-def test_channel_means_along_axis_1():
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_channel_means_along_axis_1(method):
     model = _model([helper.make_node("Relu", ["x"], ["y"])], [_f("x", ["N", 3, 2, 2])], [_f("y", ["N", 3, 2, 2])])
     feeds = [{"x": RNG.standard_normal((1, 3, 2, 2)).astype(np.float32)} for _ in range(10)]
-    table = calibrate(model, feeds, cache_dir=False, progress=False, channel_means=["y"])
+    table = calibrate(model, feeds, cache_dir=False, progress=False, channel_means=["y"], method=method)
     y = np.maximum(np.concatenate([f["x"] for f in feeds]), 0)
     np.testing.assert_allclose(table["y"].channel_mean, y.mean(axis=(0, 2, 3)), rtol=1e-6)
     assert table["x"].channel_mean is None
@@ -294,6 +297,17 @@ def test_progress_reports(capsys):
     assert "10/10 samples" in capsys.readouterr().err
 
 
+def test_minmax_taps_are_reduced_in_the_graph():
+    model = ir.serde.deserialize_model(odd_names_model())
+    plan = plan_taps(model, reduce=True, channel_means=["out"])
+    assert all(t.stats is not None for t in plan.taps if t.feed is None)
+    session = open_session(plan)
+    outs = session.run(None, odd_feeds(1, rows=3)[0])
+    assert all(o.size <= 4 for o in outs)  # scalars, and the 4 channel sums of "out"
+    with pytest.raises(ConfigError, match="channel_means"):
+        plan_taps(model, ["out"], channel_means=["blk/out"])
+
+
 class _FakeSession:
     """Checks, at every run, how many feeds the runner has pulled but not yet handed to observers."""
 
@@ -315,9 +329,22 @@ def test_runner_holds_at_most_one_batch():
             state["pulled"] += 1
             yield {"x": np.ones((1, 4), np.float32)}
 
-    plan = calib_taps.TapPlan([calib_taps.Tap("y", output=0)], None, {})
     specs = [InputSpec("x", np.dtype(np.float32), ("N", 4))]
-    runner = calib_taps.TapRunner(_FakeSession(state, 8), plan, specs, batch_size=8)
+    runner = TapRunner(_FakeSession(state, 8), [Tap("y", output=0)], specs, batch_size=8)
     runner.run(source(), lambda i, a: None, lambda n: state.__setitem__("observed", state["observed"] + n))
-    assert runner.runs == 7 and state["max_held"] == 8 and state["observed"] == 50
+    assert runner.runs == 8 and state["max_held"] == 8 and state["observed"] == 50  # 1 + 6 * 8 + 1
 
+
+
+class _EchoSession:
+    def run(self, names, feed):
+        return [feed["x"]]
+
+
+def test_runner_caps_batches_by_output_bytes():
+    feeds = [{"x": np.ones((1, 4), np.float32)} for _ in range(10)]
+    specs = [InputSpec("x", np.dtype(np.float32), ("N", 4))]
+    rows = []
+    runner = TapRunner(_EchoSession(), [Tap("y", output=0)], specs, batch_size=8, max_batch_bytes=40)
+    runner.run(feeds, lambda i, a: rows.append(a.shape[0]))
+    assert runner.batch_size == 2 and rows == [1, 2, 2, 2, 2, 1]  # 16 bytes of outputs per feed
