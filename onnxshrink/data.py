@@ -65,7 +65,8 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         if v.dtype is None:
             raise DataError(f"model input {v.name!r} has no element type")
         dims = () if v.shape is None else tuple(
-            d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else None)
+            (d if d >= 0 else None) if isinstance(d, int)  # exporters write -1 for "dynamic"
+            else (d.value if isinstance(d, ir.SymbolicDim) else None)
             for d in v.shape
         )
         specs.append(InputSpec(v.name, np.dtype(v.dtype.numpy()), dims))
