@@ -206,39 +206,53 @@ def stat_slots(dg: DepGraph) -> list[Slot]:
     return out
 
 
-def collect_stats(model: ir.Model, slots: list[Slot], feeds, *, batch_size: int = 8,
-                  providers=None) -> ActivationStats:
+def collect_stats(model: ir.Model, slots: list[Slot], feeds, *, providers=None) -> ActivationStats:
     """Stream ``feeds`` through ONNX Runtime and reduce each slot's value to per-cell mean, mean |x|
-    and mean x^2 (over every other axis). Holds one batch at a time."""
-    from onnxshrink import calib_taps
-
+    and mean x^2 (over every other axis). Holds one feed's taps at a time."""
     values = list(dict.fromkeys(s.value for s in slots))
     if not values:
         return ActivationStats(0, {}, {}, {})
-    source = data_mod.feeds(feeds, model)
-    plan = calib_taps.plan_taps(model, values)
-    session = calib_taps.open_session(plan, providers)
-    runner = calib_taps.TapRunner(session, plan, source.specs, batch_size)
+    read = TapReader(model, values, providers)
     sums = {s.label(): [0.0, 0.0, 0.0, 0] for s in slots}
-    by_value = {v: [s for s in slots if s.value is v] for v in values}
-
-    def sink(i: int, arr: np.ndarray) -> None:
-        for s in by_value[values[i]]:
-            cells = _cells_last(arr, s.axes).astype(np.float64)
+    for feed in data_mod.feeds(feeds, model):
+        arrays = dict(zip(values, read(feed)))
+        for s in slots:
+            cells = _cells_last(arrays[s.value], s.axes).astype(np.float64)
             acc = sums[s.label()]
             acc[0] = acc[0] + cells.sum(0)
             acc[1] = acc[1] + np.abs(cells).sum(0)
             acc[2] = acc[2] + (cells**2).sum(0)
             acc[3] += cells.shape[0]
-
-    runner.run(source, sink)
-    n = max(next(iter(sums.values()))[3], 1)
+    n = next(iter(sums.values()))[3]
     return ActivationStats(
         n,
         {k: np.asarray(v[0]) / max(v[3], 1) for k, v in sums.items()},
         {k: np.asarray(v[1]) / max(v[3], 1) for k, v in sums.items()},
         {k: np.asarray(v[2]) / max(v[3], 1) for k, v in sums.items()},
     )
+
+
+class TapReader:
+    """The arrays of ``values`` per feed, from one ONNX Runtime session of a tap model
+    (``calib_taps.plan_taps``; a value listed twice is tapped once). Small on purpose: to be merged
+    with the calibration engine's runner once its batching API settles."""
+
+    def __init__(self, model: ir.Model, values: list[ir.Value], providers=None, threads: int = 1) -> None:
+        from onnxshrink import calib_taps, runtime
+
+        unique = list(dict.fromkeys(values))
+        self.index = [unique.index(v) for v in values]
+        self.plan = calib_taps.plan_taps(model, unique)
+        self.session = None
+        if self.plan.model is not None:
+            rt = runtime.ort()
+            so = runtime.session_options(threads, level=rt.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+            self.session = runtime.make_session(self.plan.model, providers, options=so)
+
+    def __call__(self, feed) -> list[np.ndarray]:
+        outs = self.session.run(None, feed) if self.session is not None else []
+        got = [feed[t.feed] if t.feed is not None else outs[t.output] for t in self.plan.taps]
+        return [got[i] for i in self.index]
 
 
 def _cells_last(arr: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:

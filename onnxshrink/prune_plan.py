@@ -9,9 +9,9 @@ is refused instead of misapplied.
 
 Widths: ``ratio`` of each group's channels is removed (``scope="local"``), or the lowest-scoring
 ``ratio`` of all prunable channels with scores normalized per group (``scope="global"``, at most
-``max_ratio`` of any group). Kept widths are rounded to a multiple of ``round_to`` channels (fast CPU
-kernels want multiples of 8 or 16: odd widths can make a pruned model slower) and never go below
-``min_width``.
+``max_ratio`` of any group). Kept widths are rounded up to a multiple of ``round_to`` channels (fast
+CPU kernels want multiples of 8 or 16: odd widths can make a pruned model slower; rounding up never
+removes more than asked, so a narrow group may stay whole) and never go below ``min_width``.
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def _min_keep(gp: GroupPlan, round_to: int, min_width: int) -> int:
 def _local_keep(gp: GroupPlan, ratio: float, round_to: int, min_width: int) -> int:
     step = _step(gp, round_to)
     target = gp.atoms * (1.0 - ratio)
-    keep = math.floor(target / step + 0.5) * step
+    keep = math.ceil(target / step - 1e-9) * step  # rounded up: never remove more than asked
     keep = max(keep, _min_keep(gp, round_to, min_width))
     return min(keep, gp.atoms)
 
