@@ -38,6 +38,9 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="keep the first N quantizable compute layers float")
     g.add_argument("--keep-last", type=int, default=0, metavar="N",
                    help="keep the last N quantizable compute layers float")
+    g.add_argument("--no-tune", action="store_true",
+                   help="quantize every quantizable node instead of timing a few placements and "
+                        "keeping the fastest on this CPU")
     g.add_argument("--conv-transpose", choices=["weights", "qdq", "float"], default="weights",
                    help="ConvTranspose: int8 weights only (default; the CPU EP does not fuse it), "
                         "full QDQ, or float")
@@ -62,12 +65,17 @@ def run_quantize(args) -> int:
         method=args.calib_method, activations=args.activations, per_channel=not args.per_tensor,
         reduce_range=args.reduce_range, exclude=args.exclude, exclude_ops=args.exclude_op,
         keep_first=args.keep_first, keep_last=args.keep_last, conv_transpose=args.conv_transpose,
+        tune=not args.no_tune,
         check=not args.no_check, overwrite_input=args.overwrite_input, recovery=recovery_hooks(args),
         progress=not args.quiet and sys.stderr.isatty(),
     )
     plan = result.plan.summary()
     print(f"onnxshrink optimize --quantize int8: {args.input} -> {args.output or '(not written)'}  "
           f"[{result.seconds:.2f} s, {result.method}, {result.options.activations} activations]")
+    if result.tuning is not None:
+        t = result.tuning
+        print(f"tuned on this CPU: float {t.float_ms:.3f} ms; placements " + ", ".join(
+            f"{o} {ms:.3f} ms" for o, ms in zip(t.options, t.median_ms)) + f"; kept {t.options[t.chosen]}")
     if result.opset_upgraded_from:
         print(f"note: upgraded from opset {result.opset_upgraded_from} to 13 for per-channel QDQ")
     print(report.before_after_table(result.before, result.after))

@@ -8,8 +8,9 @@ Steps, in order:
 3. shape inference, so the planner knows element types and tensor sizes;
 4. ``qdq_rules.plan_qdq``: which nodes run quantized and which tensors need ranges;
 5. ``calibration.calibrate`` of exactly those tensors on ``data`` (cached on disk by model and data);
-6. the ``qdq`` pass, then ``dead_code``, with a structural check after each;
-7. ``recovery`` hooks, the extension point for accuracy recovery (``--max-drift`` and friends): each is
+6. ``qdq_tune.tune`` (unless ``tune=False``): a few placements timed on ONNX Runtime, the fastest kept;
+7. the ``qdq`` pass, then ``dead_code``, with a structural check after each;
+8. ``recovery`` hooks, the extension point for accuracy recovery (``--max-drift`` and friends): each is
    called with a ``QuantizeContext`` holding the float model, the quantized model, the plan, the table and
    the data, and may rewrite the quantized model in place.
 
@@ -34,7 +35,8 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from onnxshrink import model_io, pipeline, stats
+from onnxshrink import data as data_mod
+from onnxshrink import model_io, pipeline, qdq_tune, stats
 from onnxshrink.errors import DataError, UnsupportedModelError
 from onnxshrink.instruments import StructuralCheck
 from onnxshrink.passes.qdq import MIN_OPSET, QDQPass
@@ -85,6 +87,7 @@ class QuantizeResult:
     method: str
     output: Path | None = None
     opset_upgraded_from: int | None = None
+    tuning: qdq_tune.TuneReport | None = None
 
     @property
     def skipped(self) -> list[str]:
@@ -97,6 +100,7 @@ class QuantizeResult:
             "method": self.method,
             "options": self.options.to_dict(),
             "opset_upgraded_from": self.opset_upgraded_from,
+            "tuning": self.tuning.to_dict() if self.tuning else None,
             "plan": self.plan.summary(),
             "skipped": self.skipped,
             "before": self.before,
@@ -119,6 +123,8 @@ def quantize(
     keep_first: int = 0,
     keep_last: int = 0,
     conv_transpose: str = "weights",
+    tune: bool = True,
+    tune_runs: int = 20,
     lossless: bool = True,
     check: bool = True,
     batch_size: int = 8,
@@ -134,7 +140,9 @@ def quantize(
     ``data``: a directory of ``.npz`` feeds, one stacked ``.npz``, or an iterable of feed dicts (see
     ``onnxshrink.data``). ``method``: ``minmax``, ``ema``, ``percentile``, ``entropy`` or ``mse``
     (``observer_opts`` go to the observer, e.g. ``percentile=99.99``). ``activations``: ``uint8``,
-    ``int8`` or ``auto`` (the faster for this CPU). Other options: see ``PlanOptions``.
+    ``int8`` or ``auto`` (the faster for this CPU). ``tune``: time a few placements on ONNX Runtime
+    and keep the fastest (``qdq_tune``; off: every quantizable node is quantized). Other options: see
+    ``PlanOptions``.
     """
     from onnxshrink import calibration
 
@@ -162,6 +170,11 @@ def quantize(
         ir_model, data, plan.calibration_values(), method=method, batch_size=batch_size,
         providers=providers, cache_dir=cache_dir, progress=progress, **observer_opts,
     )
+    tuning = None
+    if tune:
+        feed = next(iter(data_mod.feeds(data, ir_model)))
+        opts, tuning = qdq_tune.tune(ir_model, plan, table, feed, tune_runs)
+        plan = dataclasses.replace(plan, options=opts)
     final = plan_qdq(ir_model, opts, table)  # what the pass will do (it re-plans the same way)
     logger.info("QDQ plan: %s", final.summary())
     float_model = ir_model.clone() if recovery else None
@@ -175,7 +188,7 @@ def quantize(
                                  overwrite_input=overwrite_input)
     return QuantizeResult(
         ir_model, final, table, report, before, stats.summarize(ir_model, out_path),
-        time.perf_counter() - t0, opts, method, out_path, upgraded,
+        time.perf_counter() - t0, opts, method, out_path, upgraded, tuning,
     )
 
 

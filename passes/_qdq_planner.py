@@ -37,6 +37,7 @@ from onnxshrink.passes.qdq_rules import (
     QDQPlan,
     WeightSpec,
     clip_bounds,
+    conv_shape_reason,
     data_inputs,
     rule_for,
     weight_axis,
@@ -80,6 +81,8 @@ def _candidates(graph, opts: PlanOptions, ranges, skipped: Skips) -> dict[ir.Nod
         if rule is None:
             continue
         reason = _excluded(node, opts) or rule.check(node)
+        if reason is None:
+            reason = conv_shape_reason(node, opts)
         if reason is None and node.op_type == "ConvTranspose" and opts.conv_transpose == "float":
             reason = "ConvTranspose left float (conv_transpose='float')"
         if reason is None and rule.kind is Kind.BINARY:
@@ -252,7 +255,7 @@ class _GraphPlanner:
     def _size(self, v: ir.Value) -> int:
         if v.shape is None:
             return 1
-        return math.prod(d if isinstance(d, int) else 1 for d in v.shape)
+        return math.prod(d if isinstance(d, int) and d > 0 else 1 for d in v.shape)  # -1, symbolic: 1
 
     # ------------------------------------------------------------ ranges
 

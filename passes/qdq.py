@@ -8,7 +8,8 @@ model with the table (so tensors without a usable range stay float), then, per g
 2. stores each weight as int8 + ``DequantizeLinear`` (per channel along the plan's axis), and each bias
    of a quantized Conv/Gemm as int32 with scale = input scale x weight scale (a weight channel's scale is
    raised when its bias would overflow int32); Gemm's ``beta`` is folded into the bias;
-3. stores the constant inputs of quantized Add/Mul per tensor in the activation type;
+3. stores the constant inputs of quantized Add/Mul per tensor in the activation type (a quantized
+   ``Div`` by a constant becomes ``Mul`` by its reciprocal first);
 4. inserts one ``QuantizeLinear`` per planned activation, right after its producer, and one
    ``DequantizeLinear`` per reading (node, input): every reader when the producer is quantized (the
    fused kernel must own its output alone), only the quantized readers otherwise. A graph output keeps
@@ -106,6 +107,8 @@ class _Rewriter:
         for spec in self.gp.weights:
             self._weight(spec.node, spec.index, spec.axis)
         for node, index in self.gp.consts:
+            if node.op_type == "Div":
+                self._div_to_mul(node, index)
             self._const_input(node, index)
         for v in self.gp.tensors:
             self._insert_qdq(v)
@@ -184,6 +187,15 @@ class _Rewriter:
         )
         self._replace_input(node, index, qm.quantize_activation(c, p), p, "c")
         self.stats.add("constants_quantized")
+
+    def _div_to_mul(self, node: ir.Node, index: int) -> None:
+        """``x / c`` becomes ``x * (1 / c)`` (ORT has QLinearMul, no QLinearDiv)."""
+        old = node.inputs[index]
+        recip = (np.float32(1) / const_array(old).astype(np.float32)).astype(np.float32)
+        node.op_type = "Mul"
+        node.replace_input_with(index, add_initializer(self.graph, recip, self.names(f"{old.name or 'c'}_recip")))
+        self.dead.append(old)
+        self.stats.add("divisions_to_multiplications")
 
     def _replace_input(self, node, index, qvalues: np.ndarray, p: qm.QParams, tag: str) -> None:
         old = node.inputs[index]

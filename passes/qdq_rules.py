@@ -8,7 +8,8 @@ makes of ``DQ -> op -> Q`` on the CPU EP. Its kinds:
   (then it is, unless a quantized op reads it). ConvTranspose is not fused on the CPU EP: by default
   only its weight is stored as int8 (``conv_transpose="weights"``); ``"qdq"`` quantizes it fully for EPs
   that fuse it.
-- ``BINARY`` (Add, Mul -> QLinearAdd/QLinearMul), ``UNARY`` (AveragePool, GlobalAveragePool, Sigmoid,
+- ``BINARY`` (Add, Mul -> QLinearAdd/QLinearMul; Div by a constant becomes Mul by its reciprocal, so
+  that decomposed hard-swish ``x * clip(x + 3, 0, 6) / 6`` stays int8), ``UNARY`` (AveragePool, GlobalAveragePool, Sigmoid,
   LeakyRelu -> QLinear*), ``CONCAT`` (QLinearConcat; its inputs and output share one scale).
 - ``PASS``: ops that only move or select values (MaxPool, Reshape, Transpose, Flatten, Squeeze, Unsqueeze,
   Slice, Gather on data, Split, Expand, Tile, Resize in nearest mode). ORT drops the DQ/Q around them when
@@ -126,6 +127,15 @@ def _check_binary(node: ir.Node) -> str | None:
     return _float_data(node, [0, 1])
 
 
+def _check_div(node: ir.Node) -> str | None:
+    d = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if d is None or const_array(node.inputs[0]) is not None:
+        return "only a division of a tensor by a constant runs quantized (as QLinearMul)"
+    if d.dtype != np.float32 or not np.all(np.isfinite(d)) or np.any(d == 0) or not np.all(np.isfinite(1 / d)):
+        return "the divisor holds zeros or values whose reciprocal is not finite"
+    return _float_data(node, [0])
+
+
 def _check_unary(node: ir.Node) -> str | None:
     return _float_data(node, [0])
 
@@ -168,6 +178,7 @@ RULES: dict[str, OpRule] = {
     "MatMul": OpRule(Kind.COMPUTE, "QLinearMatMul/MatMulIntegerToFloat", _check_matmul, float_output_ok=True),
     "Add": OpRule(Kind.BINARY, "QLinearAdd", _check_binary),
     "Mul": OpRule(Kind.BINARY, "QLinearMul", _check_binary),
+    "Div": OpRule(Kind.BINARY, "QLinearMul (multiplied by the reciprocal)", _check_div),
     "AveragePool": OpRule(Kind.UNARY, "QLinearAveragePool", _check_unary),
     "GlobalAveragePool": OpRule(Kind.UNARY, "QLinearGlobalAveragePool", _check_unary),
     "Sigmoid": OpRule(Kind.UNARY, "QLinearSigmoid", _check_unary),
@@ -209,6 +220,20 @@ def weight_axis(node: ir.Node, w: np.ndarray, per_channel: bool) -> int | None:
     return 1 if w.ndim == 2 else None  # MatMul: per column of a 2-D B
 
 
+def conv_shape_reason(node: ir.Node, options: PlanOptions) -> str | None:
+    """Why a Conv stays float under the speed knobs ``depthwise`` / ``min_conv_macs``, or None."""
+    if node.op_type != "Conv":
+        return None
+    w = const_array(node.inputs[1])
+    group = node.attributes["group"].as_int() if "group" in node.attributes else 1
+    if not options.depthwise and group > 1 and w.shape[1] == 1:
+        return "depthwise conv kept float (depthwise=False)"
+    macs = int(np.prod(w.shape[1:]))
+    if macs < options.min_conv_macs:
+        return f"{macs} MACs per output element < min_conv_macs={options.min_conv_macs}"
+    return None
+
+
 def clip_bounds(node: ir.Node) -> tuple[float, float]:
     """The interval a Relu or Clip node maps onto."""
     if node.op_type == "Relu":
@@ -235,14 +260,16 @@ class PlanOptions:
     keep_last: int = 0
     conv_transpose: str = "weights"  # "weights" (int8 weight only), "qdq" (full), "float"
     mask_magnitude: float = 1e4  # inputs this large (and 100x their sibling) are masks: kept float
+    depthwise: bool = True  # quantize depthwise convs (ORT's x86 int8 depthwise kernels can be slower)
+    min_conv_macs: int = 0  # convs with fewer MACs per output element (C_in/group * kernel) stay float
 
     def __post_init__(self) -> None:
         if self.activations not in ("uint8", "int8"):
             raise ConfigError(f"activations must be 'uint8' or 'int8', not {self.activations!r}")
         if self.conv_transpose not in ("weights", "qdq", "float"):
             raise ConfigError(f"conv_transpose must be 'weights', 'qdq' or 'float', not {self.conv_transpose!r}")
-        if self.keep_first < 0 or self.keep_last < 0:
-            raise ConfigError("keep_first / keep_last must be >= 0")
+        if self.keep_first < 0 or self.keep_last < 0 or self.min_conv_macs < 0:
+            raise ConfigError("keep_first / keep_last / min_conv_macs must be >= 0")
         unknown = [op for op in self.exclude_ops if op not in RULES]
         if unknown:
             raise ConfigError(f"exclude_ops {unknown} are never quantized; quantizable ops: {sorted(RULES)}")

@@ -40,7 +40,7 @@ def test_trained_digits_accuracy_drop_within_one_point_and_fully_fused(name, tmp
 def test_zoo_models_fully_fused(name, tmp_path):
     proto = zoo.build(name)
     feeds = feeds_for(proto, n=4, batch=2)
-    result = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", cache_dir=False)
+    result = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", cache_dir=False, tune=False)
     report = fusion_report(result.output)
     assert report, str(report)
     assert not any(op in report.ops for op in ("Conv", "Gemm", "MatMul")), report.ops
@@ -56,7 +56,7 @@ def test_opset11_model_is_upgraded_and_per_channel(tmp_path):
         out = Squeeze <axes=[1]> (c)
     }""", {"W1": weights(8, 4, 3, 3), "B1": weights(8), "W2": weights(1, 8, 3, 3), "B2": weights(1)}, opset=11)
     feeds = feeds_for(proto)
-    result = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", cache_dir=False)
+    result = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", cache_dir=False, tune=False)
     assert result.opset_upgraded_from == 11
     saved = onnx.load(str(result.output))
     assert next(o.version for o in saved.opset_import if o.domain in ("", "ai.onnx")) >= 13
@@ -116,7 +116,7 @@ def test_if_bodies_are_quantized(tmp_path):
     proto = _if_model()
     feeds = feeds_for(proto, n=8)
     feeds = [{"inp": f["inp"] + (2.0 if i % 2 else -2.0)} for i, f in enumerate(feeds)]  # both branches
-    result = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", cache_dir=False)
+    result = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", cache_dir=False, tune=False)
     assert _conv_inputs_dequantized(result.model) == {"then_c0": True, "then_c1": True, "else_c0": True}
     for feed in feeds[:2]:
         assert cosine(ort_run(proto, feed)[0], ort_run(result.output, feed)[0]) > 0.995
@@ -124,7 +124,8 @@ def test_if_bodies_are_quantized(tmp_path):
 
 def test_branch_never_taken_stays_float_with_a_reason_and_all_float_warns(tmp_path, caplog):
     feeds = feeds_for(_if_model(), n=4)
-    result = onnxshrink.quantize(_if_model(thr=-1e9), feeds, tmp_path / "q.onnx", cache_dir=False)
+    result = onnxshrink.quantize(_if_model(thr=-1e9), feeds, tmp_path / "q.onnx", cache_dir=False,
+                                 tune=False)
     assert _conv_inputs_dequantized(result.model) == {"then_c0": True, "then_c1": True, "else_c0": False}
     assert "not in the calibration table (it lives in a subgraph)" in " ".join(result.skipped)
     caplog.clear()
@@ -167,7 +168,7 @@ def test_constant_zero_activation_gets_a_safe_scale(tmp_path):
         out = Conv <pads=[1,1,1,1]> (r, W, B)
     }""", {"W": weights(4, 4, 3, 3), "B": weights(4)})
     feeds = [{"inp": -np.abs(f["inp"]) - 0.1} for f in feeds_for(proto)]  # Relu output is always 0
-    result = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", cache_dir=False)
+    result = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", cache_dir=False, tune=False)
     saved = onnx.load(str(result.output))
     for t in saved.graph.initializer:
         a = numpy_helper.to_array(t)
@@ -201,7 +202,7 @@ def test_options_per_tensor_exclusions_and_recovery_hook(tmp_path):
     feeds = feeds_for(proto, n=4)
     seen = []
     result = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", cache_dir=False, per_channel=False,
-                                 exclude_ops=["Gemm"], recovery=[seen.append])
+                                 exclude_ops=["Gemm"], recovery=[seen.append], tune=False)
     assert len(seen) == 1 and seen[0].model is result.model and seen[0].float_model is not result.model
     dqs = [n for n in result.model.graph if n.op_type == "DequantizeLinear"]
     assert all(n.inputs[1].const_value.numpy().ndim == 0 for n in dqs)
@@ -221,7 +222,7 @@ def test_cli_quantize_int8(tmp_path, capsys):
         np.savez(data_dir / f"{i:03d}.npz", **feed)
     out, rep = tmp_path / "q.onnx", tmp_path / "r.json"
     rc = cli.main(["optimize", str(src), "-o", str(out), "--quantize", "int8", "--calibration", str(data_dir),
-                   "--calib-method", "percentile", "--exclude-op", "Gemm", "--report", str(rep)])
+                   "--calib-method", "percentile", "--exclude-op", "Gemm", "--no-tune", "--report", str(rep)])
     assert rc == 0 and out.exists()
     printed = capsys.readouterr().out
     assert "every QDQ node unit fused" in printed and "percentile" in printed
@@ -231,3 +232,15 @@ def test_cli_quantize_int8(tmp_path, capsys):
     assert cli.main(["optimize", str(src), "--quantize", "int8"]) == ConfigError.exit_code
     assert cli.main(["optimize", str(src), "--preset", "int8"]) == ConfigError.exit_code
     assert cli_quantize.CALIB_METHODS == CALIB_METHODS
+
+
+def test_tuning_times_placements_and_keeps_the_fastest(tmp_path):
+    name = "mobilenet"  # depthwise convs: the placements differ
+    result = onnxshrink.quantize(digits.trained_path(name), digits.feeds(name, "calib", batch=32, limit=64),
+                                 tmp_path / "q.onnx", cache_dir=False, tune_runs=5)
+    t = result.tuning
+    assert t is not None and len(t.median_ms) >= 2 and len(t.options) == len(t.median_ms)
+    assert t.median_ms[t.chosen] == min(t.median_ms)
+    assert result.options.depthwise == t.options[t.chosen]["depthwise"]
+    assert result.to_dict()["tuning"]["chosen"] == t.chosen
+    assert fusion_report(result.output)
