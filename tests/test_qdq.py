@@ -398,3 +398,33 @@ def test_int8_activations_and_graph_output_interface(tmp_path):
             assert np.all(np.isfinite(s)) and np.all(s > 0)
     path = model_io.save(m, tmp_path / "q.onnx")
     assert cosine(ort_run(proto, feeds[0])[0], ort_run(path, feeds[0])[0]) > 0.995
+
+
+def test_hard_swish_chain_with_div_runs_int8(tmp_path):
+    proto = _conv_net("a = Add(x, three)\nc = Clip(a, zero, six)\nh = Mul(x, c)\nm = Div(h, six)", 8,
+                      {"three": np.array(3.0, np.float32), "zero": np.array(0.0, np.float32),
+                       "six": np.array(6.0, np.float32)})
+    feeds = feeds_for(proto)
+    m, result, _ = run_qdq(proto, feeds)
+    assert not nodes(m, "Div") and result.stats.counts["divisions_to_multiplications"] == 1
+    assert result.stats.counts["relus_folded"] == 1  # the Clip
+    recip = next(n for n in nodes(m, "Mul") if dq_feeding(n, 1).inputs[0].producer() is None)
+    dq = dq_feeding(recip, 1)
+    assert np.isclose((float(const(dq.inputs[0])) - float(const(dq.inputs[2]))) * const(dq.inputs[1]), 1 / 6,
+                      atol=float(const(dq.inputs[1])))
+    path = model_io.save(m, tmp_path / "q.onnx")
+    report = fusion_report(path)
+    assert report and not any(op in report.ops for op in ("Add", "Mul", "Div", "Clip")), report.ops
+    assert cosine(ort_run(proto, feeds[0])[0], ort_run(path, feeds[0])[0]) > 0.99
+
+
+def test_speed_knobs_keep_depthwise_and_small_convs_float():
+    proto = model("""g (float[1,8,8,8] inp) => (float[1,16,8,8] out) {
+        d = Conv <group=8, pads=[1,1,1,1]> (inp, Wd, Bd)
+        out = Conv (d, Wp, Bp)
+    }""", {"Wd": weights(8, 1, 3, 3), "Bd": weights(8), "Wp": weights(16, 8, 1, 1), "Bp": weights(16)})
+    feeds = feeds_for(proto)
+    for opts, quantized in [({}, [True, True]), ({"depthwise": False}, [False, True]),
+                            ({"min_conv_macs": 9}, [True, False]), ({"min_conv_macs": 10}, [False, False])]:
+        m, _, _ = run_qdq(proto, feeds, **opts)
+        assert [dq_feeding(c, 1) is not None for c in nodes(m, "Conv")] == quantized, opts
