@@ -34,6 +34,7 @@ class ReduceBuilder:
     fresh: NameGen
     _consts: dict = dataclasses.field(default_factory=dict)
     _into: list | None = None  # nodes of the subgraph being built, else None
+    _cursor: ir.Node | None = None  # main-graph node the next reduction node goes after
     _count: int = 0
 
     def stats(self, x: ir.Value) -> list[ir.Value]:
@@ -42,6 +43,8 @@ class ReduceBuilder:
         costs two reductions."""
         limit, pos_inf, neg_inf = self._limits(x.dtype)
         neg_limit = self._consts[(x.dtype, "neg")]
+        producer = x.producer()
+        self._cursor = producer if producer is not None and producer.graph is self.graph else None
         low = self._node("ReduceMin", [x], keepdims=0)
         high = self._node("ReduceMax", [x], keepdims=0)
         clean = self._node("And", [self._node("Greater", [low, neg_limit]), self._node("Less", [high, limit])])
@@ -51,7 +54,7 @@ class ReduceBuilder:
         masked = self._branch("calib_masked", lambda: self._masked(x, limit, pos_inf, neg_inf))
         node = ir.Node("", "If", [clean], attributes=[ir.AttrGraph("then_branch", plain),
                        ir.AttrGraph("else_branch", masked)], num_outputs=3, name=self._fresh("calib_if"))
-        self.graph.append(node)
+        self._place(node)
         for out in node.outputs:
             out.name = self._fresh("calib_stat")
         return [*node.outputs, self._node("Size", [x])]
@@ -96,13 +99,25 @@ class ReduceBuilder:
     def _node(self, op: str, inputs, **attrs) -> ir.Value:
         node = ir.Node("", op, inputs, attributes=[_attr(k, v) for k, v in attrs.items()],
                        name=self._fresh("calib_reduce"))
-        if self._into is not None:
-            self._into.append(node)
-        else:
-            self.graph.append(node)
+        self._place(node)
         out = node.outputs[0]
         out.name = self._fresh(f"calib_{op.lower()}")
         return out
+
+    def _place(self, node: ir.Node) -> None:
+        """Into the subgraph being built, else right after the previous reduction node (the first one
+        right after the tapped value's producer): ONNX Runtime then frees each activation as soon as
+        the model no longer needs it, instead of keeping all of them for reductions at the end."""
+        if self._into is not None:
+            self._into.append(node)
+            return
+        if self._cursor is not None:
+            self.graph.insert_after(self._cursor, node)
+        elif len(self.graph):
+            self.graph.insert_before(self.graph[0], node)
+        else:
+            self.graph.append(node)
+        self._cursor = node
 
     def _fresh(self, hint: str) -> str:
         self._count += 1  # a new hint each time keeps NameGen's search O(1)

@@ -2,9 +2,11 @@
 
 Feeds are stacked along axis 0, up to ``batch_size`` per run, when every input has a dynamic first dim,
 each feed's inputs agree on it and the other dims match the batch's first feed; otherwise each feed runs
-alone. Stacking assumes rows are independent (dim 0 is a batch axis); if a stacked run fails, its feeds
-are rerun one by one and stacking stops. The first run takes one feed and measures its outputs: batches
-are then capped so that one run's outputs stay under ``max_batch_bytes``. At most one batch (plus one feed that did not fit it) and that
+alone. Stacking needs rows to be independent (dim 0 a batch axis): the first stacked run is checked
+against a single run of its first feed on the model's own outputs (``checks``), and if they differ, or a
+stacked run fails, its feeds are rerun one by one and stacking stops. The first run takes one feed and measures its tapped tensors
+(whole or reduced in the graph, see ``calib_reduce``): batches are then capped so that one run's tapped
+tensors stay under ``max_batch_bytes``. At most one batch (plus one feed that did not fit it) and that
 batch's outputs are held at a time.
 """
 
@@ -19,7 +21,7 @@ from onnxshrink.errors import RuntimeFailure
 
 logger = logging.getLogger(__name__)
 
-#: Outputs of one run above this many bytes shrink the batch (never below one feed).
+#: Tapped tensors of one run above this many bytes shrink the batch (never below one feed).
 MAX_BATCH_BYTES = 256 << 20
 
 
@@ -37,9 +39,12 @@ class TapRunner:
     """Runs ``session`` (anything with ``run(None, feed)``; None when every tap reads a feed) over feeds
     and calls ``sink(index, data)`` per tap, ``data`` an array or a ``Reduced``. ``runs`` counts runs."""
 
-    def __init__(self, session, taps, specs, batch_size: int = 8, max_batch_bytes: int = MAX_BATCH_BYTES):
+    def __init__(self, session, taps, specs, batch_size: int = 8, max_batch_bytes: int = MAX_BATCH_BYTES,
+                 checks: list[int] = ()):
         self.session = session
         self.taps = list(taps)
+        self.checks = list(checks)
+        self.verified = False
         self.batch_size = max(1, int(batch_size))
         self.max_batch_bytes = max_batch_bytes
         self.stack = self.batch_size > 1 and all(s.dims and not isinstance(s.dims[0], int) for s in specs)
@@ -76,14 +81,28 @@ class TapRunner:
         stacked = {k: np.concatenate([f[k] for f in group], axis=0) for k in group[0]}
         try:
             outs = self.session.run(None, stacked) if self.session is not None else []
+            if not self.verified:
+                self._verify(group[0], outs)
         except Exception as e:  # noqa: BLE001 - ORT raises its own types; rerun one by one
-            logger.info("calibration: a stacked batch failed (%s); running feeds one by one", e)
+            logger.info("calibration: feeds cannot be stacked on axis 0 (%s); running them one by one", e)
             self.stack = False
             for feed in group:
                 self._run_one(feed, sink)
             return
         self._after_run(outs, len(group))
         self._hand_out(stacked, outs, sink)
+
+    def _verify(self, first: dict, outs: list) -> None:
+        """The model's own outputs for ``first`` must be the leading rows of the stacked run's."""
+        single = self.session.run(None, first) if self.session is not None else []
+        self.runs += 1
+        rows = next(iter(first.values())).shape[0]
+        for k in self.checks:
+            a, b = single[k], outs[k]
+            if not (a.ndim and b.ndim == a.ndim and b.shape[1:] == a.shape[1:] and a.shape[0] == rows
+                    and np.allclose(b[:rows], a, rtol=1e-3, atol=1e-4, equal_nan=True)):
+                raise ValueError(f"output {k} of the first feed changes when stacked (is axis 0 a batch axis?)")
+        self.verified = True
 
     def _run_one(self, feed: dict, sink) -> None:
         outs = []
@@ -98,12 +117,23 @@ class TapRunner:
     def _after_run(self, outs: list, feeds: int) -> None:
         self.runs += 1
         if self.runs == 1 and self.stack:
-            per_feed = sum(getattr(o, "nbytes", 0) for o in outs) / feeds
+            per_feed = self._tapped_bytes(outs) / feeds
             cap = max(1, int(self.max_batch_bytes // max(per_feed, 1)))
             if cap < self.batch_size:
-                logger.info("calibration: %.0f MB of outputs per feed; batches of %d feeds",
+                logger.info("calibration: %.0f MB of tapped tensors per feed; batches of %d feeds",
                             per_feed / 2**20, cap)
                 self.batch_size = cap
+
+    def _tapped_bytes(self, outs: list) -> int:
+        """Bytes of every tapped tensor of one run, whether fetched whole or reduced in the graph."""
+        total = 0
+        for tap in self.taps:
+            if tap.output is not None:
+                total += getattr(outs[tap.output], "nbytes", 0)
+            elif tap.stats is not None:
+                low, size = outs[tap.stats[0]], outs[tap.stats[3]]
+                total += int(size) * getattr(low, "itemsize", 4)
+        return total
 
     def _hand_out(self, feed: dict, outs: list, sink) -> None:
         for i, tap in enumerate(self.taps):

@@ -75,6 +75,7 @@ class TapPlan:
     taps: list[Tap]
     model: ir.Model | None  # the tap model; None when every tap is a graph input
     skipped: dict[str, str]  # default selection: value name -> why it was left out
+    checks: list[int] = dataclasses.field(default_factory=list)  # outputs of the model's own outputs
 
     @property
     def names(self) -> list[str]:
@@ -115,11 +116,25 @@ def plan_taps(model: ir.Model, tensors: Sequence[ir.Value | str] | None = None, 
         lifted, extra = _lift(value, clone.graph, owners, fresh)
         taps.append(_output_tap(value, lifted, extra, outputs, builder if reduce else None,
                                 value.name in channel_means))
+    checks = _check_outputs(clone.graph, outputs) if outputs else []
     clone.graph.outputs.clear()
     clone.graph.outputs.extend(outputs)
     if skipped:
         logger.info("calibration: %d tensors left out of the default selection", len(skipped))
-    return TapPlan(taps, clone if outputs else None, skipped)
+    return TapPlan(taps, clone if outputs else None, skipped, checks)
+
+
+def _check_outputs(graph: ir.Graph, outputs: list) -> list[int]:
+    """Indices in ``outputs`` of the model's own outputs (appended when not tapped whole), with which
+    the runner checks that stacking feeds on axis 0 leaves each feed's results unchanged."""
+    checks = []
+    for v in graph.outputs:
+        if v.const_value is not None or v.is_graph_input():
+            continue
+        if v not in outputs:
+            outputs.append(v)
+        checks.append(outputs.index(v))
+    return checks
 
 
 def _output_tap(value, lifted, extra: int, outputs: list, builder, want_mean: bool) -> Tap:
@@ -275,7 +290,9 @@ def open_session(plan: TapPlan, providers=None):
 
     Basic optimizations (constant folding, redundant-node removal) keep every value the graph defines;
     extended/layout optimizations would fuse nodes and convert layouts around each tapped output (blocked
-    fusions, extra reorders) for no gain. The small tap graph goes to ONNX Runtime as bytes: external
+    fusions, extra reorders) for no gain. The priority-based execution order runs each in-graph reduction
+    right after the tensor it reduces (the default order left every activation of a PP-OCR detector alive
+    to the end: 550 MB peak instead of 230 MB). The small tap graph goes to ONNX Runtime as bytes: external
     weights are referenced in place (the weights' folder is given as the external-data folder, the same as
     saving the graph next to them); only models whose external data spans several folders, or whose
     in-memory weights are too big for one protobuf, are written to a temporary folder.
@@ -283,6 +300,7 @@ def open_session(plan: TapPlan, providers=None):
     rt = runtime.ort()
     model = plan.model
     so = runtime.session_options(level=rt.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    so.execution_order = rt.ExecutionOrder.PRIORITY_BASED  # runs in-graph reductions early (see below)
     tensors = list(model_io.iter_initializer_tensors(model))
     folders = {t.base_dir for t in tensors if isinstance(t, ir.ExternalTensor)}
     inline = sum(t.nbytes for t in tensors if not isinstance(t, ir.ExternalTensor))

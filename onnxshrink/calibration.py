@@ -1,10 +1,18 @@
 """Calibration: run data through a model once and pick a clipping range for each tapped tensor.
 
 ``calibrate(model, data)`` taps the tensors (``onnxshrink.calib_taps``: a clone of the model whose outputs
-are the taps, subgraph values lifted out of If/Loop/Scan), opens one ONNX Runtime session, streams the data
-in batches into one observer per tensor (``onnxshrink.observers``) and returns a frozen
-``CalibrationTable`` keyed by value name. Memory does not grow with the number of samples: the runner holds
-one batch, an observer O(bins).
+are the taps), opens one ONNX Runtime session, streams the data in batches (``onnxshrink.calib_runner``)
+into one observer per tensor (``onnxshrink.observers``) and returns a frozen ``CalibrationTable`` keyed by
+value name. Memory does not grow with the number of samples: the runner holds one batch, an observer
+O(bins). ``minmax`` and ``ema`` reduce every tensor inside the graph (``onnxshrink.calib_reduce``), so
+their peak is about that of plain inference; the histogram methods fetch one batch of tensors at a time.
+
+What is tapped (for quantizers): by default every float tensor that is an input or output of a node, in
+the main graph and inside ``If`` branches and ``Loop``/``Scan`` bodies (lifted out, see ``calib_taps``),
+except initializers and Constant outputs. A value inside a subgraph has its range under its own name; a
+branch never taken leaves it in ``CalibrationTable.unobserved``; values inside model-local functions are
+not tapped. If ONNX Runtime refuses the loop-body taps (a loop value whose shape changes between
+iterations), calibration runs again without loop bodies and lists those tensors as unobserved.
 
 Order of work: options, model and data source are checked first; then the on-disk cache is consulted;
 then every feed is validated (names, dtypes, shapes, empty, NaN/Inf raise ``DataError``) before the model
@@ -20,8 +28,7 @@ methods also store every tensor's histogram in an ``.npz`` under a key without t
 Safe fallbacks, each noted in ``TensorRange.note``: a tensor with a constant value ``c`` gets
 ``[min(c, 0), max(c, 0)]``; any range whose span including 0 is below ``MIN_SPAN`` is widened to it (never a
 zero scale); a tensor whose every value was an outlier (``|x| >= outlier_abs``, see ``observers``) gets
-``[0, MIN_SPAN]`` and should stay float. Tensors never observed (an If branch never taken) are left out of
-``ranges`` and listed in ``CalibrationTable.unobserved``.
+``[0, MIN_SPAN]`` and should stay float, as should any tensor with ``outliers > 0`` (a mask).
 """
 
 from __future__ import annotations
@@ -238,7 +245,7 @@ def _collect(plan, *, source, key: _Keys, observer_opts, providers, progress):
     sums = {plan.names.index(n): _ChannelSum() for n in key.means if n in plan.names}
     session = calib_taps.open_session(plan, providers) if plan.model is not None else None
     plan.model = None  # ONNX Runtime holds its own copy now
-    runner = TapRunner(session, plan.taps, source.specs, key.batch_size)
+    runner = TapRunner(session, plan.taps, source.specs, key.batch_size, checks=plan.checks)
 
     def sink(i: int, data) -> None:
         if isinstance(data, Reduced):
@@ -404,8 +411,15 @@ class _Cache:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.dir)
+        except OSError as e:
+            logger.warning("could not write the calibration cache in %s: %s", self.dir, e)
+            return
+        try:
             with os.fdopen(fd, "wb") as f:
                 writer(f)
             os.replace(tmp, self.dir / name)
         except OSError as e:
             logger.warning("could not write the calibration cache %s: %s", self.dir / name, e)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)

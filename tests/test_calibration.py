@@ -81,7 +81,9 @@ def test_taps_mapped_through_odd_names(runs):
         r = table[name]
         assert (r.min, r.max) == pytest.approx((arr.min(), arr.max()), rel=1e-6), name
         assert r.count == arr.size and r.outliers == 0 and r.note is None
-    assert runs["n"] == 4  # 20 feeds: 1 to size the outputs, then stacked 8 + 8 + 3 on the batch axis
+    # 20 feeds: 1 to size the outputs, 1 single run of the first stacked feed to check that stacking keeps
+    # each feed's outputs, then stacked 8 + 8 + 3 on the batch axis
+    assert runs["n"] == 5
 
 
 def test_static_batch_runs_one_feed_at_a_time(runs):
@@ -95,7 +97,7 @@ def test_feeds_with_other_shapes_start_a_new_batch(runs):
     model = _model([helper.make_node("Relu", ["x"], ["y"])], [_f("x", ["N", "T"])], [_f("y", ["N", "T"])])
     feeds = [{"x": RNG.standard_normal((1, t)).astype(np.float32)} for t in (3, 3, 5, 5, 5)]
     table = calibrate(model, feeds, cache_dir=False, progress=False)
-    assert runs["n"] == 3 and table["y"].count == 21  # [3], [3], [5, 5, 5]
+    assert runs["n"] == 4 and table["y"].count == 21  # [3], [3], [5, 5, 5] and its check run
 
 
 def test_failed_stacked_run_falls_back_to_single_feeds(runs):
@@ -234,6 +236,32 @@ def test_loop_body_values_are_lifted_with_channel_means(method):
     np.testing.assert_allclose(table["h"].channel_mean, h.mean(axis=0), rtol=1e-5)
 
 
+SCAN_MODEL = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[T, 4] x) => (float[4] s, float[T, 4] ys) {
+  init = Constant <value = float[4] {0, 0, 0, 0}> ()
+  s, ys = Scan <num_scan_inputs = 1, scan_output_axes = [0],
+                body = b (float[4] acc, float[4] xi) => (float[4] acc2, float[4] yi) {
+    t = Tanh(xi)
+    acc2 = Add(acc, t)
+    yi = Mul(t, xi)
+  }> (init, x)
+}
+"""
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_scan_body_values_are_lifted(method):
+    model = onnx.parser.parse_model(SCAN_MODEL)
+    feeds = [{"x": RNG.standard_normal((3, 4)).astype(np.float32)} for _ in range(4)]
+    table = calibrate(model, feeds, cache_dir=False, progress=False, method=method)
+    t = np.tanh(np.concatenate([f["x"] for f in feeds]))
+    assert table["t"].observed_max == pytest.approx(t.max(), rel=1e-6) and table["t"].count == t.size
+    # axis 0 is time here, not a batch: stacking is refused, so each feed's sums start from zero
+    acc2 = np.concatenate([np.cumsum(np.tanh(f["x"]), axis=0) for f in feeds])
+    assert table["acc2"].observed_max == pytest.approx(acc2.max(), rel=1e-5) and table["acc2"].count == t.size
+
+
 @pytest.mark.parametrize("method", ["minmax", "percentile"])
 def test_channel_means_along_axis_1(method):
     model = _model([helper.make_node("Relu", ["x"], ["y"])], [_f("x", ["N", 3, 2, 2])], [_f("y", ["N", 3, 2, 2])])
@@ -303,7 +331,9 @@ def test_minmax_taps_are_reduced_in_the_graph():
     assert all(t.stats is not None for t in plan.taps if t.feed is None)
     session = open_session(plan)
     outs = session.run(None, odd_feeds(1, rows=3)[0])
-    assert all(o.size <= 4 for o in outs)  # scalars, and the 4 channel sums of "out"
+    checks = set(plan.checks)  # the model's own output, kept whole to check stacking
+    assert [o.shape for i, o in enumerate(outs) if i in checks] == [(3, 4)]
+    assert all(o.size <= 4 for i, o in enumerate(outs) if i not in checks)  # scalars, 4 channel sums
     with pytest.raises(ConfigError, match="channel_means"):
         plan_taps(model, ["out"], channel_means=["blk/out"])
 
@@ -316,7 +346,7 @@ class _FakeSession:
 
     def run(self, names, feed):
         held = self.state["pulled"] - self.state["observed"]
-        assert held == feed["x"].shape[0] <= self.batch_size
+        assert feed["x"].shape[0] <= held <= self.batch_size
         self.state["max_held"] = max(self.state["max_held"], held)
         return [feed["x"] * 2]
 
@@ -332,7 +362,8 @@ def test_runner_holds_at_most_one_batch():
     specs = [InputSpec("x", np.dtype(np.float32), ("N", 4))]
     runner = TapRunner(_FakeSession(state, 8), [Tap("y", output=0)], specs, batch_size=8)
     runner.run(source(), lambda i, a: None, lambda n: state.__setitem__("observed", state["observed"] + n))
-    assert runner.runs == 8 and state["max_held"] == 8 and state["observed"] == 50  # 1 + 6 * 8 + 1
+    # a probe run, a check run of the first stacked feed, 6 stacked batches of 8 and the last feed
+    assert runner.runs == 9 and state["max_held"] == 8 and state["observed"] == 50
 
 
 
