@@ -213,8 +213,14 @@ def resize(node, ctx):
         return Barrier("Resize by sizes (the channel count is written in the sizes)")
     out = ctx.shape(node.outputs[0])
     shape = ctx.shape(node.inputs[0])
-    if shape is None or out is None or shape[:2] != out[:2]:
+    if shape is None or out is None or len(shape) != len(out) or len(shape) < 2:
         return None
+    if not isinstance(shape[1], int) or shape[1] != out[1]:
+        return Barrier("Resize changes the channel dimension")
+    scales = node.inputs[2] if len(node.inputs) > 2 else None
+    arr = const_array(scales) if scales is not None else None
+    if scales is not None and (arr is None or (arr.size >= 2 and (arr[0] != 1 or arr[1] != 1))):
+        return Barrier("Resize scales the batch or channel axis (or its scales are computed)")
     return {
         ("in", 0): ("n", "c", *(f"x{i}" for i in range(len(shape) - 2))),
         ("out", 0): ("n", "c", *(f"y{i}" for i in range(len(out) - 2))),

@@ -40,6 +40,7 @@ class ActivationStats:
     mean: dict[str, np.ndarray]
     abs_mean: dict[str, np.ndarray]
     sq_mean: dict[str, np.ndarray]
+    grams: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # consumer input Grams
 
     def var(self, label: str) -> np.ndarray:
         return np.maximum(self.sq_mean[label] - self.mean[label] ** 2, 0.0)
@@ -148,14 +149,22 @@ class MeanActivation:
 
 @dataclasses.dataclass(frozen=True)
 class Reconstruction:
-    """Var[x_c] * ||W[:, c]||^2 summed over consumer layers: the squared output error of removing c
-    once its mean is compensated in the bias."""
+    """The output error a least-squares refit is left with after the channel goes, chosen greedily
+    with consumer Gram matrices (``importance_lsq``); without Grams, the diagonal form
+    Var[x_c] * ||W[:, c]||^2 (the error of removing c with its mean folded into the bias)."""
 
     name: str = "reconstruction"
     needs_data: bool = True
+    needs_grams: bool = True
 
     def __call__(self, group: Group, stats: ActivationStats | None) -> np.ndarray:
+        from onnxshrink.importance_lsq import greedy_scores
+
         stats = _need(stats, self.name)
+        if stats.grams:
+            scores = greedy_scores(group, stats.grams)
+            if scores is not None:
+                return scores
         parts = []
         for x, w in consumer_inputs(group):
             if x.label() not in stats.sq_mean:
@@ -204,6 +213,18 @@ def stat_slots(dg: DepGraph) -> list[Slot]:
                 seen.add(x)
                 out.append(x)
     return out
+
+
+def collect(model: ir.Model, dg: DepGraph, feeds, criterion: Importance) -> ActivationStats | None:
+    """The statistics ``criterion`` needs (None for data-free criteria)."""
+    if not criterion.needs_data:
+        return None
+    stats = collect_stats(model, stat_slots(dg), feeds)
+    if getattr(criterion, "needs_grams", False):
+        from onnxshrink.importance_lsq import collect_grams
+
+        stats.grams = collect_grams(model, dg, feeds)
+    return stats
 
 
 def collect_stats(model: ir.Model, slots: list[Slot], feeds, *, providers=None) -> ActivationStats:

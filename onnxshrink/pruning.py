@@ -96,8 +96,7 @@ def prune(
     _run(ir_model, _pre_steps(), insts, report)
     if plan is None:
         dg = depgraph.build(ir_model, grouped=grouped)
-        act = (importance.collect_stats(ir_model, importance.stat_slots(dg), calibration)
-               if crit.needs_data else None)
+        act = importance.collect(ir_model, dg, calibration, crit)
         plan = plan_pruning(ir_model, ratio, criterion=crit, scope=scope, round_to=round_to,
                             min_width=min_width, protect=protect, layer_ratios=layer_ratios,
                             stats=act, grouped=grouped, graph=dg)

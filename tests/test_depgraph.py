@@ -196,3 +196,31 @@ def test_shape_ops_and_control_flow_stop_with_reasons(name):
     text = " ".join(str(s) for g in blocked for s in g.stops)
     expected = {"dynamic_batch": "ConstantOfShape", "control_flow": "ReduceSum"}[name]
     assert expected in text
+
+
+RESIZE = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 3, 8, 8] x) => (float[N, 4, 16, 16] y) <float[16, 3, 3, 3] w1, float[4, 16, 1, 1] w2,
+                                                   float[4] scales, int64[4] sizes> {
+    a = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w1)
+    u = Resize <mode = "nearest"> (a, , SCALE_OR_SIZE)
+    y = Conv <kernel_shape = [1, 1]> (u, w2)
+}
+"""
+
+
+@pytest.mark.parametrize("by, blocked", [("scales", False), ("sizes", True)])
+def test_resize_passes_channels_unless_sizes_spell_them(by, blocked):
+    text = RESIZE.replace("SCALE_OR_SIZE", "scales" if by == "scales" else ", sizes")
+    proto = onnx.parser.parse_model(text)
+    rng = np.random.default_rng(2)
+    inits = {"w1": rng.standard_normal((16, 3, 3, 3)).astype(np.float32),
+             "w2": rng.standard_normal((4, 16, 1, 1)).astype(np.float32),
+             "scales": np.array([1, 1, 2, 2], np.float32), "sizes": np.array([1, 16, 16, 16], np.int64)}
+    proto.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in inits.items())
+    dg = depgraph.build(model_io.load(proto))
+    g = next(g for g in dg.groups if any(s.value.name == "w1" and s.axes == (0,) for s in g.slots))
+    assert g.blocked == blocked
+    assert any(s.value.name == "w2" for s in g.slots) or blocked
+    if blocked:
+        assert "sizes" in g.stops[0].reason
