@@ -4,7 +4,8 @@ ONNX Runtime's x86 int8 kernels are not uniformly faster than its float ones: de
 many MACs per output gain 2-4x, but int8 depthwise convolutions are slower than the NCHWc float kernels
 (``benchmarks/results/qdq_op_costs.json``), and whether a float depthwise conv pays for its Q/DQ
 depends on the layout chain around it (ORT keeps int8 chains in NHWC). So ``tune`` builds a few
-placements that differ only in the speed knobs of ``PlanOptions`` (``depthwise``, ``min_conv_macs``),
+placements that differ only in the speed knobs of ``PlanOptions`` (``depthwise``, ``min_conv_macs``,
+``matmul_activations``),
 times them on ONNX Runtime (1 thread, rounds interleaved, a calibration feed) and returns the options
 of the fastest. Placements that quantize the same nodes are timed once.
 """
@@ -29,11 +30,13 @@ MAX_TUNE_BYTES = 512 * 2**20
 
 
 def variants(opts: PlanOptions) -> list[PlanOptions]:
-    """The placements tried: as asked, depthwise convs float, and small convs float as well (two sizes)."""
+    """The placements tried: as asked; depthwise convs float; small convs float as well (two sizes);
+    MatMuls of two activations float (attention)."""
     return [
         opts,
         dataclasses.replace(opts, depthwise=False),
         *(dataclasses.replace(opts, depthwise=False, min_conv_macs=max(opts.min_conv_macs, m)) for m in (64, 256)),
+        dataclasses.replace(opts, matmul_activations=False),
     ]
 
 
@@ -82,7 +85,8 @@ def tune(model: ir.Model, plan: QDQPlan, table, feed: dict, runs: int = 20) -> t
 
 
 def _knobs(opts: PlanOptions) -> dict:
-    return {"depthwise": opts.depthwise, "min_conv_macs": opts.min_conv_macs}
+    return {"depthwise": opts.depthwise, "min_conv_macs": opts.min_conv_macs,
+            "matmul_activations": opts.matmul_activations}
 
 
 def _interleaved(sessions, feed: dict, runs: int) -> list[list[float]]:

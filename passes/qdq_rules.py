@@ -221,7 +221,9 @@ def weight_axis(node: ir.Node, w: np.ndarray, per_channel: bool) -> int | None:
 
 
 def conv_shape_reason(node: ir.Node, options: PlanOptions) -> str | None:
-    """Why a Conv stays float under the speed knobs ``depthwise`` / ``min_conv_macs``, or None."""
+    """Why a Conv or MatMul stays float under the speed knobs of ``PlanOptions``, or None."""
+    if node.op_type == "MatMul" and not options.matmul_activations and const_array(node.inputs[1]) is None:
+        return "MatMul of two activations kept float (matmul_activations=False)"
     if node.op_type != "Conv":
         return None
     w = const_array(node.inputs[1])
@@ -262,6 +264,7 @@ class PlanOptions:
     mask_magnitude: float = 1e4  # inputs this large (and 100x their sibling) are masks: kept float
     depthwise: bool = True  # quantize depthwise convs (ORT's x86 int8 depthwise kernels can be slower)
     min_conv_macs: int = 0  # convs with fewer MACs per output element (C_in/group * kernel) stay float
+    matmul_activations: bool = True  # quantize MatMuls of two activations (attention scores, context)
 
     def __post_init__(self) -> None:
         if self.activations not in ("uint8", "int8"):

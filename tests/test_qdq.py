@@ -428,3 +428,15 @@ def test_speed_knobs_keep_depthwise_and_small_convs_float():
                             ({"min_conv_macs": 9}, [True, False]), ({"min_conv_macs": 10}, [False, False])]:
         m, _, _ = run_qdq(proto, feeds, **opts)
         assert [dq_feeding(c, 1) is not None for c in nodes(m, "Conv")] == quantized, opts
+
+
+def test_matmul_of_two_activations_knob():
+    proto = model("""g (float[2,3,16] inp) => (float[2,3,3] out) {
+        h = MatMul(inp, W1)
+        t = Transpose <perm=[0,2,1]> (h)
+        out = MatMul(h, t)
+    }""", {"W1": weights(16, 8)})
+    m, result, _ = run_qdq(proto, feeds_for(proto), matmul_activations=False)
+    mm = nodes(m, "MatMul")
+    assert dq_feeding(mm[0], 1) is not None and dq_feeding(mm[1], 0) is None
+    assert any("two activations" in s.reason for s in result.stats.skipped)
