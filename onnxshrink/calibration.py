@@ -35,11 +35,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,11 +47,11 @@ import onnx_ir as ir
 
 from onnxshrink import calib_taps, model_io, runtime
 from onnxshrink import data as data_mod
+from onnxshrink.calib_cache import FORMAT, CacheKeys, CalibCache
 from onnxshrink.calib_fingerprint import model_fingerprint
 from onnxshrink.calib_runner import Reduced, TapRunner
 from onnxshrink.errors import ConfigError, RuntimeFailure
 from onnxshrink.observers import (
-    DEFAULT_BINS,
     HISTOGRAM_METHODS,
     OBSERVERS,
     HistogramObserver,
@@ -64,13 +62,8 @@ from onnxshrink.report import write_json
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1
 #: The smallest span (with 0 included) a calibrated range may have.
 MIN_SPAN = 1e-6
-
-
-def default_cache_dir() -> Path:
-    return Path.home() / ".cache" / "onnxshrink" / "calib"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,12 +170,11 @@ def calibrate(
                                outlier_abs=options["outlier_abs"],
                                reduce=OBSERVERS[method].accepts_extremes)
     plan = replan()
-    key = _Keys(model_fingerprint(ir_model), source.fingerprint(), plan.names, method, options,
-                int(batch_size), runtime.resolve_providers(providers), means)
-    cache = _Cache(cache_dir)
-    table = cache.load_table(key)
+    key = CacheKeys(model_fingerprint(ir_model), source.fingerprint(), plan.names, method, options,
+                    int(batch_size), runtime.resolve_providers(providers), means)
+    cache = CalibCache(cache_dir)
+    table = _cached_table(cache, key)
     if table is not None:
-        logger.info("calibration table from cache (%s)", key.table)
         return table
     names = plan.names
     observers, cmeans, samples = _from_histograms(cache.load_hist(key), key, observer_opts)
@@ -193,7 +185,20 @@ def calibrate(
         if method in HISTOGRAM_METHODS:
             cache.save_hist(key, names, observers, cmeans, samples)
     table = _build_table(names, observers, cmeans, key, samples, [n for n in plan.names if n not in names])
-    cache.save_table(key, table)
+    cache.save_table(key, table.to_dict())
+    return table
+
+
+def _cached_table(cache: CalibCache, key: CacheKeys) -> CalibrationTable | None:
+    stored = cache.load_table(key)
+    if stored is None:
+        return None
+    try:
+        table = CalibrationTable.from_dict(stored)
+    except (ConfigError, KeyError, TypeError, ValueError) as e:
+        logger.warning("ignoring an unreadable cached calibration table: %s", e)
+        return None
+    logger.info("calibration table from cache (%s)", key.table)
     return table
 
 
@@ -211,34 +216,7 @@ def _run_with_fallback(run, plan, replan, default_taps: bool):
     return (plan.names, *run(plan))
 
 
-@dataclasses.dataclass(frozen=True)
-class _Keys:
-    model: str
-    data: str
-    names: Sequence[str]
-    method: str
-    options: Mapping
-    batch_size: int
-    providers: Sequence[str]
-    means: tuple[str, ...]
-
-    def _digest(self, parts: dict) -> str:
-        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
-
-    @property
-    def hist(self) -> str:
-        opts = {k: self.options.get(k) for k in ("bins", "outlier_abs")}
-        opts["bins"] = opts["bins"] or DEFAULT_BINS
-        return self._digest({"v": FORMAT, "model": self.model, "data": self.data, "taps": sorted(self.names),
-                             "opts": opts, "batch": self.batch_size, "providers": list(self.providers)})
-
-    @property
-    def table(self) -> str:
-        return self._digest({"hist": self.hist, "method": self.method, "options": dict(self.options),
-                             "means": list(self.means)})
-
-
-def _collect(plan, *, source, key: _Keys, observer_opts, providers, progress):
+def _collect(plan, *, source, key: CacheKeys, observer_opts, providers, progress):
     """Run the data through the tap model into fresh observers (data validated first)."""
     total = sum(1 for _ in source)  # validates every feed before any run (DataError)
     observers = [make_observer(key.method, **observer_opts) for _ in plan.taps]
@@ -298,7 +276,7 @@ class _ChannelSum:
         return self.sum / self.n
 
 
-def _from_histograms(stored, key: _Keys, observer_opts):
+def _from_histograms(stored, key: CacheKeys, observer_opts):
     """Observers rebuilt from cached histogram state, or ``(None, None, 0)`` when it does not serve."""
     if stored is None or (key.method not in HISTOGRAM_METHODS and key.method != "minmax"):
         return None, None, 0
@@ -320,7 +298,7 @@ def _from_histograms(stored, key: _Keys, observer_opts):
     return observers, {n: cmeans[n] for n in key.means}, samples
 
 
-def _build_table(names, observers, cmeans, key: _Keys, samples: int, not_run=()) -> CalibrationTable:
+def _build_table(names, observers, cmeans, key: CacheKeys, samples: int, not_run=()) -> CalibrationTable:
     ranges: dict[str, TensorRange] = {}
     unobserved = list(not_run)
     for name, obs in zip(names, observers):
@@ -356,70 +334,3 @@ def make_range(name: str, obs, channel_mean=None) -> TensorRange:
             extra = f"{obs.outliers} outliers (|x| >= {obs.outlier_abs:g}) excluded"
             note = f"{note}; {extra}" if note else extra
     return TensorRange(name, lo, hi, omin, omax, int(obs.count), int(obs.outliers), channel_mean, note)
-
-
-class _Cache:
-    """Tables (JSON) and histogram states (.npz) under one folder; failures to write are logged."""
-
-    def __init__(self, cache_dir) -> None:
-        if cache_dir is False:
-            self.dir = None
-        else:
-            self.dir = Path(cache_dir) if cache_dir not in (None, True) else default_cache_dir()
-
-    def load_table(self, key: _Keys) -> CalibrationTable | None:
-        if self.dir is None or not (path := self.dir / f"{key.table}.json").is_file():
-            return None
-        try:
-            return CalibrationTable.from_json(path)
-        except ConfigError as e:
-            logger.warning("ignoring unreadable cached calibration table: %s", e)
-            return None
-
-    def save_table(self, key: _Keys, table: CalibrationTable) -> None:
-        self._write(lambda f: f.write(json.dumps(table.to_dict(), indent=1).encode()), f"{key.table}.json")
-
-    def load_hist(self, key: _Keys):
-        if self.dir is None or not (path := self.dir / f"hist-{key.hist}.npz").is_file():
-            return None
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                names = [str(n) for n in z["names"]]
-                states = [{"counts": z["counts"][i], "scalars": z["scalars"][i], "tallies": z["tallies"][i]}
-                          for i in range(len(names))]
-                cmeans = {str(n): z[f"cmean_{i}"] for i, n in enumerate(z["cmean_names"])}
-                return names, states, cmeans, int(z["samples"])
-        except (OSError, ValueError, KeyError) as e:
-            logger.warning("ignoring unreadable cached histograms %s: %s", path, e)
-            return None
-
-    def save_hist(self, key: _Keys, names, observers, cmeans, samples: int) -> None:
-        states = [o.state() for o in observers]
-        arrays = {
-            "names": np.array(names, dtype=str), "samples": np.array(samples),
-            "counts": np.stack([s["counts"] for s in states]),
-            "scalars": np.stack([s["scalars"] for s in states]),
-            "tallies": np.stack([s["tallies"] for s in states]),
-            "cmean_names": np.array(list(cmeans), dtype=str),
-            **{f"cmean_{i}": np.asarray(v) for i, v in enumerate(cmeans.values())},
-        }
-        self._write(lambda f: np.savez_compressed(f, **arrays), f"hist-{key.hist}.npz")
-
-    def _write(self, writer, name: str) -> None:
-        if self.dir is None:
-            return
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.dir)
-        except OSError as e:
-            logger.warning("could not write the calibration cache in %s: %s", self.dir, e)
-            return
-        try:
-            with os.fdopen(fd, "wb") as f:
-                writer(f)
-            os.replace(tmp, self.dir / name)
-        except OSError as e:
-            logger.warning("could not write the calibration cache %s: %s", self.dir / name, e)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
