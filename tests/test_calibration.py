@@ -379,3 +379,13 @@ def test_runner_caps_batches_by_output_bytes():
     runner = TapRunner(_EchoSession(), [Tap("y", output=0)], specs, batch_size=8, max_batch_bytes=40)
     runner.run(feeds, lambda i, a: rows.append(a.shape[0]))
     assert runner.batch_size == 2 and rows == [1, 2, 2, 2, 2, 1]  # 16 bytes of outputs per feed
+
+
+def test_model_fingerprint_follows_weights_not_identity():
+    from onnxshrink.calib_fingerprint import model_fingerprint
+
+    a = ir.serde.deserialize_model(odd_names_model())
+    b = ir.serde.deserialize_model(odd_names_model())
+    assert model_fingerprint(a) == model_fingerprint(b)
+    b.graph.initializers["two"].const_value = ir.tensor(np.array(2.5, np.float32))
+    assert model_fingerprint(a) != model_fingerprint(b)
