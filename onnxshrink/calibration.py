@@ -157,8 +157,18 @@ def calibrate(
     **observer_opts,
 ) -> CalibrationTable:
     """Calibrate ``tensors`` of ``model`` (default: every float node input/output that is not a constant)
-    on ``data`` (see ``onnxshrink.data.feeds``) with observer ``method`` and its ``observer_opts``."""
+    on ``data`` (see ``onnxshrink.data.feeds``) with observer ``method`` (``minmax``, ``ema``,
+    ``percentile``, ``entropy``, ``mse``) and its ``observer_opts`` (``onnxshrink.observers``).
+
+    ``tensors``: ``ir.Value`` objects of ``model`` (an ``ir.Model``) or value names. ``batch_size``: feeds
+    per run at most (stacked on axis 0, see ``calib_runner``). ``channel_means``: tensor names whose
+    per-channel mean along axis 1 goes into ``TensorRange.channel_mean``. ``progress``: a bar on stderr,
+    a callable ``fn(done, total)``, or False. ``cache_dir``: see the module docstring.
+    Raises ``ConfigError`` (options, tensors), ``DataError`` (feeds, before any run) and
+    ``RuntimeFailure`` (ONNX Runtime could not load or run the tap model).
+    """
     options = make_observer(method, **observer_opts).config()
+    tensors = list(tensors) if tensors is not None else None
     if int(batch_size) < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     if not isinstance(model, ir.Model) and any(isinstance(t, ir.Value) for t in tensors or ()):
@@ -308,8 +318,8 @@ def _build_table(names, observers, cmeans, key: CacheKeys, samples: int, not_run
         cm = cmeans.get(name)
         ranges[name] = make_range(name, obs, tuple(float(v) for v in cm) if cm is not None else None)
     if unobserved:
-        logger.warning("calibration: %d tensors were never observed (untaken If branches or loop bodies left out): %s",
-                       len(unobserved), unobserved[:10])
+        logger.warning("calibration: %d tensors were never observed (untaken If branches, or loop bodies "
+                       "left out): %s", len(unobserved), unobserved[:10])
     return CalibrationTable(ranges, key.method, key.model, key.data, samples,
                             {**key.options, "batch_size": key.batch_size}, tuple(unobserved))
 
@@ -331,6 +341,6 @@ def make_range(name: str, obs, channel_mean=None) -> TensorRange:
             lo, hi = (lo, lo + MIN_SPAN) if lo >= 0 or hi > 0 else (hi - MIN_SPAN, hi)
             note = (note + "; " if note else "") + f"span below {MIN_SPAN:g}, widened to it"
         if obs.outliers:
-            extra = f"{obs.outliers} outliers (|x| >= {obs.outlier_abs:g}) excluded"
+            extra = f"{obs.outliers} outliers (|x| >= {obs.outlier_abs:g} or NaN) excluded"
             note = f"{note}; {extra}" if note else extra
     return TensorRange(name, lo, hi, omin, omax, int(obs.count), int(obs.outliers), channel_mean, note)
