@@ -17,11 +17,12 @@ a few numbers per tensor instead of every activation, and peak memory is that of
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxshrink.graph_utils import NameGen, add_initializer
+from onnxshrink.graph_utils import add_initializer
 
 
 @dataclasses.dataclass
@@ -31,11 +32,10 @@ class ReduceBuilder:
     graph: ir.Graph
     opset: int
     outlier_abs: float
-    fresh: NameGen
+    fresh: Callable[[str], str]  # a new unique name from a hint
     _consts: dict = dataclasses.field(default_factory=dict)
     _into: list | None = None  # nodes of the subgraph being built, else None
     _cursor: ir.Node | None = None  # main-graph node the next reduction node goes after
-    _count: int = 0
 
     def stats(self, x: ir.Value) -> list[ir.Value]:
         """``[min, max, outliers, size]`` of ``x`` with outliers left out of min and max. The masked
@@ -120,8 +120,7 @@ class ReduceBuilder:
         self._cursor = node
 
     def _fresh(self, hint: str) -> str:
-        self._count += 1  # a new hint each time keeps NameGen's search O(1)
-        return self.fresh(f"{hint}_{self._count}")
+        return self.fresh(hint)
 
 
 def _attr(name: str, value):

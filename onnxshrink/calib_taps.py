@@ -2,9 +2,9 @@
 
 ``plan_taps`` clones the model (``ir.Model.clone`` shares every tensor, so no weight is copied), maps the
 caller's values onto the clone by walking both graphs in step (values are matched by position, never by
-name), and makes each tapped value an output of the clone's main graph; the original outputs are dropped so
-that ONNX Runtime computes only what the taps need. A tap is found again through ``TapPlan.taps`` (its
-index in the session outputs), never by its output name.
+name), and makes each tapped value an output of the clone's main graph. The model's own outputs stay only
+as ``TapPlan.checks`` (the runner checks batching with them). A tap is found again through
+``TapPlan.taps`` (its index in the session outputs), never by its output name.
 
 Where a tapped value lives:
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import logging
 from collections.abc import Sequence
 
@@ -49,10 +50,6 @@ FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 LIFTABLE_OPS = ("If", "Loop", "Scan")
 ORT_FLOAT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)")
 EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
-
-
-class _NotTappable(Exception):
-    pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +102,7 @@ def plan_taps(model: ir.Model, tensors: Sequence[ir.Value | str] | None = None, 
     unknown = sorted(set(channel_means) - {v.name for v in chosen})
     if unknown:
         raise ConfigError(f"channel_means names tensors that are not calibrated: {unknown}")
-    fresh = NameGen(clone)
+    fresh = _fresh_names(clone)
     builder = ReduceBuilder(clone.graph, model_io.default_opset(clone) or 1, outlier_abs, fresh)
     taps: list[Tap] = []
     outputs: list[ir.Value] = []
@@ -122,6 +119,12 @@ def plan_taps(model: ir.Model, tensors: Sequence[ir.Value | str] | None = None, 
     if skipped:
         logger.info("calibration: %d tensors left out of the default selection", len(skipped))
     return TapPlan(taps, clone if outputs else None, skipped, checks)
+
+
+def _fresh_names(model: ir.Model):
+    """``fresh(hint)``: a new value/node name; a counter in the hint keeps each lookup O(1)."""
+    names, counter = NameGen(model), itertools.count()
+    return lambda hint: names(f"{hint}_{next(counter)}")
 
 
 def _check_outputs(graph: ir.Graph, outputs: list) -> list[int]:
@@ -245,7 +248,7 @@ def _graph_values(graph: ir.Graph):
         yield from node.outputs
 
 
-def _lift(value: ir.Value, main: ir.Graph, owners: dict, fresh: NameGen) -> tuple[ir.Value, int]:
+def _lift(value: ir.Value, main: ir.Graph, owners: dict, fresh) -> tuple[ir.Value, int]:
     """A main-graph value carrying ``value`` (see the module docstring), and the loop axes added."""
     extra = 0
     while value.graph is not main:
@@ -275,7 +278,7 @@ def _other_branch(node: ir.Node, graph: ir.Graph) -> ir.Graph:
     return node.attributes["else_branch"].value if then_g is graph else then_g
 
 
-def _add_empty_output(branch: ir.Graph, like: ir.Value, fresh: NameGen) -> None:
+def _add_empty_output(branch: ir.Graph, like: ir.Value, fresh) -> None:
     rank = len(like.shape) if like.shape is not None else 1
     empty = ir.tensor(np.zeros([0] * rank, dtype=like.dtype.numpy()))
     const = ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", empty)], name=fresh("calib_tap"))
