@@ -21,6 +21,7 @@ import fnmatch
 import json
 import math
 import os
+import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def plan_pruning(
     *,
     criterion="l1",
     scope: str = "local",
-    round_to: int = 8,
+    round_to: int | None = None,
     min_width: int = 8,
     max_ratio: float = 0.9,
     protect: Sequence[str] = (),
@@ -116,7 +117,9 @@ def plan_pruning(
 
     ``protect``: glob patterns of node names; a group touching a matching node is left whole.
     ``layer_ratios``: glob pattern of a producer node name -> ratio for its group (overrides ``ratio``).
+    ``round_to``: None picks :func:`default_round_to` for this CPU.
     """
+    round_to = default_round_to() if round_to is None else int(round_to)
     _check_settings(ratio, scope, round_to, min_width, max_ratio, layer_ratios)
     crit = importance.get(criterion)
     dg = graph or depgraph.build(model, grouped=grouped)
@@ -144,6 +147,21 @@ def plan_pruning(
                 "round_to": round_to, "min_width": min_width, "max_ratio": max_ratio,
                 "protect": list(protect), "layer_ratios": dict(layer_ratios or {}), "grouped": grouped}
     return PruningPlan(settings, plans)
+
+
+def default_round_to() -> int:
+    """16 on x86 CPUs with AVX-512, else 8: ONNX Runtime's blocked (NCHWc) conv kernels take channels in
+    blocks of 16 with AVX-512 and 8 with AVX2; other widths fall back to slower kernels (measured in
+    ``benchmarks/results/prune.md``: widths of 24 ran no faster than 32, and a net pruned to widths of 8
+    ran slower than unpruned)."""
+    machine = platform.machine().lower()
+    if machine not in ("x86_64", "amd64"):
+        return 8
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return 8
+    return 16 if " avx512f" in flags else 8
 
 
 def _check_settings(ratio, scope, round_to, min_width, max_ratio, layer_ratios) -> None:

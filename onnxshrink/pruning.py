@@ -64,7 +64,7 @@ def prune(
     calibration=None,
     reconstruct: bool | str = False,
     scope: str = "local",
-    round_to: int = 8,
+    round_to: int | None = None,
     min_width: int = 8,
     protect: Sequence[str] = (),
     layer_ratios: Mapping[str, float] | None = None,

@@ -41,7 +41,7 @@ class PruneConfig:
     ratio: float = 0.3
     criterion: str = "l1"
     scope: str = "local"
-    round_to: int = 8
+    round_to: int | None = None  # None: 16 with AVX-512, else 8 (prune_plan.default_round_to)
     min_width: int = 8
     protect: tuple[str, ...] = ()
     grouped: str = "auto"

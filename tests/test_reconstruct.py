@@ -63,9 +63,9 @@ def resnet_runs():
     name = "resnet"
     calib = digits.feeds(name, "calib", batch=32, limit=CALIB)
     path = str(digits.trained_path(name))
-    plain = pruning.prune(path, 0.3)
-    lsq = pruning.prune(path, 0.3, calibration=calib, reconstruct="lsq")
-    bn = pruning.prune(path, 0.3, calibration=calib, reconstruct="bn")
+    plain = pruning.prune(path, 0.3, round_to=8)
+    lsq = pruning.prune(path, 0.3, round_to=8, calibration=calib, reconstruct="lsq")
+    bn = pruning.prune(path, 0.3, round_to=8, calibration=calib, reconstruct="bn")
     return plain, lsq, bn
 
 
@@ -89,10 +89,10 @@ def test_reconstruction_recovers_the_outputs(resnet_runs):
 
 def test_refit_of_matmul_and_gemm_layers():
     calib = digits.feeds("mlp", "calib", batch=64, limit=CALIB * 2)
-    result = pruning.prune(str(digits.trained_path("mlp")), 0.5, calibration=calib, reconstruct=True)
+    result = pruning.prune(str(digits.trained_path("mlp")), 0.5, round_to=8, calibration=calib, reconstruct=True)
     refit = {r["layer"]: r for r in result.reconstruction["refit"]}
     assert refit and all(r["mse_after"] < r["mse_before"] for r in refit.values())
-    plain = pruning.prune(str(digits.trained_path("mlp")), 0.5)
+    plain = pruning.prune(str(digits.trained_path("mlp")), 0.5, round_to=8)
     assert _logit_error(result.model, "mlp") < _logit_error(plain.model, "mlp")
 
 
@@ -107,7 +107,7 @@ def test_prune_then_quantize(tmp_path):
     quantize = pytest.importorskip("onnxshrink.quantize")
     name = "resnet"
     calib = digits.feeds(name, "calib", batch=32, limit=CALIB)
-    pruned = pruning.prune(str(digits.trained_path(name)), 0.3, calibration=calib, reconstruct=True)
+    pruned = pruning.prune(str(digits.trained_path(name)), 0.3, round_to=8, calibration=calib, reconstruct=True)
     path = model_io.save(pruned.model, tmp_path / "pruned.onnx")
     result = quantize.quantize(path, calib, tmp_path / "pruned.int8.onnx")
     ops = result.after["ops"]
