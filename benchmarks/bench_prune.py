@@ -10,11 +10,12 @@ For each model (resnet, mobilenet, inception, cnn, mlp, vit) and ratio (0.3, 0.5
 
 Calibration: the 512-sample ``calib`` split (unlabeled); accuracy: the 360-sample ``test`` split.
 Params and MACs: onnxshrink's counters on the ONNX models (Torch-Pruning's own counter for its models).
-Latency: ONNX Runtime CPU, 1 thread, the unpruned and the pruned model interleaved (``onnxshrink.bench``),
-batch 1 and batch 32; ``speedup`` = median(unpruned) / median(pruned). The widths of every onnxshrink
-variant of one ratio are the same, so one latency row serves them all; ``round 1`` is the same ratio
-with widths not rounded to multiples of 8 (to show why rounding is the default). Torch-Pruning's model
-is exported with ``torch.onnx.export`` and timed the same way.
+Accuracy variants use widths rounded to 8 (25-30% of each group at ratio 0.3); the best variant is also
+run with the default rounding (16 with AVX-512). Latency: ONNX Runtime CPU, 1 thread, the unpruned and
+the pruned model interleaved (``onnxshrink.bench``), batch 1 and batch 32; ``speedup`` = median(unpruned)
+/ median(pruned), for widths rounded to the default, to 8 and not rounded. Widths depend only on the
+ratio and the rounding, not on the criterion, so one latency row serves every variant. Torch-Pruning's
+model is exported with ``torch.onnx.export`` and timed the same way.
 
     /work/venv/bin/python benchmarks/bench_prune.py [--models resnet,mlp] [--ratios 0.3,0.5]
         [--runs 200] [--out benchmarks/results]
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from models import digits
-from onnxshrink import bench, pruning, runtime, stats
+from onnxshrink import bench, pruning, runtime
 
 MODELS = ("resnet", "mobilenet", "inception", "cnn", "mlp", "vit")
 VARIANTS = {  # label -> prune() options
@@ -62,28 +63,32 @@ def latency(ref, cand, name: str, batch: int, runs: int) -> float:
 
 
 def ours(name: str, ratio: float, calib, runs: int) -> dict:
+    """Accuracy of every variant with widths rounded to 8 (25-30% of each group's channels), accuracy of
+    the best variant with the default rounding, and latency for each rounding."""
     path = str(digits.trained_path(name))
-    row: dict = {"acc": {}, "seconds": {}}
-    pruned = None
+    row: dict = {"acc": {}, "seconds": {}, "rounding": {}}
     for label, opts in VARIANTS.items():
         t0 = time.perf_counter()
-        result = pruning.prune(path, ratio, calibration=calib, **opts)
+        result = pruning.prune(path, ratio, round_to=8, calibration=calib, **opts)
         row["seconds"][label] = round(time.perf_counter() - t0, 1)
         row["acc"][label] = accuracy(result.model, name)
-        pruned = result
         print(f"  {name} {ratio} {label}: acc {row['acc'][label]:.4f} ({row['seconds'][label]} s)", flush=True)
-    row["params"] = [pruned.before["parameters"], pruned.after["parameters"]]
-    row["macs"] = [pruned.before["macs"], pruned.after["macs"]]
-    row["blocked"] = sorted({s for g in pruned.plan.groups if g.status == "blocked" for s in g.stops[:1]})
-    with tempfile.TemporaryDirectory() as tmp:
-        cand = str(Path(tmp) / "pruned.onnx")
-        pruning.prune(path, ratio, cand)
-        odd = str(Path(tmp) / "odd.onnx")
-        pruning.prune(path, ratio, odd, round_to=1, min_width=1)
-        row["speedup"] = {b: latency(path, cand, name, b, runs if b == 1 else max(runs // 4, 30)) for b in (1, 32)}
-        row["speedup_round1"] = {b: latency(path, odd, name, b, runs if b == 1 else max(runs // 4, 30))
-                                 for b in (1, 32)}
-        row["macs_round1"] = stats.summarize(pruning.prune(path, ratio, round_to=1, min_width=1).model)["macs"]
+    default = pruning.prune(path, ratio, calibration=calib, **VARIANTS["recon+lsq"])
+    row["acc_default_rounding"] = accuracy(default.model, name)
+    row["blocked"] = sorted({s for g in default.plan.groups if g.status == "blocked" for s in g.stops[:1]})
+    for label, opts in (("default", {}), ("8", {"round_to": 8}), ("1", {"round_to": 1, "min_width": 1})):
+        with tempfile.TemporaryDirectory() as tmp:
+            cand = str(Path(tmp) / "pruned.onnx")
+            result = pruning.prune(path, ratio, cand, **opts)
+            row["rounding"][label] = {
+                "round_to": result.plan.settings["round_to"],
+                "params": [result.before["parameters"], result.after["parameters"]],
+                "macs": [result.before["macs"], result.after["macs"]],
+                "speedup": {b: latency(path, cand, name, b, runs if b == 1 else max(runs // 4, 30))
+                            for b in (1, 32)},
+            }
+        r = row["rounding"][label]
+        print(f"  {name} {ratio} round {r['round_to']}: -MACs {pct(r['macs'])} speedup {r['speedup']}", flush=True)
     return row
 
 
@@ -153,29 +158,50 @@ def write_markdown(results: dict, path: Path) -> None:
     lines = [
         "# Structured pruning on the trained digits classifiers (no training)",
         "",
-        ("`python benchmarks/bench_prune.py` — see its docstring for the method. Accuracy on the 360-sample "
-        "test split; calibration: 512 unlabeled `calib` samples. `-params`/`-MACs`: reduction. `speedup`: "
-        "unpruned / pruned ONNX Runtime CPU latency, 1 thread, interleaved; b1 / b32 = batch 1 / 32. "
-        "`round 1`: widths not rounded to 8. TP = Torch-Pruning 1.6.1 MagnitudePruner (L1, round_to=8)."),
+        ("`python benchmarks/bench_prune.py` (see its docstring). Accuracy (%) on the 360-sample test split; "
+        "calibration: 512 unlabeled `calib` samples."),
         "",
-        ("| model | ratio | unpruned | l1 | l1+bn | l1+lsq | recon+lsq | -params | -MACs | speedup b1 | "
-        "speedup b32 | round 1: -MACs, b1, b32 | TP acc | TP -params | TP -MACs | TP speedup b1, b32 |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "## Accuracy",
+        "",
+        ("onnxshrink columns: widths rounded to 8, so `ratio` 0.3 removes 25-30% of each group's channels. "
+        "`recon+lsq` = `--prune-criterion reconstruction --reconstruct`; `default` = the same with the "
+        "default rounding (16 on this AVX-512 CPU, rounded up, so narrow groups may stay whole). "
+        "TP = Torch-Pruning 1.6.1 MagnitudePruner (L1, round_to=8) on the same trained torch module."),
+        "",
+        ("| model | ratio | unpruned | l1 | l1+bn | l1+lsq | recon+lsq | -params | -MACs | default | "
+        "default -MACs | TP | TP -params | TP -MACs |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, per in results.items():
         for ratio, r in per["ratios"].items():
             o, t = r["ours"], r["tp"]
             acc = " | ".join(f"{100 * o['acc'][v]:.1f}" for v in VARIANTS)
-            odd = (f"{pct([o['macs'][0], o['macs_round1']])}, {o['speedup_round1'][1]:.2f}x, "
-                   f"{o['speedup_round1'][32]:.2f}x")
-            if "error" in t:
-                tp_cells = f"failed: {t['error']} | | | "
-            else:
-                tp_cells = (f"{100 * t['acc']:.1f} | {pct(t['params'])} | {pct(t['macs'])} | "
-                            f"{t['speedup'][1]:.2f}x, {t['speedup'][32]:.2f}x")
+            r8, rd = o["rounding"]["8"], o["rounding"]["default"]
+            tp_cells = (f"failed: {t['error']} | | " if "error" in t
+                        else f"{100 * t['acc']:.1f} | {pct(t['params'])} | {pct(t['macs'])}")
             lines.append(
-                f"| {name} | {ratio} | {100 * per['base_acc']:.1f} | {acc} | {pct(o['params'])} | {pct(o['macs'])} | "
-                f"{o['speedup'][1]:.2f}x | {o['speedup'][32]:.2f}x | {odd} | {tp_cells} |")
+                f"| {name} | {ratio} | {100 * per['base_acc']:.1f} | {acc} | {pct(r8['params'])} | "
+                f"{pct(r8['macs'])} | {100 * o['acc_default_rounding']:.1f} | {pct(rd['macs'])} | {tp_cells} |")
+    lines += [
+        "",
+        "## Latency",
+        "",
+        ("ONNX Runtime CPU, 1 thread, unpruned and pruned interleaved; `speedup` = median unpruned / median "
+        "pruned latency at batch 1 and 32; `x MACs` = 1 / (1 - MACs reduction), the speed-up in proportion "
+        "to MACs. Rounding: default (16 here), 8, and none (1)."),
+        "",
+        "| model | ratio | round | -MACs | x MACs | speedup b1 | speedup b32 | TP speedup b1 | TP speedup b32 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, per in results.items():
+        for ratio, r in per["ratios"].items():
+            t = r["tp"]
+            for label, rr in r["ours"]["rounding"].items():
+                prop = rr["macs"][0] / max(rr["macs"][1], 1)
+                tp_cells = ("| " if "error" in t or label != "8"
+                            else f"{t['speedup'][1]:.2f}x | {t['speedup'][32]:.2f}x")
+                lines.append(f"| {name} | {ratio} | {rr['round_to']} | {pct(rr['macs'])} | {prop:.2f}x | "
+                             f"{rr['speedup'][1]:.2f}x | {rr['speedup'][32]:.2f}x | {tp_cells} |")
     path.write_text("\n".join(lines) + "\n")
 
 
