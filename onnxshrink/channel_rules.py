@@ -18,12 +18,17 @@ indices with offsets, residues and flatten strides.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
+from onnxshrink.checks import lifted_proto
 from onnxshrink.graph_utils import const_array
+
+logger = logging.getLogger(__name__)
 
 Port = tuple[str, int]
 
@@ -59,6 +64,46 @@ class Ctx:
             return None
         out = tuple(shape[a] for a in axes)
         return out if all(isinstance(d, int) for d in out) else None
+
+
+def infer_shapes(model: ir.Model) -> dict[ir.Value, tuple]:
+    """Static shapes of every main-graph value (symbolic dims as strings, unknown as None); pure."""
+    shapes: dict[ir.Value, tuple] = {}
+    graph = model.graph
+    try:
+        with lifted_proto(model) as proto:
+            inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception as e:  # noqa: BLE001 - onnx raises several types
+        logger.info("shape inference failed; falling back to the shapes the model carries: %s", e)
+        inferred = None
+    by_name = {}
+    if inferred is not None:
+        for vi in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]:
+            t = vi.type.tensor_type
+            if t.HasField("shape"):
+                by_name[vi.name] = tuple(
+                    d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim
+                )
+    for v in _main_values(graph):
+        if v.const_value is not None:
+            shapes[v] = tuple(int(d) for d in v.const_value.shape)
+        elif v.name in by_name:
+            shapes[v] = by_name[v.name]
+        elif v.shape is not None:
+            shapes[v] = tuple(d if isinstance(d, int) else (str(d) if d.value else None) for d in v.shape)
+    return shapes
+
+
+def _main_values(graph: ir.Graph):
+    seen = set()
+    for v in [*graph.inputs, *graph.initializers.values()]:
+        seen.add(v)
+        yield v
+    for node in graph:
+        for v in [*node.inputs, *node.outputs]:
+            if v is not None and v not in seen:
+                seen.add(v)
+                yield v
 
 
 Result = list[Link] | Barrier
@@ -285,254 +330,3 @@ def reduce(node, ctx):
 def constant(node, port, axes, ctx) -> Result:
     """Constant nodes: a source of values, nothing to couple."""
     return []
-
-
-# ---------------------------------------------------------------- weight ops
-
-
-def conv(node: ir.Node, port: Port, axes, ctx: Ctx) -> Result:
-    """Conv: out channels = weight rows = bias; in channels = weight columns (group 1). Grouped convs:
-    depthwise-like ones (one in or out channel per group) tie input group k to output group k and prune
-    whole groups; others prune the same positions in every group (group count kept)."""
-    w = node.inputs[1] if len(node.inputs) > 1 else None
-    if w is None or const_array(w) is None:
-        return Barrier("Conv weight is not a constant")
-    if len(node.inputs) > 2 and node.inputs[2] is not None and const_array(node.inputs[2]) is None:
-        return Barrier("Conv bias is not a constant")
-    x, y = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
-    wshape = ctx.shape(w)
-    if x is None or y is None or wshape is None or not isinstance(x[1], int):
-        return Barrier("Conv shapes unknown")
-    g = int(_attr(node, "group", 1))
-    sp = len(x) - 2
-    labels = {
-        ("in", 0): ("n", "ci" if g == 1 else "gi", *(f"x{i}" for i in range(sp))),
-        ("in", 1): ("co", "ci" if g == 1 else "wi", *(f"k{i}" for i in range(sp))),
-        ("in", 2): ("co",),
-        ("out", 0): ("n", "co", *(f"y{i}" for i in range(sp))),
-    }
-    if node.op_type == "ConvTranspose":
-        labels[("in", 1)] = ("ci" if g == 1 else "gi", "co" if g == 1 else "wo",
-                             *(f"k{i}" for i in range(sp)))
-        if g != 1 and not _depthwise(wshape[0] // g, wshape[1]):
-            return Barrier("grouped ConvTranspose (only depthwise-like ones are handled)")
-    links = label_links(node, port, axes, ctx, labels)
-    if g == 1 or isinstance(links, Barrier):
-        return links
-    extra = _group_links(node, port, axes, ctx, g, x[1], y[1], wshape)
-    return extra if isinstance(extra, Barrier) else links + extra
-
-
-def _depthwise(per_in: int, per_out: int) -> bool:
-    return per_in == 1 or per_out == 1
-
-
-def _group_links(node, port, axes, ctx, g, cin, cout, wshape) -> Result:
-    """Extra links of a grouped conv. Whole-group mode: input group k goes with output group k.
-    Within mode: input channels with the same position in their group go together (one weight
-    column), and so do output channels (the group count stays)."""
-    a, b = cin // g, cout // g
-    role = _group_role(node, port, axes)
-    if role is None:
-        return []
-    if role == "other":
-        return Barrier("grouped Conv: only the channel axis can be pruned")
-    x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
-    within = not _depthwise(a, b) and ctx.grouped != "groups" and node.op_type == "Conv"
-    i, o = np.arange(cin), np.arange(cout)
-    if not within:
-        src_in = np.repeat(i, b)
-        dst_out = np.repeat(i // a, b) * b + np.tile(np.arange(b), cin)
-        if role == "x":
-            return [Link(y, (1,), src_in, dst_out)]
-        if role == "y":
-            return [Link(x, (1,), dst_out, src_in)]
-        if role == "w_in" and a > 1:
-            return Barrier("grouped Conv: weight columns of a whole-group conv are not prunable")
-        return []
-    if role == "x":
-        return [Link(w, (1,), i, i % a)]
-    if role == "w_in":
-        return [Link(x, (1,), i % a, i)]
-    if role == "y":
-        return [Link(y, (1,), o, o % b)]
-    return [Link(w, (0,), o, o % b)]  # w_out
-
-
-def _group_role(node, port, axes) -> str | None:
-    """Which part of a grouped conv a slot is: x, y, w_in, w_out, None (bias) or other."""
-    kind, i = port
-    if (kind, i) == ("in", 2):
-        return None
-    want = {("out", 0): "y", ("in", 0): "x"}.get((kind, i))
-    if want is not None:
-        return want if tuple(axes) == (1,) else "other"
-    if tuple(axes) not in ((0,), (1,)):
-        return "other"
-    first = "w_in" if node.op_type == "ConvTranspose" else "w_out"
-    second = "w_out" if node.op_type == "ConvTranspose" else "w_in"
-    return first if axes == (0,) else second
-
-
-def gemm(node, port, axes, ctx) -> Result:
-    """Gemm: Y columns = B's output axis = C; A's inner axis = B's inner axis (contracted)."""
-    b = node.inputs[1]
-    ta, tb = _attr(node, "transA", 0), _attr(node, "transB", 0)
-    out = ctx.shape(node.outputs[0])
-    if out is None:
-        return Barrier("Gemm shapes unknown")
-    labels = {
-        ("in", 0): ("k", "m") if ta else ("m", "k"),
-        ("in", 1): ("n", "k") if tb else ("k", "n"),
-        ("out", 0): ("m", "n"),
-    }
-    if len(node.inputs) > 2 and node.inputs[2] is not None:
-        cshape = ctx.shape(node.inputs[2])
-        if cshape is None:
-            return Barrier("Gemm C shape unknown")
-        labels[("in", 2)] = tuple(
-            lab if lab.startswith("bc") else "mn"[int(lab[1:])]
-            for lab in _broadcast_labels(cshape, out, "e", "c")
-        )
-    if b is None or ctx.shape(b) is None:
-        return Barrier("Gemm shapes unknown")
-    return label_links(node, port, axes, ctx, labels)
-
-
-def matmul(node, port, axes, ctx) -> Result:
-    """MatMul: batch axes broadcast, A's last axis = B's second-to-last (contracted), Y's last = B's."""
-    sa, sb, out = (ctx.shape(v) for v in (node.inputs[0], node.inputs[1], node.outputs[0]))
-    if sa is None or sb is None or out is None:
-        return Barrier("MatMul shapes unknown")
-    ra, rb, ro = len(sa), len(sb), len(out)
-    la = ("k",) if ra == 1 else (*_batch(sa[:-2], out, ro - (ra > 1) - (rb > 1), "a"), "m", "k")
-    lb = ("k",) if rb == 1 else (*_batch(sb[:-2], out, ro - (ra > 1) - (rb > 1), "b"), "k", "n")
-    nb = ro - (ra > 1) - (rb > 1)
-    lo = (*(f"e{i}" for i in range(nb)), *(("m",) if ra > 1 else ()), *(("n",) if rb > 1 else ()))
-    return label_links(node, port, axes, ctx, {("in", 0): la, ("in", 1): lb, ("out", 0): lo})
-
-
-def _batch(shape, out, nbatch, tag) -> tuple:
-    return _broadcast_labels(shape, tuple(out[:nbatch]), "e", tag)
-
-
-# ---------------------------------------------------------------- offsets: concat, split, slice
-
-
-def _axis(node, rank, default=0) -> int:
-    a = int(_attr(node, "axis", default))
-    return a + rank if a < 0 else a
-
-
-def _segment_links(node, port, axes, ctx, whole: tuple, parts: Sequence[tuple], axis: int) -> Result:
-    """Concat-like maps: ``whole`` = (port, value); ``parts`` = [(port, value, offset, length)]."""
-    value = operand(node, port)
-    dims = ctx.dims(value, axes)
-    if dims is None:
-        return Barrier(f"{node.op_type}: channel dimension not static")
-    if axis not in axes:
-        labels = {p: tuple(f"a{i}" for i in range(len(ctx.shape(v)))) for p, v, *_ in parts}
-        labels[whole[0]] = tuple(f"a{i}" for i in range(len(ctx.shape(whole[1]))))
-        return label_links(node, port, axes, ctx, labels)
-    p = list(axes).index(axis)
-    cells = np.arange(int(np.prod(dims)))
-    coords = list(np.unravel_index(cells, dims))
-    links = []
-    if port == whole[0]:
-        for _, v, off, length in parts:
-            mask = (coords[p] >= off) & (coords[p] < off + length)
-            if not mask.any() or v is None:
-                continue
-            sub = [c[mask] for c in coords]
-            sub[p] = sub[p] - off
-            tdims = list(dims)
-            tdims[p] = length
-            links.append(Link(v, tuple(axes), cells[mask], np.ravel_multi_index(sub, tdims)))
-        return links
-    for q, v, off, length in parts:
-        if q == port:
-            shifted = list(coords)
-            shifted[p] = shifted[p] + off
-            tdims = list(ctx.dims(whole[1], axes))
-            links.append(Link(whole[1], tuple(axes), cells, np.ravel_multi_index(shifted, tdims)))
-    return links
-
-
-def concat(node, port, axes, ctx) -> Result:
-    """Concat: each input's channels sit at its offset in the output."""
-    out = ctx.shape(node.outputs[0])
-    if out is None:
-        return Barrier("Concat shapes unknown")
-    axis = _axis(node, len(out))
-    parts, off = [], 0
-    for i, v in enumerate(node.inputs):
-        d = ctx.shape(v)
-        if d is None or not isinstance(d[axis], int):
-            return Barrier("Concat input sizes unknown")
-        parts.append((("in", i), v, off, d[axis]))
-        off += d[axis]
-    return _segment_links(node, port, axes, ctx, (("out", 0), node.outputs[0]), parts, axis)
-
-
-def split(node, port, axes, ctx) -> Result:
-    """Split: each output takes its range of the input's channels (sizes rewritten when pruned)."""
-    x = ctx.shape(node.inputs[0])
-    if x is None:
-        return Barrier("Split shapes unknown")
-    axis = _axis(node, len(x))
-    if len(node.inputs) > 1 and node.inputs[1] is not None and const_array(node.inputs[1]) is None:
-        return Barrier("Split sizes computed at run time")
-    parts, off = [], 0
-    for j, v in enumerate(node.outputs):
-        d = ctx.shape(v)
-        if d is None or not isinstance(d[axis], int):
-            return Barrier("Split output sizes unknown")
-        parts.append((("out", j), v, off, d[axis]))
-        off += d[axis]
-    return _segment_links(node, port, axes, ctx, (("in", 0), node.inputs[0]), parts, axis)
-
-
-def slice_(node, port, axes, ctx) -> Result:
-    """Slice with constant starts/ends/axes and step 1 on channel axes: a window of the channels."""
-    x = ctx.shape(node.inputs[0])
-    if x is None or port not in (("in", 0), ("out", 0)):
-        return Barrier("Slice: shapes unknown or a channel reaches its starts/ends")
-    spec = slice_spec(node, x)
-    if isinstance(spec, Barrier):
-        return spec
-    sliced = {a: se for a, se in spec.items() if a in axes}
-    if not sliced:
-        own = tuple(f"a{i}" for i in range(len(x)))
-        return label_links(node, port, axes, ctx, {("in", 0): own, ("out", 0): own})
-    (axis, (start, end, step)), *rest = sliced.items()
-    if rest or step != 1:
-        return Barrier("Slice over several channel axes or with a step")
-    return _segment_links(node, port, axes, ctx, (("in", 0), node.inputs[0]),
-                          [(("out", 0), node.outputs[0], start, end - start)], axis)
-
-
-def slice_spec(node, shape) -> dict | Barrier:
-    """axis -> (start, end, step) normalized to the input shape, from constant inputs."""
-    arrays = []
-    for i in range(1, 5):
-        v = node.inputs[i] if i < len(node.inputs) else None
-        arr = None if v is None else const_array(v)
-        if v is not None and arr is None:
-            return Barrier("Slice starts/ends/axes/steps computed at run time")
-        arrays.append(None if arr is None else [int(a) for a in arr.reshape(-1)])
-    starts, ends, ax, steps = arrays
-    if starts is None or ends is None:
-        return Barrier("Slice without constant starts/ends")
-    r = len(shape)
-    ax = ax or list(range(len(starts)))
-    steps = steps or [1] * len(starts)
-    spec = {}
-    for s, e, a, st in zip(starts, ends, ax, steps):
-        a = a + r if a < 0 else a
-        dim = shape[a]
-        if not isinstance(dim, int):
-            spec[a] = (s, e, st)
-            continue
-        s, e = (s + dim if s < 0 else s), (e + dim if e < 0 else e)
-        spec[a] = (max(0, min(s, dim)), max(0, min(e, dim)), st)
-    return spec

@@ -2,7 +2,7 @@
 
 Nodes of the networkx graph are channel slots ``(value, axes)``; edges come from ONE explicit table of
 per-op channel rules, ``RULES`` (families in :mod:`onnxshrink.channel_rules` and
-:mod:`onnxshrink.channel_reshape`). Each edge carries an index map (identity, concat/split/slice
+:mod:`onnxshrink.channel_layout`). Each edge carries an index map (identity, concat/split/slice
 offsets, flatten strides, group residues, head splits). Building starts from the output channels of
 every Conv/ConvTranspose/Gemm/MatMul and walks every op that touches a slot.
 
@@ -23,12 +23,12 @@ from collections import defaultdict
 
 import networkx as nx
 import numpy as np
-import onnx
 import onnx_ir as ir
 
+from onnxshrink import channel_layout as layout
 from onnxshrink import channel_rules as cr
-from onnxshrink.channel_reshape import reshape, resolve_minus_one, shape_entries, shape_op
-from onnxshrink.checks import lifted_proto
+from onnxshrink import channel_weights as weights
+from onnxshrink import depgraph_cells
 from onnxshrink.graph_utils import const_array
 
 logger = logging.getLogger(__name__)
@@ -45,10 +45,10 @@ REDUCE_OPS = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd",
 
 #: THE rule table: op type (default ONNX domain) -> channel rule. Any other op is a barrier.
 RULES: dict[str, cr.RuleFn] = {
-    "Conv": cr.conv,
-    "ConvTranspose": cr.conv,
-    "Gemm": cr.gemm,
-    "MatMul": cr.matmul,
+    "Conv": weights.conv,
+    "ConvTranspose": weights.conv,
+    "Gemm": weights.gemm,
+    "MatMul": weights.matmul,
     "BatchNormalization": cr.batchnorm,
     "InstanceNormalization": cr.batchnorm,
     **{op: cr.unary for op in UNARY_OPS},
@@ -60,14 +60,14 @@ RULES: dict[str, cr.RuleFn] = {
     "Transpose": cr.transpose,
     "Softmax": cr.softmax,
     "LogSoftmax": cr.softmax,
-    "Concat": cr.concat,
-    "Split": cr.split,
-    "Slice": cr.slice_,
-    "Reshape": reshape,
-    "Flatten": reshape,
-    "Squeeze": reshape,
-    "Unsqueeze": reshape,
-    "Shape": shape_op,
+    "Concat": layout.concat,
+    "Split": layout.split,
+    "Slice": layout.slice_,
+    "Reshape": layout.reshape,
+    "Flatten": layout.reshape,
+    "Squeeze": layout.reshape,
+    "Unsqueeze": layout.reshape,
+    "Shape": layout.shape_op,
     "Constant": cr.constant,
 }
 
@@ -148,46 +148,6 @@ def value_name(v: ir.Value) -> str:
         return v.name
     prod = v.producer()
     return f"{prod.name or prod.op_type}#{v.index()}" if prod is not None else "<anonymous>"
-
-
-def infer_shapes(model: ir.Model) -> dict[ir.Value, tuple]:
-    """Static shapes of every main-graph value (symbolic dims as strings, unknown as None); pure."""
-    shapes: dict[ir.Value, tuple] = {}
-    graph = model.graph
-    try:
-        with lifted_proto(model) as proto:
-            inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    except Exception as e:  # noqa: BLE001 - onnx raises several types
-        logger.info("shape inference failed; falling back to the shapes the model carries: %s", e)
-        inferred = None
-    by_name = {}
-    if inferred is not None:
-        for vi in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]:
-            t = vi.type.tensor_type
-            if t.HasField("shape"):
-                by_name[vi.name] = tuple(
-                    d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim
-                )
-    for v in _main_values(graph):
-        if v.const_value is not None:
-            shapes[v] = tuple(int(d) for d in v.const_value.shape)
-        elif v.name in by_name:
-            shapes[v] = by_name[v.name]
-        elif v.shape is not None:
-            shapes[v] = tuple(d if isinstance(d, int) else (str(d) if d.value else None) for d in v.shape)
-    return shapes
-
-
-def _main_values(graph: ir.Graph):
-    seen = set()
-    for v in [*graph.inputs, *graph.initializers.values()]:
-        seen.add(v)
-        yield v
-    for node in graph:
-        for v in [*node.inputs, *node.outputs]:
-            if v is not None and v not in seen:
-                seen.add(v)
-                yield v
 
 
 class DepGraph:
@@ -304,55 +264,9 @@ class DepGraph:
 
     # ------------------------------------------------------------ atoms and groups
 
-    def _offsets(self) -> tuple[dict[Slot, int], int]:
-        offsets, total = {}, 0
-        for s in self.graph.nodes:
-            offsets[s] = total
-            total += int(np.prod(self.graph.nodes[s]["dims"] or (0,)))
-        return offsets, total
-
-    def _edge_arrays(self, offsets, extra=()):
-        us, vs = [], []
-        for a, b, src, dst, _ in [*self._links, *extra]:
-            if self.graph.nodes[a]["dims"] is None or self.graph.nodes[b]["dims"] is None:
-                continue
-            n = int(np.prod(self.graph.nodes[a]["dims"]))
-            src = np.arange(n) if src is None else src
-            dst = np.arange(n) if dst is None else dst
-            us.append(offsets[a] + src)
-            vs.append(offsets[b] + dst)
-        if not us:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        return np.concatenate(us).astype(np.int64), np.concatenate(vs).astype(np.int64)
-
-    def atoms(self) -> tuple[dict[Slot, int], np.ndarray]:
-        """Union the cells joined by index maps; force compound slots (head splits, shuffles) to be
-        pruned along one axis so every kept set stays a product of per-axis index sets."""
-        offsets, total = self._offsets()
-        extra: list = []
-        for _ in range(8):
-            labels = union_find(total, *self._edge_arrays(offsets, extra))
-            forced = self._closure_links(offsets, labels)
-            if not forced:
-                return offsets, labels
-            extra.extend(forced)
-        return offsets, labels
-
-    def _closure_links(self, offsets, labels) -> list:
-        forced = []
-        for s in self.graph.nodes:
-            dims = self.graph.nodes[s]["dims"]
-            if dims is None or len([d for d in dims if d > 1]) < 2:
-                continue
-            cells = labels[offsets[s]: offsets[s] + int(np.prod(dims))]
-            if any(_closed(cells, dims, p) for p in range(len(dims))):
-                continue
-            p = next(i for i, d in enumerate(dims) if d > 1)
-            coords = np.unravel_index(np.arange(len(cells)), dims)
-            first = np.ravel_multi_index([coords[i] if i == p else np.zeros_like(coords[i])
-                                          for i in range(len(dims))], dims)
-            forced.append((s, s, np.arange(len(cells)), first, None))
-        return forced
+    def atoms(self) -> tuple[dict, np.ndarray]:
+        """Cell offsets per slot and the atom label of every cell (see :mod:`depgraph_cells`)."""
+        return depgraph_cells.atoms(self.graph, self._links)
 
     def make_groups(self) -> None:
         offsets, labels = self.atoms()
@@ -447,41 +361,15 @@ def weight_axes(node: ir.Node, idx: int) -> tuple[int, int] | None:
     return None
 
 
-def _closed(cells: np.ndarray, dims, p: int) -> bool:
-    """Whether every atom in this slot is a union of whole hyperplanes along axis ``p``."""
-    grid = cells.reshape(dims)
-    moved = np.moveaxis(grid, p, 0).reshape(dims[p], -1)
-    return bool(np.all(moved == moved[:, :1]))
-
-
-def union_find(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Component label (smallest member) of each of ``n`` items joined by the pairs ``u``-``v``."""
-    parent = np.arange(n, dtype=np.int64)
-    if len(u) == 0:
-        return parent
-    while True:
-        pu, pv = parent[u], parent[v]
-        if np.array_equal(pu, pv):
-            return parent
-        m = np.minimum(pu, pv)
-        np.minimum.at(parent, pu, m)
-        np.minimum.at(parent, pv, m)
-        while True:
-            nxt = parent[parent]
-            if np.array_equal(nxt, parent):
-                break
-            parent = nxt
-
-
 def build(model: ir.Model, *, grouped: str = "auto", shapes: dict | None = None) -> DepGraph:
     """The dependency graph and pruning groups of ``model``'s main graph (the model is not changed)."""
     if grouped not in ("auto", "groups"):
         raise ValueError(f"grouped must be 'auto' or 'groups', not {grouped!r}")
-    shapes = dict(shapes) if shapes is not None else infer_shapes(model)
+    shapes = dict(shapes) if shapes is not None else cr.infer_shapes(model)
     for node in model.graph:
         if node.op_type == "Reshape" and node.outputs[0] in shapes and node.inputs[0] in shapes:
-            shapes[node.outputs[0]] = resolve_minus_one(
-                shapes[node.inputs[0]], shapes[node.outputs[0]], shape_entries(node, shapes))
+            shapes[node.outputs[0]] = layout.resolve_minus_one(
+                shapes[node.inputs[0]], shapes[node.outputs[0]], layout.shape_entries(node, shapes))
     ctx = cr.Ctx(shapes, grouped=grouped)
     dg = DepGraph(model, ctx)
     dg.walk(dg.seed_slots())

@@ -26,8 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshrink import depgraph
-from onnxshrink.channel_reshape import shape_entries
-from onnxshrink.channel_rules import slice_spec
+from onnxshrink.channel_layout import shape_entries, slice_spec
 from onnxshrink.errors import PassFailure
 from onnxshrink.graph_utils import NameGen, add_initializer, const_array
 from onnxshrink.pass_infra import Changes, PassStats, ShrinkPass

@@ -8,8 +8,8 @@ import pytest
 
 from models import zoo
 from onnxshrink import depgraph, model_io
-from onnxshrink.channel_reshape import segments
-from onnxshrink.depgraph import union_find
+from onnxshrink.channel_layout import segments
+from onnxshrink.depgraph_cells import union_find
 
 
 def graph_of(name: str, **kw) -> depgraph.DepGraph:

@@ -1,4 +1,8 @@
-"""Channel rules of the reshape family (Reshape, Flatten, Squeeze, Unsqueeze) and of Shape.
+"""Channel rules of layout ops: Concat, Split and Slice (offsets), the reshape family (Reshape, Flatten,
+Squeeze, Unsqueeze) and Shape.
+
+Concat puts each input's channels at its offset in the output; Split and Slice take a window (sizes,
+starts and ends are rewritten by the pass when channels go; a Slice step on a channel axis is a barrier).
 
 A reshape is cut into segments: runs of input axes and runs of output axes with equal products (size-1
 axes dropped), so a channel slot inside one input segment maps onto the whole output segment with the
@@ -14,11 +18,13 @@ head count), a -1, or a 0 that copies the same input axis. An entry computed at 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxshrink import channel_rules as cr
+from onnxshrink.channel_rules import Barrier, Link, Result, label_links, operand
 from onnxshrink.graph_utils import const_array
 
 
@@ -58,26 +64,26 @@ def segments(a: tuple, b: tuple) -> list[tuple[list[int], list[int]]] | None:
     return segs
 
 
-def reshape(node: ir.Node, port, axes, ctx) -> cr.Result:
+def reshape(node: ir.Node, port, axes, ctx) -> Result:
     """Reshape/Flatten/Squeeze/Unsqueeze: a slot inside one segment maps to the other side's segment."""
     if port not in (("in", 0), ("out", 0)):
-        return cr.Barrier(f"{node.op_type}: a channel reaches its shape input")
+        return Barrier(f"{node.op_type}: a channel reaches its shape input")
     x, y = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
     if x is None or y is None:
-        return cr.Barrier(f"{node.op_type}: shapes unknown")
+        return Barrier(f"{node.op_type}: shapes unknown")
     segs = segments(tuple(x), tuple(y))
     if segs is None:
-        return cr.Barrier(f"{node.op_type}: input and output shapes do not line up")
+        return Barrier(f"{node.op_type}: input and output shapes do not line up")
     src_shape, side = (x, 0) if port == ("in", 0) else (y, 1)
     axes = tuple(axes)
     live = [a for a in axes if src_shape[a] != 1]
     seg = next((s for s in segs if set(live) <= set(s[side])), None)
     if seg is None or not live:
-        return cr.Barrier(f"{node.op_type} mixes a channel slot with other axes")
+        return Barrier(f"{node.op_type} mixes a channel slot with other axes")
     if node.op_type == "Reshape" and port == ("in", 0):
         why = _target_rewritable(node, seg[1], seg[0], ctx.shapes)
         if why:
-            return cr.Barrier(why)
+            return Barrier(why)
     own_axes, other_axes = seg[side], seg[1 - side]
     own_dims = [src_shape[a] for a in own_axes]
     flat = np.arange(int(np.prod(own_dims)))
@@ -87,8 +93,130 @@ def reshape(node: ir.Node, port, axes, ctx) -> cr.Result:
     src = np.ravel_multi_index(slot_coords, slot_dims)
     other = node.outputs[0] if side == 0 else node.inputs[0]
     if list(axes) == own_axes:
-        return [cr.Link(other, tuple(other_axes))]
-    return [cr.Link(other, tuple(other_axes), src, flat)]
+        return [Link(other, tuple(other_axes))]
+    return [Link(other, tuple(other_axes), src, flat)]
+
+
+# ---------------------------------------------------------------- offsets: concat, split, slice
+
+
+def _axis(node, rank, default=0) -> int:
+    a = int(cr._attr(node, "axis", default))
+    return a + rank if a < 0 else a
+
+
+def _segment_links(node, port, axes, ctx, whole: tuple, parts: Sequence[tuple], axis: int) -> Result:
+    """Concat-like maps: ``whole`` = (port, value); ``parts`` = [(port, value, offset, length)]."""
+    value = operand(node, port)
+    dims = ctx.dims(value, axes)
+    if dims is None:
+        return Barrier(f"{node.op_type}: channel dimension not static")
+    if axis not in axes:
+        labels = {p: tuple(f"a{i}" for i in range(len(ctx.shape(v)))) for p, v, *_ in parts}
+        labels[whole[0]] = tuple(f"a{i}" for i in range(len(ctx.shape(whole[1]))))
+        return label_links(node, port, axes, ctx, labels)
+    p = list(axes).index(axis)
+    cells = np.arange(int(np.prod(dims)))
+    coords = list(np.unravel_index(cells, dims))
+    links = []
+    if port == whole[0]:
+        for _, v, off, length in parts:
+            mask = (coords[p] >= off) & (coords[p] < off + length)
+            if not mask.any() or v is None:
+                continue
+            sub = [c[mask] for c in coords]
+            sub[p] = sub[p] - off
+            tdims = list(dims)
+            tdims[p] = length
+            links.append(Link(v, tuple(axes), cells[mask], np.ravel_multi_index(sub, tdims)))
+        return links
+    for q, v, off, length in parts:
+        if q == port:
+            shifted = list(coords)
+            shifted[p] = shifted[p] + off
+            tdims = list(ctx.dims(whole[1], axes))
+            links.append(Link(whole[1], tuple(axes), cells, np.ravel_multi_index(shifted, tdims)))
+    return links
+
+
+def concat(node, port, axes, ctx) -> Result:
+    """Concat: each input's channels sit at its offset in the output."""
+    out = ctx.shape(node.outputs[0])
+    if out is None:
+        return Barrier("Concat shapes unknown")
+    axis = _axis(node, len(out))
+    parts, off = [], 0
+    for i, v in enumerate(node.inputs):
+        d = ctx.shape(v)
+        if d is None or not isinstance(d[axis], int):
+            return Barrier("Concat input sizes unknown")
+        parts.append((("in", i), v, off, d[axis]))
+        off += d[axis]
+    return _segment_links(node, port, axes, ctx, (("out", 0), node.outputs[0]), parts, axis)
+
+
+def split(node, port, axes, ctx) -> Result:
+    """Split: each output takes its range of the input's channels (sizes rewritten when pruned)."""
+    x = ctx.shape(node.inputs[0])
+    if x is None:
+        return Barrier("Split shapes unknown")
+    axis = _axis(node, len(x))
+    if len(node.inputs) > 1 and node.inputs[1] is not None and const_array(node.inputs[1]) is None:
+        return Barrier("Split sizes computed at run time")
+    parts, off = [], 0
+    for j, v in enumerate(node.outputs):
+        d = ctx.shape(v)
+        if d is None or not isinstance(d[axis], int):
+            return Barrier("Split output sizes unknown")
+        parts.append((("out", j), v, off, d[axis]))
+        off += d[axis]
+    return _segment_links(node, port, axes, ctx, (("in", 0), node.inputs[0]), parts, axis)
+
+
+def slice_(node, port, axes, ctx) -> Result:
+    """Slice with constant starts/ends/axes and step 1 on channel axes: a window of the channels."""
+    x = ctx.shape(node.inputs[0])
+    if x is None or port not in (("in", 0), ("out", 0)):
+        return Barrier("Slice: shapes unknown or a channel reaches its starts/ends")
+    spec = slice_spec(node, x)
+    if isinstance(spec, Barrier):
+        return spec
+    sliced = {a: se for a, se in spec.items() if a in axes}
+    if not sliced:
+        own = tuple(f"a{i}" for i in range(len(x)))
+        return label_links(node, port, axes, ctx, {("in", 0): own, ("out", 0): own})
+    (axis, (start, end, step)), *rest = sliced.items()
+    if rest or step != 1:
+        return Barrier("Slice over several channel axes or with a step")
+    return _segment_links(node, port, axes, ctx, (("in", 0), node.inputs[0]),
+                          [(("out", 0), node.outputs[0], start, end - start)], axis)
+
+
+def slice_spec(node, shape) -> dict | Barrier:
+    """axis -> (start, end, step) normalized to the input shape, from constant inputs."""
+    arrays = []
+    for i in range(1, 5):
+        v = node.inputs[i] if i < len(node.inputs) else None
+        arr = None if v is None else const_array(v)
+        if v is not None and arr is None:
+            return Barrier("Slice starts/ends/axes/steps computed at run time")
+        arrays.append(None if arr is None else [int(a) for a in arr.reshape(-1)])
+    starts, ends, ax, steps = arrays
+    if starts is None or ends is None:
+        return Barrier("Slice without constant starts/ends")
+    r = len(shape)
+    ax = ax or list(range(len(starts)))
+    steps = steps or [1] * len(starts)
+    spec = {}
+    for s, e, a, st in zip(starts, ends, ax, steps):
+        a = a + r if a < 0 else a
+        dim = shape[a]
+        if not isinstance(dim, int):
+            spec[a] = (s, e, st)
+            continue
+        s, e = (s + dim if s < 0 else s), (e + dim if e < 0 else e)
+        spec[a] = (max(0, min(s, dim)), max(0, min(e, dim)), st)
+    return spec
 
 
 def resolve_minus_one(x: tuple, y: tuple, entries) -> tuple:
@@ -182,11 +310,11 @@ def _target_rewritable(node: ir.Node, out_axes, in_axes, shapes) -> str | None:
 # ---------------------------------------------------------------- Shape
 
 
-def shape_op(node: ir.Node, port, axes, ctx) -> cr.Result:
+def shape_op(node: ir.Node, port, axes, ctx) -> Result:
     """Shape: fine as long as no reader looks at the entries of the channel axes."""
     shape = ctx.shape(node.inputs[0])
     if shape is None:
-        return cr.Barrier("Shape of a value with unknown rank")
+        return Barrier("Shape of a value with unknown rank")
     r = len(shape)
     start = int(cr._attr(node, "start", 0))
     end = cr._attr(node, "end", None)
@@ -194,7 +322,7 @@ def shape_op(node: ir.Node, port, axes, ctx) -> cr.Result:
     end = r if end is None else (int(end) + r if int(end) < 0 else min(int(end), r))
     read = _positions_read(node.outputs[0], end - start)
     if read is None or any((a - start) in read for a in axes):
-        return cr.Barrier("Shape: the channel dimension is read at run time")
+        return Barrier("Shape: the channel dimension is read at run time")
     return []
 
 
@@ -211,8 +339,8 @@ def _positions_read(value: ir.Value, n: int) -> set[int] | None:
                 return None
             read.update(int(i) % n for i in idx.reshape(-1))
         elif user.op_type == "Slice" and use.idx == 0:
-            spec = cr.slice_spec(user, (n,))
-            if isinstance(spec, cr.Barrier) or set(spec) - {0}:
+            spec = slice_spec(user, (n,))
+            if isinstance(spec, Barrier) or set(spec) - {0}:
                 return None
             s, e, st = spec.get(0, (0, n, 1))
             read.update(range(s, e, st) if st > 0 else range(n))
