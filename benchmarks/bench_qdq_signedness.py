@@ -59,7 +59,7 @@ def run(spec: str, runs: int, batch: int, tmp: Path, cache: Path) -> dict:
     paths = {}
     for act in ("uint8", "int8"):
         paths[act] = tmp / f"{spec.replace(':', '_')}_{act}.onnx"
-        quantize(src, calib, paths[act], activations=act, cache_dir=cache)
+        quantize(src, calib, paths[act], activations=act, cache_dir=cache, tune=False)  # same placement
     float_path = tmp / f"{spec.replace(':', '_')}_float.onnx"
     model_io.save(model_io.load(src), float_path)
     pair = bench.measure([paths["int8"], paths["uint8"]], [feed], runs=runs, warmup=10,

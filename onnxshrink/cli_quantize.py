@@ -74,8 +74,10 @@ def run_quantize(args) -> int:
           f"[{result.seconds:.2f} s, {result.method}, {result.options.activations} activations]")
     if result.tuning is not None:
         t = result.tuning
-        print(f"tuned on this CPU: float {t.float_ms:.3f} ms; placements " + ", ".join(
-            f"{o} {ms:.3f} ms" for o, ms in zip(t.options, t.median_ms)) + f"; kept {t.options[t.chosen]}")
+        print(f"tuned on this CPU (float {t.float_ms:.3f} ms): kept {t.chosen}")
+        for row in t.tried:
+            knobs = {k: v for k, v in row.items() if k not in ("median_ms", "vs_best_ms", "kept")}
+            print(f"  {'kept ' if row['kept'] else 'tried'} {row['median_ms']:.3f} ms {knobs}")
     if result.opset_upgraded_from:
         print(f"note: upgraded from opset {result.opset_upgraded_from} to 13 for per-channel QDQ")
     print(report.before_after_table(result.before, result.after))

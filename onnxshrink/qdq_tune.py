@@ -3,11 +3,10 @@
 ONNX Runtime's x86 int8 kernels are not uniformly faster than its float ones: dense convolutions with
 many MACs per output gain 2-4x, but int8 depthwise convolutions are slower than the NCHWc float kernels
 (``benchmarks/results/qdq_op_costs.json``), and whether a float depthwise conv pays for its Q/DQ
-depends on the layout chain around it (ORT keeps int8 chains in NHWC). So ``tune`` builds a few
-placements that differ only in the speed knobs of ``PlanOptions`` (``depthwise``, ``min_conv_macs``,
-``matmul_activations``),
-times them on ONNX Runtime (1 thread, rounds interleaved, a calibration feed) and returns the options
-of the fastest. Placements that quantize the same nodes are timed once.
+depends on the layout chain around it (ORT keeps int8 chains in NHWC). So ``tune`` tries placements
+that differ in the speed knobs of ``PlanOptions`` (``depthwise``, ``min_conv_macs``, ``matmul_activations``,
+``pools``, ``elementwise``), one change at a time on top of the best so far, timed on ONNX Runtime against
+that best (1 thread, interleaved rounds, a calibration feed), and keeps what is faster.
 """
 
 from __future__ import annotations
@@ -29,75 +28,92 @@ logger = logging.getLogger(__name__)
 MAX_TUNE_BYTES = 512 * 2**20
 
 
-def variants(opts: PlanOptions) -> list[PlanOptions]:
-    """The placements tried: as asked; depthwise convs float; small convs float as well (two sizes);
-    MatMuls of two activations float (attention)."""
-    return [
-        opts,
-        dataclasses.replace(opts, depthwise=False),
-        *(dataclasses.replace(opts, depthwise=False, min_conv_macs=max(opts.min_conv_macs, m)) for m in (64, 256)),
-        dataclasses.replace(opts, matmul_activations=False),
-    ]
+#: Knob changes tried in order, each from the best placement so far.
+STEPS: tuple[dict, ...] = (
+    {"depthwise": False},
+    {"min_conv_macs": 64},
+    {"min_conv_macs": 256},
+    {"matmul_activations": False},
+    {"pools": False},
+    {"elementwise": False},
+)
+#: A change is kept when it makes the model at least this much faster (paired medians).
+MIN_GAIN = 0.02
 
 
 @dataclasses.dataclass
 class TuneReport:
-    chosen: int
-    options: list[dict]
-    median_ms: list[float]
+    """``tried``: each placement timed (its knobs, median ms, quantized nodes, kept or not)."""
+
     float_ms: float
-    quantized_nodes: list[int]
+    chosen: dict
+    tried: list[dict]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def tune(model: ir.Model, plan: QDQPlan, table, feed: dict, runs: int = 20) -> tuple[PlanOptions, TuneReport | None]:
-    """Options of the fastest placement of ``model`` (not changed), with the timings; without tuning
-    (model too big, nothing to choose between) the plan's own options and None."""
+    """Options of the fastest placement found for ``model`` (which is not changed), and the timings.
+
+    Greedy: start from the plan's options; try each change of ``STEPS`` on top of the best so far,
+    timed against it in interleaved rounds; keep it when at least ``MIN_GAIN`` faster. A change that
+    quantizes the same nodes as the best so far, or nothing at all, is not timed. Models over
+    ``MAX_TUNE_BYTES`` are not tuned (returns the plan's options and None).
+    """
     if model_io.initializer_bytes(model) > MAX_TUNE_BYTES:
         logger.info("QDQ tuning skipped: the model is larger than %d MiB", MAX_TUNE_BYTES // 2**20)
         return plan.options, None
-    cands, keys, counts = [], [], []
-    for opts in variants(plan.options):
-        final = plan_qdq(model, opts, table)
-        key = frozenset(id(n) for n in final.nodes)
-        if key in keys or not final.nodes:
+    best = plan.options
+    best_nodes = _nodes(model, best, table)
+    if not best_nodes:
+        return best, None
+    best_sess = _session(model, plan, best, table)
+    float_sess = runtime.make_session(model_io.to_bytes(model), threads=1)
+    f_ms, b_ms = _paired(float_sess, best_sess, feed, runs)
+    del float_sess
+    tried = [{**_knobs(best), "median_ms": round(b_ms, 4), "quantized_nodes": len(best_nodes), "kept": True}]
+    for step in STEPS:
+        cand = dataclasses.replace(best, **step)
+        nodes = _nodes(model, cand, table)
+        if not nodes or nodes == best_nodes:
             continue
-        keys.append(key)
-        cands.append(opts)
-        counts.append(len(final.nodes))
-    if len(cands) < 2:
-        return plan.options, None
-    blobs = [model_io.to_bytes(model)]
-    for opts in cands:
-        clone = model.clone()
-        QDQPass(plan=dataclasses.replace(plan, options=opts), table=table)(clone)
-        blobs.append(model_io.to_bytes(clone))
-    times = _interleaved([runtime.make_session(b, threads=1) for b in blobs], feed, runs)
-    medians = [float(np.median(t)) * 1e3 for t in times]
-    best = int(np.argmin(medians[1:]))
-    report = TuneReport(best, [_knobs(o) for o in cands], [round(m, 4) for m in medians[1:]],
-                        round(medians[0], 4), counts)
-    logger.info("QDQ tuning: float %.3f ms; variants %s ms; chosen %s", medians[0], report.median_ms,
-                report.options[best])
-    return cands[best], report
+        cand_sess = _session(model, plan, cand, table)
+        b_ms, c_ms = _paired(best_sess, cand_sess, feed, runs)
+        keep = c_ms < b_ms * (1 - MIN_GAIN)
+        tried.append({**_knobs(cand), "median_ms": round(c_ms, 4), "quantized_nodes": len(nodes), "kept": keep,
+                      "vs_best_ms": round(b_ms, 4)})
+        if keep:
+            best, best_nodes, best_sess = cand, nodes, cand_sess
+    report = TuneReport(round(f_ms, 4), _knobs(best), tried)
+    logger.info("QDQ tuning: float %.3f ms; chose %s; tried %s", f_ms, report.chosen, tried)
+    return best, report
+
+
+def _nodes(model: ir.Model, opts: PlanOptions, table) -> frozenset:
+    return frozenset(id(n) for n in plan_qdq(model, opts, table).nodes)
+
+
+def _session(model: ir.Model, plan: QDQPlan, opts: PlanOptions, table):
+    clone = model.clone()
+    QDQPass(plan=dataclasses.replace(plan, options=opts), table=table)(clone)
+    return runtime.make_session(model_io.to_bytes(clone), threads=1)
 
 
 def _knobs(opts: PlanOptions) -> dict:
-    return {"depthwise": opts.depthwise, "min_conv_macs": opts.min_conv_macs,
-            "matmul_activations": opts.matmul_activations}
+    return {k: getattr(opts, k) for k in ("depthwise", "min_conv_macs", "matmul_activations", "pools",
+                                          "elementwise")}
 
 
-def _interleaved(sessions, feed: dict, runs: int) -> list[list[float]]:
-    for s in sessions:
+def _paired(a, b, feed: dict, runs: int) -> tuple[float, float]:
+    """Median ms of sessions ``a`` and ``b``, run in alternating order after a short warm-up."""
+    for s in (a, b):
         for _ in range(3):
             s.run(None, feed)
-    times: list[list[float]] = [[] for _ in sessions]
-    order = list(range(len(sessions)))
+    times: tuple[list[float], list[float]] = ([], [])
     for i in range(runs):
-        for j in order if i % 2 == 0 else order[::-1]:
+        for j in (0, 1) if i % 2 == 0 else (1, 0):
             t = time.perf_counter()
-            sessions[j].run(None, feed)
+            (a, b)[j].run(None, feed)
             times[j].append(time.perf_counter() - t)
-    return times
+    return float(np.median(times[0])) * 1e3, float(np.median(times[1])) * 1e3

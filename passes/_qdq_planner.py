@@ -37,9 +37,9 @@ from onnxshrink.passes.qdq_rules import (
     QDQPlan,
     WeightSpec,
     clip_bounds,
-    conv_shape_reason,
     data_inputs,
     rule_for,
+    speed_knob_reason,
     weight_axis,
 )
 
@@ -82,7 +82,7 @@ def _candidates(graph, opts: PlanOptions, ranges, skipped: Skips) -> dict[ir.Nod
             continue
         reason = _excluded(node, opts) or rule.check(node)
         if reason is None:
-            reason = conv_shape_reason(node, opts)
+            reason = speed_knob_reason(node, opts)
         if reason is None and node.op_type == "ConvTranspose" and opts.conv_transpose == "float":
             reason = "ConvTranspose left float (conv_transpose='float')"
         if reason is None and rule.kind is Kind.BINARY:

@@ -220,10 +220,17 @@ def weight_axis(node: ir.Node, w: np.ndarray, per_channel: bool) -> int | None:
     return 1 if w.ndim == 2 else None  # MatMul: per column of a 2-D B
 
 
-def conv_shape_reason(node: ir.Node, options: PlanOptions) -> str | None:
-    """Why a Conv or MatMul stays float under the speed knobs of ``PlanOptions``, or None."""
+_ELEMENTWISE = ("Add", "Mul", "Div", "Sigmoid", "LeakyRelu")
+
+
+def speed_knob_reason(node: ir.Node, options: PlanOptions) -> str | None:
+    """Why a node stays float under the speed knobs of ``PlanOptions``, or None."""
     if node.op_type == "MatMul" and not options.matmul_activations and const_array(node.inputs[1]) is None:
         return "MatMul of two activations kept float (matmul_activations=False)"
+    if not options.pools and node.op_type in ("MaxPool", "AveragePool"):
+        return "pooling kept float (pools=False)"
+    if not options.elementwise and node.op_type in _ELEMENTWISE:
+        return "elementwise op kept float (elementwise=False)"
     if node.op_type != "Conv":
         return None
     w = const_array(node.inputs[1])
@@ -265,6 +272,8 @@ class PlanOptions:
     depthwise: bool = True  # quantize depthwise convs (ORT's x86 int8 depthwise kernels can be slower)
     min_conv_macs: int = 0  # convs with fewer MACs per output element (C_in/group * kernel) stay float
     matmul_activations: bool = True  # quantize MatMuls of two activations (attention scores, context)
+    pools: bool = True  # MaxPool / AveragePool on int8 (fast in ORT's NHWC conv chains, slow alone)
+    elementwise: bool = True  # Add, Mul, Div, Sigmoid, LeakyRelu on int8
 
     def __post_init__(self) -> None:
         if self.activations not in ("uint8", "int8"):

@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 
 import onnxshrink
 from models import digits, zoo
-from onnxshrink import cli, cli_quantize, model_io
+from onnxshrink import cli, cli_quantize, model_io, qdq_tune
 from onnxshrink.errors import ConfigError, DataError
 from onnxshrink.quantize import CALIB_METHODS, fusion_report
 from tests.qdq_helpers import cosine, dq_feeding, feeds_for, model, ort_run, weights
@@ -239,8 +239,11 @@ def test_tuning_times_placements_and_keeps_the_fastest(tmp_path):
     result = onnxshrink.quantize(digits.trained_path(name), digits.feeds(name, "calib", batch=32, limit=64),
                                  tmp_path / "q.onnx", cache_dir=False, tune_runs=5)
     t = result.tuning
-    assert t is not None and len(t.median_ms) >= 2 and len(t.options) == len(t.median_ms)
-    assert t.median_ms[t.chosen] == min(t.median_ms)
-    assert result.options.depthwise == t.options[t.chosen]["depthwise"]
+    assert t is not None and len(t.tried) >= 2 and t.tried[0]["kept"]
+    for row in t.tried[1:]:  # a change is kept exactly when it beat the best so far by MIN_GAIN
+        assert row["kept"] == (row["median_ms"] < row["vs_best_ms"] * (1 - qdq_tune.MIN_GAIN))
+    kept = [r for r in t.tried if r["kept"]][-1]
+    assert t.chosen == {k: kept[k] for k in t.chosen}
+    assert result.options.depthwise == t.chosen["depthwise"]
     assert result.to_dict()["tuning"]["chosen"] == t.chosen
     assert fusion_report(result.output)
