@@ -13,6 +13,7 @@ squares on MACs and output elements, dense and depthwise apart.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -103,7 +104,7 @@ def op_costs(runs: int) -> dict:
         for mode, pts in row.items():
             if len(pts) < 2:
                 continue
-            slopes = [(t2 - t1) / (n2 - n1) * 1e9 for (n1, t1), (n2, t2) in zip(pts, pts[1:])]
+            slopes = [(t2 - t1) / (n2 - n1) * 1e9 for (n1, t1), (n2, t2) in itertools.pairwise(pts)]
             out[name][mode] = round(float(np.mean(slopes)), 4)
     return out
 

@@ -25,9 +25,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models import digits  # noqa: E402
-from onnxshrink.quantize import quantize  # noqa: E402
-from onnxshrink.runtime import make_session  # noqa: E402
+from models import digits
+from onnxshrink.quantize import quantize
+from onnxshrink.runtime import make_session
 
 
 def _cpu_flags() -> set[str]:

@@ -22,9 +22,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models import digits, zoo  # noqa: E402
-from onnxshrink import bench, model_io  # noqa: E402
-from onnxshrink.quantize import quantize  # noqa: E402
+from models import digits, zoo
+from onnxshrink import bench, model_io
+from onnxshrink.quantize import quantize
 
 MODELS = ["digits:cnn", "digits:resnet", "digits:mobilenet", "digits:vit", "zoo:mobilenetv2", "zoo:transformer"]
 

@@ -93,8 +93,13 @@ def worker(job: dict) -> dict:
 
 
 def _ort_quantize(job: dict) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
-    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self, folder):
@@ -112,7 +117,7 @@ def _ort_quantize(job: dict) -> None:
 
 
 def run_worker(job: dict, timeout: int = 1800) -> dict:
-    res = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True,
+    res = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], check=False, capture_output=True,
                          text=True, timeout=timeout)
     if res.returncode != 0:
         tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["?"]
