@@ -7,7 +7,8 @@ model with the table (so tensors without a usable range stay float), then, per g
 1. removes the Relu/Clip nodes the plan folds (their bounds are already in the tensor's range);
 2. stores each weight as int8 + ``DequantizeLinear`` (per channel along the plan's axis), and each bias
    of a quantized Conv/Gemm as int32 with scale = input scale x weight scale (a weight channel's scale is
-   raised when its bias would overflow int32); Gemm's ``beta`` is folded into the bias;
+   raised when its bias would overflow int32); Gemm's ``alpha`` is folded into the weight and its
+   ``beta`` into the bias (QGemm fuses only alpha = beta = 1);
 3. stores the constant inputs of quantized Add/Mul per tensor in the activation type (a quantized
    ``Div`` by a constant becomes ``Mul`` by its reciprocal first);
 4. inserts one ``QuantizeLinear`` per planned activation, right after its producer, and one
@@ -137,6 +138,10 @@ class _Rewriter:
 
     def _weight(self, node: ir.Node, index: int, axis: int | None) -> None:
         w = const_array(node.inputs[index])
+        alpha = node.attributes["alpha"].as_float() if node.op_type == "Gemm" and "alpha" in node.attributes else 1.0
+        if alpha != 1.0:  # QGemm fuses only alpha == 1: scale the weight instead
+            w = (w * np.float32(alpha)).astype(np.float32)
+            node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
         wp = qm.weight_params(w, axis, self.opts.reduce_range)
         bias = self._bias_array(node) if node in self.quantized else None
         x_scale = self.params[node.inputs[0]].scale if bias is not None else None

@@ -179,10 +179,10 @@ def test_relu_with_a_second_reader_of_its_input_is_not_folded():
 
 
 @pytest.mark.parametrize("trans_b", [0, 1])
-def test_gemm_weight_axis_follows_transB_and_beta_is_folded(trans_b, tmp_path):
+def test_gemm_weight_axis_follows_transB_alpha_beta_folded(trans_b, tmp_path):
     w1 = weights(16, 12) if not trans_b else weights(12, 16)
     proto = model(f"""g (float[2,16] inp) => (float[2,5] out) {{
-        h = Gemm <transB={trans_b}, beta=0.5> (inp, W1, B1)
+        h = Gemm <transB={trans_b}, beta=0.5, alpha=2.0> (inp, W1, B1)
         r = Relu(h)
         out = Gemm (r, W2, B2)
     }}""", {"W1": w1, "B1": weights(12), "W2": weights(12, 5), "B2": weights(5)})
@@ -192,6 +192,7 @@ def test_gemm_weight_axis_follows_transB_and_beta_is_folded(trans_b, tmp_path):
     wdq = dq_feeding(gemm, 1)
     assert wdq.attributes["axis"].as_int() == (0 if trans_b else 1) and const(wdq.inputs[1]).shape == (12,)
     assert gemm.attributes["beta"].as_float() == 1.0 and const(dq_feeding(gemm, 2).inputs[0]).dtype == np.int32
+    assert gemm.attributes["alpha"].as_float() == 1.0  # folded into the weight, so that QGemm fuses
     assert not nodes(m, "Relu")
     last = nodes(m, "Gemm")[1]
     assert last.outputs[0].name == "out" and all(u.node.op_type != "QuantizeLinear" for u in last.outputs[0].uses())
