@@ -140,6 +140,7 @@ def _set_const(v: ir.Value, arr: np.ndarray) -> None:
             del prod.attributes[key]
         prod.attributes["value"] = ir.AttrTensor("value", tensor)
     v.const_value = tensor
+    v.dtype = tensor.dtype
     v.shape = ir.Shape(arr.shape)
 
 
