@@ -183,3 +183,35 @@ def test_cli_prune(tmp_path, capsys):
     a, b = model_io.load(out), model_io.load(tmp_path / "again.onnx")
     assert stats.parameter_count(a) == stats.parameter_count(b)
     assert main(["optimize", str(src), "--prune", "0.3", "--prune-criterion", "activation"]) == 2
+
+
+def test_constant_node_weights_and_opset11_split_attribute(ort_run):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((32, 3, 3, 3)).astype(np.float32)
+    w2 = rng.standard_normal((8, 16, 1, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("Constant", [], ["w1"], value=numpy_helper.from_array(w1)),
+        helper.make_node("Conv", ["x", "w1"], ["a"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("Split", ["r"], ["s0", "s1"], axis=1, split=[16, 16]),
+        helper.make_node("Mul", ["s0", "s1"], ["m"]),
+        helper.make_node("Conv", ["m", "w2"], ["y"], kernel_shape=[1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8, 8])], [numpy_helper.from_array(w2, "w2")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    proto.ir_version = 7
+    model = model_io.load(proto)
+    plan = plan_pruning(model, 0.5, round_to=4, min_width=4)
+    pair = next(g for g in plan.groups if g.status == "pruned")
+    assert pair.atoms == 16 and pair.channels_per_atom == 2  # Mul(s0, s1) ties channel c to 16 + c
+    PruneChannelsPass(plan=plan)(model)
+    assert checks.check_structure(model)
+    split = next(n for n in model.graph if n.op_type == "Split")
+    assert list(split.attributes["split"].value) == [8, 8]
+    assert const_array(next(n for n in model.graph if n.op_type == "Constant").outputs[0]).shape == (16, 3, 3, 3)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    assert ort_run(model, {"x": x})["y"].shape == (2, 8, 8, 8)
