@@ -207,7 +207,7 @@ def test_constant_node_weights_and_opset11_split_attribute(ort_run):
     model = model_io.load(proto)
     plan = plan_pruning(model, 0.5, round_to=4, min_width=4)
     pair = next(g for g in plan.groups if g.status == "pruned")
-    assert pair.atoms == 16 and pair.channels_per_atom == 2  # Mul(s0, s1) ties channel c to 16 + c
+    assert pair.atoms == 16 and len(pair.remove) == 8  # Mul(s0, s1) ties channel c to 16 + c
     PruneChannelsPass(plan=plan)(model)
     assert checks.check_structure(model)
     split = next(n for n in model.graph if n.op_type == "Split")
