@@ -36,7 +36,8 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-from onnxshrink.passes import _shape_info
+from onnxshrink.passes import _cast_chains, _shape_info
+from onnxshrink.passes import _value_facts as vf
 
 from onnxshrink.graph_utils import (
     NameGen,
@@ -59,71 +60,6 @@ _NEUTRAL = {"Add": (0.0, True), "Mul": (1.0, True), "Sub": (0.0, False), "Div": 
 
 
 # ---------------------------------------------------------------- small helpers
-
-
-def _ints(value: ir.Value | None) -> list[int] | None:
-    arr = const_array(value)
-    if arr is None or arr.dtype.kind not in "iu" or arr.ndim > 1:
-        return None
-    return [int(v) for v in arr.reshape(-1)]
-
-
-def _attr_ints(node: ir.Node, name: str) -> list[int] | None:
-    attr = node.attributes.get(name)
-    return None if attr is None else [int(v) for v in attr.as_ints()]
-
-
-def _axes(node: ir.Node) -> list[int] | None:
-    """The ``axes`` of a Squeeze/Unsqueeze/Slice: attribute (old opsets) or constant input 1."""
-    if "axes" in node.attributes:
-        return _attr_ints(node, "axes")
-    return _ints(node.inputs[1]) if len(node.inputs) > 1 else None
-
-
-def _dims(value: ir.Value | None) -> list | None:
-    return None if value is None or value.shape is None else list(value.shape)
-
-
-def _same_dim(a, b) -> bool:
-    if isinstance(a, int) or isinstance(b, int):
-        return a == b
-    return a is not None and b is not None and a.value is not None and a.value == b.value
-
-
-def _broadcast_keeps(x_dims: list | None, c_shape) -> bool:
-    """Whether broadcasting a tensor of shape ``c_shape`` onto ``x_dims`` leaves ``x_dims`` unchanged."""
-    if x_dims is None or len(c_shape) > len(x_dims):
-        return False
-    aligned = x_dims[len(x_dims) - len(c_shape):]
-    return all(c == 1 or _same_dim(x, c) for x, c in zip(aligned, c_shape))
-
-
-def _reshape_keeps(x_dims: list | None, target: list[int], allowzero: bool) -> bool:
-    if x_dims is None or len(target) != len(x_dims):
-        return False
-    free = [i for i, t in enumerate(target) if t == -1]
-    if len(free) > 1 or any(d == 0 for d in x_dims):
-        return False  # a -1 next to an empty dim is ambiguous
-    return all(
-        i in free or (t == 0 and not allowzero) or (isinstance(d, int) and d == t)
-        for i, (d, t) in enumerate(zip(x_dims, target))
-    )
-
-
-def _const_dtype(value: ir.Value, arr: np.ndarray) -> ir.DataType | None:
-    if value.dtype is not None:
-        return value.dtype
-    try:
-        return ir.DataType.from_numpy(arr.dtype)
-    except Exception:  # noqa: BLE001 - dtypes onnx has no name for
-        return None
-
-
-def _perm(node: ir.Node, rank: int | None) -> list[int] | None:
-    perm = _attr_ints(node, "perm")
-    if perm is None and rank is not None:
-        perm = list(reversed(range(rank)))
-    return perm
 
 
 def _producer(node: ir.Node, op_types) -> ir.Node | None:
@@ -154,7 +90,7 @@ class _Eliminator:
         self.container = None
         self.rules = {
             "Identity": (self._try_identity,), "Dropout": (self._try_dropout,),
-            "Cast": (self._try_cast,), "CastLike": (self._try_castlike,),
+            "Cast": (self._try_cast, self._try_cast_chain), "CastLike": (self._try_castlike,),
             "Reshape": (self._try_reshape, self._try_reshape_pair), "Flatten": (self._try_flatten,),
             "Transpose": (self._try_transpose, self._try_transpose_pair),
             "Expand": (self._try_expand,), "Pad": (self._try_pad,),
@@ -206,9 +142,30 @@ class _Eliminator:
 
     def _try_cast(self, node: ir.Node) -> bool:
         x, to = node.inputs[0], node.attributes.get_int("to")
-        if x is None or x.dtype is None or to is None or x.dtype != ir.DataType(to):
+        if x is None or to is None or vf.known_dtype(x) != ir.DataType(to):
             return False
         return self._bypass(node, x, "cast_removed")
+
+    def _try_cast_chain(self, node: ir.Node) -> bool:
+        p = _cast_chains.plan(node)
+        if p is None:
+            return False
+        if p.target != p.source:  # Cast(Cast(x, B), C) -> Cast(x, C)
+            node.replace_input_with(0, p.x)
+            if _unused(p.inner):
+                drop_node(p.inner)
+            self.stats.add("casts_merged")
+            return True
+        if not p.movers:
+            return self._bypass(node, p.x, "casts_merged", p.inner)
+        if not self._bypass(node, p.movers[-1].outputs[0], "casts_merged"):
+            return False
+        p.movers[0].replace_input_with(0, p.x)  # the movers now run on x's type
+        for mover in p.movers:
+            mover.outputs[0].dtype = p.source
+        if _unused(p.inner):
+            drop_node(p.inner)
+        return True
 
     def _try_castlike(self, node: ir.Node) -> bool:
         x, like = node.inputs[0], node.inputs[1]
@@ -217,14 +174,14 @@ class _Eliminator:
         return self._bypass(node, x, "cast_removed")
 
     def _try_reshape(self, node: ir.Node) -> bool:
-        target = _ints(node.inputs[1]) if len(node.inputs) > 1 else _attr_ints(node, "shape")
+        target = vf.ints(node.inputs[1]) if len(node.inputs) > 1 else vf.attr_ints(node, "shape")
         allowzero = bool(node.attributes.get_int("allowzero", 0))
-        if target is None or not _reshape_keeps(_dims(node.inputs[0]), target, allowzero):
+        if target is None or not vf.reshape_keeps(vf.dims(node.inputs[0]), target, allowzero):
             return False
         return self._bypass(node, node.inputs[0], "reshape_removed")
 
     def _try_flatten(self, node: ir.Node) -> bool:
-        dims = _dims(node.inputs[0])
+        dims = vf.dims(node.inputs[0])
         if dims is None or len(dims) != 2:
             return False
         axis = node.attributes.get_int("axis", 1)
@@ -234,23 +191,23 @@ class _Eliminator:
         return self._bypass(node, node.inputs[0], "reshape_removed")
 
     def _try_transpose(self, node: ir.Node) -> bool:
-        dims = _dims(node.inputs[0])
-        perm = _perm(node, None if dims is None else len(dims))
+        dims = vf.dims(node.inputs[0])
+        perm = vf.perm(node, None if dims is None else len(dims))
         if perm is None or perm != list(range(len(perm))):
             return False
         return self._bypass(node, node.inputs[0], "transpose_removed")
 
     def _try_expand(self, node: ir.Node) -> bool:
-        shape = _ints(node.inputs[1])
-        if shape is None or not _broadcast_keeps(_dims(node.inputs[0]), shape):
+        shape = vf.ints(node.inputs[1])
+        if shape is None or not vf.broadcast_keeps(vf.dims(node.inputs[0]), shape):
             return False
         return self._bypass(node, node.inputs[0], "expand_removed")
 
     def _try_pad(self, node: ir.Node) -> bool:
         if "pads" in node.attributes or "paddings" in node.attributes:
-            pads = _attr_ints(node, "pads" if "pads" in node.attributes else "paddings")
+            pads = vf.attr_ints(node, "pads" if "pads" in node.attributes else "paddings")
         else:
-            pads = _ints(node.inputs[1]) if len(node.inputs) > 1 else None
+            pads = vf.ints(node.inputs[1]) if len(node.inputs) > 1 else None
         if pads is None or any(pads):
             return False
         return self._bypass(node, node.inputs[0], "pad_removed")
@@ -261,12 +218,11 @@ class _Eliminator:
             c, x = node.inputs[ci], node.inputs[1 - ci]
             if x is None or scalar_value(c) != neutral:
                 continue
-            arr = const_array(c)
-            if x.dtype is None or x.shape is None:
-                self.stats.skip(node, "the other operand's dtype or shape is unknown")
-                continue
-            if x.dtype == _const_dtype(c, arr) and _broadcast_keeps(_dims(x), arr.shape):
+            reason = _neutral_blocker(x, c, const_array(c))
+            if reason is None:
                 return self._bypass(node, x, "neutral_removed")
+            if reason:
+                self.stats.skip(node, reason)
         return False
 
     def _try_squeeze_pair(self, node: ir.Node) -> bool:
@@ -274,11 +230,11 @@ class _Eliminator:
         first = _producer(node, (other,))
         if first is None:
             return False
-        a1, a2, x = _axes(first), _axes(node), first.inputs[0]
+        a1, a2, x = vf.axes(first), vf.axes(node), first.inputs[0]
         if not a1 or not a2:
             return False
         if min(a1 + a2) < 0:  # both axes lists index the rank of the unsqueezed tensor
-            dims = _dims(x)
+            dims = vf.dims(x)
             if dims is None:
                 return False
             rank = len(dims) + (len(a1) if other == "Unsqueeze" else 0)
@@ -292,8 +248,8 @@ class _Eliminator:
         if first is None:
             return False
         x = first.inputs[0]
-        rank = None if _dims(x) is None else len(_dims(x))
-        p1, p2 = _perm(first, rank), _perm(node, rank)
+        rank = None if vf.dims(x) is None else len(vf.dims(x))
+        p1, p2 = vf.perm(first, rank), vf.perm(node, rank)
         if p1 is None or p2 is None or len(p1) != len(p2):
             return False
         perm = [p1[j] for j in p2]
@@ -312,11 +268,11 @@ class _Eliminator:
         if first is None or len(node.inputs) < 2 or not _only_feeds(node.inputs[0], node):
             return False
         allowzero = bool(node.attributes.get_int("allowzero", 0))
-        target = _ints(node.inputs[1])
+        target = vf.ints(node.inputs[1])
         if not allowzero and (target is None or 0 in target):
             if target is None:
                 return False
-            mid = _dims(node.inputs[0])
+            mid = vf.dims(node.inputs[0])
             copied = [i for i, t in enumerate(target) if t == 0]
             if mid is None or any(i >= len(mid) or not isinstance(mid[i], int) for i in copied):
                 self.stats.skip(node, "the shape copies (0) a dim of the inner reshape that is not static")
@@ -329,12 +285,12 @@ class _Eliminator:
         return True
 
     def _try_slice(self, node: ir.Node) -> bool:
-        dims = _dims(node.inputs[0])
+        dims = vf.dims(node.inputs[0])
         if "starts" in node.attributes:
-            starts, ends = _attr_ints(node, "starts"), _attr_ints(node, "ends")
-            axes, steps = _attr_ints(node, "axes"), None
+            starts, ends = vf.attr_ints(node, "starts"), vf.attr_ints(node, "ends")
+            axes, steps = vf.attr_ints(node, "axes"), None
         else:
-            opt = [_ints(v) if v is not None else None for v in [*node.inputs[1:5], None, None][:4]]
+            opt = [vf.ints(v) if v is not None else None for v in [*node.inputs[1:5], None, None][:4]]
             starts, ends, axes, steps = opt
             if len(node.inputs) > 4 and node.inputs[4] is not None and steps is None:
                 return False
@@ -366,6 +322,30 @@ class _Eliminator:
         if len(node.outputs) != 1:
             return False
         return self._bypass(node, node.inputs[0], "split_removed")
+
+
+def _neutral_blocker(x: ir.Value, c: ir.Value, arr: np.ndarray) -> str | None:
+    """Why ``x op c`` (c a neutral constant) may differ from x: "" when it provably does, a reason when
+    it cannot be proven equal, None when it is x.
+
+    The dtypes agree in any valid model (Add/Sub/Mul/Div take one type T); a known x dtype that
+    differs is an invalid model, left alone. The shape is x's when c broadcasts into x's known shape,
+    or when c is all ones in shape and x's rank is proven at least c's (``_value_facts.min_rank``:
+    from shape inference or from producers, e.g. a Conv output has its weight's rank).
+    """
+    x_dtype, c_dtype = vf.known_dtype(x), vf.known_dtype(c)
+    if x_dtype is not None and c_dtype is not None and x_dtype != c_dtype:
+        return ""
+    if x.shape is not None:
+        return None if vf.broadcast_keeps(vf.dims(x), arr.shape) else ""
+    if any(d != 1 for d in arr.shape):
+        return "the other operand's shape is unknown and the constant is not of shape [1, ..., 1]"
+    rank = vf.min_rank(x)
+    if arr.ndim == 0 or (rank is not None and rank >= arr.ndim):
+        return None
+    if rank is None:
+        return f"the other operand's rank is unknown (the constant has rank {arr.ndim})"
+    return ""
 
 
 def _unused_value(value: ir.Value) -> bool:
