@@ -110,14 +110,17 @@ def add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="show a model's interface, ops, parameters, MACs and size")
     p.add_argument("model", help="input .onnx")
     p.add_argument("--json", dest="json_out", help="also write the summary as JSON to this file")
+    p.add_argument("--shape", action="append", default=[], metavar="DIM=SIZE",
+                   help="value of a symbolic dim for the MACs estimate, by name (batch=1) or "
+                   "input:axis (x:2=48); unknown dims count as 1")
     p.set_defaults(func=run_inspect)
 
 
 def run_inspect(args) -> int:
-    from onnxshrink import model_io, report, stats
+    from onnxshrink import model_io, report, runtime, stats
 
     model = model_io.load(args.model)
-    summary = stats.summarize(model, args.model)
+    summary = stats.summarize(model, args.model, dims=runtime.parse_dims(args.shape))
     sig = stats.io_signature(model)
     info = {
         "ir_version": model.ir_version,

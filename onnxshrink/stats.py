@@ -36,28 +36,60 @@ def parameter_count(model: ir.Model) -> int:
 
 
 def inferred_shapes(model: ir.Model, dims: dict[str, int] | None = None) -> dict[str, tuple]:
-    """Value name -> concrete shape after onnx shape inference (symbolic dims count as ``dims`` or 1)."""
+    """Value name -> concrete shape after onnx shape inference, subgraphs included.
+
+    Symbolic or unknown input dims take values from ``dims`` (by dim name, or ``input:axis``) before
+    inference; dims still unknown afterwards count as 1.
+    """
     dims = dims or {}
     try:
         with checks.lifted_proto(model) as proto:
+            _pin_input_dims(proto.graph, model, dims)
             inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception as e:  # noqa: BLE001
         logger.info("shape inference failed, MACs estimate incomplete: %s", e)
         return {}
     shapes: dict[str, tuple] = {}
-    g = inferred.graph
-    for vi in [*g.input, *g.output, *g.value_info]:
+    _collect_shapes(inferred.graph, dims, shapes)
+    for graph in model.graphs():
+        for init in graph.initializers.values():
+            if init.const_value is not None:
+                shapes[init.name] = tuple(init.const_value.shape.numpy())
+    return shapes
+
+
+def _pin_input_dims(graph: onnx.GraphProto, model: ir.Model, dims: dict[str, int]) -> None:
+    if not dims:
+        return
+    inits = set(model.graph.initializers)
+    for vi in graph.input:
+        if vi.name in inits or not vi.type.tensor_type.HasField("shape"):
+            continue
+        for i, d in enumerate(vi.type.tensor_type.shape.dim):
+            value = dims.get(d.dim_param) if d.dim_param else None
+            value = dims.get(f"{vi.name}:{i}", value)
+            if value is not None:
+                d.dim_value = int(value)
+
+
+def _collect_shapes(graph: onnx.GraphProto, dims: dict[str, int], shapes: dict[str, tuple]) -> None:
+    for vi in [*graph.input, *graph.output, *graph.value_info]:
         t = vi.type.tensor_type
         if not t.HasField("shape"):
             continue
         shapes[vi.name] = tuple(
-            d.dim_value if d.HasField("dim_value") else int(dims.get(d.dim_param, 1))
+            d.dim_value
+            if d.HasField("dim_value") and d.dim_value >= 0  # Paddle exports write -1 for dynamic
+            else int(dims.get(d.dim_param, 1))
             for d in t.shape.dim
         )
-    for init in model.graph.initializers.values():
-        if init.const_value is not None:
-            shapes[init.name] = tuple(init.const_value.shape.numpy())
-    return shapes
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _collect_shapes(attr.g, dims, shapes)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    _collect_shapes(sub, dims, shapes)
 
 
 def _prod(shape) -> int:
@@ -94,11 +126,13 @@ def _attr_int(node: ir.Node, name: str, default: int = 0) -> int:
 
 
 def macs(model: ir.Model, dims: dict[str, int] | None = None) -> int:
+    """Estimated multiply-accumulates of one run (Conv, ConvTranspose, MatMul, Gemm and their
+    quantized forms); dims not fixed by the model or ``dims`` count as 1."""
     shapes = inferred_shapes(model, dims)
     return sum(node_macs(n, shapes) for n in model.graph.all_nodes())
 
 
-def summarize(model: ir.Model, path=None, *, with_macs: bool = True) -> dict:
+def summarize(model: ir.Model, path=None, *, with_macs: bool = True, dims=None) -> dict:
     """A dict summary used by the before/after table and ``inspect``."""
     hist = op_histogram(model)
     out = {
@@ -109,7 +143,7 @@ def summarize(model: ir.Model, path=None, *, with_macs: bool = True) -> dict:
         "functions": len(model.functions),
     }
     if with_macs:
-        out["macs"] = macs(model)
+        out["macs"] = macs(model, dims)
     if path is not None:
         out["file_bytes"] = model_io.file_size(path)
     return out
