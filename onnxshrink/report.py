@@ -66,7 +66,7 @@ def before_after_table(before: dict, after: dict) -> str:
     for key, label in (
         ("nodes", "nodes"),
         ("parameters", "parameters"),
-        ("initializer_bytes", "initializer bytes"),
+        ("initializer_bytes", "weight bytes"),
         ("file_bytes", "file bytes"),
         ("macs", "MACs"),
     ):

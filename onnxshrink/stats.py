@@ -30,9 +30,26 @@ def op_histogram(model: ir.Model) -> Counter:
     return hist
 
 
+def _constant_node_tensors(model: ir.Model):
+    """Tensors held by Constant nodes (some exporters store every weight that way)."""
+    for node in model.graph.all_nodes():
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and "value" in node.attributes:
+            yield node.attributes["value"].as_tensor()
+
+
+def _weight_tensors(model: ir.Model):
+    yield from model_io.iter_initializer_tensors(model)
+    yield from _constant_node_tensors(model)
+
+
 def parameter_count(model: ir.Model) -> int:
-    """Elements of every initializer (weights, biases, quantized weights alike), constants excluded."""
-    return sum(int(np.prod(t.shape.numpy())) for t in model_io.iter_initializer_tensors(model))
+    """Elements of every weight: initializers and Constant-node tensors (quantized weights too)."""
+    return sum(int(np.prod(t.shape.numpy())) for t in _weight_tensors(model))
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of every initializer and Constant-node tensor."""
+    return sum(t.nbytes for t in _weight_tensors(model))
 
 
 def inferred_shapes(model: ir.Model, dims: dict[str, int] | None = None) -> dict[str, tuple]:
@@ -139,7 +156,7 @@ def summarize(model: ir.Model, path=None, *, with_macs: bool = True, dims=None) 
         "nodes": sum(hist.values()),
         "ops": dict(sorted(hist.items())),
         "parameters": parameter_count(model),
-        "initializer_bytes": model_io.initializer_bytes(model),
+        "initializer_bytes": weight_bytes(model),
         "functions": len(model.functions),
     }
     if with_macs:

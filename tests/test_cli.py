@@ -24,7 +24,7 @@ def test_optimize_bundled_model_prints_summary_and_writes_json(tmp_path, capsys)
     report = tmp_path / "r.json"
     code, stdout, _ = run(capsys, "optimize", "-o", str(out), "--report", str(report))
     assert code == 0
-    for field in ("nodes", "parameters", "initializer bytes", "file bytes", "MACs", "pass", "ms"):
+    for field in ("nodes", "parameters", "weight bytes", "file bytes", "MACs", "pass", "ms"):
         assert field in stdout
     onnx.checker.check_model(onnx.load(out))
     data = json.loads(report.read_text())
