@@ -19,11 +19,12 @@ by position).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
+import weakref
 from collections import defaultdict
 
 import onnx_ir as ir
+from onnxshrink.passes import _tensor_bytes as tb
 from onnxshrink.passes._fold_guards import is_non_deterministic
 
 from onnxshrink.graph_utils import DEFAULT_DOMAINS, drop_node
@@ -31,7 +32,6 @@ from onnxshrink.pass_infra import Changes, PassStats, ShrinkPass, iter_graphs
 
 logger = logging.getLogger(__name__)
 
-_CHUNK = 16 << 20
 _SUBGRAPH_ATTRS = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
 
 
@@ -117,50 +117,6 @@ class DeadCodePass(ShrinkPass):
 # ---------------------------------------------------------------- dedup_initializers
 
 
-def _tensor_chunks(tensor):
-    """The tensor's bytes as stored, in chunks: external data is streamed from its file."""
-    if isinstance(tensor, ir.ExternalTensor):
-        remaining = tensor.length if tensor.length is not None else tensor.nbytes
-        with open(tensor.path, "rb") as f:
-            f.seek(tensor.offset or 0)
-            while remaining > 0:
-                chunk = f.read(min(_CHUNK, remaining))
-                if not chunk:
-                    raise OSError(f"{tensor.path}: ends early while reading tensor {tensor.name!r}")
-                remaining -= len(chunk)
-                yield chunk
-    elif tensor.dtype == ir.DataType.STRING:
-        for s in tensor.string_data():
-            yield len(s).to_bytes(8, "little")
-            yield s
-    else:
-        yield tensor.tobytes()
-
-
-def _digest(tensor) -> bytes:
-    h = hashlib.blake2b(digest_size=20)
-    for chunk in _tensor_chunks(tensor):
-        h.update(chunk)
-    return h.digest()
-
-
-def _same_bytes(a, b) -> bool:
-    """Byte-exact comparison of two tensors, chunk by chunk (never both loaded whole)."""
-    buf_a, buf_b = bytearray(), bytearray()
-    it_a, it_b = _tensor_chunks(a), _tensor_chunks(b)
-    while True:
-        while len(buf_a) < _CHUNK and (chunk := next(it_a, None)) is not None:
-            buf_a += chunk
-        while len(buf_b) < _CHUNK and (chunk := next(it_b, None)) is not None:
-            buf_b += chunk
-        n = min(len(buf_a), len(buf_b))
-        if buf_a[:n] != buf_b[:n]:
-            return False
-        del buf_a[:n], buf_b[:n]
-        if n == 0:
-            return not buf_a and not buf_b
-
-
 def _scoped_graphs(model: ir.Model):
     """(graph, parent graph or None) for the main graph, its subgraphs and subgraphs in functions,
     parents before children. Function bodies see no outer scope."""
@@ -185,15 +141,23 @@ class DedupInitializersPass(ShrinkPass):
     """Merge initializers with the same dtype, shape and bytes into the first one.
 
     Candidates are grouped by (dtype, shape, byte size) from metadata first, so a tensor with no
-    same-sized twin is never read; twins are hashed (external data streamed from disk, never loaded
-    whole) and equal hashes are confirmed byte by byte. A subgraph initializer may merge into an
-    identical one of an enclosing graph (outer values are visible inside), never the reverse.
-    Never merged: initializers that are graph inputs (they can be overridden at run time) or graph
-    outputs (names of the interface).
+    same-sized twin is never read; twins are split by a sample (the whole bytes of a tensor up to
+    64 KiB, which settles it; else 4 KiB from its start, middle and end), and only tensors whose
+    samples collide are hashed (external data streamed from disk, never loaded whole) and, on equal
+    hashes, compared byte by byte. Samples and hashes are cached per tensor object for the life of
+    the pass instance, so a fixed-point loop reads each tensor at most once. A subgraph initializer
+    may merge into an identical one of an enclosing graph (outer values are visible inside), never
+    the reverse. Never merged: initializers that are graph inputs (they can be overridden at run
+    time) or graph outputs (names of the interface).
     """
 
     name = "dedup_initializers"
     changes = Changes.TOPOLOGY | Changes.WEIGHTS
+
+    def __init__(self, config=None, **options) -> None:
+        super().__init__(config, **options)
+        self._samples: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._digests: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def apply(self, model: ir.Model, stats: PassStats) -> None:
         parents: dict = {}
@@ -206,23 +170,40 @@ class DedupInitializersPass(ShrinkPass):
                     continue
                 groups[(t.dtype, tuple(t.shape), t.nbytes)].append((graph, value))
         for members in groups.values():
-            if len(members) > 1:
-                self._merge_group(members, parents, stats)
+            if len(members) < 2:
+                continue
+            by_sample: dict[bytes | None, list] = defaultdict(list)
+            for member in members:
+                by_sample[self._cached(self._samples, member[1].const_value, tb.sample)].append(member)
+            for fingerprint, twins in by_sample.items():
+                if len(twins) > 1:
+                    whole = fingerprint is not None and members[0][1].const_value.nbytes <= tb.SMALL_BYTES
+                    self._merge_group(twins, parents, stats, whole)
 
-    def _merge_group(self, members: list, parents: dict, stats: PassStats) -> None:
+    def _cached(self, cache: weakref.WeakKeyDictionary, tensor, compute):
+        try:
+            return cache[tensor]
+        except KeyError:
+            result = cache[tensor] = compute(tensor)
+            return result
+        except TypeError:  # a tensor type that takes no weak references
+            return compute(tensor)
+
+    def _merge_group(self, members: list, parents: dict, stats: PassStats, whole: bool) -> None:
+        """Merge members with equal bytes; ``whole``: their samples were their whole bytes (equal)."""
         kept: dict[bytes, list] = defaultdict(list)
         for graph, value in members:
-            digest = _digest(value.const_value)
+            key = b"" if whole else self._cached(self._digests, value.const_value, tb.digest)
             keeper = next(
                 (
                     k
-                    for g, k in kept[digest]
-                    if _encloses(g, graph, parents) and _same_bytes(k.const_value, value.const_value)
+                    for g, k in kept[key]
+                    if _encloses(g, graph, parents) and (whole or tb.same_bytes(k.const_value, value.const_value))
                 ),
                 None,
             )
             if keeper is None:
-                kept[digest].append((graph, value))
+                kept[key].append((graph, value))
                 continue
             value.replace_all_uses_with(keeper)
             graph.initializers.pop(value.name)
@@ -269,7 +250,7 @@ def _tensor_key(tensor) -> tuple:
     data = tensor.tobytes() if tensor.dtype != ir.DataType.STRING else None
     if data is not None and len(data) <= _INLINE_TENSOR_BYTES:
         return (tensor.dtype, tuple(tensor.shape), data)
-    return (tensor.dtype, tuple(tensor.shape), "digest", _digest(tensor))
+    return (tensor.dtype, tuple(tensor.shape), "digest", tb.digest(tensor))
 
 
 def _tensor_attrs(node: ir.Node) -> list:
@@ -335,7 +316,7 @@ class CsePass(ShrinkPass):
                 seen[key] = node
             elif is_non_deterministic(node):
                 stats.skip(node, "non-deterministic op: identical nodes draw different values")
-            elif not all(_same_bytes(a, b) for a, b in zip(_tensor_attrs(first), _tensor_attrs(node))):
+            elif not all(tb.same_bytes(a, b) for a, b in zip(_tensor_attrs(first), _tensor_attrs(node))):
                 continue  # a digest collision; never seen, but never trusted either
             else:
                 reason = _merge(first, node)

@@ -92,6 +92,33 @@ def test_dedup_streams_external_data(tmp_path):
     assert set(model.graph.initializers) == {"w1", "w3"}
 
 
+def test_dedup_hashes_only_sample_collisions_once_per_tensor(tmp_path, monkeypatch):
+    from onnxshrink.passes import _tensor_bytes
+
+    hashed = []
+    real_digest = _tensor_bytes.digest
+    monkeypatch.setattr(_tensor_bytes, "digest", lambda t: hashed.append(t.name) or real_digest(t))
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal((128, 256)).astype(np.float32)  # 128 KiB: sampled, not compared whole
+    twin = big.copy()
+    twin[40, 7] += 1  # same start, middle and end: only a hash tells them apart
+    other = rng.standard_normal((128, 256)).astype(np.float32)  # differs in its sample: never hashed
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 128])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 256])
+    inits = [numpy_helper.from_array(a, n) for a, n in ((big, "w1"), (twin, "w2"), (other, "w3"))]
+    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"m{i}"]) for i in (1, 2, 3)]
+    nodes += [helper.make_node("Sum", ["m1", "m2", "m3"], ["y"])]
+    proto = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, str(path), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    model = model_io.load(path)
+    dedup = make_pass("dedup_initializers")
+    for _ in range(3):  # as in a fixed-point loop: the same pass instance, the same tensors
+        assert not dedup(model).modified
+    assert sorted(hashed) == ["w1", "w2"]
+
+
 # ---------------------------------------------------------------- cse
 
 
