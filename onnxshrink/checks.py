@@ -86,21 +86,27 @@ def _topo_graph(graph, outer: set, errors: list[str]) -> None:
             errors.append(f"graph output {v.name!r} is not produced by any node")
 
 
-def checker_error(model: ir.Model) -> str | None:
-    """The onnx checker's complaint about ``model``, or None."""
+def _serialized(model: ir.Model | bytes) -> bytes:
+    if isinstance(model, bytes):
+        return model
+    with lifted_proto(model) as proto:
+        return proto.SerializeToString()
+
+
+def checker_error(model: ir.Model | bytes) -> str | None:
+    """The onnx checker's complaint about ``model`` (or its serialized lifted proto), or None."""
     try:
-        with lifted_proto(model) as proto:
-            onnx.checker.check_model(proto, full_check=False)
+        onnx.checker.check_model(_serialized(model), full_check=False)
     except Exception as e:  # noqa: BLE001 - checker raises several types
         return f"onnx.checker: {e}"
     return None
 
 
-def shape_inference_error(model: ir.Model) -> str | None:
-    """What strict onnx shape inference says is wrong with ``model``, or None."""
+def shape_inference_error(model: ir.Model | bytes) -> str | None:
+    """What strict onnx shape inference says is wrong with ``model`` (or its serialized lifted proto),
+    or None."""
     try:
-        with lifted_proto(model) as proto:
-            onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+        onnx.shape_inference.infer_shapes(_serialized(model), check_type=True, strict_mode=True, data_prop=True)
     except Exception as e:  # noqa: BLE001
         return f"strict shape inference: {e}"
     return None
@@ -122,8 +128,9 @@ class StructureReport:
 
 def check_structure(model: ir.Model, *, checker: bool = True, shapes: bool = True) -> StructureReport:
     """Run the three structural checks and collect what each says."""
+    data = _serialized(model) if checker or shapes else b""  # serialized once for both
     return StructureReport(
         topo=topo_errors(model),
-        checker=checker_error(model) if checker else None,
-        shapes=shape_inference_error(model) if shapes else None,
+        checker=checker_error(data) if checker else None,
+        shapes=shape_inference_error(data) if shapes else None,
     )

@@ -12,8 +12,7 @@ Two unknown dims are the same when they are the same axis of the same ``ir.Value
 variable names one size throughout the model, and onnx shape inference gives two dims one name only
 when it proved them equal (fresh ``unk__`` names otherwise).
 
-``infer_missing_shapes`` fills the shapes these rules need from onnx shape inference, and says what it
-filled so that the pass can put the model's ``value_info`` back as it was.
+``shape_inputs`` lists the values whose shapes these rules read, for ``_shape_info.fill_missing``.
 """
 
 from __future__ import annotations
@@ -24,10 +23,8 @@ import math
 from collections.abc import Callable
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
-from onnxshrink import checks
 from onnxshrink.graph_utils import const_array, is_default_domain
 
 logger = logging.getLogger(__name__)
@@ -264,38 +261,12 @@ def reshape_target(node: ir.Node, lookup: Lookup, trust_dim_params: bool = True)
     return np.array(target, dtype=np.int64)
 
 
-def needs_inference(model: ir.Model) -> bool:
-    """Whether a Shape/Size/Reshape input of the main graph (or its subgraphs) has no shape."""
-    for node in model.graph.all_nodes():
-        if node.op_type not in ("Shape", "Size", "Reshape") or not is_default_domain(node) or not node.inputs:
-            continue
-        if node.inputs[0] is not None and node.inputs[0].shape is None:
-            return True
-    return False
-
-
-def infer_missing_shapes(model: ir.Model) -> list[tuple[ir.Value, ir.Shape | None, object]]:
-    """Fill in missing value shapes and dtypes from onnx shape inference.
-
-    The inferred proto is matched to the IR graph by graph position and value name (names are unique
-    in a graph); a failure of shape inference is logged and leaves the model as it was. Returns
-    ``(value, old shape, old type)`` for every value it filled, so the caller can put them back.
-    """
-    try:
-        with checks.lifted_proto(model) as proto:
-            inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    except Exception as e:  # noqa: BLE001 - onnx raises several types
-        logger.info("shape inference failed, folding without it: %s", e)
-        return []
-    filled = []
-    for graph, other in zip(model.graphs(), ir.serde.deserialize_model(inferred).graphs()):
-        known = {v.name: v for n in other for v in n.outputs if v.name}
-        for node in graph:
-            for v in node.outputs:
-                twin = known.get(v.name)
-                if twin is None or (v.shape is not None and v.type is not None):
-                    continue
-                filled.append((v, v.shape, v.type))
-                v.shape = v.shape if v.shape is not None else twin.shape
-                v.type = v.type if v.type is not None else twin.type
-    return filled
+def shape_inputs(model: ir.Model) -> list[ir.Value]:
+    """The data inputs of the Shape/Size/Reshape nodes of the main graph and its subgraphs: the values
+    whose shapes the rules read."""
+    return [
+        node.inputs[0]
+        for node in model.graph.all_nodes()
+        if node.op_type in ("Shape", "Size", "Reshape") and is_default_domain(node) and node.inputs
+        and node.inputs[0] is not None
+    ]

@@ -12,7 +12,8 @@ nodes after it in the same run):
    ``Reshape`` whose shape copies dims of its own input (taken from its Shape, or with
    ``trust_dim_params`` a dim of the same ``dim_param`` name at the same position) gets a constant
    shape with 0 for them (``reshape_shapes_folded``). Missing shapes are first inferred with onnx
-   shape inference.
+   shape inference (kept as value_info, see ``_shape_info``); when shape folding made new shapes
+   inferable, the pass infers again and sweeps the graph again (at most ``_MAX_ROUNDS`` times).
 3. ``If`` with a constant condition is replaced by the taken branch (``if_inlined``).
 Refused, with the reason in ``stats.skip``: non-deterministic ops, non-default domains, nodes with
 subgraphs, Q/DQ nodes (``keep_ops``: folding them would undo quantization), outputs over
@@ -32,6 +33,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from onnxshrink.passes import _const_eval as const_eval
+from onnxshrink.passes import _shape_info
 from onnxshrink.passes import _shape_values as shape_values
 from onnxshrink.passes._fold_guards import defined_names, inline_if_refusal, predicted_bytes, refusal
 
@@ -40,6 +42,9 @@ from onnxshrink.graph_utils import NameGen, const_array, drop_node, is_default_d
 from onnxshrink.pass_infra import Changes, PassStats, ShrinkPass
 
 logger = logging.getLogger(__name__)
+
+#: Sweeps of the main graph per run: another one only after shape folding made new shapes inferable.
+_MAX_ROUNDS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,12 +77,19 @@ class FoldConstantsPass(ShrinkPass):
 
     def apply(self, model: ir.Model, stats: PassStats) -> None:
         folder = _Folder(model, self.config, stats)
-        folder.fold_graph(model.graph, model.opset_imports)
+        for _ in range(_MAX_ROUNDS):
+            _shape_info.fill_missing(model, shape_values.shape_inputs(model))
+            shape_folds = stats.counts["reshape_shapes_folded"] + stats.counts["shape_ops_folded"]
+            folder.fold_graph(model.graph, model.opset_imports)
+            # A folded Reshape shape can make the shapes after it known, and with them more shape
+            # computations static: infer again (only when something is stale) and sweep again.
+            if stats.counts["reshape_shapes_folded"] + stats.counts["shape_ops_folded"] == shape_folds:
+                break
+            if not _shape_info.any_stale(model):
+                break
         for function in model.functions.values():
             folder.fold_graph(function, {**model.opset_imports, **function.opset_imports})
         stats.notes["evaluations"] = folder.evaluator.count
-        for value, shape, type_ in folder.inferred:  # inferred for folding only: leave no value_info
-            value.shape, value.type = shape, type_
 
 
 class _Folder:
@@ -88,9 +100,6 @@ class _Folder:
         self.created: set[ir.Value] = set()  # constants this run made, dropped again once unused
         self._names: NameGen | None = None
         self._all_names: collections.Counter | None = None
-        self.inferred = (
-            shape_values.infer_missing_shapes(model) if shape_values.needs_inference(model) else []
-        )
 
     def fold_graph(self, graph, opsets: dict[str, int]) -> None:
         for node in list(graph):
