@@ -67,6 +67,7 @@ class NameGen:
 
     def __init__(self, model_or_graph) -> None:
         self.taken: set[str] = set()
+        self._next: dict[str, int] = {}
         graphs = model_or_graph.graphs() if isinstance(model_or_graph, ir.Model) else [model_or_graph]
         for g in graphs:
             for v in itertools.chain(g.inputs, g.outputs, g.initializers.values()):
@@ -80,10 +81,13 @@ class NameGen:
                     self.taken.add(node.name)
 
     def __call__(self, hint: str) -> str:
-        name, i = hint, 0
+        # Probing resumes where it stopped for this hint: many names from one hint stay linear.
+        i = self._next.get(hint, 0)
+        name = hint if i == 0 else f"{hint}_{i}"
         while name in self.taken:
             i += 1
             name = f"{hint}_{i}"
+        self._next[hint] = i + 1
         self.taken.add(name)
         return name
 

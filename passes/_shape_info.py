@@ -50,13 +50,14 @@ def stale(value: ir.Value | None) -> bool:
     return lacks_info(value) and value.meta.get(_TRIED) != _state(value)
 
 
-def any_stale(model: ir.Model) -> bool:
+def any_stale(model: ir.Model, graphs: list | None = None) -> bool:
     """Whether a value of the main graph or its subgraphs is ``stale``."""
-    return any(stale(v) for graph in model.graphs() for node in graph for v in node.outputs)
+    graphs = list(model.graphs()) if graphs is None else graphs
+    return any(stale(v) for graph in graphs for node in graph for v in node.outputs)
 
 
-def _mark_tried(model: ir.Model) -> None:
-    for graph in model.graphs():
+def _mark_tried(graphs: list) -> None:
+    for graph in graphs:
         for node in graph:
             for value in node.outputs:
                 if lacks_info(value):
@@ -70,8 +71,9 @@ def fill_missing(model: ir.Model, wanted: Iterable[ir.Value | None] = ()) -> int
     Returns how many values gained information. Inference failures are logged and ignored: the rules
     that need the information then simply do not fire.
     """
-    main_graphs = set(model.graphs())
-    if not any(lacks_info(v) and v.graph in main_graphs for v in wanted) or not any_stale(model):
+    graphs = list(model.graphs())
+    main_graphs = set(graphs)
+    if not any(lacks_info(v) and v.graph in main_graphs for v in wanted) or not any_stale(model, graphs):
         return 0
     try:
         with lifted_proto(model) as proto:
@@ -80,9 +82,9 @@ def fill_missing(model: ir.Model, wanted: Iterable[ir.Value | None] = ()) -> int
         filled = _fill_graph(model.graph, inferred.graph)
     except Exception as e:  # noqa: BLE001 - onnx raises several types
         logger.info("shape inference failed, rules needing shapes may not fire: %s", e)
-        _mark_tried(model)
+        _mark_tried(graphs)
         return 0
-    _mark_tried(model)
+    _mark_tried(graphs)
     logger.debug("shape inference filled %d values", filled)
     return filled
 
@@ -98,7 +100,7 @@ def _fill_graph(graph: ir.Graph, proto: onnx.GraphProto) -> int:
         if node.op_type != node_proto.op_type or len(node_proto.output) != len(node.outputs):
             break
         for value in node.outputs:
-            type_proto = infos.get(value.name) if value.name else None
+            type_proto = infos.get(value.name) if value.name and not _complete(value) else None
             if type_proto is not None:
                 filled += _merge(value, type_proto)
         for attr in node_proto.attribute:
@@ -112,26 +114,40 @@ def _fill_graph(graph: ir.Graph, proto: onnx.GraphProto) -> int:
     return filled
 
 
+def _complete(value: ir.Value) -> bool:
+    """Whether ``value`` has its type and a fully static shape: inference cannot add anything."""
+    return value.type is not None and value.shape is not None and value.shape.is_static()
+
+
 def _merge(value: ir.Value, type_proto: onnx.TypeProto) -> int:
     if value.is_graph_output():
         return 0
     changed = 0
     if value.type is None:
-        source_type = ir.serde.deserialize_type_proto_for_type(type_proto)
+        if type_proto.WhichOneof("value") == "tensor_type":
+            elem = type_proto.tensor_type.elem_type
+            source_type = ir.TensorType(ir.DataType(elem)) if elem else None
+        else:  # a sequence stays a sequence, an optional an optional
+            source_type = ir.serde.deserialize_type_proto_for_type(type_proto)
         if source_type is not None and getattr(source_type, "dtype", None) != ir.DataType.UNDEFINED:
-            value.type = source_type  # a sequence stays a sequence
+            value.type = source_type
             changed = 1
-    new = ir.serde.deserialize_type_proto_for_shape(type_proto)
+    new = _proto_dims(type_proto)
     if new is None:
         return changed
     old = value.shape
     if old is None:
-        value.shape = ir.Shape(list(new))
+        value.shape = ir.Shape(new)
         return 1
-    if len(old) != len(new):
+    if len(old) != len(new) or not any(isinstance(n, int) and not isinstance(o, int) for o, n in zip(old, new)):
         return changed
-    merged = [o if isinstance(o, int) or not isinstance(n, int) else n for o, n in zip(old, new)]
-    if merged != list(old):
-        value.shape = ir.Shape(merged)
-        changed = 1
-    return changed
+    value.shape = ir.Shape([o if isinstance(o, int) or not isinstance(n, int) else n for o, n in zip(old, new)])
+    return 1
+
+
+def _proto_dims(type_proto: onnx.TypeProto) -> list | None:
+    """The dims of a tensor type (ints, dim_param names, None), read straight from the proto."""
+    if type_proto.WhichOneof("value") != "tensor_type" or not type_proto.tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in type_proto.tensor_type.shape.dim]
