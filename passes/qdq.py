@@ -22,6 +22,7 @@ checked finite and > 0 before it is written (``PassFailure`` otherwise).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from typing import Any
@@ -78,9 +79,12 @@ class QDQPass(ShrinkPass):
             _Rewriter(gp, plan, names, stats).run()
         stats.notes["plan"] = plan.summary()
         if not plan.nodes:
+            reasons = collections.Counter(why.split(" (")[0] for _, why in plan.skipped).most_common(3)
             logger.warning(
-                "QDQ: nothing was quantized (%d nodes kept float); see the skipped reasons",
-                len(plan.skipped),
+                "QDQ: nothing was quantized: %d nodes kept float (%s)%s", len(plan.skipped),
+                "; ".join(f"{n}x {why}" for why, n in reasons) or "no quantizable op",
+                " -- the network sits in subgraphs whose tensors calibration did not observe"
+                if any("subgraph" in why for _, why in plan.skipped) else "",
             )
 
 

@@ -129,6 +129,8 @@ CASES = {
                "com.microsoft.QLinearConcat"),
     "MaxPool": (_conv_net("m = MaxPool <kernel_shape=[2,2], strides=[2,2]> (x)", 8,
                           out_shape="float[1,6,4,4]"), "MaxPool"),
+    "GlobalAveragePool": (_conv_net("m = GlobalAveragePool(x)", 8, out_shape="float[1,6,1,1]"),
+                          "com.microsoft.QLinearGlobalAveragePool"),
 }
 
 

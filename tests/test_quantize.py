@@ -122,6 +122,19 @@ def test_if_bodies_are_quantized(tmp_path):
         assert cosine(ort_run(proto, feed)[0], ort_run(result.output, feed)[0]) > 0.995
 
 
+def test_loop_body_and_if_branches_of_the_zoo_control_flow_model(tmp_path):
+    proto = zoo.build("control_flow")
+    feeds = feeds_for(proto, n=8, batch=2)
+    result = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", cache_dir=False, tune=False)
+    inner = [n for g in list(result.model.graphs())[1:] for n in g if n.op_type in ("Gemm", "MatMul")]
+    assert inner and all(dq_feeding(n, 1) is not None for n in inner), [n.name for n in inner]
+    loop = next(n for n in result.model.graph if n.op_type == "Loop")
+    body = loop.attributes["body"].value
+    assert any(n.op_type == "DequantizeLinear" for n in body)
+    for feed in feeds[:2]:
+        assert cosine(ort_run(proto, feed)[0], ort_run(result.output, feed)[0]) > 0.99
+
+
 def test_branch_never_taken_stays_float_with_a_reason_and_all_float_warns(tmp_path, caplog):
     feeds = feeds_for(_if_model(), n=4)
     result = onnxshrink.quantize(_if_model(thr=-1e9), feeds, tmp_path / "q.onnx", cache_dir=False,
