@@ -12,6 +12,10 @@ non-2-D input).
 constant that is uniform or varies only along the channel axis of the output ([C,1,1], [1,C,1,1],
 ...; a [C] constant lines up with the last spatial axis, so it fuses only when uniform) and does not
 broadcast the output bigger. The Conv's weight need not be constant, only its shape known.
+With ``scale`` (on): ``Conv(x) * c`` (also ``c * Conv(x)``, ``Conv(x) / c``) -> Conv with weight and bias
+scaled per output channel by c (1/c), for the same per-channel constants, floating point only; refused
+when the weight or bias is not a constant, a divisor is zero, or the scale is not finite. (onnxsim
+folds these too; ``benchmarks/bench_fusions_ort.py`` measures the result on ORT.)
 
 ``fuse_gemm``: ``MatMul(A, B) + C`` -> ``Gemm(A, B, C)`` when A is 2-D, B a constant 2-D, the MatMul output
 feeds only the Add, and C broadcasts unidirectionally to [M, N] (``matmul_add`` option); and
@@ -32,124 +36,23 @@ import logging
 import numpy as np
 import onnx_ir as ir
 from onnxshrink.passes import _shape_info
+from onnxshrink.passes._fusion_base import (
+    FLOAT_TYPES,
+    Rewriter,
+    candidates,
+    dtype_of,
+    f64,
+    input_at,
+    producer_of,
+    run,
+    set_input,
+    sole_user,
+)
 
-from onnxshrink.graph_utils import NameGen, add_initializer, bypass, const_array, drop_node, is_default_domain
-from onnxshrink.pass_infra import Changes, NoConfig, PassStats, ShrinkPass, iter_graphs
+from onnxshrink.graph_utils import const_array
+from onnxshrink.pass_infra import Changes, NoConfig, PassStats, ShrinkPass
 
 logger = logging.getLogger(__name__)
-
-_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
-
-
-class _Rewriter:
-    """State shared by a fusion's rules: stats, fresh names, and the container being rewritten."""
-
-    def __init__(self, model: ir.Model, stats: PassStats) -> None:
-        self.stats = stats
-        self.names = NameGen(model)
-        for fn in model.functions.values():
-            self.names.taken.update(v.name for n in fn.all_nodes() for v in n.outputs if v.name)
-        self.container = None
-
-    def const(self, array: np.ndarray, dtype: np.dtype, hint: str) -> ir.Value:
-        """A new constant holding ``array`` (computed in float64) cast back to ``dtype``."""
-        return add_initializer(self.container, np.asarray(array).astype(dtype), self.names(hint))
-
-    def new_node(self, op_type: str, inputs: list, replaces: ir.Node) -> ir.Node:
-        """A node inserted before ``replaces``, with fresh names and ``replaces``' output type and shape.
-
-        Names come from the model-wide ``NameGen``: onnx_ir would name values per graph, which can
-        repeat a name of an outer scope inside a subgraph.
-        """
-        old = replaces.outputs[0]
-        out = ir.Value(name=self.names(f"{old.name or op_type}_fused"), type=old.type, shape=old.shape)
-        node = ir.Node("", op_type, inputs, outputs=[out], name=self.names(f"{op_type}_fused"))
-        replaces.graph.insert_before(replaces, node)
-        return node
-
-    def replace(self, node: ir.Node, new: ir.Value, key: str, dead: ir.Node | None = None) -> bool:
-        """Route ``node``'s users to ``new``, drop ``node`` (and ``dead`` once unused), count ``key``.
-
-        A ``new`` made by ``new_node`` takes over the replaced output's name.
-        """
-        old, fresh = node.outputs[0], new.producer() is not None and not new.uses()
-        reason = bypass(node, old, new)
-        if reason:
-            self.stats.skip(node, reason)
-            if fresh:
-                new.producer().graph.remove(new.producer(), safe=True)
-            return False
-        if fresh and old.name and new.name != old.name:
-            name, old.name = old.name, None
-            new.name = name
-        if dead is not None and dead.graph is not None and not _used(dead):
-            drop_node(dead)
-        self.stats.add(key)
-        return True
-
-
-def _used(node: ir.Node) -> bool:
-    return any(v.uses() or v.is_graph_output() for v in node.outputs)
-
-
-def _sole_user(value: ir.Value | None, node: ir.Node) -> bool:
-    return value is not None and not value.is_graph_output() and [u.node for u in value.uses()] == [node]
-
-
-def _producer(value: ir.Value | None, op_types, user: ir.Node) -> ir.Node | None:
-    """The producer of ``value`` if it is one of ``op_types`` in ``user``'s graph (not an outer scope)."""
-    node = None if value is None else value.producer()
-    if node is None or node.op_type not in op_types or not is_default_domain(node):
-        return None
-    return node if node.graph is user.graph else None
-
-
-def _dtype(value: ir.Value | None) -> ir.DataType | None:
-    if value is None or value.dtype is not None:
-        return None if value is None else value.dtype
-    arr = const_array(value)
-    try:
-        return None if arr is None else ir.DataType.from_numpy(arr.dtype)
-    except Exception:  # noqa: BLE001 - dtypes onnx has no name for
-        return None
-
-
-def _input(node: ir.Node, i: int) -> ir.Value | None:
-    return node.inputs[i] if len(node.inputs) > i else None
-
-
-def _set_input(node: ir.Node, i: int, value: ir.Value) -> None:
-    if len(node.inputs) <= i:
-        node.resize_inputs(i + 1)
-    node.replace_input_with(i, value)
-
-
-def _f64(arr: np.ndarray) -> np.ndarray:
-    return np.asarray(arr, dtype=np.float64)
-
-
-def _candidates(model: ir.Model, op_type: str, producers) -> list[ir.Value]:
-    """The values whose dtype and shape decide whether ``producers -> op_type`` pairs fuse."""
-    values: list[ir.Value] = []
-    for graph in model.graphs():
-        for node in graph:
-            if node.op_type != op_type:
-                continue
-            for v in node.inputs:
-                first = None if v is None else v.producer()
-                if first is not None and first.op_type in producers:
-                    values.extend([*first.inputs, *node.inputs])
-    return values
-
-
-def _run(model: ir.Model, stats: PassStats, op_types, try_node) -> None:
-    rw = _Rewriter(model, stats)
-    for container in iter_graphs(model):
-        rw.container = container
-        for node in list(container):
-            if node.graph is not None and node.op_type in op_types and is_default_domain(node):
-                try_node(rw, node)
-
 
 # ---------------------------------------------------------------- fuse_batchnorm
 
@@ -162,10 +65,10 @@ def _bn_affine(bn: ir.Node) -> tuple[np.ndarray, np.ndarray] | str:
         return "BatchNormalization is not in spatial inference mode"
     if any(_used_value(v) for v in bn.outputs[1:]):
         return "BatchNormalization's running statistics outputs are used"
-    params = [const_array(_input(bn, i)) for i in range(1, 5)]
+    params = [const_array(input_at(bn, i)) for i in range(1, 5)]
     if any(p is None or p.ndim != 1 for p in params):
         return "BatchNormalization's scale, bias, mean or var is not a constant vector (or is a graph input)"
-    scale, bias, mean, var = (_f64(p) for p in params)
+    scale, bias, mean, var = (f64(p) for p in params)
     s = scale / np.sqrt(var + bn.attributes.get_float("epsilon", 1e-5))
     return s, bias - mean * s
 
@@ -180,22 +83,22 @@ def _fold_weights(producer: ir.Node, w: np.ndarray, s: np.ndarray) -> np.ndarray
     if op == "Conv":
         if w.ndim < 3 or w.shape[0] != c:
             return f"Conv weight shape {w.shape} does not have {c} output channels"
-        return _f64(w) * s.reshape((c,) + (1,) * (w.ndim - 1))
+        return f64(w) * s.reshape((c,) + (1,) * (w.ndim - 1))
     if op == "ConvTranspose":
         group = producer.attributes.get_int("group", 1)
         if w.ndim < 3 or w.shape[1] * group != c or w.shape[0] % group:
             return f"ConvTranspose weight shape {w.shape} (group {group}) does not have {c} output channels"
-        grouped = _f64(w).reshape((group, w.shape[0] // group, w.shape[1]) + w.shape[2:])
+        grouped = f64(w).reshape((group, w.shape[0] // group, w.shape[1]) + w.shape[2:])
         scale = s.reshape((group, 1, w.shape[1]) + (1,) * (w.ndim - 2))
         return (grouped * scale).reshape(w.shape)
     axis = 0 if producer.op_type == "Gemm" and producer.attributes.get_int("transB", 0) else 1
     if w.ndim != 2 or w.shape[axis] != c:
         return f"{op} weight shape {w.shape} does not have {c} output features"
-    return _f64(w) * (s if axis == 1 else s[:, None])
+    return f64(w) * (s if axis == 1 else s[:, None])
 
 
-def _try_batchnorm(rw: _Rewriter, bn: ir.Node) -> bool:
-    producer = _producer(bn.inputs[0], ("Conv", "ConvTranspose", "Gemm", "MatMul"), bn)
+def _try_batchnorm(rw: Rewriter, bn: ir.Node) -> bool:
+    producer = producer_of(bn.inputs[0], ("Conv", "ConvTranspose", "Gemm", "MatMul"), bn)
     if producer is None:
         return False
     plan = _batchnorm_plan(producer, bn)
@@ -211,8 +114,8 @@ def _try_batchnorm(rw: _Rewriter, bn: ir.Node) -> bool:
     if not rw.replace(bn, producer.outputs[0], "batchnorms_fused"):
         return False
     producer.attributes.pop("beta", None)  # Gemm: beta is folded into the new C
-    _set_input(producer, 1, rw.const(new_w, dtype, "bn_fused_weight"))
-    _set_input(producer, 2, rw.const(new_b, dtype, "bn_fused_bias"))
+    set_input(producer, 1, rw.const(new_w, dtype, "bn_fused_weight"))
+    set_input(producer, 2, rw.const(new_b, dtype, "bn_fused_bias"))
     return True
 
 
@@ -224,8 +127,8 @@ def _batchnorm_plan(producer: ir.Node, bn: ir.Node) -> tuple[np.ndarray, np.ndar
     reason = _batchnorm_blocker(producer, bn)
     if reason:
         return reason
-    weight = const_array(_input(producer, 1))
-    bias_in = _input(producer, 2)
+    weight = const_array(input_at(producer, 1))
+    bias_in = input_at(producer, 2)
     bias = const_array(bias_in) if bias_in is not None else None
     if weight is None or (bias_in is not None and bias is None):
         return f"{producer.op_type}'s weight or bias is not a constant (or is a graph input)"
@@ -236,11 +139,11 @@ def _batchnorm_plan(producer: ir.Node, bn: ir.Node) -> tuple[np.ndarray, np.ndar
     if bias is None:
         return new_w, t, weight.dtype
     beta = producer.attributes.get_float("beta", 1.0) if producer.op_type == "Gemm" else 1.0
-    return new_w, beta * _f64(bias) * s + t, weight.dtype
+    return new_w, beta * f64(bias) * s + t, weight.dtype
 
 
 def _batchnorm_blocker(producer: ir.Node, bn: ir.Node) -> str | None:
-    if not _sole_user(producer.outputs[0], bn):
+    if not sole_user(producer.outputs[0], bn):
         return f"the {producer.op_type} output has other users or is a graph output"
     if producer.op_type == "MatMul":
         a = producer.inputs[0]
@@ -258,8 +161,8 @@ class FuseBatchNormPass(ShrinkPass):
     changes = Changes.TOPOLOGY | Changes.WEIGHTS
 
     def apply(self, model: ir.Model, stats: PassStats) -> None:
-        _shape_info.fill_missing(model, _candidates(model, "BatchNormalization", ("MatMul",)))
-        _run(model, stats, ("BatchNormalization",), _try_batchnorm)
+        _shape_info.fill_missing(model, candidates(model, "BatchNormalization", ("MatMul",)))
+        run(model, stats, ("BatchNormalization",), _try_batchnorm)
 
 
 # ---------------------------------------------------------------- fuse_conv_bias
@@ -274,12 +177,12 @@ def _channel_vector(c: np.ndarray, channels: int, rank: int) -> np.ndarray | str
     if bad:
         return (f"the constant of shape {c.shape} varies (or broadcasts) over output axes {bad}, "
                 "not only over the channel axis 1")
-    return np.broadcast_to(_f64(padded.reshape(padded.shape[1])), (channels,))
+    return np.broadcast_to(f64(padded.reshape(padded.shape[1])), (channels,))
 
 
 def _conv_channels(conv: ir.Node) -> tuple[int, int] | None:
     """(output channels, output rank) of a Conv/ConvTranspose from its weight's static shape."""
-    w = _input(conv, 1)
+    w = input_at(conv, 1)
     const = const_array(w)
     dims = list(const.shape) if const is not None else None if w is None or w.shape is None else list(w.shape)
     if dims is None or len(dims) < 3 or not all(isinstance(d, int) for d in dims[:2]):
@@ -289,17 +192,17 @@ def _conv_channels(conv: ir.Node) -> tuple[int, int] | None:
     return dims[1] * conv.attributes.get_int("group", 1), len(dims)
 
 
-def _try_conv_bias(rw: _Rewriter, add: ir.Node) -> bool:
+def _try_conv_bias(rw: Rewriter, add: ir.Node) -> bool:
     for xi in (0, 1) if add.op_type == "Add" else (0,):
-        conv = _producer(add.inputs[xi], ("Conv", "ConvTranspose"), add)
+        conv = producer_of(add.inputs[xi], ("Conv", "ConvTranspose"), add)
         c = const_array(add.inputs[1 - xi])
         if conv is None or c is None:
             continue
-        if not _sole_user(conv.outputs[0], add):
+        if not sole_user(conv.outputs[0], add):
             rw.stats.skip(add, f"the {conv.op_type} output has other users or is a graph output")
             return False
         shape = _conv_channels(conv)
-        bias_in = _input(conv, 2)
+        bias_in = input_at(conv, 2)
         bias = const_array(bias_in) if bias_in is not None else None
         if shape is None or (bias_in is not None and bias is None):
             rw.stats.skip(add, f"the {conv.op_type} weight shape is unknown or its bias is not constant")
@@ -309,23 +212,82 @@ def _try_conv_bias(rw: _Rewriter, add: ir.Node) -> bool:
             rw.stats.skip(add, vec)
             return False
         sign = 1.0 if add.op_type == "Add" else -1.0
-        new_b = (0.0 if bias is None else _f64(bias)) + sign * vec
+        new_b = (0.0 if bias is None else f64(bias)) + sign * vec
         if not rw.replace(add, conv.outputs[0], "conv_biases_fused"):
             return False
-        _set_input(conv, 2, rw.const(new_b, c.dtype, "conv_fused_bias"))
+        set_input(conv, 2, rw.const(new_b, c.dtype, "conv_fused_bias"))
         return True
     return False
 
 
+def _try_conv_scale(rw: Rewriter, mul: ir.Node) -> bool:
+    for xi in (0, 1) if mul.op_type == "Mul" else (0,):
+        conv = producer_of(mul.inputs[xi], ("Conv", "ConvTranspose"), mul)
+        c = const_array(mul.inputs[1 - xi])
+        if conv is None or c is None:
+            continue
+        if not sole_user(conv.outputs[0], mul):
+            rw.stats.skip(mul, f"the {conv.op_type} output has other users or is a graph output")
+            return False
+        plan = _scale_plan(conv, c, mul.op_type == "Div")
+        if isinstance(plan, str):
+            rw.stats.skip(mul, plan)
+            return False
+        (new_w, w_dtype), bias = plan
+        if not rw.replace(mul, conv.outputs[0], "conv_scales_fused"):
+            return False
+        set_input(conv, 1, rw.const(new_w, w_dtype, "conv_scaled_weight"))
+        if bias is not None:
+            set_input(conv, 2, rw.const(bias[0], bias[1], "conv_scaled_bias"))
+        return True
+    return False
+
+
+def _scale_plan(conv: ir.Node, c: np.ndarray, divide: bool) -> tuple | str:
+    """((new weight, dtype), (new bias, dtype) or None) for ``conv`` times (or divided by) ``c``."""
+    shape = _conv_channels(conv)
+    w = const_array(input_at(conv, 1))
+    bias_in = input_at(conv, 2)
+    bias = const_array(bias_in) if bias_in is not None else None
+    if shape is None or w is None or (bias_in is not None and bias is None):
+        return f"the {conv.op_type}'s weight (or bias) is not a constant (or is a graph input)"
+    if c.dtype.kind != "f" or w.dtype.kind != "f":
+        return "only floating-point scales fold into weights"
+    vec = _channel_vector(c, *shape)
+    if isinstance(vec, str):
+        return vec
+    if divide and not np.all(vec != 0):
+        return "the divisor has zeros"
+    vec = 1.0 / vec if divide else vec
+    if not np.all(np.isfinite(vec)):
+        return "the scale is not finite"
+    new_w = _fold_weights(conv, w, vec)
+    if isinstance(new_w, str):
+        return new_w
+    return (new_w, w.dtype), (None if bias is None else (f64(bias) * vec, bias.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class FuseConvBiasConfig:
+    #: Also fold a per-channel constant Mul/Div into the weight and bias.
+    scale: bool = True
+
+
 class FuseConvBiasPass(ShrinkPass):
-    """Fold a per-channel constant Add/Sub after a Conv/ConvTranspose into its bias."""
+    """Fold a per-channel constant Add/Sub after a Conv/ConvTranspose into its bias, and a Mul/Div into
+    its weight and bias."""
 
     name = "fuse_conv_bias"
-    Config = NoConfig
+    Config = FuseConvBiasConfig
     changes = Changes.TOPOLOGY | Changes.WEIGHTS
 
     def apply(self, model: ir.Model, stats: PassStats) -> None:
-        _run(model, stats, ("Add", "Sub"), _try_conv_bias)
+        def try_node(rw: Rewriter, node: ir.Node) -> bool:
+            if node.op_type in ("Add", "Sub"):
+                return _try_conv_bias(rw, node)
+            return self.config.scale and _try_conv_scale(rw, node)
+
+        run(model, stats, ("Add", "Sub", "Mul", "Div"), try_node)
 
 
 # ---------------------------------------------------------------- fuse_gemm
@@ -345,20 +307,20 @@ def _same(a, b) -> bool:
     return a is not None and b is not None and a.value is not None and a.value == b.value
 
 
-def _try_matmul_add(rw: _Rewriter, add: ir.Node) -> bool:
+def _try_matmul_add(rw: Rewriter, add: ir.Node) -> bool:
     for xi in (0, 1):
-        mm, c = _producer(add.inputs[xi], ("MatMul",), add), add.inputs[1 - xi]
+        mm, c = producer_of(add.inputs[xi], ("MatMul",), add), add.inputs[1 - xi]
         if mm is None or c is None or c is add.inputs[xi]:
             continue
         a, b = mm.inputs[0], const_array(mm.inputs[1])
-        if not _sole_user(add.inputs[xi], add):
+        if not sole_user(add.inputs[xi], add):
             rw.stats.skip(add, "the MatMul output has other users or is a graph output")
             return False
         if a is None or a.shape is None or len(a.shape) != 2 or b is None or b.ndim != 2:
             rw.stats.skip(add, "Gemm needs a 2-D MatMul input A and a constant 2-D B")
             return False
-        if _dtype(a) not in _FLOAT_TYPES or _dtype(c) != _dtype(a):
-            rw.stats.skip(add, f"dtypes {_dtype(a)}, {_dtype(c)}: unknown or not a float type Gemm takes")
+        if dtype_of(a) not in FLOAT_TYPES or dtype_of(c) != dtype_of(a):
+            rw.stats.skip(add, f"dtypes {dtype_of(a)}, {dtype_of(c)}: unknown or not a float type Gemm takes")
             return False
         c_const = const_array(c)
         c_dims = list(c.shape) if c.shape is not None else None
@@ -371,15 +333,15 @@ def _try_matmul_add(rw: _Rewriter, add: ir.Node) -> bool:
     return False
 
 
-def _try_gemm_add(rw: _Rewriter, add: ir.Node) -> bool:
+def _try_gemm_add(rw: Rewriter, add: ir.Node) -> bool:
     for xi in (0, 1):
-        gemm, c = _producer(add.inputs[xi], ("Gemm",), add), const_array(add.inputs[1 - xi])
+        gemm, c = producer_of(add.inputs[xi], ("Gemm",), add), const_array(add.inputs[1 - xi])
         if gemm is None or c is None:
             continue
-        if not _sole_user(add.inputs[xi], add):
+        if not sole_user(add.inputs[xi], add):
             rw.stats.skip(add, "the Gemm output has other users or is a graph output")
             return False
-        old_in = _input(gemm, 2)
+        old_in = input_at(gemm, 2)
         old = const_array(old_in) if old_in is not None else None
         dims = add.inputs[xi].shape
         if (old_in is not None and old is None) or dims is None or len(dims) != 2:
@@ -389,13 +351,13 @@ def _try_gemm_add(rw: _Rewriter, add: ir.Node) -> bool:
             rw.stats.skip(add, f"the constant of shape {c.shape} does not broadcast to the Gemm output")
             return False
         beta = gemm.attributes.get_float("beta", 1.0)
-        new_c = _f64(c) if old is None else beta * _f64(old) + _f64(c)
+        new_c = f64(c) if old is None else beta * f64(old) + f64(c)
         if not _unidirectional(list(new_c.shape), dims[0], dims[1]):
             rw.stats.skip(add, "the merged C does not broadcast to the Gemm output")
             return False
         if not rw.replace(add, gemm.outputs[0], "gemm_add_fused"):
             return False
-        _set_input(gemm, 2, rw.const(new_c, c.dtype, "gemm_fused_c"))
+        set_input(gemm, 2, rw.const(new_c, c.dtype, "gemm_fused_c"))
         gemm.attributes.pop("beta", None)
         return True
     return False
@@ -417,11 +379,11 @@ class FuseGemmPass(ShrinkPass):
     changes = Changes.TOPOLOGY | Changes.WEIGHTS
 
     def apply(self, model: ir.Model, stats: PassStats) -> None:
-        _shape_info.fill_missing(model, _candidates(model, "Add", ("MatMul", "Gemm")))
+        _shape_info.fill_missing(model, candidates(model, "Add", ("MatMul", "Gemm")))
 
-        def try_add(rw: _Rewriter, add: ir.Node) -> bool:
+        def try_add(rw: Rewriter, add: ir.Node) -> bool:
             return (self.config.matmul_add and _try_matmul_add(rw, add)) or (
                 self.config.gemm_add and _try_gemm_add(rw, add)
             )
 
-        _run(model, stats, ("Add",), try_add)
+        run(model, stats, ("Add",), try_add)
