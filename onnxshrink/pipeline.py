@@ -170,6 +170,20 @@ def lossless_steps() -> list[Step]:
     return [FixedPoint([make_pass(n) for n in LOSSLESS_PASSES if n in REGISTRY])]
 
 
+#: Fusions into ops that int8 kernels lack (HardSwish, HardSigmoid): the ``default`` preset runs them in
+#: its loop, after ``fuse_gemm``; quantization and pruning run ``lossless_steps`` without them.
+FLOAT_FUSION_PASSES = ("fuse_activations",)
+
+
+def default_steps() -> list[Step]:
+    """The ``default`` preset: the lossless loop plus ``FLOAT_FUSION_PASSES``, to a fixed point."""
+    from onnxshrink.passes import REGISTRY
+
+    at = LOSSLESS_PASSES.index("fuse_gemm") + 1
+    names = (*LOSSLESS_PASSES[:at], *FLOAT_FUSION_PASSES, *LOSSLESS_PASSES[at:])
+    return [FixedPoint([make_pass(n) for n in names if n in REGISTRY])]
+
+
 def int8_steps() -> list[Step]:
     """The ``int8`` preset needs calibration data, which a step list cannot carry."""
     raise ConfigError(
@@ -194,7 +208,7 @@ def prune_steps() -> list[Step]:
 
 #: Named presets. Each maps to a function returning fresh pass instances.
 PRESETS: dict[str, Callable[[], list[Step]]] = {
-    "default": lossless_steps,
+    "default": default_steps,
     "int8": int8_steps,
     "prune": prune_steps,
 }

@@ -12,7 +12,7 @@ if __name__ != "onnxshrink.passes":  # pragma: no cover - packaging guard
     )
 
 from onnxshrink.pass_infra import ShrinkPass
-from onnxshrink.passes import cleanup, fold_constants, fusions, identities, prune_channels, qdq
+from onnxshrink.passes import activations, cleanup, fold_constants, fusions, identities, prune_channels, qdq
 
 REGISTRY: dict[str, type[ShrinkPass]] = {
     fold_constants.FoldConstantsPass.name: fold_constants.FoldConstantsPass,
@@ -23,6 +23,7 @@ REGISTRY: dict[str, type[ShrinkPass]] = {
     fusions.FuseBatchNormPass.name: fusions.FuseBatchNormPass,
     fusions.FuseConvBiasPass.name: fusions.FuseConvBiasPass,
     fusions.FuseGemmPass.name: fusions.FuseGemmPass,
+    activations.FuseActivationsPass.name: activations.FuseActivationsPass,
     qdq.QDQPass.name: qdq.QDQPass,
     prune_channels.PruneChannelsPass.name: prune_channels.PruneChannelsPass,
 }

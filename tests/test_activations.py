@@ -1,0 +1,100 @@
+"""``fuse_activations``: written-out hard-swish -> HardSwish (opset >= 14) or x * HardSigmoid(x)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from onnxshrink import model_io, pipeline
+from tests.test_fusions import F16, F32, build, ops, run_pass
+
+_CONSTS = {"three": np.array(3.0, F32), "zero": np.array(0.0, F32), "six": np.array(6.0, F32),
+           "sixth": np.array(1 / 6, F32)}
+
+
+def _hardswish(form: str, x: str = "x", out: str = "h") -> list:
+    """The written-out hard-swish of ``x`` in one of the forms exporters use."""
+    clip = [helper.make_node("Add", ["three", x] if form == "swapped" else [x, "three"], [f"{out}_a"]),
+            helper.make_node("Clip", [f"{out}_a", "zero", "six"], [f"{out}_c"])]
+    if form in ("div", "swapped"):
+        return clip + [helper.make_node("Mul", [f"{out}_c", x] if form == "swapped" else [x, f"{out}_c"],
+                                        [f"{out}_m"]),
+                       helper.make_node("Div", [f"{out}_m", "six"], [out])]
+    if form == "mul_sixth":
+        return clip + [helper.make_node("Mul", [x, f"{out}_c"], [f"{out}_m"]),
+                       helper.make_node("Mul", ["sixth", f"{out}_m"], [out])]
+    if form == "gate_div":
+        return clip + [helper.make_node("Div", [f"{out}_c", "six"], [f"{out}_g"]),
+                       helper.make_node("Mul", [x, f"{out}_g"], [out])]
+    raise ValueError(form)
+
+
+def _model(nodes, opset, dtype=F32, shape=(2, 3, 4, 4)):
+    consts = {k: v.astype(dtype) for k, v in _CONSTS.items()}
+    return build([helper.make_node("Neg", ["in"], ["x"]), *nodes, helper.make_node("Neg", ["h"], ["y"])],
+                 [("in", dtype, list(shape))], [("y", dtype, list(shape))], consts, opset=opset)
+
+
+def _scaled_feed_run(proto, dtype=F32):
+    return run_pass(proto, "fuse_activations", dtype)
+
+
+@pytest.mark.parametrize("form", ["div", "swapped", "mul_sixth", "gate_div"])
+@pytest.mark.parametrize("opset", [12, 18])
+def test_hardswish_forms_fused(form, opset):
+    model, stats = _scaled_feed_run(_model(_hardswish(form), opset))
+    assert stats.counts["hardswish_fused"] == 1
+    assert ops(model) == (["Neg", "HardSwish", "Neg"] if opset >= 14 else ["Neg", "HardSigmoid", "Mul", "Neg"])
+
+
+def test_hardsigmoid_form_becomes_hardswish_from_opset_14_only():
+    nodes = [helper.make_node("HardSigmoid", ["x"], ["s"], alpha=1 / 6, beta=0.5),
+             helper.make_node("Mul", ["x", "s"], ["h"])]
+    model, stats = _scaled_feed_run(_model(nodes, 14))
+    assert stats.counts["hardswish_fused"] == 1 and ops(model) == ["Neg", "HardSwish", "Neg"]
+    model, stats = _scaled_feed_run(_model(nodes, 13))
+    assert not stats.counts and ops(model) == ["Neg", "HardSigmoid", "Mul", "Neg"]
+
+
+def test_hardswish_float16_and_old_clip_attributes():
+    model, stats = _scaled_feed_run(_model(_hardswish("div"), 18, F16), F16)
+    assert stats.counts["hardswish_fused"] == 1
+    nodes = [helper.make_node("Add", ["x", "three"], ["a"]), helper.make_node("Clip", ["a"], ["c"], min=0.0, max=6.0),
+             helper.make_node("Mul", ["x", "c"], ["m"]), helper.make_node("Div", ["m", "six"], ["h"])]
+    model, stats = _scaled_feed_run(_model(nodes, 10))
+    assert stats.counts["hardswish_fused"] == 1 and ops(model) == ["Neg", "HardSigmoid", "Mul", "Neg"]
+
+
+@pytest.mark.parametrize("case", ["bounds", "offset", "other_x", "shared", "enlarging"])
+def test_not_hardswish_kept(case):
+    nodes = _hardswish("div")
+    outputs = [("y", F32, [2, 3, 4, 4])]
+    consts = dict(_CONSTS)
+    if case == "bounds":
+        consts["six"] = np.array(5.0, F32)  # Clip(x+3, 0, 5) / 5: another function
+    elif case == "offset":
+        consts["three"] = np.array(2.0, F32)
+    elif case == "other_x":  # z * Clip(x + 3, 0, 6) / 6
+        nodes[2] = helper.make_node("Mul", ["in", "h_c"], ["h_m"])
+    elif case == "shared":  # the Clip output is read elsewhere too
+        nodes.append(helper.make_node("Relu", ["h_c"], ["z"]))
+        outputs.append(("z", F32, [2, 3, 4, 4]))
+    elif case == "enlarging":  # a [1,1,1,1,1] six would make the result rank 5
+        consts["six5"] = np.full((1, 1, 1, 1, 1), 6.0, F32)
+        nodes[3] = helper.make_node("Div", ["h_m", "six5"], ["h"])
+        outputs = [("y", F32, [1, 2, 3, 4, 4])]
+    proto = build([helper.make_node("Neg", ["in"], ["x"]), *nodes, helper.make_node("Neg", ["h"], ["y"])],
+                  [("in", F32, [2, 3, 4, 4])], outputs, consts, opset=18)
+    model, stats = _scaled_feed_run(proto)
+    assert not stats.counts and "HardSwish" not in ops(model)
+
+
+def test_default_preset_fuses_but_lossless_loop_does_not():
+    proto = _model(_hardswish("div"), 12)
+    fused, plain = model_io.load(proto), model_io.load(proto)
+    pipeline.Pipeline(pipeline.preset_steps("default")).run(fused)
+    pipeline.Pipeline(pipeline.lossless_steps()).run(plain)
+    assert "HardSigmoid" in ops(fused) and "Clip" in ops(plain)
+    onnx.checker.check_model(onnx.load_from_string(model_io.to_bytes(fused)))
