@@ -27,10 +27,9 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models import fetch_real  # noqa: E402
-
-from onnxshrink import model_io  # noqa: E402
-from onnxshrink.pipeline import LOSSLESS_PASSES, FixedPoint, Pipeline, make_pass  # noqa: E402
+from models import fetch_real
+from onnxshrink import model_io
+from onnxshrink.pipeline import LOSSLESS_PASSES, FixedPoint, Pipeline, make_pass
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LEVELS = {"enable_all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -122,9 +121,9 @@ def main() -> int:
     only = {s.strip() for s in args.only.split(",")} if args.only else None
     load = os.getloadavg()[0]
     lines = ["# Lossless fusions on ONNX Runtime: with / without", "",
-             f"Written by `python benchmarks/bench_fusions_ort.py` ({time.strftime('%Y-%m-%d')}), onnxruntime "
+             (f"Written by `python benchmarks/bench_fusions_ort.py` ({time.strftime('%Y-%m-%d')}), onnxruntime "
              f"{ort.__version__}, CPU, 1 thread, {args.rounds} interleaved rounds, load average {load:.1f} at the "
-             "start (the machine is shared). Ratio: median of paired with/without latencies (< 1: faster with).",
+             "start (the machine is shared). Ratio: median of paired with/without latencies (< 1: faster with)."),
              "", "| model | fusion | ORT level | without ms | with ms | ratio |", "|---|---|---|---:|---:|---:|"]
     for label, fusion, without, with_, feed in cases(only):
         for level_name, level in LEVELS.items():

@@ -27,11 +27,11 @@ import dataclasses
 
 import numpy as np
 import onnx_ir as ir
+from onnxshrink.passes import _value_facts as vf
+from onnxshrink.passes._fusion_base import Rewriter, run, sole_user
 
 from onnxshrink.graph_utils import const_array, drop_node, is_default_domain
 from onnxshrink.pass_infra import Changes, PassStats, ShrinkPass
-from onnxshrink.passes import _value_facts as vf
-from onnxshrink.passes._fusion_base import Rewriter, run, sole_user
 
 _SIXTH = 1.0 / 6.0
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 import pytest
-
 from onnxshrink.passes import _value_facts as vf
+
 from tests import lossless
 
 
