@@ -21,7 +21,6 @@ import hashlib
 import logging
 from collections import defaultdict
 
-import networkx as nx
 import numpy as np
 import onnx_ir as ir
 
@@ -154,6 +153,8 @@ class DepGraph:
     """Build with :func:`build`. ``graph``: networkx slot graph; ``groups``: prunable units."""
 
     def __init__(self, model: ir.Model, ctx: cr.Ctx) -> None:
+        import networkx as nx  # imported on use: `onnxshrink optimize` loads this module but never builds one
+
         self.model = model
         self.ctx = ctx
         self.graph = nx.Graph()
@@ -339,6 +340,8 @@ class DepGraph:
         return [(g.id, st) for g in self.groups for st in g.stops]
 
     def summary(self) -> dict:
+        import networkx as nx
+
         return {
             "slots": self.graph.number_of_nodes(),
             "edges": self.graph.number_of_edges(),
