@@ -9,8 +9,12 @@ axis are joined, and the union is redone.
 
 from __future__ import annotations
 
-import networkx as nx
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: networkx is imported where a graph is built
+    import networkx as nx
 
 
 def offsets(graph: nx.Graph) -> tuple[dict, int]:
