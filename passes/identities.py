@@ -5,14 +5,18 @@ Rules, one ``_try_<rule>`` each (the stats key in brackets). Only default-domain
 1. ``Identity(x)`` -> x [identity_removed].
 2. ``Dropout(x)`` in inference mode: no ``training_mode`` input or a constant false one (opset < 7:
    ``is_test`` not 0); refused while the mask output is used [dropout_removed].
-3. ``Cast(x, to=T)`` with x already of type T; ``CastLike(x, y)`` with x and y of one type [cast_removed].
+3. ``Cast(x, to=T)`` with x already of type T (recorded, or proven from x's producer, see
+   ``_value_facts.known_dtype``); ``CastLike(x, y)`` with x and y of one type [cast_removed].
 4. ``Reshape(x, s)`` / ``Flatten(x)`` whose output shape provably equals x's: s constant, each entry
    equal to x's static dim, 0 (copy, without ``allowzero``) or a single -1 [reshape_removed].
 5. ``Transpose(x)`` with the identity perm [transpose_removed].
 6. ``Expand(x, s)`` where broadcasting s onto x's shape gives x's shape [expand_removed].
 7. ``Pad(x)`` with all pads 0, any mode [pad_removed].
-8. ``Mul``/``Div`` by 1, ``Add`` of 0, ``x - 0`` (never ``0 - x``), when the constant has x's dtype and
-   broadcasts to nothing larger than x's shape [neutral_removed].
+8. ``Mul``/``Div`` by 1, ``Add`` of 0, ``x - 0`` (never ``0 - x``), when the constant broadcasts to
+   nothing larger than x's shape: into x's known shape, or, x's shape unknown (exports without
+   value_info), when the constant's shape is all ones and x's rank is proven at least the constant's
+   (``_value_facts.min_rank``: a Conv output has its weight's rank, elementwise ops keep their input's).
+   The dtypes agree in any valid model (the ops take one type T) [neutral_removed].
 9. ``Squeeze(Unsqueeze(x, a), a)`` and ``Unsqueeze(Squeeze(x, a), a)`` -> x [squeeze_pairs_removed].
 10. ``Transpose(Transpose(x, p1), p2)`` -> ``Transpose(x, p1[p2])``, or x when that is the identity; the
     inner output must have no other user unless the result is x [transposes_merged].
@@ -22,6 +26,11 @@ Rules, one ``_try_<rule>`` each (the stats key in brackets). Only default-domain
 12. ``Slice`` taking the whole tensor: steps 1, starts 0, ends at or past the dim (or >= 2**31-1 when the
     dim is unknown) [slice_removed].
 13. ``Concat`` of one input [concat_removed]; ``Split`` into one output [split_removed].
+14. Cast chains (``_cast_chains``): ``Cast(Cast(x, B), A)`` with x of type A -> x when B holds every value
+    of A (int32 -> int64 -> int32) or x's values are proven to fit B, also through ops that only move
+    elements (Slice, Gather, Reshape, Transpose, ...); ``Cast(Cast(x, B), C)`` -> ``Cast(x, C)`` when
+    that converts every value the same way [casts_merged]. A narrowing round trip over values not
+    proven to fit (``Shape`` of a tensor with symbolic dims through int32) is kept.
 
 Runs in every graph, subgraph and function. Bypassing keeps graph outputs' names, types and shapes
 (``graph_utils.bypass``); a node whose removal would need a graph output to become a graph input,
