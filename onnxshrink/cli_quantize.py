@@ -1,9 +1,12 @@
 """The int8 options of ``onnxshrink optimize``: ``--quantize int8 --calibration DATA ...``.
 
 ``add_quantize_args(parser)`` adds the options to the optimize sub-parser; ``run_quantize(args)`` runs
-``onnxshrink.quantize`` and prints the summary. ``recovery_hooks(args)`` is the extension point for
-accuracy recovery (``--max-drift`` and friends): it turns their options into hooks that
-``quantize`` calls after the QDQ pass (see ``onnxshrink.quantize.QuantizeContext``).
+``onnxshrink.quantize`` and prints the summary. ``--quantize int8`` lets the tuner pick static, dynamic
+or float per region for transformer-like models; ``static`` and ``dynamic`` force a mode. Accuracy
+recovery: ``--equalize``, ``--smoothquant [ALPHA]``, ``--bias-correction``, ``--max-drift X`` /
+``--max-metric-drop X --metric NAME`` (``--drift-data`` for a held-out set). ``recovery_hooks(args)``
+is the extension point for more: it turns options into hooks that ``quantize`` calls after the build
+(see ``onnxshrink.quantize.QuantizeContext``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ CALIB_METHODS = ("minmax", "ema", "percentile", "entropy", "mse")
 
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("int8 quantization (runs the lossless passes first)")
-    g.add_argument("--quantize", choices=["int8"], help="static int8 QDQ quantization (needs --calibration)")
+    g.add_argument("--quantize", choices=["int8", "static", "dynamic"],
+                   help="int8: static QDQ, and for transformer-like models the fastest of static/dynamic/float "
+                        "per region on this CPU; static: QDQ only; dynamic: int8 MatMul/Gemm weights, "
+                        "activations quantized at run time (no --calibration needed)")
     g.add_argument("--calibration", metavar="DATA",
                    help="calibration feeds: a folder of .npz files (one feed each) or one stacked .npz")
     g.add_argument("--calib-method", choices=CALIB_METHODS, default="minmax",
@@ -46,6 +52,21 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                         "full QDQ, or float")
 
 
+    r = p.add_argument_group("accuracy recovery (each optional; see onnxshrink.recovery)")
+    r.add_argument("--equalize", action="store_true",
+                   help="cross-layer equalization of Conv/Gemm pairs before calibration (exact in float)")
+    r.add_argument("--smoothquant", type=float, nargs="?", const=0.5, default=None, metavar="ALPHA",
+                   help="SmoothQuant: move activation outliers into MatMul/Gemm weights (alpha, default 0.5)")
+    r.add_argument("--bias-correction", action="store_true",
+                   help="subtract each quantized layer's mean output shift (measured on the calibration data)")
+    r.add_argument("--max-drift", type=float, metavar="X",
+                   help="keep the most sensitive nodes float until 1 - cosine <= X on the drift data")
+    r.add_argument("--max-metric-drop", type=float, metavar="X",
+                   help="keep nodes float until the task metric drops by at most X (needs --metric)")
+    r.add_argument("--metric", help="task metric for --max-metric-drop: accuracy, module:function or file.py:function")
+    r.add_argument("--drift-data", metavar="DATA", help="held-out feeds for --max-drift (default: --calibration)")
+
+
 def recovery_hooks(args) -> list:
     """Accuracy-recovery hooks from the command line (none yet: ``--max-drift`` plugs in here)."""
     return []
@@ -56,12 +77,17 @@ def run_quantize(args) -> int:
 
     if args.recipe or args.passes or (args.preset not in (None, "int8")):
         raise ConfigError("--quantize int8 runs the lossless preset then QDQ; drop --preset/--passes/--recipe")
-    if not args.calibration:
+    mode = {"int8": "auto", None: "auto"}.get(args.quantize, args.quantize)
+    if not args.calibration and (mode != "dynamic" or args.max_drift is not None or args.smoothquant is not None
+                                 or args.max_metric_drop is not None or args.bias_correction):
         raise ConfigError("--quantize int8 needs --calibration DATA (a folder of .npz feeds or a stacked .npz)")
     if not args.input:
         raise ConfigError("--quantize int8 needs an input model")
     result = quantize.quantize(
-        args.input, args.calibration, args.output,
+        args.input, args.calibration, args.output, mode=mode,
+        equalize=args.equalize, smoothquant=args.smoothquant, bias_correction=args.bias_correction,
+        max_drift=args.max_drift, max_metric_drop=args.max_metric_drop, metric=args.metric,
+        drift_data=args.drift_data,
         method=args.calib_method, activations=args.activations, per_channel=not args.per_tensor,
         reduce_range=args.reduce_range, exclude=args.exclude, exclude_ops=args.exclude_op,
         keep_first=args.keep_first, keep_last=args.keep_last, conv_transpose=args.conv_transpose,
@@ -70,14 +96,19 @@ def run_quantize(args) -> int:
         progress=not args.quiet and sys.stderr.isatty(),
     )
     plan = result.plan.summary()
-    print(f"onnxshrink optimize --quantize int8: {args.input} -> {args.output or '(not written)'}  "
+    print(f"onnxshrink optimize --quantize {args.quantize or 'int8'}: {args.input} -> {args.output or '(not written)'}  "
           f"[{result.seconds:.2f} s, {result.method}, {result.options.activations} activations]")
+    for line in result.warnings:
+        print(f"WARNING: {line}")
     if result.tuning is not None:
         t = result.tuning
-        print(f"tuned on this CPU (float {t.float_ms:.3f} ms): kept {t.chosen}")
+        print(f"tuned on this CPU (float {t.float_ms:.3f} ms, chosen {t.speedup}x float): kept {t.chosen}")
         for row in t.tried:
             knobs = {k: v for k, v in row.items() if k not in ("median_ms", "vs_best_ms", "kept")}
             print(f"  {'kept ' if row['kept'] else 'tried'} {row['median_ms']:.3f} ms {knobs}")
+    print(f"placement: linear layers {result.placement.linear}, the rest {result.placement.rest}"
+          + (f"; {len(result.dynamic_nodes)} linear layers dynamic" if result.dynamic_nodes else ""))
+    _print_recovery(result.recovery)
     if result.opset_upgraded_from:
         print(f"note: upgraded from opset {result.opset_upgraded_from} to 13 for per-channel QDQ")
     print(report.before_after_table(result.before, result.after))
@@ -89,6 +120,8 @@ def run_quantize(args) -> int:
         print(f"  float: {line}")
     if len(result.skipped) > 20:
         print(f"  ... and {len(result.skipped) - 20} more (see --report)")
+    for line in result.warnings:
+        print(f"WARNING: {line}")
     out = result.to_dict()
     if result.output is not None:
         fusion = quantize.fusion_report(result.output)
@@ -97,3 +130,27 @@ def run_quantize(args) -> int:
     if args.report:
         report.write_json(args.report, out)
     return 0
+
+
+def _print_recovery(rec: dict) -> None:
+    for name in ("cross_layer_equalization", "smoothquant"):
+        if name in rec:
+            print(f"{name}: {rec[name]['counts'] or 'nothing changed'}")
+            for line in rec[name]["skipped"][:5]:
+                print(f"  {line}")
+    if "bias_correction" in rec:
+        bc = rec["bias_correction"]
+        worst = max(bc["max_abs_shift"].values(), default=0.0)
+        print(f"bias correction: {bc['layers_corrected']} layers, largest shift removed {worst:.3g}; "
+              f"{len(bc['skipped'])} skipped")
+    mp = rec.get("mixed_precision")
+    if mp:
+        first, final = mp["initial"], mp["final"]
+        budget = {k: v for k, v in mp["budget"].items() if v is not None}
+        drop = f", metric drop {first['metric_drop']:.4g} -> {final['metric_drop']:.4g}" if final["metric_drop"] is not None else ""
+        print(f"drift budget {budget}: {'met' if mp['met'] else 'NOT met'}; drift {first['drift']:.3g} -> "
+              f"{final['drift']:.3g}{drop} with {len(mp['kept_float'])} nodes kept float "
+              f"({len(mp['evaluations'])} builds, {mp['seconds']} s)")
+        for row in mp["kept_float"]:
+            print(f"  float: {row['op_type']} {row['node']!r}: adds noise {row['added_noise']}, "
+                  f"SQNR {row['input_sqnr_db']} -> {row['sqnr_db']} dB")

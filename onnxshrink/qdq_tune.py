@@ -7,18 +7,30 @@ depends on the layout chain around it (ORT keeps int8 chains in NHWC). So ``tune
 that differ in the speed knobs of ``PlanOptions`` (``depthwise``, ``min_conv_macs``, ``matmul_activations``,
 ``pools``, ``elementwise``), one change at a time on top of the best so far, timed on ONNX Runtime against
 that best (1 thread, interleaved rounds, a calibration feed), and keeps what is faster.
+
+Regions (``regions=True``, for transformer-like models: linear layers, i.e. MatMul/Gemm with constant
+weights, hold at least ``TRANSFORMER_SHARE`` of the estimated MACs): static int8 is often slower than
+float there (small matrices, Q/DQ around every LayerNorm/Softmax/GELU), while dynamic int8
+(``passes/dynamic_quant``: ``DynamicQuantizeMatMul`` after ORT's fusion) gains. After the knobs, the
+``Placement`` of the two regions is tuned the same way: linear layers static / dynamic / float, the rest
+static / float (``REGIONS``). All float is not a candidate: the caller asked for int8 (size counts too),
+so one region always stays int8. Finally the chosen placement is timed against float;
+``TuneReport.speedup`` below 1 means int8 is slower than float on this CPU, which the caller must say.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxshrink import model_io, runtime
+from onnxshrink import model_io, runtime, stats
+from onnxshrink.passes.dynamic_quant import DynamicQuantPass
+from onnxshrink.passes.dynamic_quant import refusal as dynamic_refusal
 from onnxshrink.passes.qdq import QDQPass
 from onnxshrink.passes.qdq_rules import PlanOptions, QDQPlan, plan_qdq
 
@@ -39,6 +51,31 @@ STEPS: tuple[dict, ...] = (
 )
 #: A change is kept when it makes the model at least this much faster (paired medians).
 MIN_GAIN = 0.02
+#: Linear layers' share of the MACs from which a model counts as transformer-like (regions are tuned).
+TRANSFORMER_SHARE = 0.5
+#: Skip reasons of the static planner that come from the user's own exclusions (kept float everywhere).
+USER_REASONS = ("op type", "name matches exclude pattern", "among the first/last")
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """How each region runs: ``linear`` (MatMul/Gemm with a constant weight): ``static`` (QDQ),
+    ``dynamic`` (int8 weights, activations quantized at run time) or ``float``; ``rest``: ``static``
+    or ``float``."""
+
+    linear: str = "static"
+    rest: str = "static"
+
+    def __post_init__(self) -> None:
+        if self.linear not in ("static", "dynamic", "float") or self.rest not in ("static", "float"):
+            raise ValueError(f"bad placement {self}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+#: Region placements tried after the knobs (from the best static placement), in order.
+REGIONS = (Placement("dynamic", "static"), Placement("dynamic", "float"), Placement("float", "static"))
 
 
 @dataclasses.dataclass
@@ -48,18 +85,23 @@ class TuneReport:
     float_ms: float
     chosen: dict
     tried: list[dict]
+    placement: Placement = Placement()
+    speedup: float | None = None  # float ms / chosen ms, timed together at the end
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def tune(model: ir.Model, plan: QDQPlan, table, feed: dict, runs: int = 20) -> tuple[PlanOptions, TuneReport | None]:
+def tune(model: ir.Model, plan: QDQPlan, table, feed: dict, runs: int = 20, *, regions: bool = False
+         ) -> tuple[PlanOptions, TuneReport | None]:
     """Options of the fastest placement found for ``model`` (which is not changed), and the timings.
 
     Greedy: start from the plan's options; try each change of ``STEPS`` on top of the best so far,
     timed against it in interleaved rounds; keep it when at least ``MIN_GAIN`` faster. A change that
-    quantizes the same nodes as the best so far, or nothing at all, is not timed. Models over
-    ``MAX_TUNE_BYTES`` are not tuned (returns the plan's options and None).
+    quantizes the same nodes as the best so far, or nothing at all, is not timed. With ``regions`` and a
+    transformer-like model, the ``REGIONS`` placements follow (see the module docstring); the chosen one
+    is in ``TuneReport.placement``. Models over ``MAX_TUNE_BYTES`` are not tuned (returns the plan's
+    options and None).
     """
     if model_io.initializer_bytes(model) > MAX_TUNE_BYTES:
         logger.info("QDQ tuning skipped: the model is larger than %d MiB", MAX_TUNE_BYTES // 2**20)
@@ -71,7 +113,6 @@ def tune(model: ir.Model, plan: QDQPlan, table, feed: dict, runs: int = 20) -> t
     best_sess = _session(model, plan, best, table)
     float_sess = runtime.make_session(model_io.to_bytes(model), threads=1)
     f_ms, b_ms = _paired(float_sess, best_sess, feed, runs)
-    del float_sess
     tried = [{**_knobs(best), "median_ms": round(b_ms, 4), "quantized_nodes": len(best_nodes), "kept": True}]
     for step in STEPS:
         cand = dataclasses.replace(best, **step)
@@ -85,9 +126,94 @@ def tune(model: ir.Model, plan: QDQPlan, table, feed: dict, runs: int = 20) -> t
                       "vs_best_ms": round(b_ms, 4)})
         if keep:
             best, best_nodes, best_sess = cand, nodes, cand_sess
-    report = TuneReport(round(f_ms, 4), _knobs(best), tried)
-    logger.info("QDQ tuning: float %.3f ms; chose %s; tried %s", f_ms, report.chosen, tried)
+    placement = Placement()
+    if regions and transformer_like(model):
+        placement, best_sess = _tune_regions(model, plan, best, table, feed, runs, best_sess, tried)
+    f_ms, c_ms = _paired(float_sess, best_sess, feed, runs)
+    report = TuneReport(round(f_ms, 4), {**_knobs(best), **placement.to_dict()}, tried, placement,
+                        round(f_ms / c_ms, 3) if c_ms > 0 else None)
+    logger.info("QDQ tuning: float %.3f ms; chose %s (%.2fx float); tried %s", f_ms, report.chosen,
+                report.speedup or 0, tried)
     return best, report
+
+
+def _tune_regions(model, plan, opts, table, feed, runs, best_sess, tried) -> tuple[Placement, object]:
+    best = Placement()
+    for cand in REGIONS:
+        if cand == best:
+            continue
+        sess = runtime.make_session(model_io.to_bytes(build(model, plan, table, opts, cand)), threads=1)
+        b_ms, c_ms = _paired(best_sess, sess, feed, runs)
+        keep = c_ms < b_ms * (1 - MIN_GAIN)
+        tried.append({**_knobs(opts), **cand.to_dict(), "median_ms": round(c_ms, 4), "kept": keep,
+                      "vs_best_ms": round(b_ms, 4)})
+        if keep:
+            best, best_sess = cand, sess
+    return best, best_sess
+
+
+def linear_layers(model: ir.Model) -> list[ir.Node]:
+    """Main-graph MatMul/Gemm nodes that dynamic quantization accepts (constant 2-D weights)."""
+    return [n for n in model.graph if n.op_type in ("MatMul", "Gemm") and n.domain in ("", "ai.onnx")
+            and dynamic_refusal(n) is None]
+
+
+def transformer_like(model: ir.Model) -> bool:
+    """Whether linear layers hold at least ``TRANSFORMER_SHARE`` of the Conv/MatMul/Gemm MACs (unknown
+    dims count as 1)."""
+    lin = set(linear_layers(model))
+    if not lin:
+        return False
+    shapes = stats.inferred_shapes(model)
+    total = linear = 0
+    for n in model.graph:
+        if n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm"):
+            m = stats.node_macs(n, shapes)
+            total += m
+            linear += m if n in lin else 0
+    return total > 0 and linear >= TRANSFORMER_SHARE * total
+
+
+def exact_names(names) -> tuple[str, ...]:
+    """Exclude patterns matching exactly these node names, one per name (so a skip reason names one node)."""
+    return tuple(f"re:^{re.escape(n)}$" for n in sorted({n for n in names if n}))
+
+
+def static_options(model: ir.Model, opts: PlanOptions, placement: Placement, keep_float=()) -> PlanOptions | None:
+    """The options of the static QDQ step of ``steps`` (None when the placement has none)."""
+    if placement.rest != "static":
+        return None
+    extra = () if placement.linear == "static" else exact_names(n.name for n in linear_layers(model))
+    return dataclasses.replace(opts, exclude=(*opts.exclude, *exact_names(keep_float), *extra))
+
+
+def steps(model: ir.Model, plan: QDQPlan, table, opts: PlanOptions, placement: Placement = Placement(),
+          keep_float=()) -> list:
+    """The passes that quantize ``model`` with ``placement``: static QDQ (``rest == static``; the linear
+    layers too when ``linear == static``), then dynamic quantization of the linear layers
+    (``linear == dynamic``). Nodes named in ``keep_float`` and the user's exclusions stay float in both."""
+    out: list = []
+    qopts = static_options(model, opts, placement, keep_float)
+    if qopts is not None and table is not None:
+        out.append(QDQPass(plan=dataclasses.replace(plan, options=qopts), table=table))
+    if placement.linear == "dynamic":
+        exclude = (*opts.exclude, *exact_names(keep_float), *exact_names(user_kept(model, opts)))
+        out.append(DynamicQuantPass(per_channel=opts.per_channel, reduce_range=opts.reduce_range, exclude=exclude))
+    return out
+
+
+def build(model: ir.Model, plan: QDQPlan, table, opts: PlanOptions, placement: Placement = Placement(),
+          keep_float=()) -> ir.Model:
+    """A quantized clone of ``model`` (see ``steps``), unchecked (for timing)."""
+    clone = model.clone()
+    for p in steps(model, plan, table, opts, placement, keep_float):
+        p(clone)
+    return clone
+
+
+def user_kept(model: ir.Model, opts: PlanOptions) -> list[str]:
+    """Names of the nodes the user's options keep float (exclusions, op types, first/last layers)."""
+    return [n.name for n, why in plan_qdq(model, opts).skipped if why.startswith(USER_REASONS) and n.name]
 
 
 def _nodes(model: ir.Model, opts: PlanOptions, table) -> frozenset:
@@ -101,8 +227,9 @@ def _session(model: ir.Model, plan: QDQPlan, opts: PlanOptions, table):
 
 
 def _knobs(opts: PlanOptions) -> dict:
-    return {k: getattr(opts, k) for k in ("depthwise", "min_conv_macs", "matmul_activations", "pools",
-                                          "elementwise")}
+    knobs = {k: getattr(opts, k) for k in ("depthwise", "min_conv_macs", "matmul_activations", "pools",
+                                           "elementwise")}
+    return {**knobs, **Placement().to_dict()}
 
 
 def _paired(a, b, feed: dict, runs: int) -> tuple[float, float]:

@@ -5,14 +5,25 @@ Steps, in order:
 1. the lossless passes (the ``default`` preset) to a fixed point, so BatchNorm is folded into Conv,
    Conv+bias and Gemm patterns are formed and dead code is gone before ranges are measured;
 2. an opset below 13 is upgraded with ``onnx.version_converter`` (per-channel DequantizeLinear needs 13);
+   unnamed nodes get names (exclusions, ``explain`` and bias correction address nodes by name);
 3. shape inference, so the planner knows element types and tensor sizes;
-4. ``qdq_rules.plan_qdq``: which nodes run quantized and which tensors need ranges;
-5. ``calibration.calibrate`` of exactly those tensors on ``data`` (cached on disk by model and data);
-6. ``qdq_tune.tune`` (unless ``tune=False``): a few placements timed on ONNX Runtime, the fastest kept;
-7. the ``qdq`` pass, then ``dead_code``, with a structural check after each;
-8. ``recovery`` hooks, the extension point for accuracy recovery (``--max-drift`` and friends): each is
-   called with a ``QuantizeContext`` holding the float model, the quantized model, the plan, the table and
-   the data, and may rewrite the quantized model in place.
+4. float rewrites that are exact in real arithmetic, when asked: ``equalize`` (cross-layer equalization)
+   and ``smoothquant`` (SmoothQuant scale migration, its activation maxima measured on ``data``);
+5. ``qdq_rules.plan_qdq``: which nodes run quantized and which tensors need ranges;
+6. ``calibration.calibrate`` of exactly those tensors on ``data`` (cached on disk by model and data);
+7. ``qdq_tune.tune`` (unless ``tune=False``): a few placements timed on ONNX Runtime, the fastest kept;
+   with ``mode="auto"`` and a transformer-like model, the linear layers may run dynamic or float and the
+   rest float (``qdq_tune.Placement``); a result slower than float is said in ``warnings``;
+8. the build (``recovery.Builder``): the ``qdq`` pass and/or ``dynamic_quantize``, then ``dead_code``,
+   with a structural check after each; ``bias_correction`` subtracts each layer's measured mean shift;
+9. ``max_drift`` / ``max_metric_drop``: the most sensitive nodes are kept float until the budget holds
+   (``mixed_precision.search``);
+10. ``recovery`` hooks, the extension point for more accuracy recovery: each is called with a
+    ``QuantizeContext`` holding the float model, the quantized model, the plan, the table and the data,
+    and may rewrite the quantized model in place or set ``ctx.model`` to another one.
+
+``mode="dynamic"`` skips 5-7: MatMul/Gemm weights become int8 and their activations are quantized at
+run time (``passes/dynamic_quant``); no calibration data is needed for it alone.
 
 ``fusion_report(path)`` (from ``qdq_fusion``) tells which node units ONNX Runtime fused. The module is
 callable: ``onnxshrink.quantize(...)`` is ``onnxshrink.quantize.quantize(...)``.
@@ -37,15 +48,17 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxshrink import data as data_mod
 from onnxshrink import model_io, pipeline, qdq_tune, stats
-from onnxshrink.errors import DataError, UnsupportedModelError
+from onnxshrink.errors import ConfigError, DataError, UnsupportedModelError
 from onnxshrink.instruments import StructuralCheck
-from onnxshrink.passes.qdq import MIN_OPSET, QDQPass
+from onnxshrink.passes.equalize import CrossLayerEqualizationPass
+from onnxshrink.passes.qdq import MIN_OPSET
 from onnxshrink.passes.qdq_rules import PlanOptions, QDQPlan, plan_qdq
 from onnxshrink.qdq_fusion import FusionReport, fusion_report  # noqa: F401 - part of this module's API
 
 logger = logging.getLogger(__name__)
 
 CALIB_METHODS = ("minmax", "ema", "percentile", "entropy", "mse")
+MODES = ("auto", "static", "dynamic")
 
 
 def default_activations() -> str:
@@ -88,10 +101,32 @@ class QuantizeResult:
     output: Path | None = None
     opset_upgraded_from: int | None = None
     tuning: qdq_tune.TuneReport | None = None
+    mode: str = "auto"
+    placement: qdq_tune.Placement = dataclasses.field(default_factory=qdq_tune.Placement)
+    dynamic_nodes: list[str] = dataclasses.field(default_factory=list)
+    recovery: dict = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def skipped(self) -> list[str]:
-        return [f"{n.op_type} {n.name!r}: {why}" for n, why in self.plan.skipped]
+        linear = set(self.recovery.get("linear_layers", ()))
+        kept = {r["node"]: r for r in self.recovery.get("mixed_precision", {}).get("kept_float", [])}
+        out = []
+        for n, why in self.plan.skipped:
+            if n.name in kept:
+                noise = kept[n.name]["added_noise"]
+                why = f"kept float by the drift budget (adds noise {noise if isinstance(noise, str) else f'{noise:.3g}'})"
+            elif n.name in linear and self.placement.linear != "static":
+                why = f"linear layer run {self.placement.linear} (placement {self.placement.to_dict()})"
+                if n.name in self.dynamic_nodes:
+                    continue
+            out.append(f"{n.op_type} {n.name!r}: {why}")
+        return out
+
+    @property
+    def quantized_nodes(self) -> int:
+        """Nodes running int8: statically quantized ones plus dynamically quantized linear layers."""
+        return len(self.plan.nodes) + len(self.dynamic_nodes)
 
     def to_dict(self) -> dict:
         return {
@@ -101,6 +136,11 @@ class QuantizeResult:
             "options": self.options.to_dict(),
             "opset_upgraded_from": self.opset_upgraded_from,
             "tuning": self.tuning.to_dict() if self.tuning else None,
+            "mode": self.mode,
+            "placement": self.placement.to_dict(),
+            "dynamic_nodes": self.dynamic_nodes,
+            "recovery": {k: v for k, v in self.recovery.items() if k != "linear_layers"},
+            "warnings": self.warnings,
             "plan": self.plan.summary(),
             "skipped": self.skipped,
             "before": self.before,
@@ -114,6 +154,7 @@ def quantize(
     data,
     output: str | os.PathLike | None = None,
     *,
+    mode: str = "auto",
     method: str = "minmax",
     activations: str = "auto",
     per_channel: bool = True,
@@ -131,25 +172,43 @@ def quantize(
     providers=None,
     cache_dir=None,
     progress: bool | Callable = False,
+    equalize: bool = False,
+    smoothquant: float | None = None,
+    bias_correction: bool = False,
+    max_drift: float | None = None,
+    max_metric_drop: float | None = None,
+    metric: str | None = None,
+    drift_data=None,
     recovery: Sequence[RecoveryHook] = (),
     overwrite_input: bool = False,
     **observer_opts,
 ) -> QuantizeResult:
-    """Quantize ``model`` to int8 QDQ with ranges calibrated on ``data`` and write it to ``output``.
+    """Quantize ``model`` to int8 with ranges calibrated on ``data`` and write it to ``output``.
 
     ``data``: a directory of ``.npz`` feeds, one stacked ``.npz``, or an iterable of feed dicts (see
-    ``onnxshrink.data``). ``method``: ``minmax``, ``ema``, ``percentile``, ``entropy`` or ``mse``
+    ``onnxshrink.data``). ``mode``: ``auto`` (static QDQ; for transformer-like models the tuner may run
+    linear layers dynamic or float), ``static`` (QDQ only) or ``dynamic`` (MatMul/Gemm weights only, no
+    calibration). ``method``: ``minmax``, ``ema``, ``percentile``, ``entropy`` or ``mse``
     (``observer_opts`` go to the observer, e.g. ``percentile=99.99``). ``activations``: ``uint8``,
     ``int8`` or ``auto`` (the faster for this CPU). ``tune``: time a few placements on ONNX Runtime
-    and keep the fastest (``qdq_tune``; off: every quantizable node is quantized). Other options: see
-    ``PlanOptions``.
+    and keep the fastest (``qdq_tune``; off: every quantizable node is quantized). Accuracy recovery:
+    ``equalize``, ``smoothquant`` (alpha), ``bias_correction``, ``max_drift`` (1 - cosine) and
+    ``max_metric_drop`` with ``metric`` (measured on ``drift_data``, default ``data``); see the module
+    docstring. Other options: see ``PlanOptions``.
     """
-    from onnxshrink import calibration
+    from onnxshrink import calibration, mixed_precision
+    from onnxshrink import recovery as rec
 
     t0 = time.perf_counter()
-    if data is None:
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {MODES}, not {mode!r}")
+    needs_data = mode != "dynamic" or smoothquant is not None or max_drift is not None or max_metric_drop is not None
+    if data is None and needs_data:
         raise DataError("quantization needs calibration data (a folder of .npz feeds, a stacked .npz, "
                         "or a list of feed dicts); random data would give meaningless ranges")
+    budget = None
+    if max_drift is not None or max_metric_drop is not None:
+        budget = mixed_precision.Budget(max_drift, max_metric_drop, metric)
     opts = PlanOptions(
         activations=default_activations() if activations == "auto" else activations,
         per_channel=per_channel, reduce_range=reduce_range, exclude=tuple(exclude),
@@ -163,33 +222,79 @@ def quantize(
     if lossless:
         _merge(report, _run(ir_model, pipeline.lossless_steps(), check))
     ir_model, upgraded = upgrade_opset(ir_model)
+    rec.name_nodes(ir_model)
     ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(ir_model)
-    plan = plan_qdq(ir_model, opts)
-    _warn_if_empty(plan)
-    table = calibration.calibrate(
-        ir_model, data, plan.calibration_values(), method=method, batch_size=batch_size,
-        providers=providers, cache_dir=cache_dir, progress=progress, **observer_opts,
-    )
-    tuning = None
-    if tune:
-        feed = next(iter(data_mod.feeds(data, ir_model)))
-        opts, tuning = qdq_tune.tune(ir_model, plan, table, feed, tune_runs)
-        plan = dataclasses.replace(plan, options=opts)
-    final = plan_qdq(ir_model, opts, table)  # what the pass will do (it re-plans the same way)
+    pre = [CrossLayerEqualizationPass()] if equalize else []
+    if smoothquant is not None:
+        pre.append(rec.smoothquant_pass(ir_model, data, smoothquant, providers))
+    if pre:
+        _merge(report, _run(ir_model, pre, check))
+    table = tuning = None
+    placement = qdq_tune.Placement("dynamic", "float") if mode == "dynamic" else qdq_tune.Placement()
+    plan = QDQPlan(opts, (), (), True)
+    if mode != "dynamic":
+        plan = plan_qdq(ir_model, opts)
+        _warn_if_empty(plan)
+        table = calibration.calibrate(
+            ir_model, data, plan.calibration_values(), method=method, batch_size=batch_size,
+            providers=providers, cache_dir=cache_dir, progress=progress, **observer_opts,
+        )
+        if tune:
+            feed = next(iter(data_mod.feeds(data, ir_model)))
+            opts, tuning = qdq_tune.tune(ir_model, plan, table, feed, tune_runs, regions=mode == "auto")
+            plan = dataclasses.replace(plan, options=opts)
+            placement = tuning.placement if tuning else placement
+    builder = rec.Builder(ir_model, plan, table, opts, placement, check, data, bias_correction, providers)
+    qmodel, kept, notes = builder(), [], {}
+    if budget is not None:
+        static, dynamic = builder.quantized_names(qmodel)
+        first = qmodel
+        qmodel, mixed = mixed_precision.search(
+            ir_model, lambda keep: builder(keep) if keep else first, static + dynamic,
+            drift_data if drift_data is not None else data, budget, dynamic=dynamic, providers=providers)
+        kept = [row["node"] for row in mixed.kept]
+        notes["mixed_precision"] = mixed.to_dict()
+    _merge(report, builder.reports[id(qmodel)])
+    final = builder.final_plan(kept)
     logger.info("QDQ plan: %s", final.summary())
-    float_model = ir_model.clone() if recovery else None
-    qdq = QDQPass(plan=plan, table=table)
-    _merge(report, _run(ir_model, [qdq, pipeline.make_pass("dead_code")], check))
+    ctx = QuantizeContext(ir_model, qmodel, final, table, data, opts)
     for hook in recovery:
-        hook(QuantizeContext(float_model, ir_model, final, table, data, opts))
+        hook(ctx)
+    qmodel = ctx.model
+    notes.update(_notes(builder, report, qmodel))
     out_path = None
     if output is not None:
-        out_path = model_io.save(ir_model, output, protected=(in_path,) if in_path else (),
+        out_path = model_io.save(qmodel, output, protected=(in_path,) if in_path else (),
                                  overwrite_input=overwrite_input)
     return QuantizeResult(
-        ir_model, final, table, report, before, stats.summarize(ir_model, out_path),
-        time.perf_counter() - t0, opts, method, out_path, upgraded, tuning,
+        qmodel, final, table, report, before, stats.summarize(qmodel, out_path),
+        time.perf_counter() - t0, opts, method, out_path, upgraded, tuning, mode, placement,
+        builder.quantized_names(qmodel)[1], notes, _speed_warnings(tuning, notes),
     )
+
+
+def _notes(builder, report: pipeline.PipelineReport, qmodel: ir.Model) -> dict:
+    notes: dict = {"linear_layers": [n.name for n in qdq_tune.linear_layers(builder.float_model)]}
+    passes = report.per_pass()
+    for name in ("cross_layer_equalization", "smoothquant"):
+        if name in passes:
+            notes[name] = {"counts": passes[name]["counts"], "skipped": passes[name]["skipped"][:20]}
+    if builder.correction is not None:
+        notes["bias_correction"] = builder.correction
+    return notes
+
+
+def _speed_warnings(tuning, notes: dict) -> list[str]:
+    out = []
+    if tuning is not None and tuning.speedup is not None and tuning.speedup < 1 - qdq_tune.MIN_GAIN:
+        out.append(f"the quantized model is SLOWER than float on this CPU: {tuning.speedup:.2f}x float speed "
+                   "(1 thread, timed on a calibration feed)")
+    kept = notes.get("mixed_precision", {})
+    if kept and not kept.get("met"):
+        out.append("the drift budget is NOT met even with every quantized node float")
+    for line in out:
+        logger.warning("quantize: %s", line)
+    return out
 
 
 def _run(model: ir.Model, steps, check: bool) -> pipeline.PipelineReport:

@@ -13,6 +13,7 @@ if __name__ != "onnxshrink.passes":  # pragma: no cover - packaging guard
 
 from onnxshrink.pass_infra import ShrinkPass
 from onnxshrink.passes import activations, cleanup, fold_constants, fusions, identities, prune_channels, qdq
+from onnxshrink.passes import dynamic_quant, equalize, smoothquant
 
 REGISTRY: dict[str, type[ShrinkPass]] = {
     fold_constants.FoldConstantsPass.name: fold_constants.FoldConstantsPass,
@@ -25,6 +26,9 @@ REGISTRY: dict[str, type[ShrinkPass]] = {
     fusions.FuseGemmPass.name: fusions.FuseGemmPass,
     activations.FuseActivationsPass.name: activations.FuseActivationsPass,
     qdq.QDQPass.name: qdq.QDQPass,
+    dynamic_quant.DynamicQuantPass.name: dynamic_quant.DynamicQuantPass,
+    equalize.CrossLayerEqualizationPass.name: equalize.CrossLayerEqualizationPass,
+    smoothquant.SmoothQuantPass.name: smoothquant.SmoothQuantPass,
     prune_channels.PruneChannelsPass.name: prune_channels.PruneChannelsPass,
 }
 

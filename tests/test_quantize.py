@@ -28,7 +28,7 @@ def test_trained_digits_accuracy_drop_within_one_point_and_fully_fused(name, tmp
     result = onnxshrink.quantize(
         digits.trained_path(name), digits.feeds(name, "calib", batch=32), tmp_path / "q.onnx", cache_dir=False
     )
-    assert result.plan.summary()["quantized_nodes"] > 0
+    assert result.quantized_nodes > 0  # static QDQ nodes, or dynamic linear layers (transformers)
     before, after = _accuracy(digits.trained_path(name), x, y), _accuracy(result.output, x, y)
     assert before - after <= 0.01, f"{name}: accuracy {before:.4f} -> {after:.4f}"
     report = fusion_report(result.output)

@@ -1,0 +1,113 @@
+"""Accuracy recovery around int8 quantization, as ``onnxshrink.quantize`` runs it.
+
+Before calibration, on the float model (each exact in real arithmetic, so ranges are measured on the
+model that will be quantized):
+
+- ``--equalize``: ``passes/equalize.py`` (cross-layer equalization of Conv/Gemm pairs);
+- ``--smoothquant [ALPHA]``: ``smoothquant_pass`` measures per-channel ``max |x|`` of the tensors
+  SmoothQuant can smooth (``onnxshrink.channel_stats``, in-graph reductions) and returns the pass.
+
+After calibration, ``Builder`` turns the float model into the quantized one for a placement and a set of
+nodes kept float (the steps of ``qdq_tune.steps``, ``dead_code``, a structural check), and applies bias
+corrections (``--bias-correction``: ``onnxshrink.bias_correction``, measured once on the first build and
+reused by every later build) so that the drift-budgeted search (``--max-drift``, ``--max-metric-drop``:
+``onnxshrink.mixed_precision``) measures exactly the models it may return.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import onnx_ir as ir
+
+from onnxshrink import bias_correction, channel_stats, pipeline, qdq_tune
+from onnxshrink.graph_utils import NameGen
+from onnxshrink.instruments import StructuralCheck
+from onnxshrink.passes.qdq_rules import PlanOptions, QDQPlan, plan_qdq
+from onnxshrink.passes.smoothquant import SmoothQuantPass, candidates
+
+logger = logging.getLogger(__name__)
+
+#: Feeds used to measure SmoothQuant's activation maxima and bias shifts (the first ones of the data).
+MAX_FEEDS = 64
+
+
+def smoothquant_pass(model: ir.Model, data, alpha: float = 0.5, providers=None,
+                     limit: int = MAX_FEEDS) -> SmoothQuantPass:
+    """A ``SmoothQuantPass`` for ``model`` with the per-channel activation maxima measured on ``data``."""
+    probe = model.clone()
+    values = candidates(probe)
+    taps = [channel_stats.ChannelTap(v, -1, "absmax") for v in values]
+    names = [v.name for v in values]
+    maxima = channel_stats.collect(probe, data, taps, providers=providers, limit=limit)
+    logger.info("smoothquant: %d candidate tensors measured", len(names))
+    return SmoothQuantPass(alpha=alpha, act_absmax={n: m for n, m in zip(names, maxima) if m is not None})
+
+
+def name_nodes(model: ir.Model) -> int:
+    """Give every unnamed node a unique name (exclusions, ``explain`` and bias correction address nodes
+    by name). Returns how many were named."""
+    names = NameGen(model)
+    n = 0
+    for graph in model.graphs():
+        for node in graph:
+            if not node.name:
+                node.name = names(f"{node.op_type}_node")
+                n += 1
+    return n
+
+
+@dataclasses.dataclass
+class Builder:
+    """Builds quantized models from ``float_model`` (never changed); see the module docstring."""
+
+    float_model: ir.Model
+    plan: QDQPlan
+    table: Any
+    options: PlanOptions
+    placement: qdq_tune.Placement
+    check: bool = True
+    data: Any = None
+    bias_correction: bool = False
+    providers: Any = None
+    shifts: dict | None = None
+    correction: dict | None = None
+    reports: dict = dataclasses.field(default_factory=dict)
+
+    def __call__(self, keep_float=()) -> ir.Model:
+        model = self.float_model.clone()
+        steps = qdq_tune.steps(self.float_model, self.plan, self.table, self.options, self.placement, keep_float)
+        steps.append(pipeline.make_pass("dead_code"))
+        report = pipeline.Pipeline(steps, [StructuralCheck()] if self.check else []).run(model)
+        if self.bias_correction and self.table is not None:
+            self._correct(model)
+        self.reports[id(model)] = report
+        return model
+
+    def _correct(self, model: ir.Model) -> None:
+        float_names = {n.name for n in self.float_model.graph if n.name}
+        targets, skipped = bias_correction.find_targets(model, float_names)
+        if self.shifts is None:
+            self.shifts = bias_correction.measure(self.float_model, targets, self.data, providers=self.providers,
+                                                  limit=MAX_FEEDS)
+            self.correction = bias_correction.Correction(self.shifts, skipped, MAX_FEEDS).to_dict()
+            logger.info("bias correction: %d layers measured, %d skipped", len(self.shifts), len(skipped))
+        bias_correction.apply(targets, self.shifts, NameGen(model))
+
+    def final_plan(self, keep_float=()) -> QDQPlan:
+        """The static plan the build with ``keep_float`` applies (empty when nothing runs static)."""
+        qopts = qdq_tune.static_options(self.float_model, self.options, self.placement, keep_float)
+        if qopts is None or self.table is None:
+            return QDQPlan(self.options, (), (), True)
+        return plan_qdq(self.float_model, qopts, self.table)
+
+    def quantized_names(self, model: ir.Model) -> tuple[list[str], list[str]]:
+        """Names of the statically quantized nodes and of the dynamic linear layers of ``model``."""
+        static = [n.name for n in self.final_plan().nodes if n.name]
+        dynamic = []
+        if self.placement.linear == "dynamic":
+            float_lin = {n.name for n in qdq_tune.linear_layers(self.float_model)}
+            dynamic = [n.name for n in model.graph if n.name in float_lin and n.op_type in ("Mul", "Add")]
+        return static, dynamic

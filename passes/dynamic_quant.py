@@ -1,0 +1,210 @@
+"""The ``dynamic_quantize`` pass: int8 weights for MatMul/Gemm, activations quantized at run time.
+
+Rule: a ``MatMul(x, W)`` with a constant float32 2-D ``W`` [K, N], or a ``Gemm(x, W, C)`` with
+``transA = 0`` (``alpha`` and ``transB`` folded into ``W``, ``beta`` into ``C``), becomes standard ONNX:
+
+    xq, xs, xz = DynamicQuantizeLinear(x)                # uint8, per tensor, at run time
+    acc = MatMulInteger(xq, Wq, xz, Wz)                  # Wq int8 [K, N] symmetric, Wz int8 zeros
+    y = Mul(Cast(acc, float), Mul(xs, Ws))  [+ Add(C)]   # Ws per column (per channel) or per tensor
+
+ONNX Runtime's CPU EP fuses the pattern (``MatMulIntegerToFloatFusion`` then
+``DynamicQuantizeMatMulFusion``) into one ``com.microsoft.DynamicQuantizeMatMul``, a constant ``[N]``
+bias ``Add`` included, per-column scales included (checked in ``tests/test_dynamic_quant.py``). The
+fusion needs one ``DynamicQuantizeLinear`` per ``MatMulInteger``, so an input read by several linear
+layers (Q, K, V projections) is quantized once per layer. A ``MatMul`` followed by ``Add(bias, y)``
+gets the Add's inputs swapped (the fusion wants the bias second).
+
+The last node of each rewrite takes the original node's name and its output the original output's name,
+so ``explain`` and exclusions keep addressing the layer. Refuses (``stats.skip``): a non-constant or
+non-2-D weight, ``transA = 1``, NaN/Inf weights, a non-float32 input, and nodes matched by ``exclude``
+(fnmatch patterns or ``re:REGEX`` on node names). Needs opset >= 11.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxshrink import model_io
+from onnxshrink.errors import ConfigError, UnsupportedModelError
+from onnxshrink.graph_utils import NameGen, add_initializer, bypass, const_array, is_default_domain
+from onnxshrink.pass_infra import Changes, PassStats, ShrinkPass
+
+OPS = ("MatMul", "Gemm")
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicQuantConfig:
+    """``per_channel``: one weight scale per output column; ``reduce_range``: 7-bit weights (AVX2 without
+    VNNI); ``exclude``: node-name patterns kept float (fnmatch, or ``re:REGEX``)."""
+
+    per_channel: bool = True
+    reduce_range: bool = False
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for pat in self.exclude:
+            if pat.startswith("re:"):
+                try:
+                    re.compile(pat[3:])
+                except re.error as e:
+                    raise ConfigError(f"dynamic_quantize: exclude pattern {pat!r} is not a valid regex: {e}") from e
+
+
+def excluded(name: str | None, patterns) -> bool:
+    name = name or ""
+    return any(re.search(p[3:], name) if p.startswith("re:") else fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+class DynamicQuantPass(ShrinkPass):
+    """Rewrite MatMul/Gemm with constant weights into DynamicQuantizeLinear + MatMulInteger (see module)."""
+
+    name = "dynamic_quantize"
+    Config = DynamicQuantConfig
+    changes = Changes.TOPOLOGY | Changes.WEIGHTS | Changes.DTYPES | Changes.NUMERICS
+    lossy = True
+
+    def apply(self, model: ir.Model, stats: PassStats) -> None:
+        opset = model_io.default_opset(model) or 0
+        if opset < 11:
+            raise UnsupportedModelError(f"pass 'dynamic_quantize': opset {opset} < 11 (DynamicQuantizeLinear)")
+        names = NameGen(model)
+        for graph in model.graphs():
+            for node in list(graph):
+                if node.op_type not in OPS or not is_default_domain(node):
+                    continue
+                reason = self._refusal(node)
+                if reason:
+                    stats.skip(node, reason)
+                    continue
+                _Rewrite(node, graph, names, self.config).run()
+                stats.add("linear_layers_dynamic")
+
+
+    def _refusal(self, node: ir.Node) -> str | None:
+        if excluded(node.name, self.config.exclude):
+            return "name matches an exclude pattern"
+        return refusal(node)
+
+
+def refusal(node: ir.Node) -> str | None:
+    """Why ``node`` (MatMul or Gemm) cannot be quantized dynamically, or None."""
+    w = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if const_array(node.inputs[0]) is not None:
+        return "its first operand is constant"
+    if w is None or w.dtype != np.float32 or w.ndim != 2:
+        return "the weight is not a constant 2-D float32 tensor"
+    if not np.all(np.isfinite(w)):
+        return "the weight holds NaN or Inf"
+    x = node.inputs[0]
+    if x.dtype is not None and x.dtype != ir.DataType.FLOAT:
+        return f"input {x.name!r} is {x.dtype}, not float32"
+    if node.op_type == "Gemm":
+        if _int_attr(node, "transA", 0):
+            return "Gemm with transA=1"
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            c = const_array(node.inputs[2])
+            if c is None or c.dtype != np.float32:
+                return "the Gemm bias is not a float32 constant"
+    return None
+
+
+def _int_attr(node: ir.Node, name: str, default: int) -> int:
+    return node.attributes[name].as_int() if name in node.attributes else default
+
+
+def _float_attr(node: ir.Node, name: str, default: float) -> float:
+    return node.attributes[name].as_float() if name in node.attributes else default
+
+
+def weight_scales(w: np.ndarray, per_channel: bool, reduce_range: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(Wq int8, scale float32)`` of a [K, N] weight, symmetric, per column or per tensor."""
+    qmax = 64 if reduce_range else 127
+    absmax = np.abs(w).max(axis=0) if per_channel else np.array(np.abs(w).max())
+    scale = np.where(absmax > 0, absmax / qmax, 1.0).astype(np.float32)
+    wq = np.clip(np.rint(w / scale), -qmax, qmax).astype(np.int8)
+    return wq, scale
+
+
+class _Rewrite:
+    """One MatMul/Gemm into the dynamic pattern."""
+
+    def __init__(self, node: ir.Node, graph, names: NameGen, cfg: DynamicQuantConfig) -> None:
+        self.node, self.graph, self.names, self.cfg = node, graph, names, cfg
+        self.base = node.name or node.outputs[0].name or node.op_type
+
+    def _new(self, op: str, inputs, hint: str, dtype=None, **attrs) -> ir.Node:
+        attributes = [ir.AttrInt64(k, v) for k, v in attrs.items()]
+        n = ir.Node("", op, inputs, attributes=attributes, num_outputs=3 if op == "DynamicQuantizeLinear" else 1,
+                    name=self.names(f"{self.base}_{hint}"))
+        for i, out in enumerate(n.outputs):
+            out.name = self.names(f"{self.base}_{hint}" + (f"_{i}" if len(n.outputs) > 1 else ""))
+        if dtype is not None:
+            n.outputs[0].dtype = dtype
+        self.graph.insert_before(self.node, n)
+        return n
+
+    def _init(self, array: np.ndarray, hint: str) -> ir.Value:
+        return add_initializer(self.graph, array, self.names(f"{self.base}_{hint}"))
+
+    def run(self) -> None:
+        node = self.node
+        w, bias = self._weight_and_bias()
+        wq, ws = weight_scales(w, self.cfg.per_channel, self.cfg.reduce_range)
+        dql = self._new("DynamicQuantizeLinear", [node.inputs[0]], "dql")
+        dql.outputs[0].dtype, dql.outputs[1].dtype, dql.outputs[2].dtype = (
+            ir.DataType.UINT8, ir.DataType.FLOAT, ir.DataType.UINT8)
+        wzp = np.zeros(ws.shape, np.int8)
+        mmi = self._new("MatMulInteger", [dql.outputs[0], self._init(wq, "wq"), dql.outputs[2],
+                                          self._init(wzp, "wzp")], "mmi", ir.DataType.INT32)
+        cast = self._new("Cast", [mmi.outputs[0]], "cast", ir.DataType.FLOAT, to=ir.DataType.FLOAT.value)
+        scale = self._new("Mul", [dql.outputs[1], self._init(ws, "ws")], "scale", ir.DataType.FLOAT)
+        last = self._new("Mul", [cast.outputs[0], scale.outputs[0]], "out", ir.DataType.FLOAT)
+        if bias is not None:
+            last = self._new("Add", [last.outputs[0], self._init(bias, "bias")], "bias", ir.DataType.FLOAT)
+        self._finish(last)
+
+    def _weight_and_bias(self) -> tuple[np.ndarray, np.ndarray | None]:
+        node = self.node
+        w = const_array(node.inputs[1]).astype(np.float32)
+        if node.op_type == "MatMul":
+            self._bias_second()
+            return w, None
+        if _int_attr(node, "transB", 0):
+            w = w.T
+        w = np.ascontiguousarray(w * np.float32(_float_attr(node, "alpha", 1.0)), dtype=np.float32)
+        if len(node.inputs) < 3 or node.inputs[2] is None:
+            return w, None
+        c = const_array(node.inputs[2]).astype(np.float32) * np.float32(_float_attr(node, "beta", 1.0))
+        if c.size in (1, w.shape[1]) and c.ndim <= 2 and (c.ndim < 2 or c.shape[0] == 1):
+            c = np.broadcast_to(c.reshape(-1), (w.shape[1],))
+        return w, np.ascontiguousarray(c, dtype=np.float32)
+
+    def _bias_second(self) -> None:
+        """``Add(bias, y)`` after the MatMul becomes ``Add(y, bias)`` (the bias fusion reads input 1)."""
+        y = self.node.outputs[0]
+        uses = list(y.uses())
+        if len(uses) != 1 or y.is_graph_output():
+            return
+        add = uses[0].node
+        if add.op_type == "Add" and is_default_domain(add) and uses[0].idx == 1 and const_array(add.inputs[0]) is not None:
+            a, b = add.inputs[0], add.inputs[1]
+            add.replace_input_with(0, b)
+            add.replace_input_with(1, a)
+
+    def _finish(self, last: ir.Node) -> None:
+        node, old = self.node, self.node.outputs[0]
+        name, out_name = node.name, old.name
+        new = last.outputs[0]
+        new.shape = old.shape
+        reason = bypass(node, old, new)
+        if reason:  # pragma: no cover - bypass refuses only graph-output corner cases new nodes never hit
+            raise UnsupportedModelError(f"pass 'dynamic_quantize': cannot rewire {node.op_type} {name!r}: {reason}")
+        if name:
+            last.name = name
+        if out_name and new.name != out_name:
+            new.name = out_name
