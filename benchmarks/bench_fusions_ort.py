@@ -1,8 +1,9 @@
 """Do the newer lossless fusions slow ONNX Runtime down? (CPU, 1 thread, interleaved, ratios)
 
 Each fusion is measured on the models it fires on: the model optimized by the ``default`` preset with
-the fusion against the same preset without it (``fuse_activations`` left out; ``fuse_conv_bias`` with
-``scale=False``), plus small synthetic cases. Both sessions run interleaved (A B A B ...) on the
+the fusion against the same preset without it (``fuse_activations`` or ``fold_scalar_scales`` left
+out; ``fuse_conv_bias`` with ``scale=False``), plus a synthetic hard-swish stack. PP-OCR models for
+the first two, the zoo transformer and the trained digits ViT (batch 64) for the last. Both sessions run interleaved (A B A B ...) on the
 same feed; the report gives median latencies and the median of the paired ratios with/without
 (< 1: the fusion makes ORT faster). Both ORT levels: ``enable_all`` (what users run; ORT fuses
 Conv+Mul by itself there) and ``disable_all`` (what the graph alone costs).
@@ -29,18 +30,20 @@ sys.path.insert(0, str(ROOT))
 
 from models import fetch_real
 from onnxshrink import model_io
-from onnxshrink.pipeline import LOSSLESS_PASSES, FixedPoint, Pipeline, make_pass
+from onnxshrink.pipeline import FixedPoint, Pipeline, make_pass, preset_steps
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LEVELS = {"enable_all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
           "disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
 
 
-def optimized(path, activations: bool, conv_scale: bool) -> bytes:
-    names = list(LOSSLESS_PASSES)
-    if activations:
-        names.insert(names.index("fuse_gemm") + 1, "fuse_activations")
-    passes = [make_pass(n, **({"scale": conv_scale} if n == "fuse_conv_bias" else {})) for n in names]
+def optimized(path, without: str | None = None) -> bytes:
+    """The model after the ``default`` preset, optionally without one fusion ("conv_scale": the
+    ``scale`` option of ``fuse_conv_bias``, and ``fold_scalar_scales``, which folds scalar ones too)."""
+    steps = preset_steps("default")[0].passes
+    skip = {without, "fold_scalar_scales"} if without == "conv_scale" else {without}
+    names = [p.name for p in steps if p.name not in skip]
+    passes = [make_pass(n, **({"scale": without != "conv_scale"} if n == "fuse_conv_bias" else {})) for n in names]
     model = model_io.load(path)
     Pipeline([FixedPoint(passes)]).run(model)
     return model_io.to_bytes(model)
@@ -108,9 +111,28 @@ def cases(only):
             continue
         path = fetch_real.fetch(name)
         feed = fetch_real.example_feeds(name, 1, seed=0)[0]
-        full = optimized(path, True, True)
-        yield name, "fuse_activations", optimized(path, False, True), full, feed
-        yield name, "fuse_conv_bias scale", optimized(path, True, False), full, feed
+        full = optimized(path)
+        yield name, "fuse_activations", optimized(path, "fuse_activations"), full, feed
+        yield name, "conv scales (fuse_conv_bias scale + fold_scalar_scales)", optimized(path, "conv_scale"), full, feed
+    for name, path, feed in _attention_models(only):
+        yield name, "fold_scalar_scales", optimized(path, "fold_scalar_scales"), optimized(path), feed
+
+
+def _attention_models(only):
+    """(name, path, feed) of the transformer models (zoo transformer, trained digits ViT)."""
+    import tempfile
+
+    from models import digits, zoo
+
+    if not only or "transformer" in only:
+        path = zoo.save("transformer", tempfile.mkdtemp(prefix="bench-fusions-"))
+        from onnxshrink import data
+
+        specs = data.input_specs(model_io.load(path))
+        yield "transformer", path, data.random_feed(specs, 0, {d: 8 for s in specs for d in s.dims if isinstance(d, str)})
+    if not only or "digits_vit" in only:
+        x, _ = digits.model_input("vit", "test")
+        yield "digits_vit", digits.trained_path("vit"), {"input": x[:64]}
 
 
 def main() -> int:

@@ -170,9 +170,10 @@ def lossless_steps() -> list[Step]:
     return [FixedPoint([make_pass(n) for n in LOSSLESS_PASSES if n in REGISTRY])]
 
 
-#: Fusions into ops that int8 kernels lack (HardSwish, HardSigmoid): the ``default`` preset runs them in
-#: its loop, after ``fuse_gemm``; quantization and pruning run ``lossless_steps`` without them.
-FLOAT_FUSION_PASSES = ("fuse_activations",)
+#: Passes only the ``default`` preset runs, in its loop after ``fuse_gemm``: fusions into ops that int8
+#: kernels lack (HardSwish, HardSigmoid) and scalar scales sunk into weights. Quantization and pruning
+#: run ``lossless_steps`` without them.
+FLOAT_FUSION_PASSES = ("fuse_activations", "fold_scalar_scales")
 
 
 def default_steps() -> list[Step]:

@@ -12,7 +12,16 @@ if __name__ != "onnxshrink.passes":  # pragma: no cover - packaging guard
     )
 
 from onnxshrink.pass_infra import ShrinkPass
-from onnxshrink.passes import activations, cleanup, fold_constants, fusions, identities, prune_channels, qdq
+from onnxshrink.passes import (
+    activations,
+    cleanup,
+    fold_constants,
+    fusions,
+    identities,
+    prune_channels,
+    qdq,
+    scales,
+)
 from onnxshrink.passes import dynamic_quant, equalize, smoothquant
 
 REGISTRY: dict[str, type[ShrinkPass]] = {
@@ -25,6 +34,7 @@ REGISTRY: dict[str, type[ShrinkPass]] = {
     fusions.FuseConvBiasPass.name: fusions.FuseConvBiasPass,
     fusions.FuseGemmPass.name: fusions.FuseGemmPass,
     activations.FuseActivationsPass.name: activations.FuseActivationsPass,
+    scales.FoldScalarScalesPass.name: scales.FoldScalarScalesPass,
     qdq.QDQPass.name: qdq.QDQPass,
     dynamic_quant.DynamicQuantPass.name: dynamic_quant.DynamicQuantPass,
     equalize.CrossLayerEqualizationPass.name: equalize.CrossLayerEqualizationPass,
