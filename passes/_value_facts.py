@@ -175,6 +175,30 @@ def perm(node: ir.Node, rank: int | None) -> list[int] | None:
     return perm
 
 
+def neutral_blocker(x: ir.Value, c: ir.Value, arr: np.ndarray) -> str | None:
+    """Why ``x op c`` (c a neutral constant) may differ from x: "" when it provably does, a reason when
+    it cannot be proven equal, None when it is x.
+
+    The dtypes agree in any valid model (Add/Sub/Mul/Div take one type T); a known x dtype that
+    differs is an invalid model, left alone. The shape is x's when c broadcasts into x's known shape,
+    or when c is all ones in shape and x's rank is proven at least c's (``_value_facts.min_rank``:
+    from shape inference or from producers, e.g. a Conv output has its weight's rank).
+    """
+    x_dtype, c_dtype = known_dtype(x), known_dtype(c)
+    if x_dtype is not None and c_dtype is not None and x_dtype != c_dtype:
+        return ""
+    if x.shape is not None:
+        return None if broadcast_keeps(dims(x), arr.shape) else ""
+    if any(d != 1 for d in arr.shape):
+        return "the other operand's shape is unknown and the constant is not of shape [1, ..., 1]"
+    rank = min_rank(x)
+    if arr.ndim == 0 or (rank is not None and rank >= arr.ndim):
+        return None
+    if rank is None:
+        return f"the other operand's rank is unknown (the constant has rank {arr.ndim})"
+    return ""
+
+
 # ---------------------------------------------------------------- exact type containment
 
 _FLOATS = {  # precision (significand bits incl. the implicit one), smallest and largest binary exponent

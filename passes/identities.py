@@ -31,6 +31,9 @@ Rules, one ``_try_<rule>`` each (the stats key in brackets). Only default-domain
     elements (Slice, Gather, Reshape, Transpose, ...); ``Cast(Cast(x, B), C)`` -> ``Cast(x, C)`` when
     that converts every value the same way [casts_merged]. A narrowing round trip over values not
     proven to fit (``Shape`` of a tensor with symbolic dims through int32) is kept.
+15. ``Reduce{Mean,Sum,Max,Min,Prod}`` over axes of static size 1 with ``keepdims``, and
+    ``Unsqueeze(Reduce(x, axes, keepdims=0), axes)``: one element reduces to itself (``_reduces``)
+    [reduce_removed].
 
 Runs in every graph, subgraph and function. Bypassing keeps graph outputs' names, types and shapes
 (``graph_utils.bypass``); a node whose removal would need a graph output to become a graph input,
@@ -45,7 +48,7 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-from onnxshrink.passes import _cast_chains, _shape_info
+from onnxshrink.passes import _cast_chains, _reduces, _shape_info
 from onnxshrink.passes import _value_facts as vf
 
 from onnxshrink.graph_utils import (
@@ -103,7 +106,9 @@ class _Eliminator:
             "Reshape": (self._try_reshape, self._try_reshape_pair), "Flatten": (self._try_flatten,),
             "Transpose": (self._try_transpose, self._try_transpose_pair),
             "Expand": (self._try_expand,), "Pad": (self._try_pad,),
-            "Squeeze": (self._try_squeeze_pair,), "Unsqueeze": (self._try_squeeze_pair,),
+            "Squeeze": (self._try_squeeze_pair,),
+            "Unsqueeze": (self._try_squeeze_pair, self._try_unsqueeze_reduce),
+            **{op: (self._try_reduce,) for op in _reduces.EXACT},
             "Slice": (self._try_slice,), "Concat": (self._try_concat,), "Split": (self._try_split,),
             **{op: (self._try_neutral,) for op in _NEUTRAL},
         }
@@ -227,7 +232,7 @@ class _Eliminator:
             c, x = node.inputs[ci], node.inputs[1 - ci]
             if x is None or scalar_value(c) != neutral:
                 continue
-            reason = _neutral_blocker(x, c, const_array(c))
+            reason = vf.neutral_blocker(x, c, const_array(c))
             if reason is None:
                 return self._bypass(node, x, "neutral_removed")
             if reason:
@@ -251,6 +256,13 @@ class _Eliminator:
         if sorted(a1) != sorted(a2):
             return False
         return self._bypass(node, x, "squeeze_pairs_removed", first)
+
+    def _try_reduce(self, node: ir.Node) -> bool:
+        return self._bypass(node, _reduces.kept_reduce_source(node), "reduce_removed")
+
+    def _try_unsqueeze_reduce(self, node: ir.Node) -> bool:
+        found = _reduces.unsqueezed_reduce(node)
+        return found is not None and self._bypass(node, found[0], "reduce_removed", found[1])
 
     def _try_transpose_pair(self, node: ir.Node) -> bool:
         first = _producer(node, ("Transpose",))
@@ -333,30 +345,6 @@ class _Eliminator:
         return self._bypass(node, node.inputs[0], "split_removed")
 
 
-def _neutral_blocker(x: ir.Value, c: ir.Value, arr: np.ndarray) -> str | None:
-    """Why ``x op c`` (c a neutral constant) may differ from x: "" when it provably does, a reason when
-    it cannot be proven equal, None when it is x.
-
-    The dtypes agree in any valid model (Add/Sub/Mul/Div take one type T); a known x dtype that
-    differs is an invalid model, left alone. The shape is x's when c broadcasts into x's known shape,
-    or when c is all ones in shape and x's rank is proven at least c's (``_value_facts.min_rank``:
-    from shape inference or from producers, e.g. a Conv output has its weight's rank).
-    """
-    x_dtype, c_dtype = vf.known_dtype(x), vf.known_dtype(c)
-    if x_dtype is not None and c_dtype is not None and x_dtype != c_dtype:
-        return ""
-    if x.shape is not None:
-        return None if vf.broadcast_keeps(vf.dims(x), arr.shape) else ""
-    if any(d != 1 for d in arr.shape):
-        return "the other operand's shape is unknown and the constant is not of shape [1, ..., 1]"
-    rank = vf.min_rank(x)
-    if arr.ndim == 0 or (rank is not None and rank >= arr.ndim):
-        return None
-    if rank is None:
-        return f"the other operand's rank is unknown (the constant has rank {arr.ndim})"
-    return ""
-
-
 def _unused_value(value: ir.Value) -> bool:
     return not value.uses() and not value.is_graph_output()
 
@@ -365,7 +353,8 @@ def _unused_value(value: ir.Value) -> bool:
 
 
 #: Ops whose rules need their inputs' dtypes or shapes.
-_NEEDS_TYPES = ("Cast", "CastLike", "Reshape", "Flatten", "Transpose", "Expand", "Slice", *_NEUTRAL)
+_NEEDS_TYPES = ("Cast", "CastLike", "Reshape", "Flatten", "Transpose", "Expand", "Slice", *_NEUTRAL,
+                *_reduces.EXACT)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -172,3 +172,55 @@ def test_holds_all_table():
     assert not vf.holds_all(D.INT64, D.DOUBLE) and not vf.holds_all(D.FLOAT, D.INT64)
     assert not vf.holds_all(D.FLOAT16, D.BFLOAT16) and not vf.holds_all(D.UINT16, D.FLOAT16)
     assert not vf.holds_all(D.INT8, D.UINT8) and not vf.holds_all(D.INT8, D.BOOL)
+
+
+# ---------------------------------------------------------------- reductions of one element
+
+
+def test_reduce_over_size_one_axes_removed():
+    # silero VAD's tail: Squeeze -> ReduceMean(axis 1, keepdims 0) -> Unsqueeze(axis 1) of an [N, 1]
+    model, stats = run_pass("""
+        g (float[N,1,1] x, float[N,1,4] z) => (float[N,1] y, float[N,1,4] w)
+          <int64[1] one = {1}, int64[1] neg = {-2}> {
+            s = Sigmoid(x)
+            q = Squeeze(s, one)
+            m = ReduceMean<keepdims=0>(q, one)
+            y = Unsqueeze(m, one)
+            t = Tanh(z)
+            k = ReduceMax<keepdims=1>(t, neg)
+            w = Relu(k)
+        }""", dims={"N": 3})
+    assert stats.counts["reduce_removed"] == 2
+    assert ops(model) == ["Sigmoid", "Squeeze", "Tanh", "Relu"]
+
+
+_KEPT_REDUCTIONS = {
+    # a dim of 2 is reduced: the mean is not the element
+    "not_one": """g (float[N,2] x) => (float[N,1] y) <int64[1] one = {1}> {
+        m = ReduceSum<keepdims=0>(x, one)
+        y = Unsqueeze(m, one)
+    }""",
+    # L2 of one element is its absolute value
+    "l2": """g (float[N,1] x) => (float[N,1] y) <int64[1] one = {1}> {
+        m = ReduceL2<keepdims=0>(x, one)
+        y = Unsqueeze(m, one)
+    }""",
+    # the Unsqueeze puts the axis back elsewhere: [N] -> [1, N]
+    "other_axis": """g (float[N,1] x) => (float[1,N] y) <int64[1] one = {1}, int64[1] zero = {0}> {
+        m = ReduceSum<keepdims=0>(x, one)
+        y = Unsqueeze(m, zero)
+    }""",
+    # the reduced value is read elsewhere too
+    "shared": """g (float[N,1] x) => (float[N,1] y, float[N] r) <int64[1] one = {1}> {
+        m = ReduceSum<keepdims=0>(x, one)
+        r = Neg(m)
+        y = Unsqueeze(m, one)
+    }""",
+}
+
+
+@pytest.mark.parametrize("case", sorted(_KEPT_REDUCTIONS))
+def test_reduce_that_changes_values_kept(case):
+    model, stats = run_pass(_KEPT_REDUCTIONS[case], dims={"N": 3})
+    assert "reduce_removed" not in stats.counts
+    assert any(o.startswith("Reduce") for o in ops(model))
