@@ -34,6 +34,7 @@ Rules, one ``_try_<rule>`` each (the stats key in brackets). Only default-domain
 15. ``Reduce{Mean,Sum,Max,Min,Prod}`` over axes of static size 1 with ``keepdims``, and
     ``Unsqueeze(Reduce(x, axes, keepdims=0), axes)``: one element reduces to itself (``_reduces``)
     [reduce_removed].
+16. ``Gather(Reshape(s, [-1]), 0)`` (or of ``Unsqueeze(s, 0)``) of a scalar s -> s [gathers_unwrapped].
 
 Runs in every graph, subgraph and function. Bypassing keeps graph outputs' names, types and shapes
 (``graph_utils.bypass``); a node whose removal would need a graph output to become a graph input,
@@ -110,6 +111,7 @@ class _Eliminator:
             "Unsqueeze": (self._try_squeeze_pair, self._try_unsqueeze_reduce),
             **{op: (self._try_reduce,) for op in _reduces.EXACT},
             "Slice": (self._try_slice,), "Concat": (self._try_concat,), "Split": (self._try_split,),
+            "Gather": (self._try_gather_unwrap,),
             **{op: (self._try_neutral,) for op in _NEUTRAL},
         }
 
@@ -334,6 +336,20 @@ class _Eliminator:
                 return False
         return self._bypass(node, node.inputs[0], "slice_removed")
 
+    def _try_gather_unwrap(self, node: ir.Node) -> bool:
+        """``Gather(Reshape(s, [1 or -1]) or Unsqueeze(s, [0]), 0 or -1, axis=0)`` of a scalar s -> s."""
+        idx = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        if idx is None or idx.ndim != 0 or int(idx) not in (0, -1) or node.attributes.get_int("axis", 0) not in (0, -1):
+            return False
+        first = _producer(node, ("Reshape", "Unsqueeze"))
+        s = None if first is None else first.inputs[0]
+        if s is None or s.shape is None or len(s.shape) != 0 or not _only_feeds(node.inputs[0], node):
+            return False
+        wrap = vf.ints(first.inputs[1]) if len(first.inputs) > 1 else vf.attr_ints(first, "axes")
+        if wrap not in (([1], [-1]) if first.op_type == "Reshape" else ([0], [-1])):
+            return False
+        return self._bypass(node, s, "gathers_unwrapped", first)
+
     def _try_concat(self, node: ir.Node) -> bool:
         if len(node.inputs) != 1:
             return False
@@ -353,8 +369,8 @@ def _unused_value(value: ir.Value) -> bool:
 
 
 #: Ops whose rules need their inputs' dtypes or shapes.
-_NEEDS_TYPES = ("Cast", "CastLike", "Reshape", "Flatten", "Transpose", "Expand", "Slice", *_NEUTRAL,
-                *_reduces.EXACT)
+_NEEDS_TYPES = ("Cast", "CastLike", "Reshape", "Flatten", "Transpose", "Expand", "Slice", "Unsqueeze",
+                *_NEUTRAL, *_reduces.EXACT)
 
 
 @dataclasses.dataclass(frozen=True)

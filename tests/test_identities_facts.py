@@ -224,3 +224,20 @@ def test_reduce_that_changes_values_kept(case):
     model, stats = run_pass(_KEPT_REDUCTIONS[case], dims={"N": 3})
     assert "reduce_removed" not in stats.counts
     assert any(o.startswith("Reduce") for o in ops(model))
+
+
+def test_gather_of_wrapped_scalar_unwrapped():
+    model, stats = run_pass("""
+        g (int64 sr, float f, float[1] v) => (bool y, float z, float w)
+          <int64[1] flat = {-1}, int64 zero = {0}, int64 last = {-1}, int64 k = {16000}, int64[1] ax = {0}> {
+            r = Reshape(sr, flat)
+            s = Gather(r, zero)
+            y = Equal(s, k)
+            u = Unsqueeze(f, ax)
+            t = Gather<axis=0>(u, last)
+            z = Neg(t)
+            e = Gather(v, zero)
+            w = Neg(e)
+        }""")
+    assert stats.counts["gathers_unwrapped"] == 2
+    assert ops(model) == ["Equal", "Neg", "Gather", "Neg"]  # v is not a wrapped scalar: its Gather stays
