@@ -11,6 +11,8 @@ Kinds:
 - ``absmax``: ``max |x|`` per channel (``ReduceMax(Abs(x))``), for SmoothQuant's activation scales;
 - ``mean``: the mean per channel over all other axes and all feeds (``ReduceSum(x)`` plus ``Size(x)``),
   for bias correction. Feeds whose shapes differ (dynamic spatial size) are weighted by element count.
+  With a ``weight`` tensor (same shape, e.g. a 0/1 mask), the weighted mean
+  ``sum(x * w) / sum(w)`` per channel (``ReduceSum`` of both); a channel whose weights sum to 0 gets 0.
 
 Each tapped value needs a known rank (shape inference); ``collect`` raises ``ConfigError`` otherwise.
 """
@@ -37,6 +39,7 @@ class ChannelTap:
     value: ir.Value
     axis: int
     kind: str = "absmax"
+    weight: ir.Value | None = None  # ``mean`` only: per-element weights of the same shape
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -57,12 +60,16 @@ class _Acc:
             self.value = reduced if self.value is None else np.maximum(self.value, reduced)
             return
         self.value = reduced if self.value is None else self.value + reduced
-        self.count += float(size) / max(reduced.size, 1)
+        size = np.asarray(size, np.float64)
+        self.count = self.count + (size.reshape(-1) if size.ndim else float(size) / max(reduced.size, 1))
 
     def result(self) -> np.ndarray | None:
         if self.value is None:
             return None
-        return self.value if self.kind == "absmax" else self.value / max(self.count, 1.0)
+        if self.kind == "absmax":
+            return self.value
+        count = np.asarray(self.count, np.float64)
+        return np.where(count > 0, self.value / np.maximum(count, 1e-300), 0.0)
 
 
 def collect(model: ir.Model, data, taps: list[ChannelTap], *, providers=None, limit: int | None = None
@@ -110,22 +117,30 @@ def _add_reductions(model: ir.Model, taps: list[ChannelTap]) -> list[str]:
         src = v
         if tap.kind == "absmax":
             src = _append(graph, "Abs", [v], names(f"{v.name}_abs"))
+        elif tap.weight is not None:
+            src = _append(graph, "Mul", [v, tap.weight], names(f"{v.name}_weighted"))
         op = "ReduceMax" if tap.kind == "absmax" else "ReduceSum"
-        axes_as_input = opset >= (18 if op == "ReduceMax" else 13)
-        if axes_as_input:
-            axes_v = _int_const(graph, axes, names(f"{v.name}_axes"))
-            red = _append(graph, op, [src, axes_v], names(f"{v.name}_{tap.kind}"), keepdims=0)
-        else:
-            red = _append(graph, op, [src], names(f"{v.name}_{tap.kind}"), keepdims=0, axes=axes)
-        red.dtype = v.dtype
-        outs = [red]
-        if tap.kind == "mean":
+        outs = [_reduce(graph, op, src, axes, opset, names, f"{v.name}_{tap.kind}", v.dtype)]
+        if tap.kind == "mean" and tap.weight is not None:
+            outs.append(_reduce(graph, "ReduceSum", tap.weight, axes, opset, names, f"{v.name}_wsum", v.dtype))
+        elif tap.kind == "mean":
             outs.append(_append(graph, "Size", [v], names(f"{v.name}_size")))
             outs[-1].dtype = ir.DataType.INT64
         for o in outs:
             graph.outputs.append(o)
             outputs.append(o.name)
     return outputs
+
+
+def _reduce(graph: ir.Graph, op: str, src: ir.Value, axes: list[int], opset: int, names: NameGen, hint: str,
+            dtype) -> ir.Value:
+    name = names(hint)
+    if opset >= (18 if op == "ReduceMax" else 13):  # axes became an input
+        red = _append(graph, op, [src, _int_const(graph, axes, names(f"{hint}_axes"))], name, keepdims=0)
+    else:
+        red = _append(graph, op, [src], name, keepdims=0, axes=axes)
+    red.dtype = dtype
+    return red
 
 
 def _append(graph: ir.Graph, op: str, inputs, name: str, **attrs) -> ir.Value:

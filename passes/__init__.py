@@ -15,14 +15,16 @@ from onnxshrink.pass_infra import ShrinkPass
 from onnxshrink.passes import (
     activations,
     cleanup,
+    dynamic_quant,
+    equalize,
     fold_constants,
     fusions,
     identities,
     prune_channels,
     qdq,
     scales,
+    smoothquant,
 )
-from onnxshrink.passes import dynamic_quant, equalize, smoothquant
 
 REGISTRY: dict[str, type[ShrinkPass]] = {
     fold_constants.FoldConstantsPass.name: fold_constants.FoldConstantsPass,

@@ -1,0 +1,114 @@
+"""Dynamic int8 quantization of MatMul/Gemm (``dynamic_quantize``), ORT's fusion of it, and the region
+placements the tuner tries for transformer-like models."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnxshrink.passes.dynamic_quant import DynamicQuantPass, weight_scales
+
+import onnxshrink
+from models import zoo
+from onnxshrink import checks, model_io, qdq_tune
+from onnxshrink.qdq_fusion import fusion_report
+from tests.conftest import run_ort
+from tests.qdq_helpers import cosine, feeds_for, model, nodes, weights
+
+
+def _linear_model() -> onnx.ModelProto:
+    return model("""g (float[2,5,16] inp) => (float[2,5,8] out, float[10,6] g) {
+        h = MatMul(inp, W)
+        hb = Add(b, h)
+        r = Relu(hb)
+        out = MatMul(r, W2)
+        f = Flatten <axis=2> (inp)
+        g = Gemm <transB=1, alpha=0.5, beta=2.0> (f, G, C)
+    }""", {"W": weights(16, 12), "b": weights(12), "W2": weights(12, 8), "G": weights(6, 16), "C": weights(6)})
+
+
+def _dynamic(proto, **cfg):
+    m = model_io.load(proto)
+    result = DynamicQuantPass(**cfg)(m)
+    assert checks.check_structure(m)
+    return m, result.stats
+
+
+def test_structure_numerics_and_names():
+    proto = _linear_model()
+    m, stats = _dynamic(proto)
+    assert stats.counts["linear_layers_dynamic"] == 3
+    assert not nodes(m, "MatMul") and not nodes(m, "Gemm")
+    assert len(nodes(m, "DynamicQuantizeLinear")) == 3 and len(nodes(m, "MatMulInteger")) == 3
+    mmi = nodes(m, "MatMulInteger")[0]
+    wq, wzp = mmi.inputs[1].const_value.numpy(), mmi.inputs[3].const_value.numpy()
+    assert wq.dtype == np.int8 and wq.shape == (16, 12) and wzp.shape == (12,) and not wzp.any()
+    assert [o.name for o in m.graph.outputs] == ["out", "g"]
+    add = next(n for n in m.graph if n.op_type == "Add" and n.outputs[0].name == "hb")
+    assert add.inputs[1].const_value is not None  # the bias moved second (ORT fuses it then)
+    for feed in feeds_for(proto, n=3, seed=4):
+        got, ref = run_ort(m, feed), run_ort(proto, feed)
+        for k in ref:
+            assert cosine(got[k], ref[k]) > 0.999, k
+
+
+def test_weight_scales_per_column_and_per_tensor():
+    w = weights(16, 4) * np.array([1, 10, 100, 0], np.float32)
+    wq, s = weight_scales(w, per_channel=True, reduce_range=False)
+    np.testing.assert_allclose(s[:3], np.abs(w[:, :3]).max(axis=0) / 127, rtol=1e-6)
+    assert s[3] == 1.0 and not wq[:, 3].any() and np.abs(wq).max() == 127
+    np.testing.assert_allclose(wq * s, w, atol=s.max() / 2 + 1e-7)
+    wq1, s1 = weight_scales(w, per_channel=False, reduce_range=True)
+    assert s1.shape == () and np.abs(wq1).max() == 64
+
+
+def test_ort_fuses_the_standard_pattern(tmp_path):
+    m, _ = _dynamic(_linear_model())
+    path = model_io.save(m, tmp_path / "d.onnx")
+    report = fusion_report(path)
+    fused = report.ops.get("com.microsoft.DynamicQuantizeMatMul", 0) + report.ops.get(
+        "com.microsoft.MatMulIntegerToFloat", 0)
+    assert fused == 3 and "MatMulInteger" not in report.ops and "Cast" not in report.ops, report.ops
+
+
+def test_refusals_and_exclusions():
+    proto = model("""g (float[2,16] inp, float[16,4] wd) => (float[2,4] a, float[2,4] b, float[2,4] c) {
+        a = MatMul(inp, wd)
+        b = MatMul(inp, W)
+        c = Gemm <transA=1> (T, W)
+    }""", {"W": weights(16, 4), "T": weights(16, 2)})
+    _m, stats = _dynamic(proto, exclude=("re:^keep",))
+    assert "linear_layers_dynamic" in stats.counts and stats.counts["linear_layers_dynamic"] == 1
+    reasons = " ".join(s.reason for s in stats.skipped)
+    assert "not a constant" in reasons and ("transA" in reasons or "first operand is constant" in reasons)
+    proto.graph.node[1].name = "keep_me"
+    _, stats = _dynamic(proto, exclude=("re:^keep",))
+    assert "linear_layers_dynamic" not in stats.counts and any("exclude" in s.reason for s in stats.skipped)
+
+
+def test_quantize_dynamic_mode_needs_no_data(tmp_path):
+    proto = _linear_model()
+    res = onnxshrink.quantize(proto, None, tmp_path / "q.onnx", mode="dynamic", cache_dir=False)
+    assert res.table is None and res.placement == qdq_tune.Placement("dynamic", "float")
+    assert sorted(res.dynamic_nodes) == sorted(n.name for n in res.model.graph if n.name in res.dynamic_nodes)
+    assert len(res.dynamic_nodes) == 3 and res.quantized_nodes == 3
+    assert res.after["initializer_bytes"] < 0.4 * res.before["initializer_bytes"]
+    with pytest.raises(onnxshrink.errors.ConfigError):
+        onnxshrink.quantize(proto, None, mode="fast")
+
+
+def test_tuner_tries_region_placements_on_a_transformer(tmp_path):
+    proto = zoo.build("transformer")
+    feeds = feeds_for(proto, n=4, batch=2)
+    res = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", cache_dir=False, tune_runs=3)
+    tried = {(r["linear"], r["rest"]) for r in res.tuning.tried}
+    assert {("dynamic", "static"), ("dynamic", "float"), ("float", "static")} <= tried
+    assert res.tuning.chosen["linear"] == res.placement.linear and res.tuning.speedup > 0
+    assert ("float", "float") not in tried  # one region always stays int8
+    got, ref = run_ort(res.output, feeds[0])["output"], run_ort(proto, feeds[0])["output"]
+    assert cosine(got, ref) > 0.99
+    assert fusion_report(res.output)
+    static = onnxshrink.quantize(proto, feeds, None, mode="static", cache_dir=False, tune_runs=3)
+    assert static.placement == qdq_tune.Placement() and not static.dynamic_nodes
+    assert qdq_tune.transformer_like(model_io.load(proto))
+    assert not qdq_tune.transformer_like(model_io.load(zoo.build("resnet")))
