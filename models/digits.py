@@ -3,10 +3,15 @@
 The models under ``models/digits/`` were trained by ``models/train_digits.py`` (torch, dev only) and
 exported to ONNX (opset 17, TorchScript exporter, BatchNormalization kept, dynamic batch "N"):
 
-- input ``"input"`` float32 [N,1,16,16] (``mlp``: [N,64]), output ``"logits"`` float32 [N,10];
+- input ``"input"`` float32 [N,1,16,16] (``mlp``: [N,64]; the ``WIDE`` variants: [N,1,32,32]), output
+  ``"logits"`` float32 [N,10];
 - images are the 8x8 digits scaled to [0, 1] (``/16``), upsampled to 16x16 with bilinear interpolation
   (half-pixel centers, like ``torch.nn.functional.interpolate(..., align_corners=False)``), then
   normalized as ``(x - 0.5) / 0.5``; the MLP takes the 8x8 image flattened, normalized the same way.
+
+``WIDE`` holds compute-bound variants for latency benchmarks (``resnet_wide``, ``mobilenet_wide``: the
+residual and inverted-residual architectures twice as wide, on 32x32 upsampled inputs); they are not in
+``TRAINED``, so the tests that loop over ``TRAINED`` stay fast.
 
 Splits (``models/digits/data.npz`` holds the raw 8x8 images, labels and index arrays, so no
 scikit-learn is needed to read them): ``test`` = 360 samples held aside (stratified, seed 0), never
@@ -23,6 +28,11 @@ import numpy as np
 HERE = Path(__file__).resolve().parent / "digits"
 DATA = HERE / "data.npz"
 TRAINED = ("cnn", "resnet", "mobilenet", "inception", "mlp", "vit")
+#: compute-bound variants (32x32 input), used by the pruning latency benchmark
+WIDE = ("resnet_wide", "mobilenet_wide")
+ALL = TRAINED + WIDE
+#: input side of the image models (pixels); 16 unless listed
+INPUT_SIZE = {"resnet_wide": 32, "mobilenet_wide": 32}
 SPLITS = ("train", "calib", "test")
 TEST_SIZE = 360
 CALIB_SIZE = 512
@@ -30,9 +40,9 @@ SPLIT_SEED = 0
 
 
 def trained_path(name: str) -> Path:
-    """Path of the committed ONNX file of trained model ``name`` (one of ``TRAINED``)."""
-    if name not in TRAINED:
-        raise KeyError(f"unknown digits model {name!r}; known: {', '.join(TRAINED)}")
+    """Path of the committed ONNX file of trained model ``name`` (one of ``TRAINED`` or ``WIDE``)."""
+    if name not in ALL:
+        raise KeyError(f"unknown digits model {name!r}; known: {', '.join(ALL)}")
     return HERE / f"{name}.onnx"
 
 
@@ -66,8 +76,8 @@ def _raw() -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def load_split(split: str, flat: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """``(x, y)`` of a split: x float32 [n,1,16,16] (``flat``: the 8x8 image as [n,64]), y int64 [n]."""
+def load_split(split: str, flat: bool = False, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` of a split: x float32 [n,1,size,size] (``flat``: the 8x8 image as [n,64]), y int64 [n]."""
     if split not in SPLITS:
         raise KeyError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
     raw = _raw()
@@ -76,13 +86,13 @@ def load_split(split: str, flat: bool = False) -> tuple[np.ndarray, np.ndarray]:
     y = raw["labels"][idx].astype(np.int64)
     if flat:
         return _normalize(images.reshape(len(idx), 64)), y
-    return _normalize(upsample(images))[:, None], y
+    return _normalize(upsample(images, size))[:, None], y
 
 
 def model_input(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """``(x, y)`` of ``split`` shaped for model ``name`` (flat for the MLP)."""
     trained_path(name)
-    return load_split(split, flat=(name == "mlp"))
+    return load_split(split, flat=(name == "mlp"), size=INPUT_SIZE.get(name, 16))
 
 
 def feeds(name: str, split: str, batch: int = 32, limit: int | None = None) -> list[dict]:

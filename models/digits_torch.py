@@ -44,11 +44,15 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self) -> None:
+    """Stem, then blocks (w, w), (w, 2w, stride 2), (2w, 2w): the first ``depth`` of them."""
+
+    def __init__(self, width: int = 32, depth: int = 3) -> None:
         super().__init__()
-        self.stem = conv_bn(1, 32, act=nn.ReLU())
-        self.layers = nn.Sequential(BasicBlock(32, 32), BasicBlock(32, 64, 2), BasicBlock(64, 64))
-        self.fc = nn.Linear(64, 10)
+        w = width
+        self.stem = conv_bn(1, w, act=nn.ReLU())
+        blocks = [BasicBlock(w, w), BasicBlock(w, 2 * w, 2), BasicBlock(2 * w, 2 * w)][:depth]
+        self.layers = nn.Sequential(*blocks)
+        self.fc = nn.Linear(w if depth == 1 else 2 * w, 10)
 
     def forward(self, x):
         x = self.layers(self.stem(x))
@@ -72,14 +76,17 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNet(nn.Module):
-    def __init__(self) -> None:
+    """Stem c0, inverted residuals (c0, c0), (c0, c1, stride 2), (c1, c1), 1x1 conv to c2."""
+
+    def __init__(self, widths: tuple[int, int, int] = (32, 48, 128)) -> None:
         super().__init__()
+        c0, c1, c2 = widths
         self.features = nn.Sequential(
-            conv_bn(1, 32, act=nn.ReLU6()),
-            InvertedResidual(32, 32, 1), InvertedResidual(32, 48, 2), InvertedResidual(48, 48, 1),
-            conv_bn(48, 128, 1, act=nn.ReLU6()),
+            conv_bn(1, c0, act=nn.ReLU6()),
+            InvertedResidual(c0, c0, 1), InvertedResidual(c0, c1, 2), InvertedResidual(c1, c1, 1),
+            conv_bn(c1, c2, 1, act=nn.ReLU6()),
         )
-        self.fc = nn.Linear(128, 10)
+        self.fc = nn.Linear(c2, 10)
 
     def forward(self, x):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
@@ -176,6 +183,10 @@ class TinyViT(nn.Module):
 MODULES = {
     "cnn": PlainCNN, "resnet": ResNet, "mobilenet": MobileNet, "inception": Inception,
     "mlp": MLP, "vit": TinyViT,
+    # compute-bound variants on 32x32 inputs (models.digits.WIDE): twice as wide; the residual net keeps
+    # two blocks so its ONNX file stays under 2 MB
+    "resnet_wide": lambda: ResNet(64, depth=2),
+    "mobilenet_wide": lambda: MobileNet((64, 128, 256)),
 }
 
 
