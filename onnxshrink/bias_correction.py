@@ -139,14 +139,29 @@ def measure(float_model: ir.Model, targets: list[Target], data, *, providers=Non
     taps, keys = [], []
     for t in targets:
         fnode = by_name.get(t.node.name)
-        if fnode is None or fnode.op_type != t.node.op_type:
+        rank = _output_rank(fnode) if fnode is not None and fnode.op_type == t.node.op_type else None
+        if rank is None:
+            logger.info("bias correction: %r skipped (no float twin, or unknown output rank)", t.node.name)
             continue
         diff = _probe_layer(probe.graph, fnode, t.node, names)
+        if diff.shape is None:
+            diff.shape = ir.Shape([None] * rank)
         mask = _active_mask(probe.graph, fnode, names)
         taps.append(channel_stats.ChannelTap(diff, t.axis, "mean", mask))
         keys.append(t.node.name)
     results = channel_stats.collect(probe, data, taps, providers=providers, limit=limit)
     return {k: r for k, r in zip(keys, results) if r is not None}
+
+
+def _output_rank(node: ir.Node) -> int | None:
+    """Rank of ``node``'s output: inferred, or a Conv's weight rank, or 2 for Gemm."""
+    y = node.outputs[0]
+    if y.shape is not None:
+        return len(y.shape)
+    if node.op_type == "Conv":
+        w = const_array(node.inputs[1])
+        return w.ndim if w is not None else None
+    return 2 if node.op_type == "Gemm" else None
 
 
 def _probe_layer(graph: ir.Graph, fnode: ir.Node, qnode: ir.Node, names: NameGen) -> ir.Value:

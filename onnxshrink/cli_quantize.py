@@ -152,5 +152,5 @@ def _print_recovery(rec: dict) -> None:
               f"{final['drift']:.3g}{drop} with {len(mp['kept_float'])} nodes kept float "
               f"({len(mp['evaluations'])} builds, {mp['seconds']} s)")
         for row in mp["kept_float"]:
-            print(f"  float: {row['op_type']} {row['node']!r}: adds noise {row['added_noise']}, "
-                  f"SQNR {row['input_sqnr_db']} -> {row['sqnr_db']} dB")
+            sqnr = f", SQNR {row['input_sqnr_db']} -> {row['sqnr_db']} dB" if "sqnr_db" in row else ""
+            print(f"  float: {row['op_type']} {row['node']!r}: adds noise {row['added_noise']}{sqnr}")

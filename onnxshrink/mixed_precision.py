@@ -146,7 +146,7 @@ def search(float_model: ir.Model, build: Build, candidates: Sequence[str], data,
     evals = [first]
     if budget.holds(first):
         return model, MixedReport(budget, evals, [], True, time.perf_counter() - t0, first)
-    ranking = rank(float_model, model, data, set(candidates), set(dynamic), providers, explain_batches)
+    ranking = rank(float_model, model, data, candidates, set(dynamic), providers, explain_batches)
     names = [n.node for n in ranking]
     results: dict[int, tuple[ir.Model, Measure]] = {0: (model, first)}
 
@@ -177,17 +177,22 @@ def _kept_row(n: explain.NodeDrift) -> dict:
     def num(x):
         return x if math.isfinite(x) else str(x)
 
+    if math.isnan(n.added_noise):
+        return {"node": n.node, "op_type": n.op_type, "added_noise": "not ranked (subgraph or unmapped output)"}
     return {"node": n.node, "op_type": n.op_type, "added_noise": num(n.added_noise), "sqnr_db": num(n.sqnr_db),
             "input_sqnr_db": num(n.input_sqnr_db), "drop_db": num(n.drop_db)}
 
 
-def rank(float_model: ir.Model, model: ir.Model, data, candidates: set[str], dynamic: set[str], providers,
+def rank(float_model: ir.Model, model: ir.Model, data, candidates: Sequence[str], dynamic: set[str], providers,
          batches: int) -> list[explain.NodeDrift]:
     """``explain``'s ranking restricted to ``candidates``, worst first; dynamic layers re-measured from
-    their float input (``explain`` sees only their last node, whose inputs it cannot map)."""
+    their float input (``explain`` sees only their last node, whose inputs it cannot map); candidates it
+    cannot rank follow in their given order, with NaN numbers."""
+    order = list(candidates)
+    candidates = set(order)
     report = explain.explain(float_model, _outputs_named_as_float(model), data, providers=providers,
                              batches=batches)
-    by_name = {n.name: n for n in model.graph if n.name}
+    by_name = {n.name: n for n in model.graph.all_nodes() if n.name}
     out = []
     for nd in report.nodes:
         if nd.node not in candidates:
@@ -201,11 +206,13 @@ def rank(float_model: ir.Model, model: ir.Model, data, candidates: set[str], dyn
                                      drop_db=min(in_s, explain.SQNR_CAP) - min(nd.sqnr_db, explain.SQNR_CAP))
         out.append(nd)
     ranked = sorted(out, key=lambda n: (-n.added_noise, -n.drop_db))
-    missing = sorted(candidates - {n.node for n in ranked})
-    if missing:
-        logger.info("mixed precision: %d quantized nodes were not ranked (no mapped output): %s",
-                    len(missing), missing[:5])
-    return ranked
+    missing = [n for n in order if n in candidates and n not in {r.node for r in ranked}]
+    if missing:  # inside subgraphs, or outputs explain cannot map: last, so the budget can always be met
+        logger.info("mixed precision: %d quantized nodes could not be ranked (inside subgraphs, or no mapped "
+                    "output); they come last: %s", len(missing), missing[:5])
+    unknown = math.nan
+    return ranked + [explain.NodeDrift(n, by_name[n].op_type if n in by_name else "?", unknown, unknown, unknown,
+                                       unknown, [], []) for n in missing]
 
 
 def _outputs_named_as_float(model: ir.Model) -> ir.Model:

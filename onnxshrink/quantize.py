@@ -74,7 +74,8 @@ def default_activations() -> str:
 
 @dataclasses.dataclass
 class QuantizeContext:
-    """What a recovery hook sees. ``float_model`` is the model right before the QDQ pass."""
+    """What a recovery hook sees. ``float_model`` is the model right before quantization (after the lossless
+    passes and any equalization/smoothing); a hook may rewrite ``model`` in place or set ``ctx.model``."""
 
     float_model: ir.Model
     model: ir.Model

@@ -9,10 +9,11 @@ Rule: a ``MatMul(x, W)`` with a constant float32 2-D ``W`` [K, N], or a ``Gemm(x
 
 ONNX Runtime's CPU EP fuses the pattern (``MatMulIntegerToFloatFusion`` then
 ``DynamicQuantizeMatMulFusion``) into one ``com.microsoft.DynamicQuantizeMatMul``, a constant ``[N]``
-bias ``Add`` included, per-column scales included (checked in ``tests/test_dynamic_quant.py``). The
-fusion needs one ``DynamicQuantizeLinear`` per ``MatMulInteger``, so an input read by several linear
-layers (Q, K, V projections) is quantized once per layer. A ``MatMul`` followed by ``Add(bias, y)``
-gets the Add's inputs swapped (the fusion wants the bias second).
+bias ``Add`` included, per-column scales included (checked in ``tests/test_dynamic_quant.py``). Each
+layer gets its own ``DynamicQuantizeLinear`` (the last fusion needs one per layer); where several layers
+read one input (Q, K, V projections), ORT's common-subexpression elimination merges them first, and those
+layers run as ``MatMulIntegerToFloat`` on one shared quantization of the input. A ``MatMul`` followed by
+``Add(bias, y)`` gets the Add's inputs swapped (the fusion wants the bias second).
 
 The last node of each rewrite takes the original node's name and its output the original output's name,
 so ``explain`` and exclusions keep addressing the layer. Refuses (``stats.skip``): a non-constant or
@@ -83,7 +84,6 @@ class DynamicQuantPass(ShrinkPass):
                     continue
                 _Rewrite(node, graph, names, self.config).run()
                 stats.add("linear_layers_dynamic")
-
 
     def _refusal(self, node: ir.Node) -> str | None:
         if excluded(node.name, self.config.exclude):

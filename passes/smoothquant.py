@@ -8,7 +8,8 @@ channel (its last axis) and each reader's weight rows are multiplied by ``s``:
 
 ``X / s`` is folded into ``X``'s producer, so no node is added: ``LayerNormalization`` over the last axis
 (scale and bias divided by ``s``), ``Mul`` by a constant (the constant divided by ``s``, broadcast to
-``[C]``), a linear layer (``MatMul``/``Gemm`` weight columns, or ``Add`` of a constant bias after one:
+``[C]``), ``Add(Mul(x, scale), shift)`` with constants (a decomposed LayerNorm, as Paddle exports it:
+both divided), a linear layer (``MatMul``/``Gemm`` weight columns, or ``Add`` of a constant bias after one:
 weight columns and bias divided by ``s``). The model computes the same function in real arithmetic; in
 float32 the outputs match within rounding. The activation ranges (``max|X_j|``) come from calibration
 data: ``config.act_absmax`` maps a tensor name to its per-channel maxima (``onnxshrink.channel_stats``);
@@ -97,10 +98,19 @@ def _fold_target(x: ir.Value) -> tuple[str, ir.Node] | str:
             other = p.inputs[1 - consts[0]]
             if _is_linear_producer(other.producer(), other):
                 return "bias", p
-        return "an Add that is not a linear layer's bias"
+            if _is_scale_mul(other.producer(), other):
+                return "affine", p
+        return "an Add that is not a linear layer's bias nor the shift of x * scale + shift"
     if _is_linear_producer(p, x):
         return "linear", p
     return f"its producer {p.op_type} cannot absorb a per-channel scale"
+
+
+def _is_scale_mul(p: ir.Node | None, out: ir.Value) -> bool:
+    """``out = Mul(x, c)`` with one constant operand and no other reader (a decomposed LayerNorm's scale)."""
+    if p is None or not is_default_domain(p) or p.op_type != "Mul" or len(out.uses()) != 1:
+        return False
+    return sum(const_array(v) is not None for v in p.inputs) == 1
 
 
 def _is_linear_producer(p: ir.Node | None, out: ir.Value) -> bool:
@@ -181,7 +191,7 @@ def _fold_edits(kind: str, p: ir.Node, s: np.ndarray) -> list[Edit] | str:
                 return f"LayerNormalization input {i} of shape {list(c.shape)} is not one value per channel"
             edits.append((p, i, c / s))
         return edits
-    if kind in ("mul", "bias"):
+    if kind in ("mul", "bias", "affine"):
         i = 0 if const_array(p.inputs[0]) is not None else 1
         c = const_array(p.inputs[i]).astype(np.float64)
         if c.ndim and c.shape[-1] not in (1, s.size):
@@ -189,7 +199,8 @@ def _fold_edits(kind: str, p: ir.Node, s: np.ndarray) -> list[Edit] | str:
         edits = [(p, i, c / s)]
         if kind == "mul":
             return edits
-        more = _column_edits(p.inputs[1 - i].producer(), s)
+        prev = p.inputs[1 - i].producer()
+        more = _fold_edits("mul", prev, s) if kind == "affine" else _column_edits(prev, s)
         return more if isinstance(more, str) else edits + more
     return _column_edits(p, s)
 

@@ -126,6 +126,20 @@ def _outlier_ln_matmul() -> onnx.ModelProto:
     }""", {"gamma": gamma, "beta": weights(16), "W": weights(16, 8), "W2": weights(16, 8), "b2": weights(8)})
 
 
+def test_smoothquant_folds_into_a_decomposed_layernorm():
+    gamma = np.ones(16, np.float32)
+    gamma[5] = 40.0
+    proto = model("""g (float[2,5,16] inp) => (float[2,5,8] out) {
+        m = Mul(inp, gamma)
+        x = Add(m, beta)
+        out = MatMul(x, W)
+    }""", {"gamma": gamma, "beta": weights(16), "W": weights(16, 8)})
+    m, stats = _smooth(proto)
+    assert stats.counts == {"tensors_smoothed": 1, "layers_rescaled": 1}
+    feed = feeds_for(proto, n=1)[0]
+    check_close(run_ort(m, feed), run_ort(proto, feed))
+
+
 def _smooth(proto, alpha=0.5):
     m = model_io.load(proto)
     ShapeInferencePass(check_type=False, strict_mode=False)(m)
