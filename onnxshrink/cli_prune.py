@@ -29,8 +29,9 @@ def add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="recover without training on --calibration data: lsq (least-squares refit of "
                         "the layers that lost inputs, default) or bn (BatchNorm re-estimation)")
     g.add_argument("--round-to", type=int, default=None, metavar="N",
-                   help="keep widths a multiple of N channels (default: 16 on CPUs with AVX-512, else 8, "
-                        "the block of ONNX Runtime's fast conv kernels; 0: no rounding)")
+                   help="keep widths a multiple of N channels (default: the channel block of ONNX Runtime's "
+                        "fast conv kernels on this CPU, asked of ONNX Runtime: 16 with AVX-512, else 8; "
+                        "0: no rounding)")
     g.add_argument("--min-width", type=int, default=8, metavar="N", help="never keep fewer channels (default 8)")
     g.add_argument("--protect", nargs="+", action="extend", default=[], metavar="PATTERN",
                    help="leave groups touching nodes whose name matches (fnmatch) whole")

@@ -21,7 +21,6 @@ import fnmatch
 import json
 import math
 import os
-import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -150,18 +149,13 @@ def plan_pruning(
 
 
 def default_round_to() -> int:
-    """16 on x86 CPUs with AVX-512, else 8: ONNX Runtime's blocked (NCHWc) conv kernels take channels in
-    blocks of 16 with AVX-512 and 8 with AVX2; other widths fall back to slower kernels (measured in
-    ``benchmarks/results/prune.md``: widths of 24 ran no faster than 32, and a net pruned to widths of 8
-    ran slower than unpruned)."""
-    machine = platform.machine().lower()
-    if machine not in ("x86_64", "amd64"):
-        return 8
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return 8
-    return 16 if " avx512f" in flags else 8
+    """ONNX Runtime's NCHWc conv block on this CPU (16 with AVX-512, 8 with AVX2; at least 8), asked of
+    ONNX Runtime (``onnxshrink.ort_blocks``): other widths fall back to slower kernels or pay for
+    padding (``benchmarks/results/prune.md``: widths of 24 ran no faster than 32, and a net pruned to
+    widths of 8 ran slower than unpruned)."""
+    from onnxshrink.ort_blocks import default_round_to as ort_default
+
+    return ort_default()
 
 
 def _check_settings(ratio, scope, round_to, min_width, max_ratio, layer_ratios) -> None:

@@ -40,7 +40,7 @@ class PruneConfig:
     ratio: float = 0.3
     criterion: str = "l1"
     scope: str = "local"
-    round_to: int | None = None  # None: 16 with AVX-512, else 8 (prune_plan.default_round_to)
+    round_to: int | None = None  # None: ONNX Runtime's NCHWc block here, >= 8 (ort_blocks.default_round_to)
     min_width: int = 8
     protect: tuple[str, ...] = ()
     grouped: str = "auto"

@@ -88,6 +88,24 @@ def test_widths_are_rounded_and_bounded():
     assert all(g.kept_channels >= 32 for g in narrow.groups if g.remove)
 
 
+def test_nchwc_block_is_asked_of_onnxruntime():
+    from onnx import helper
+
+    from onnxshrink import ort_blocks
+
+    block = ort_blocks.nchwc_block_size()
+    assert block in (1, 8, 16)
+    assert ort_blocks.default_round_to() == max(block, 8)
+    if block > 1:  # ORT's own choice agrees with the CPU flags it is derived from (x86 only)
+        assert block == ort_blocks._cpuinfo_guess()
+    w = helper.make_tensor("w16", 1, [16, 2, 1, 1], [0.0] * 32)
+    blocked = helper.make_graph([helper.make_node("Conv", ["x", "w16"], ["y"], domain="com.microsoft.nchwc")],
+                                "g", [], [], [w])
+    plain = helper.make_graph([helper.make_node("Conv", ["x", "w16"], ["y"])], "g", [], [], [w])
+    assert ort_blocks._padded_output_channels(helper.make_model(blocked)) == 16
+    assert ort_blocks._padded_output_channels(helper.make_model(plain)) == 1
+
+
 def test_protect_and_layer_ratios():
     model = model_io.load(zoo.build("resnet"))
     plan = plan_pruning(model, 0.5, protect=["conv_1"], layer_ratios={"conv_6": 0.25})
