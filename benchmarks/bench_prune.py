@@ -1,6 +1,7 @@
 """onnxshrink structured pruning on the trained digits classifiers, beside Torch-Pruning's magnitude pruner.
 
-For each model (resnet, mobilenet, inception, cnn, mlp, vit) and ratio (0.3, 0.5), without any training:
+For each model (resnet, mobilenet, inception, cnn, mlp, vit, and the compute-bound 32x32 variants
+resnet_wide and mobilenet_wide) and ratio (0.3, 0.5), without any training:
 
 - onnxshrink, data-free: ``l1`` criterion, no reconstruction;
 - onnxshrink ``l1`` + least-squares reconstruction (``--reconstruct``) and ``l1`` + BN re-estimation;
@@ -11,11 +12,14 @@ For each model (resnet, mobilenet, inception, cnn, mlp, vit) and ratio (0.3, 0.5
 Calibration: the 512-sample ``calib`` split (unlabeled); accuracy: the 360-sample ``test`` split.
 Params and MACs: onnxshrink's counters on the ONNX models (Torch-Pruning's own counter for its models).
 Accuracy variants use widths rounded to 8 (25-30% of each group at ratio 0.3); the best variant is also
-run with the default rounding (16 with AVX-512). Latency: ONNX Runtime CPU, 1 thread, the unpruned and
-the pruned model interleaved (``onnxshrink.bench``), batch 1 and batch 32; ``speedup`` = median(unpruned)
-/ median(pruned), for widths rounded to the default, to 8 and not rounded. Widths depend only on the
-ratio and the rounding, not on the criterion, so one latency row serves every variant. Torch-Pruning's
-model is exported with ``torch.onnx.export`` and timed the same way.
+run with the default rounding (ONNX Runtime's NCHWc block, 16 with AVX-512). Latency: ONNX Runtime CPU,
+1 thread, batch 1 and batch 32; per model and ratio, every candidate (widths rounded to the default, to 8
+and not rounded; Torch-Pruning's model exported with ``torch.onnx.export``) and two references (the
+unpruned model as trained, and the same after onnxshrink's cleanup and lossless passes, i.e. ``prune``
+at ratio 0) run interleaved round by round, the order flipping every round, so load changes on the
+shared machine hit all alike; ``speedup`` = median(reference) / median(candidate). Widths depend only
+on the ratio and the rounding, not on the criterion, so one latency row serves every variant. The 1-minute
+load average is recorded before and after each model's timing (other jobs share the CPU).
 
     /work/venv/bin/python benchmarks/bench_prune.py [--models resnet,mlp] [--ratios 0.3,0.5]
         [--runs 200] [--out benchmarks/results]
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -40,7 +45,8 @@ sys.path.insert(0, str(ROOT))
 from models import digits
 from onnxshrink import bench, pruning, runtime
 
-MODELS = ("resnet", "mobilenet", "inception", "cnn", "mlp", "vit")
+MODELS = ("resnet", "mobilenet", "inception", "cnn", "mlp", "vit", "resnet_wide", "mobilenet_wide")
+ROUNDINGS = {"default": {}, "8": {"round_to": 8}, "1": {"round_to": 1, "min_width": 1}}
 VARIANTS = {  # label -> prune() options
     "l1": {"criterion": "l1"},
     "l1+bn": {"criterion": "l1", "reconstruct": "bn"},
@@ -55,16 +61,40 @@ def accuracy(model, name: str) -> float:
     return digits.accuracy(session.run(None, {"input": x})[0], y)
 
 
-def latency(ref, cand, name: str, batch: int, runs: int) -> float:
+def interleaved(paths: dict[str, str], feed: dict, runs: int, warmup: int = 10) -> dict[str, list[float]]:
+    """Seconds per run of each model, all timed round by round (order flipping every round)."""
+    sessions = {k: runtime.make_session(p, threads=1) for k, p in paths.items()}
+    for sess in sessions.values():
+        for _ in range(warmup):
+            sess.run(None, feed)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    order = list(sessions)
+    for i in range(runs):
+        for k in order if i % 2 == 0 else order[::-1]:
+            t0 = time.perf_counter()
+            sessions[k].run(None, feed)
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def speedups(name: str, paths: dict[str, str], runs: int) -> dict:
+    """Per batch: medians (ms) and speed-ups of every candidate against both references."""
     x, _ = digits.model_input(name, "test")
-    report = bench.measure([ref, cand], [{"input": x[:batch]}], threads=1, warmup=10, runs=runs,
-                           labels=["unpruned", "pruned"])
-    return report.providers["cpu"].ratio.speedup
+    out: dict = {"load": [round(os.getloadavg()[0], 2)]}
+    for batch in (1, 32):
+        times = interleaved(paths, {"input": x[:batch]}, runs if batch == 1 else max(runs // 4, 30))
+        out[batch] = {"median_ms": {k: 1000 * float(np.median(t)) for k, t in times.items()}}
+        for ref in ("unpruned", "cleaned"):
+            out[batch][f"vs_{ref}"] = {k: bench.paired_ratio(times[ref], t, bootstrap=0).speedup
+                                       for k, t in times.items() if k not in ("unpruned", "cleaned")}
+        out[batch]["cleanup"] = bench.paired_ratio(times["unpruned"], times["cleaned"], bootstrap=0).speedup
+    out["load"].append(round(os.getloadavg()[0], 2))
+    return out
 
 
-def ours(name: str, ratio: float, calib, runs: int) -> dict:
+def ours(name: str, ratio: float, calib, tmp: Path) -> tuple[dict, dict[str, str]]:
     """Accuracy of every variant with widths rounded to 8 (25-30% of each group's channels), accuracy of
-    the best variant with the default rounding, and latency for each rounding."""
+    the best variant with the default rounding, and the pruned models of each rounding (for timing)."""
     path = str(digits.trained_path(name))
     row: dict = {"acc": {}, "seconds": {}, "rounding": {}}
     for label, opts in VARIANTS.items():
@@ -76,20 +106,16 @@ def ours(name: str, ratio: float, calib, runs: int) -> dict:
     default = pruning.prune(path, ratio, calibration=calib, **VARIANTS["recon+lsq"])
     row["acc_default_rounding"] = accuracy(default.model, name)
     row["blocked"] = sorted({s for g in default.plan.groups if g.status == "blocked" for s in g.stops[:1]})
-    for label, opts in (("default", {}), ("8", {"round_to": 8}), ("1", {"round_to": 1, "min_width": 1})):
-        with tempfile.TemporaryDirectory() as tmp:
-            cand = str(Path(tmp) / "pruned.onnx")
-            result = pruning.prune(path, ratio, cand, **opts)
-            row["rounding"][label] = {
-                "round_to": result.plan.settings["round_to"],
-                "params": [result.before["parameters"], result.after["parameters"]],
-                "macs": [result.before["macs"], result.after["macs"]],
-                "speedup": {b: latency(path, cand, name, b, runs if b == 1 else max(runs // 4, 30))
-                            for b in (1, 32)},
-            }
-        r = row["rounding"][label]
-        print(f"  {name} {ratio} round {r['round_to']}: -MACs {pct(r['macs'])} speedup {r['speedup']}", flush=True)
-    return row
+    cands = {}
+    for label, opts in ROUNDINGS.items():
+        cands[label] = str(tmp / f"{ratio}_{label}.onnx")
+        result = pruning.prune(path, ratio, cands[label], **opts)
+        row["rounding"][label] = {
+            "round_to": result.plan.settings["round_to"],
+            "params": [result.before["parameters"], result.after["parameters"]],
+            "macs": [result.before["macs"], result.after["macs"]],
+        }
+    return row, cands
 
 
 def _tp_attention_forward(self, x):
@@ -107,7 +133,7 @@ def _tp_attention_forward(self, x):
     return self.proj((att @ v).transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
 
 
-def torch_pruning(name: str, ratio: float, runs: int) -> dict:
+def torch_pruning(name: str, ratio: float, tmp: Path) -> tuple[dict, str | None]:
     import torch
     import torch_pruning as tp
 
@@ -126,6 +152,7 @@ def torch_pruning(name: str, ratio: float, runs: int) -> dict:
                  for lin in (m.q, m.k, m.v)}
         kw = {"num_heads": heads, "prune_num_heads": True, "prune_head_dims": False, "head_pruning_ratio": ratio}
     row: dict = {}
+    out = None
     try:
         pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
                                            pruning_ratio=ratio, ignored_layers=ignored, round_to=8, **kw)
@@ -138,35 +165,68 @@ def torch_pruning(name: str, ratio: float, runs: int) -> dict:
             row["acc"] = digits.accuracy(model(torch.from_numpy(x)).numpy(), y)
         macs, params = tp.utils.count_ops_and_params(model, example)
         row.update(params=[int(params0), int(params)], macs=[int(macs0), int(macs)])
-        with tempfile.TemporaryDirectory() as tmp:
-            out = str(Path(tmp) / "tp.onnx")
-            torch.onnx.export(model, example, out, input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "N"}}, opset_version=17, dynamo=False)
-            ref = str(digits.trained_path(name))
-            row["speedup"] = {b: latency(ref, out, name, b, runs if b == 1 else max(runs // 4, 30)) for b in (1, 32)}
+        out = str(tmp / f"tp_{ratio}.onnx")
+        torch.onnx.export(model, example, out, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "N"}}, opset_version=17, dynamo=False)
     except Exception as e:  # noqa: BLE001 - report what Torch-Pruning could not do
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        out = None
     print(f"  {name} {ratio} torch-pruning: {row.get('acc', row.get('error'))}", flush=True)
-    return row
+    return row, out
 
 
 def pct(pair) -> str:
     return f"{100.0 * (1 - pair[1] / pair[0]):.0f}%"
 
 
+def run_model(name: str, ratios, runs: int, with_torch: bool) -> dict:
+    calib = digits.feeds(name, "calib", batch=64)
+    path = str(digits.trained_path(name))
+    entry: dict = {"base_acc": accuracy(path, name), "ratios": {}}
+    print(f"{name}: unpruned accuracy {entry['base_acc']:.4f}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-prune-") as tmp:
+        cleaned = str(Path(tmp) / "cleaned.onnx")
+        pruning.prune(path, 0.0, cleaned)
+        for ratio in ratios:
+            row, cands = ours(name, ratio, calib, Path(tmp))
+            tp, tp_path = torch_pruning(name, ratio, Path(tmp)) if with_torch else ({"error": "skipped"}, None)
+            paths = {"unpruned": path, "cleaned": cleaned, **cands, **({"tp": tp_path} if tp_path else {})}
+            lat = speedups(name, paths, runs)
+            for label in cands:
+                row["rounding"][label]["speedup"] = {b: lat[b]["vs_unpruned"][label] for b in (1, 32)}
+                row["rounding"][label]["speedup_vs_cleaned"] = {b: lat[b]["vs_cleaned"][label] for b in (1, 32)}
+            if tp_path:
+                tp["speedup"] = {b: lat[b]["vs_unpruned"]["tp"] for b in (1, 32)}
+            row["cleanup_speedup"] = {b: lat[b]["cleanup"] for b in (1, 32)}
+            row["median_ms"] = {b: lat[b]["median_ms"] for b in (1, 32)}
+            row["load"] = lat["load"]
+            d = row["rounding"]["default"]
+            print(f"  {name} {ratio} default: -MACs {pct(d['macs'])} speedup {d['speedup']} "
+                  f"(load {lat['load']})", flush=True)
+            entry["ratios"][str(ratio)] = {"ours": row, "tp": tp}
+    return entry
+
+
+def _x(pair) -> float:
+    return pair[0] / max(pair[1], 1)
+
+
 def write_markdown(results: dict, path: Path) -> None:
+    reading = _hand_written(path)
     lines = [
         "# Structured pruning on the trained digits classifiers (no training)",
         "",
         ("`python benchmarks/bench_prune.py` (see its docstring). Accuracy (%) on the 360-sample test split; "
-        "calibration: 512 unlabeled `calib` samples."),
+        "calibration: 512 unlabeled `calib` samples. `resnet_wide` and `mobilenet_wide` are compute-bound "
+        "variants (32x32 inputs, 135M and 105M MACs per image; see `models/digits/README.md`)."),
         "",
         "## Accuracy",
         "",
         ("onnxshrink columns: widths rounded to 8, so `ratio` 0.3 removes 25-30% of each group's channels. "
         "`recon+lsq` = `--prune-criterion reconstruction --reconstruct`; `default` = the same with the "
-        "default rounding (16 on this AVX-512 CPU, rounded up, so narrow groups may stay whole). "
-        "TP = Torch-Pruning 1.6.1 MagnitudePruner (L1, round_to=8) on the same trained torch module."),
+        "default rounding (ONNX Runtime's NCHWc block, 16 on this AVX-512 CPU, rounded up, so narrow groups "
+        "may stay whole). TP = Torch-Pruning 1.6.1 MagnitudePruner (L1, round_to=8) on the same trained "
+        "torch module."),
         "",
         ("| model | ratio | unpruned | l1 | l1+bn | l1+lsq | recon+lsq | -params | -MACs | default | "
         "default -MACs | TP | TP -params | TP -MACs |"),
@@ -182,13 +242,56 @@ def write_markdown(results: dict, path: Path) -> None:
             lines.append(
                 f"| {name} | {ratio} | {100 * per['base_acc']:.1f} | {acc} | {pct(r8['params'])} | "
                 f"{pct(r8['macs'])} | {100 * o['acc_default_rounding']:.1f} | {pct(rd['macs'])} | {tp_cells} |")
-    lines += [
+    lines += _goal_table(results) + _latency_table(results)
+    path.write_text("\n".join(lines) + "\n" + reading)
+
+
+def _goal_table(results: dict) -> list[str]:
+    lines = [
         "",
-        "## Latency",
+        "## Latency against MACs, default rounding",
         "",
-        ("ONNX Runtime CPU, 1 thread, unpruned and pruned interleaved; `speedup` = median unpruned / median "
-        "pruned latency at batch 1 and 32; `x MACs` = 1 / (1 - MACs reduction), the speed-up in proportion "
-        "to MACs. Rounding: default (16 here), 8, and none (1)."),
+        ("ONNX Runtime CPU, 1 thread; all models of one row timed interleaved. `x MACs` = 1 / (1 - MACs "
+        "reduction), the speed-up in proportion to MACs. `b1`/`b32`: speed-up over the unpruned model as "
+        "trained at batch 1/32; `b1 cl`/`b32 cl`: over the same model after onnxshrink's cleanup and lossless "
+        "passes (ratio 0), i.e. pruning's own share; `cleanup`: cleaned over as-trained (b1/b32). `>= MACs`: "
+        "both batch speed-ups over the unpruned model at least `x MACs`; `of x MACs`: b1 and b32 speed-ups as a "
+        "share of `x MACs`; `never slower`: both >= 1. "
+        "`ms b1`/`ms b32`: median latency, unpruned -> pruned. `load`: 1-minute load average before/after "
+        "the row's timing (2 cores, shared)."),
+        "",
+        ("| model | ratio | -MACs | x MACs | b1 | b32 | of x MACs | b1 cl | b32 cl | cleanup | >= MACs | "
+        "never slower | ms b1 | ms b32 | load |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, per in results.items():
+        for ratio, r in per["ratios"].items():
+            o = r["ours"]
+            d, ms = o["rounding"]["default"], o["median_ms"]
+            s, c = d["speedup"], d["speedup_vs_cleaned"]
+            prop = _x(d["macs"])
+            meets = "yes" if min(s[1], s[32]) >= prop else "no"
+            never = "yes" if min(s[1], s[32]) >= 1.0 else "**no**"
+            lines.append(
+                f"| {name} | {ratio} | {pct(d['macs'])} | {prop:.2f}x | {s[1]:.2f}x | {s[32]:.2f}x | "
+                f"{100 * s[1] / prop:.0f}%/{100 * s[32] / prop:.0f}% | "
+                f"{c[1]:.2f}x | {c[32]:.2f}x | {o['cleanup_speedup'][1]:.2f}/{o['cleanup_speedup'][32]:.2f} | "
+                f"{meets} | {never} | {_ms(ms[1]['unpruned'])} -> {_ms(ms[1]['default'])} | "
+                f"{_ms(ms[32]['unpruned'])} -> {_ms(ms[32]['default'])} | {o['load'][0]}-{o['load'][1]} |")
+    return lines
+
+
+def _ms(v: float) -> str:
+    return f"{1000 * v:.0f} us" if v < 1 else f"{v:.3g} ms"
+
+
+def _latency_table(results: dict) -> list[str]:
+    lines = [
+        "",
+        "## Latency by rounding",
+        "",
+        ("Speed-up over the unpruned model as trained (same runs as above). Rounding: default (ONNX Runtime's "
+        "NCHWc block, 16 here), 8, and none (1). TP: Torch-Pruning's model (round_to=8), on the `8` row."),
         "",
         "| model | ratio | round | -MACs | x MACs | speedup b1 | speedup b32 | TP speedup b1 | TP speedup b32 |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -197,12 +300,29 @@ def write_markdown(results: dict, path: Path) -> None:
         for ratio, r in per["ratios"].items():
             t = r["tp"]
             for label, rr in r["ours"]["rounding"].items():
-                prop = rr["macs"][0] / max(rr["macs"][1], 1)
                 tp_cells = ("| " if "error" in t or label != "8"
                             else f"{t['speedup'][1]:.2f}x | {t['speedup'][32]:.2f}x")
-                lines.append(f"| {name} | {ratio} | {rr['round_to']} | {pct(rr['macs'])} | {prop:.2f}x | "
+                lines.append(f"| {name} | {ratio} | {rr['round_to']} | {pct(rr['macs'])} | {_x(rr['macs']):.2f}x | "
                              f"{rr['speedup'][1]:.2f}x | {rr['speedup'][32]:.2f}x | {tp_cells} |")
-    path.write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def _hand_written(path: Path) -> str:
+    """The hand-written reading at the end of the previous results (kept across reruns)."""
+    marker = "\n## Reading"
+    text = path.read_text() if path.exists() else ""
+    return text[text.index(marker):] if marker in text else ""
+
+
+BATCH_KEYED = ("speedup", "speedup_vs_cleaned", "cleanup_speedup", "median_ms")
+
+
+def _int_keys(obj):
+    """JSON turned the batch keys 1 and 32 (under ``BATCH_KEYED``) into strings; turn them back."""
+    if isinstance(obj, dict):
+        return {k: ({int(b): v2 for b, v2 in v.items()} if k in BATCH_KEYED else _int_keys(v))
+                for k, v in obj.items()}
+    return obj
 
 
 def main(argv=None) -> int:
@@ -212,19 +332,14 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--no-torch", action="store_true", help="skip the Torch-Pruning comparison")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--render", metavar="JSON", help="only rewrite prune.md from this prune.json")
     args = ap.parse_args(argv)
-    results: dict = {}
-    for name in args.models.split(","):
-        calib = digits.feeds(name, "calib", batch=64)
-        base = accuracy(str(digits.trained_path(name)), name)
-        results[name] = {"base_acc": base, "ratios": {}}
-        print(f"{name}: unpruned accuracy {base:.4f}", flush=True)
-        for ratio in (float(r) for r in args.ratios.split(",")):
-            results[name]["ratios"][str(ratio)] = {
-                "ours": ours(name, ratio, calib, args.runs),
-                "tp": {"error": "skipped (--no-torch)"} if args.no_torch else torch_pruning(name, ratio, args.runs),
-            }
     out = Path(args.out)
+    if args.render:
+        write_markdown(_int_keys(json.loads(Path(args.render).read_text())), out / "prune.md")
+        return 0
+    ratios = [float(r) for r in args.ratios.split(",")]
+    results = {name: run_model(name, ratios, args.runs, not args.no_torch) for name in args.models.split(",")}
     out.mkdir(parents=True, exist_ok=True)
     (out / "prune.json").write_text(json.dumps(results, indent=1, default=float))
     write_markdown(results, out / "prune.md")
