@@ -23,6 +23,7 @@ load average is recorded before and after each model's timing (other jobs share 
 
     /work/venv/bin/python benchmarks/bench_prune.py [--models resnet,mlp] [--ratios 0.3,0.5]
         [--runs 200] [--out benchmarks/results]
+    /work/venv/bin/python benchmarks/bench_prune.py --render benchmarks/results/prune.json  # tables only
 
 Dev only: needs torch and torch-pruning (``pip install torch==2.13.0 torch-pruning``).
 """
