@@ -104,10 +104,12 @@ def run_quantize(args) -> int:
         t = result.tuning
         print(f"tuned on this CPU (float {t.float_ms:.3f} ms, chosen {t.speedup}x float): kept {t.chosen}")
         for row in t.tried:
-            knobs = {k: v for k, v in row.items() if k not in ("median_ms", "vs_best_ms", "kept")}
-            print(f"  {'kept ' if row['kept'] else 'tried'} {row['median_ms']:.3f} ms {knobs}")
+            knobs = {k: v for k, v in row.items() if k not in ("median_ms", "vs_best_ms", "kept", "drift",
+                                                                 "vs_best_drift")}
+            print(f"  {'kept ' if row['kept'] else 'tried'} {row['median_ms']:.3f} ms, drift {row['drift']:.3g} {knobs}")
     print(f"placement: linear layers {result.placement.linear}, the rest {result.placement.rest}"
-          + (f"; {len(result.dynamic_nodes)} linear layers dynamic" if result.dynamic_nodes else ""))
+          + (f"; {len(result.dynamic_nodes)} linear layers dynamic" if result.dynamic_nodes else "")
+          + (f"; {result.speedup}x float speed on this CPU (1 thread)" if result.speedup else ""))
     _print_recovery(result.recovery)
     if result.opset_upgraded_from:
         print(f"note: upgraded from opset {result.opset_upgraded_from} to 13 for per-channel QDQ")

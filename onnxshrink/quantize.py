@@ -107,6 +107,7 @@ class QuantizeResult:
     dynamic_nodes: list[str] = dataclasses.field(default_factory=list)
     recovery: dict = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
+    speedup: float | None = None  # float ms / this model's ms, 1 thread, on a calibration feed (when tuned)
 
     @property
     def skipped(self) -> list[str]:
@@ -142,6 +143,7 @@ class QuantizeResult:
             "dynamic_nodes": self.dynamic_nodes,
             "recovery": {k: v for k, v in self.recovery.items() if k != "linear_layers"},
             "warnings": self.warnings,
+            "speedup": self.speedup,
             "plan": self.plan.summary(),
             "skipped": self.skipped,
             "before": self.before,
@@ -197,7 +199,7 @@ def quantize(
     ``max_metric_drop`` with ``metric`` (measured on ``drift_data``, default ``data``); see the module
     docstring. Other options: see ``PlanOptions``.
     """
-    from onnxshrink import calibration, mixed_precision
+    from onnxshrink import mixed_precision
     from onnxshrink import recovery as rec
 
     t0 = time.perf_counter()
@@ -220,6 +222,50 @@ def quantize(
     ir_model = model_io.load(model)
     before = stats.summarize(ir_model, in_path)
     report = pipeline.PipelineReport()
+    ir_model, upgraded = _prepare(ir_model, data, report, lossless, check, equalize, smoothquant, providers)
+    placement = qdq_tune.Placement("dynamic", "float") if mode == "dynamic" else qdq_tune.Placement()
+    table = tuning = None
+    plan = QDQPlan(opts, (), (), True)
+    if mode != "dynamic":
+        plan, table = _plan_and_calibrate(ir_model, data, opts, method, batch_size, providers, cache_dir,
+                                          progress, observer_opts)
+        if tune:
+            feed = next(iter(data_mod.feeds(data, ir_model)))
+            opts, tuning = qdq_tune.tune(ir_model, plan, table, feed, tune_runs, regions=mode == "auto")
+            plan = dataclasses.replace(plan, options=opts)
+            placement = tuning.placement if tuning else placement
+    builder = rec.Builder(ir_model, plan, table, opts, placement, check, data, bias_correction, providers)
+    qmodel, kept, notes = builder(), [], {}
+    if budget is not None:
+        qmodel, kept, notes["mixed_precision"] = _mixed(builder, qmodel, drift_data if drift_data is not None
+                                                        else data, budget, providers)
+    _merge(report, builder.reports[id(qmodel)])
+    final = builder.final_plan(kept)
+    logger.info("QDQ plan: %s", final.summary())
+    ctx = QuantizeContext(ir_model, qmodel, final, table, data, opts)
+    for hook in recovery:
+        hook(ctx)
+    qmodel = ctx.model
+    notes.update(_notes(builder, report))
+    speedup = tuning.speedup if tuning is not None else None
+    if tune and data is not None and (qmodel is not builder.first or tuning is None):  # re-time what changed
+        speedup = qdq_tune.speedup(ir_model, qmodel, next(iter(data_mod.feeds(data, ir_model))), tune_runs)
+    out_path = None
+    if output is not None:
+        out_path = model_io.save(qmodel, output, protected=(in_path,) if in_path else (),
+                                 overwrite_input=overwrite_input)
+    return QuantizeResult(
+        qmodel, final, table, report, before, stats.summarize(qmodel, out_path),
+        time.perf_counter() - t0, opts, method, out_path, upgraded, tuning, mode, placement,
+        builder.quantized_names(qmodel)[1], notes, _speed_warnings(speedup, notes), speedup,
+    )
+
+
+def _prepare(ir_model: ir.Model, data, report, lossless: bool, check: bool, equalize: bool, smoothquant,
+             providers) -> tuple[ir.Model, int | None]:
+    """Steps 1-4 of the module docstring: lossless passes, opset upgrade, names, shapes, float rewrites."""
+    from onnxshrink import recovery as rec
+
     if lossless:
         _merge(report, _run(ir_model, pipeline.lossless_steps(), check))
     ir_model, upgraded = upgrade_opset(ir_model)
@@ -230,51 +276,31 @@ def quantize(
         pre.append(rec.smoothquant_pass(ir_model, data, smoothquant, providers))
     if pre:
         _merge(report, _run(ir_model, pre, check))
-    table = tuning = None
-    placement = qdq_tune.Placement("dynamic", "float") if mode == "dynamic" else qdq_tune.Placement()
-    plan = QDQPlan(opts, (), (), True)
-    if mode != "dynamic":
-        plan = plan_qdq(ir_model, opts)
-        _warn_if_empty(plan)
-        table = calibration.calibrate(
-            ir_model, data, plan.calibration_values(), method=method, batch_size=batch_size,
-            providers=providers, cache_dir=cache_dir, progress=progress, **observer_opts,
-        )
-        if tune:
-            feed = next(iter(data_mod.feeds(data, ir_model)))
-            opts, tuning = qdq_tune.tune(ir_model, plan, table, feed, tune_runs, regions=mode == "auto")
-            plan = dataclasses.replace(plan, options=opts)
-            placement = tuning.placement if tuning else placement
-    builder = rec.Builder(ir_model, plan, table, opts, placement, check, data, bias_correction, providers)
-    qmodel, kept, notes = builder(), [], {}
-    if budget is not None:
-        static, dynamic = builder.quantized_names(qmodel)
-        first = qmodel
-        qmodel, mixed = mixed_precision.search(
-            ir_model, lambda keep: builder(keep) if keep else first, static + dynamic,
-            drift_data if drift_data is not None else data, budget, dynamic=dynamic, providers=providers)
-        kept = [row["node"] for row in mixed.kept]
-        notes["mixed_precision"] = mixed.to_dict()
-    _merge(report, builder.reports[id(qmodel)])
-    final = builder.final_plan(kept)
-    logger.info("QDQ plan: %s", final.summary())
-    ctx = QuantizeContext(ir_model, qmodel, final, table, data, opts)
-    for hook in recovery:
-        hook(ctx)
-    qmodel = ctx.model
-    notes.update(_notes(builder, report, qmodel))
-    out_path = None
-    if output is not None:
-        out_path = model_io.save(qmodel, output, protected=(in_path,) if in_path else (),
-                                 overwrite_input=overwrite_input)
-    return QuantizeResult(
-        qmodel, final, table, report, before, stats.summarize(qmodel, out_path),
-        time.perf_counter() - t0, opts, method, out_path, upgraded, tuning, mode, placement,
-        builder.quantized_names(qmodel)[1], notes, _speed_warnings(tuning, notes),
+    return ir_model, upgraded
+
+
+def _plan_and_calibrate(ir_model, data, opts, method, batch_size, providers, cache_dir, progress, observer_opts):
+    from onnxshrink import calibration
+
+    plan = plan_qdq(ir_model, opts)
+    _warn_if_empty(plan)
+    table = calibration.calibrate(
+        ir_model, data, plan.calibration_values(), method=method, batch_size=batch_size,
+        providers=providers, cache_dir=cache_dir, progress=progress, **observer_opts,
     )
+    return plan, table
 
 
-def _notes(builder, report: pipeline.PipelineReport, qmodel: ir.Model) -> dict:
+def _mixed(builder, first: ir.Model, data, budget, providers) -> tuple[ir.Model, list[str], dict]:
+    from onnxshrink import mixed_precision
+
+    static, dynamic = builder.quantized_names(first)
+    model, report = mixed_precision.search(builder.float_model, lambda keep: builder(keep) if keep else first,
+                                           static + dynamic, data, budget, dynamic=dynamic, providers=providers)
+    return model, [row["node"] for row in report.kept], report.to_dict()
+
+
+def _notes(builder, report: pipeline.PipelineReport) -> dict:
     notes: dict = {"linear_layers": [n.name for n in qdq_tune.linear_layers(builder.float_model)]}
     passes = report.per_pass()
     for name in ("cross_layer_equalization", "smoothquant"):
@@ -285,10 +311,10 @@ def _notes(builder, report: pipeline.PipelineReport, qmodel: ir.Model) -> dict:
     return notes
 
 
-def _speed_warnings(tuning, notes: dict) -> list[str]:
+def _speed_warnings(speedup: float | None, notes: dict) -> list[str]:
     out = []
-    if tuning is not None and tuning.speedup is not None and tuning.speedup < 1 - qdq_tune.MIN_GAIN:
-        out.append(f"the quantized model is SLOWER than float on this CPU: {tuning.speedup:.2f}x float speed "
+    if speedup is not None and speedup < 1 - qdq_tune.MIN_GAIN:
+        out.append(f"the quantized model is SLOWER than float on this CPU: {speedup:.2f}x float speed "
                    "(1 thread, timed on a calibration feed)")
     kept = notes.get("mixed_precision", {})
     if kept and not kept.get("met"):

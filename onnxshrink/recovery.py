@@ -75,6 +75,7 @@ class Builder:
     shifts: dict | None = None
     correction: dict | None = None
     reports: dict = dataclasses.field(default_factory=dict)
+    first: ir.Model | None = None  # the first build (nothing extra kept float)
 
     def __call__(self, keep_float=()) -> ir.Model:
         model = self.float_model.clone()
@@ -84,6 +85,8 @@ class Builder:
         if self.bias_correction and self.table is not None:
             self._correct(model)
         self.reports[id(model)] = report
+        if self.first is None:
+            self.first = model
         return model
 
     def _correct(self, model: ir.Model) -> None:
