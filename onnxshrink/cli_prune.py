@@ -25,6 +25,17 @@ def add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="channel importance (default l1; activation and reconstruction need --calibration)")
     g.add_argument("--prune-scope", choices=["local", "global"], default="local",
                    help="local: the ratio in every group; global: lowest scores across groups")
+    g.add_argument("--prune-target", choices=["channels", "latency", "macs"], default="channels",
+                   help="what RATIO is of: channels (default: of every group's channels), latency (of the "
+                        "model's latency estimated from kernel throughput by width, widths chosen per group "
+                        "to keep the most importance) or macs (of its MACs, the same way)")
+    g.add_argument("--kernel-table", default=None, metavar="default|measure|JSON",
+                   help="kernel throughput by width for latency estimates: default (built-in curves, "
+                        "deterministic), measure (time ONNX Runtime's kernels here once, cached under "
+                        "~/.cache/onnxshrink/kernels) or a saved table")
+    g.add_argument("--prune-measure", action="store_true",
+                   help="also time the pruned model against the input (ONNX Runtime CPU, 1 thread, batch 1, "
+                        "interleaved) and print the measured latency next to the estimate")
     g.add_argument("--reconstruct", nargs="?", const="lsq", choices=["lsq", "bn"],
                    help="recover without training on --calibration data: lsq (least-squares refit of "
                         "the layers that lost inputs, default) or bn (BatchNorm re-estimation)")
@@ -55,7 +66,8 @@ def run_prune(args) -> int:
     result = pruning.prune(
         args.input, ratio, None if quantize_next else args.output,
         criterion=args.prune_criterion, calibration=args.calibration, reconstruct=args.reconstruct or False,
-        scope=args.prune_scope, round_to=args.round_to, min_width=args.min_width, protect=args.protect,
+        scope=args.prune_scope, target=args.prune_target, kernels=args.kernel_table,
+        round_to=args.round_to, min_width=args.min_width, protect=args.protect,
         plan=args.plan_in, plan_out=args.plan_out, check=not args.no_check,
         overwrite_input=args.overwrite_input,
     )
@@ -63,6 +75,9 @@ def run_prune(args) -> int:
     target = "(quantized next)" if quantize_next else (args.output or "(not written)")
     print(f"onnxshrink optimize --prune {ratio}: {args.input} -> {target}  [{result.seconds:.2f} s, "
           f"criterion {result.plan.settings.get('criterion')}, {summary['channels_removed']} channels removed]")
+    print(f"  {result.plan.target_text()}")
+    if args.prune_measure:
+        print(f"  {_measured(args.input, result.model)}")
     print(report.before_after_table(result.before, result.after))
     print()
     print(pruning.format_layers(result.layers))
@@ -76,6 +91,17 @@ def run_prune(args) -> int:
     if quantize_next:
         return _quantize_pruned(args, result.model)
     return 0
+
+
+def _measured(src, model) -> str:
+    """The pruned model's measured latency against the input's (batch 1 from random data, 1 thread)."""
+    from onnxshrink import bench
+
+    rep = bench.measure([src, model], dims={}, runs=100, bootstrap=0, labels=["unpruned", "pruned"])
+    cpu = rep.providers["cpu"]
+    a, b = (m.latency.median_ms for m in cpu.models)
+    return (f"measured: latency {b / a:.0%} of unpruned ({1000 * a:,.0f} -> {1000 * b:,.0f} us, speed-up "
+            f"{cpu.ratio.speedup:.2f}x; ONNX Runtime CPU, 1 thread, feed {rep.feed}, 100 interleaved runs)")
 
 
 def _print_groups(plan) -> None:

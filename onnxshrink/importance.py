@@ -151,11 +151,14 @@ class MeanActivation:
 class Reconstruction:
     """The output error a least-squares refit is left with after the channel goes, chosen greedily
     with consumer Gram matrices (``importance_lsq``); without Grams, the diagonal form
-    Var[x_c] * ||W[:, c]||^2 (the error of removing c with its mean folded into the bias)."""
+    Var[x_c] * ||W[:, c]||^2 (the error of removing c with its mean folded into the bias), made
+    cumulative as a share of the group's total. Scores are cumulative (``cumulative``): an atom's
+    score is the loss once it and every lower-scoring atom are gone, comparable across groups."""
 
     name: str = "reconstruction"
     needs_data: bool = True
     needs_grams: bool = True
+    cumulative: bool = True
 
     def __call__(self, group: Group, stats: ActivationStats | None) -> np.ndarray:
         from onnxshrink.importance_lsq import greedy_scores
@@ -172,7 +175,16 @@ class Reconstruction:
             var, norms = stats.var(x.label()), cell_norms(w, 2)
             if len(var) == len(norms):
                 parts.append(_per_atom(group, x, var * norms))
-        return _normalized_sum(parts, group.width) if parts else Magnitude(2, "l2")(group)
+        return _cumulative(_normalized_sum(parts, group.width) if parts else Magnitude(2, "l2")(group))
+
+
+def _cumulative(scores: np.ndarray) -> np.ndarray:
+    """Additive scores as cumulative shares of their total, in the same order (lowest first)."""
+    order = np.argsort(scores, kind="stable")
+    total = float(scores.sum())
+    out = np.empty(len(scores))
+    out[order] = np.cumsum(scores[order]) / (total if total > 0 else 1.0)
+    return out
 
 
 def _need(stats, name):

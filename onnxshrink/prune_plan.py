@@ -12,6 +12,14 @@ Widths: ``ratio`` of each group's channels is removed (``scope="local"``), or th
 ``max_ratio`` of any group). Kept widths are rounded up to a multiple of ``round_to`` channels (fast
 CPU kernels want multiples of 8 or 16: odd widths can make a pruned model slower; rounding up never
 removes more than asked, so a narrow group may stay whole) and never go below ``min_width``.
+
+Targets: ``target="channels"`` (above) removes channels; ``"latency"`` and ``"macs"`` read ``ratio``
+as the share of the model's estimated latency or of its MACs to remove, and let
+:mod:`onnxshrink.prune_alloc` choose every group's width (in steps of ``round_to``, at most
+``max_ratio`` of a group, never below ``min_width``) to keep the most importance within that budget,
+with latency estimated by :mod:`onnxshrink.prune_cost` from a kernel throughput table
+(:mod:`onnxshrink.kernel_table`; ``kernels``: ``"default"``, ``"measure"`` or a saved table). Every
+plan records its estimate before and after (``settings["estimate"]``) whatever its target.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from onnxshrink import depgraph, importance
 from onnxshrink.errors import ConfigError
 
 FORMAT = "onnxshrink.prune-plan/1"
+TARGETS = ("channels", "latency", "macs")
 
 
 @dataclasses.dataclass
@@ -93,8 +102,28 @@ class PruningPlan:
         status: dict[str, int] = {}
         for g in self.groups:
             status[g.status] = status.get(g.status, 0) + 1
-        return {"groups": len(self.groups), "status": status,
-                "channels_removed": sum(len(g.remove) * g.channels_per_atom for g in self.groups)}
+        return {"groups": len(self.groups), "status": status, "target": self.target_text(),
+                "channels_removed": sum(len(g.remove) * g.channels_per_atom for g in self.groups),
+                "estimate": self.settings.get("estimate")}
+
+    def target_text(self) -> str:
+        """What ``ratio`` meant for this plan and what the estimate says, in words."""
+        st = self.settings
+        target, ratio = st.get("target", "channels"), float(st.get("ratio", 0.0))
+        if target != "channels":
+            text = f"{'latency' if target == 'latency' else 'MACs'} budget {1 - ratio:.0%} of unpruned"
+        elif st.get("scope") == "global":
+            text = f"channels: the lowest-scoring {ratio:.0%} of all prunable channels (global)"
+        else:
+            text = f"channels: {ratio:.0%} of each prunable group's (widths rounded up to {st.get('round_to')})"
+        est = st.get("estimate") or {}
+        lat, macs = est.get("latency_us"), est.get("macs")
+        if lat:
+            text += (f"; estimated latency {lat[1] / lat[0]:.0%} of unpruned ({lat[0]:,.0f} -> {lat[1]:,.0f} us "
+                     f"at batch 1, kernel table: {est.get('kernels', 'default')})")
+        if macs:
+            text += f"; MACs {macs[1] / max(macs[0], 1):.0%} of unpruned"
+        return text
 
 
 def plan_pruning(
@@ -111,15 +140,24 @@ def plan_pruning(
     stats: importance.ActivationStats | None = None,
     grouped: str = "auto",
     graph: depgraph.DepGraph | None = None,
+    target: str = "channels",
+    kernels=None,
 ) -> PruningPlan:
-    """Plan the removal of ``ratio`` of the channels of ``model`` (unchanged). See the module doc.
+    """Plan the removal of ``ratio`` of the channels (or of the estimated latency or MACs, ``target``)
+    of ``model`` (unchanged). See the module doc.
 
     ``protect``: glob patterns of node names; a group touching a matching node is left whole.
-    ``layer_ratios``: glob pattern of a producer node name -> ratio for its group (overrides ``ratio``).
-    ``round_to``: None picks :func:`default_round_to` for this CPU.
+    ``layer_ratios``: glob pattern of a producer node name -> ratio for its group (overrides ``ratio``;
+    channels target only). ``round_to``: None picks :func:`default_round_to` for this CPU.
+    ``kernels``: the kernel throughput table for latency estimates (``kernel_table.load``).
     """
     round_to = default_round_to() if round_to is None else int(round_to)
     _check_settings(ratio, scope, round_to, min_width, max_ratio, layer_ratios)
+    if target not in TARGETS:
+        raise ConfigError(f"pruning target must be one of {', '.join(TARGETS)}, not {target!r}")
+    if layer_ratios and target != "channels":
+        raise ConfigError("per-layer ratios (layer_ratios) are for target 'channels'; the latency and MACs "
+                          "targets choose every group's width themselves (use protect to keep a layer whole)")
     crit = importance.get(criterion)
     dg = graph or depgraph.build(model, grouped=grouped)
     plans = [_group_plan(g) for g in dg.groups]
@@ -133,10 +171,16 @@ def plan_pruning(
             gp.status = "too narrow"
         else:
             live.append((g, gp, np.asarray(crit(g, stats), dtype=np.float64)))
-    if scope == "global" and not layer_ratios:
+    cost = _cost_model(model, dg, live, kernels, "macs" if target == "macs" else "latency")
+    estimate: dict = {"kernels": cost.table.source}
+    if target != "channels":
+        keeps = _budget_keeps(cost, live, ratio, round_to, min_width, max_ratio, crit, estimate)
+    elif scope == "global" and not layer_ratios:
         keeps = _global_keeps(live, ratio, round_to, min_width, max_ratio)
     else:
         keeps = [_local_keep(gp, _ratio_for(g, ratio, layer_ratios), round_to, min_width) for g, gp, _ in live]
+    est = [cost.describe([gp.atoms for _, gp, _ in live]), cost.describe(keeps)]
+    estimate.update({k: [est[0][k], est[1][k]] for k in ("latency_us", "macs")})
     for (g, gp, scores), keep in zip(live, keeps):
         order = np.argsort(scores, kind="stable")
         gp.remove = sorted(int(i) for i in order[: gp.atoms - keep])
@@ -144,8 +188,45 @@ def plan_pruning(
         gp.scores = [round(float(s), 6) for s in scores]
     settings = {"ratio": ratio, "criterion": getattr(crit, "name", str(criterion)), "scope": scope,
                 "round_to": round_to, "min_width": min_width, "max_ratio": max_ratio,
-                "protect": list(protect), "layer_ratios": dict(layer_ratios or {}), "grouped": grouped}
+                "protect": list(protect), "layer_ratios": dict(layer_ratios or {}), "grouped": grouped,
+                "target": target, "estimate": estimate}
     return PruningPlan(settings, plans)
+
+
+def _cost_model(model, dg, live, kernels, metric):
+    from onnxshrink import prune_cost
+
+    return prune_cost.build(model, dg, [g for g, _, _ in live], kernels, metric)
+
+
+def _budget_keeps(cost, live, ratio, round_to, min_width, max_ratio, crit, estimate) -> list[int]:
+    """Widths chosen by :func:`onnxshrink.prune_alloc.allocate` within ``1 - ratio`` of the estimate."""
+    from onnxshrink import prune_alloc
+
+    cumulative = bool(getattr(crit, "cumulative", False))
+    cands = [prune_alloc.Candidate(gp.atoms, _options(gp, round_to, min_width, max_ratio),
+                                   prune_alloc.loss_curve(scores, cumulative)) for _, gp, scores in live]
+    alloc = prune_alloc.allocate(cost, cands, 1.0 - ratio)
+    if not alloc.reached:
+        what = "latency" if cost.metric == "latency" else "MACs"
+        floor = alloc.after / alloc.before if alloc.before else 1.0
+        fixed = (f"; {cost.constant:,.1f} of {alloc.before:,.1f} us is per-run and per-node overhead that "
+                 "pruning does not change") if cost.metric == "latency" else ""
+        raise ConfigError(
+            f"{what} budget {1 - ratio:.0%} of unpruned is out of reach: with every prunable group at its "
+            f"smallest width (min_width {min_width}, max_ratio {max_ratio}) the estimate is {floor:.0%}{fixed}. "
+            f"Ask for a ratio of at most {max(1 - floor, 0):.2f}, or use target 'channels'")
+    estimate.update({"metric": cost.metric, "budget": round(alloc.budget, 2), "reached": True})
+    return alloc.keeps
+
+
+def _options(gp: GroupPlan, round_to: int, min_width: int, max_ratio: float) -> list[int]:
+    """Kept atoms a budgeted plan may choose for a group: whole, then multiples of the step, descending."""
+    step = _step(gp, round_to)
+    lowest = max(_min_keep(gp, round_to, min_width),
+                 math.ceil((gp.atoms - int(gp.atoms * max_ratio)) / step) * step)
+    below = [k for k in range((gp.atoms - 1) // step * step, lowest - 1, -step) if k > 0]
+    return [gp.atoms, *below]
 
 
 def default_round_to() -> int:

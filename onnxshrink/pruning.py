@@ -64,6 +64,8 @@ def prune(
     calibration=None,
     reconstruct: bool | str = False,
     scope: str = "local",
+    target: str = "channels",
+    kernels=None,
     round_to: int | None = None,
     min_width: int = 8,
     protect: Sequence[str] = (),
@@ -75,7 +77,10 @@ def prune(
     check: bool = True,
     overwrite_input: bool = False,
 ) -> PruneResult:
-    """Remove ``ratio`` of the prunable channels of ``model`` (see the module doc for the steps).
+    """Remove ``ratio`` of the prunable channels of ``model`` (see the module doc for the steps), or,
+    with ``target="latency"``/``"macs"``, ``ratio`` of its estimated latency or of its MACs with
+    widths chosen per group (``onnxshrink.prune_alloc``; ``kernels``: the kernel throughput table,
+    ``"default"``, ``"measure"`` or a saved one).
 
     ``calibration``: feeds (folder of .npz, stacked .npz, list of dicts) for the ``activation`` and
     ``reconstruction`` criteria and for ``reconstruct`` (``True``/``"lsq"``: least-squares refit;
@@ -99,7 +104,7 @@ def prune(
         act = importance.collect(ir_model, dg, calibration, crit)
         plan = plan_pruning(ir_model, ratio, criterion=crit, scope=scope, round_to=round_to,
                             min_width=min_width, protect=protect, layer_ratios=layer_ratios,
-                            stats=act, grouped=grouped, graph=dg)
+                            stats=act, grouped=grouped, graph=dg, target=target, kernels=kernels)
     elif not isinstance(plan, PruningPlan):
         plan = PruningPlan.load(plan)
     if plan_out is not None:

@@ -40,6 +40,8 @@ class PruneConfig:
     ratio: float = 0.3
     criterion: str = "l1"
     scope: str = "local"
+    target: str = "channels"  # channels | latency | macs: what ``ratio`` of is removed (prune_plan)
+    kernels: str | None = None  # kernel throughput table for latency estimates: default | measure | path
     round_to: int | None = None  # None: ONNX Runtime's NCHWc block here, >= 8 (ort_blocks.default_round_to)
     min_width: int = 8
     protect: tuple[str, ...] = ()
@@ -66,7 +68,7 @@ class PruneChannelsPass(ShrinkPass):
         if plan is None:
             plan = plan_pruning(model, cfg.ratio, criterion=cfg.criterion, scope=cfg.scope,
                                 round_to=cfg.round_to, min_width=cfg.min_width, protect=cfg.protect,
-                                grouped=cfg.grouped, graph=dg)
+                                grouped=cfg.grouped, graph=dg, target=cfg.target, kernels=cfg.kernels)
         kept = apply_plan(model, dg, plan, stats)
         stats.notes["plan"] = plan.summary()
         stats.notes["kept"] = {name: {str(a): idx for a, idx in axes.items()} for name, axes in kept.items()}

@@ -1,0 +1,251 @@
+"""How fast ONNX Runtime's CPU kernels run by channel width: what latency-aware pruning budgets with.
+
+A :class:`KernelTable` holds, per kernel kind and spatial size, throughput in GMAC/s by output width
+(``out``) and a relative factor by input width (``in``), plus per-node and per-run overheads in
+microseconds. Kinds: ``conv`` (k x k, k > 1, one group), ``conv1x1``, ``depthwise`` (one channel per
+group) and ``gemm`` (Gemm, MatMul). Between measured widths throughput is interpolated linearly; it is
+taken as never falling with width (a running maximum), which also smooths timing noise.
+
+:data:`DEFAULT` is the deterministic fallback used unless a measured table is asked for: the curves
+``benchmarks/bench_prune_kernels.py`` measured on a 2-core AVX-512 Xeon (ONNX Runtime 1.32, 1 thread,
+16x16, batch 32; ``benchmarks/results/prune_kernels.md``): 3x3 convs ~86 GMAC/s from 64 output
+channels, 72 at 32, 47 at 16; 1x1 82/70/52; depthwise ~25 at every multiple of 16; Gemm/MatMul the
+SGEMM curve (19 at 8 to 76 at 256 channels), split evenly between input and output widths.
+
+:func:`measure` times one-layer models (the kernel's time from ONNX Runtime's profiler, the NCHWc
+reorders around it left out) on this machine at the given spatial sizes; :func:`load` with
+``"measure"`` measures once and caches the table on disk under ``~/.cache/onnxshrink/kernels/``,
+keyed by the ONNX Runtime version, the CPU model, the NCHWc block and the grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from onnxshrink.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "onnxshrink.kernel-table/1"
+KINDS = ("conv", "conv1x1", "depthwise", "gemm")
+NCHWC_KINDS = ("conv", "conv1x1", "depthwise")
+WIDTHS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+#: Throughput kept when the input channels of an NCHWc conv are not whole blocks (ONNX Runtime falls
+#: back to im2col + SGEMM: 34-48 against 72-89 GMAC/s at 32-64 channels, prune_kernels.md).
+OFF_BLOCK = 0.5
+
+
+def _sgemm_split(points):
+    """Half of the SGEMM curve's drop on each side: out(w) * in(w) gives the measured curve at w = w."""
+    top = max(g for _, g in points)
+    return ({w: top * (g / top) ** 0.5 for w, g in points}, {w: (g / top) ** 0.5 for w, g in points})
+
+
+_GEMM_OUT, _GEMM_IN = _sgemm_split([(8, 19.4), (16, 32.8), (24, 38.1), (32, 42.8), (48, 51.2), (64, 57.3),
+                                    (96, 63.3), (128, 69.1), (192, 72.1), (256, 75.9)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Curve:
+    kind: str
+    hw: int  # output spatial size (sqrt of the output positions; rows for gemm)
+    out: dict[int, float]  # output width -> GMAC/s
+    in_: dict[int, float]  # input width -> relative factor (1.0 where not measured)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_arrays", (_arrays(self.out), _arrays(self.in_) if self.in_ else None))
+
+    def gmacs(self, cin: float, cout: float) -> float:
+        out, in_ = self._arrays
+        return _interp(out, cout) * (_interp(in_, cin) if in_ is not None else 1.0)
+
+
+def _arrays(points: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
+    xs = np.array(sorted(points), dtype=float)
+    return xs, np.maximum.accumulate(np.array([points[int(x)] for x in xs], dtype=float))
+
+
+def _interp(arrays: tuple[np.ndarray, np.ndarray], w: float) -> float:
+    """Linear between measured widths; below the narrowest, in proportion to the width."""
+    xs, ys = arrays
+    if w < xs[0]:
+        return float(ys[0] * max(w, 1.0) / xs[0])
+    return float(np.interp(w, xs, ys))
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelTable:
+    """Throughput curves and overheads; :meth:`gmacs` picks the curve of the nearest spatial size."""
+
+    curves: tuple[Curve, ...]
+    block: int = 16  # NCHWc channel block the curves were measured with (1: no NCHWc layout)
+    node_us: float = 0.3
+    run_us: float = 5.4
+    source: str = "default"
+
+    def gmacs(self, kind: str, cin: float, cout: float, hw: int) -> float:
+        cands = [c for c in self.curves if c.kind == kind] or [c for c in self.curves if c.kind == "conv"]
+        if not cands:
+            raise ConfigError(f"kernel table {self.source} has no curve for {kind!r}")
+        best = min(cands, key=lambda c: (abs(np.log2(max(hw, 1)) - np.log2(max(c.hw, 1))), c.hw))
+        return best.gmacs(cin, cout)
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "block": self.block, "node_us": self.node_us, "run_us": self.run_us,
+                "source": self.source,
+                "curves": [{"kind": c.kind, "hw": c.hw, "out": [[w, g] for w, g in sorted(c.out.items())],
+                            "in": [[w, g] for w, g in sorted(c.in_.items())]} for c in self.curves]}
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str | None = None) -> KernelTable:
+        if d.get("format") != FORMAT:
+            raise ConfigError(f"not a kernel table (format {d.get('format')!r}, expected {FORMAT!r})")
+        try:
+            curves = tuple(Curve(c["kind"], int(c["hw"]), {int(w): float(g) for w, g in c["out"]},
+                                 {int(w): float(g) for w, g in c.get("in", [])}) for c in d["curves"])
+            return cls(curves, int(d.get("block", 16)), float(d.get("node_us", 0.3)), float(d.get("run_us", 5.4)),
+                       source or d.get("source", "file"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"kernel table: malformed entry: {e}") from e
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from onnxshrink.report import write_json
+
+        write_json(path, self.to_dict())
+        return Path(path)
+
+
+DEFAULT = KernelTable(
+    (
+        Curve("conv", 16, {16: 46.9, 32: 72.7, 48: 80.5, 64: 85.7, 128: 85.0, 256: 85.3}, {}),
+        Curve("conv1x1", 16, {16: 52.4, 32: 70.5, 48: 78.0, 64: 82.4, 128: 83.3, 256: 86.3}, {}),
+        Curve("depthwise", 16, {16: 24.1, 32: 25.4, 48: 26.0, 64: 26.0, 256: 26.0}, {}),
+        Curve("gemm", 16, _GEMM_OUT, _GEMM_IN),
+    ),
+    block=16, source="default (bench_prune_kernels, AVX-512 Xeon, ORT 1.32)",
+)
+
+
+def load(spec: str | os.PathLike | KernelTable | None = None, *, hws=(16,)) -> KernelTable:
+    """``None``/``"default"``: :data:`DEFAULT`; ``"measure"``: measured here (cached on disk); a path:
+    a saved table; a table: itself."""
+    if isinstance(spec, KernelTable):
+        return spec
+    if spec is None or spec == "default":
+        return DEFAULT
+    if spec == "measure":
+        return cached(hws)
+    path = Path(spec)
+    try:
+        return KernelTable.from_dict(json.loads(path.read_text()), source=str(path))
+    except FileNotFoundError as e:
+        raise ConfigError(f"kernel table {path}: no such file (or use 'default' or 'measure')") from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"kernel table {path}: not JSON: {e}") from e
+
+
+# ---------------------------------------------------------------- measuring on this machine
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "onnxshrink" / "kernels"
+
+
+def fingerprint(hws, widths=WIDTHS) -> str:
+    from onnxshrink import ort_blocks, runtime
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    key = json.dumps([runtime.ort().__version__, cpu, ort_blocks.nchwc_block_size(), sorted(hws), list(widths)])
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def cached(hws=(16,)) -> KernelTable:
+    """The table measured on this machine for these spatial sizes, measured once and kept on disk."""
+    hws = tuple(sorted({int(h) for h in hws}))
+    path = cache_dir() / f"{fingerprint(hws)}.json"
+    if path.exists():
+        try:
+            return KernelTable.from_dict(json.loads(path.read_text()), source=f"measured ({path})")
+        except (ConfigError, json.JSONDecodeError) as e:
+            logger.warning("kernel table cache %s unreadable (%s); measuring again", path, e)
+    table = measure(hws)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.save(path)
+    return dataclasses.replace(table, source=f"measured ({path})")
+
+
+def measure(hws=(16,), widths=WIDTHS, runs: int = 15) -> KernelTable:
+    """Time every kind by output width (64 inputs) and by input width (64 outputs) at each spatial size."""
+    from onnxshrink import ort_blocks
+
+    block = max(ort_blocks.nchwc_block_size(), 1)
+    curves = []
+    with tempfile.TemporaryDirectory(prefix="onnxshrink-kernels-") as tmp:
+        for hw in hws:
+            for kind in KINDS:
+                out = {w: _time(kind, 64, w, hw, tmp, runs) for w in widths}
+                in_ = {} if kind == "depthwise" else {w: _time(kind, w, 64, hw, tmp, runs) for w in widths}
+                ref = in_.get(64) or 1.0
+                curves.append(Curve(kind, hw, out, {w: g / ref for w, g in in_.items()}))
+                logger.info("kernel table %s hw %d: %s", kind, hw, {w: round(g, 1) for w, g in out.items()})
+    return KernelTable(tuple(curves), block, source="measured")
+
+
+def _time(kind: str, cin: int, cout: int, hw: int, tmp: str, runs: int) -> float:
+    """GMAC/s of one layer's kernel (median of ``runs`` profiled runs)."""
+    from onnxshrink import runtime
+
+    if kind == "depthwise":
+        cin = cout
+    model, feed, macs = _layer_model(kind, cin, cout, hw)
+    rt = runtime.ort()
+    so = runtime.session_options(1, level=rt.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    so.enable_profiling, so.profile_file_prefix = True, os.path.join(tmp, "k")
+    sess = rt.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    for _ in range(3 + runs):
+        sess.run(None, feed)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    ops = ("Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul")
+    durs = [e["dur"] for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+            and e["args"].get("op_name") in ops]
+    us = max(float(np.median(durs[-runs:])) if durs else 0.0, 1.0)
+    return macs / (us * 1e3)
+
+
+def _layer_model(kind: str, cin: int, cout: int, hw: int) -> tuple[bytes, dict, int]:
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    if kind == "gemm":
+        rows = max(hw * hw, 64)
+        w = numpy_helper.from_array(rng.random((cin, cout), np.float32), "w")
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+        x = rng.random((rows, cin), np.float32)
+        shapes, macs = ([rows, cin], [rows, cout]), rows * cin * cout
+    else:
+        k = 1 if kind == "conv1x1" else 3
+        group = cout if kind == "depthwise" else 1
+        batch = max(1, 4096 // (hw * hw))
+        w = numpy_helper.from_array(rng.random((cout, cin // group, k, k), np.float32), "w")
+        nodes = [helper.make_node("Conv", ["x", "w"], ["y"], pads=[k // 2] * 4, group=group)]
+        x = rng.random((batch, cin, hw, hw), np.float32)
+        shapes, macs = ([batch, cin, hw, hw], [batch, cout, hw, hw]), batch * hw * hw * cout * (cin // group) * k * k
+    graph = helper.make_graph(nodes, kind, [helper.make_tensor_value_info("x", TensorProto.FLOAT, shapes[0])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shapes[1])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString(), {"x": x}, macs

@@ -1,0 +1,190 @@
+"""Estimated latency and MACs of a model as functions of its pruning groups' kept widths.
+
+Every weight layer (Conv, ConvTranspose, Gemm, MatMul with a constant weight) has an output-channel
+and an input-channel axis on its weight; each axis's cells belong to pruning groups (a Concat
+consumer's input spans several) or are fixed (blocked, protected or too-narrow groups, graph inputs).
+Keeping ``k`` of a group's ``n`` atoms keeps ``k / n`` of that group's cells on every axis it touches,
+so a layer's widths and MACs follow from the kept atoms of the live groups (MACs scale with the kept
+fraction of both weight axes; a depthwise conv's input width is its output width).
+
+Latency of a layer: ``node_us + MACs / throughput(kind, in width, out width, spatial size)`` with the
+throughput from a :class:`~onnxshrink.kernel_table.KernelTable`; on ONNX Runtime's NCHWc kinds the
+output width is padded up to whole blocks and input widths that are not whole blocks (beyond the
+first) run at :data:`~onnxshrink.kernel_table.OFF_BLOCK` of the throughput. The model's latency adds
+``run_us`` and ``node_us`` per other node (their cost does not change with pruning). Estimates are
+for batch 1 (symbolic dims as 1): per-node and per-run overheads weigh as much as they do there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import defaultdict
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxshrink import depgraph, stats
+from onnxshrink.kernel_table import NCHWC_KINDS, OFF_BLOCK, KernelTable
+
+
+@dataclasses.dataclass
+class Axis:
+    """Cells of one weight axis: ``fixed`` ones plus, per live group, cells scaled by its kept fraction."""
+
+    total: int
+    fixed: float
+    terms: list[tuple[int, float]]  # (live group index, cells of this axis in the group)
+
+    def kept(self, fractions: np.ndarray) -> float:
+        return self.fixed + sum(cells * fractions[i] for i, cells in self.terms)
+
+
+@dataclasses.dataclass
+class LayerCost:
+    name: str
+    kind: str
+    macs: int  # unpruned, batch 1
+    cin: int
+    cout: int
+    hw: int
+    out: Axis
+    in_: Axis
+    depthwise: bool
+
+    def widths(self, fractions: np.ndarray) -> tuple[float, float, float]:
+        """(input width, output width, MACs) at these kept fractions of the live groups."""
+        fo = self.out.kept(fractions) / max(self.out.total, 1)
+        fi = self.in_.kept(fractions) / max(self.in_.total, 1)
+        cout = self.cout * fo
+        cin = cout if self.depthwise else self.cin * fi
+        return cin, cout, self.macs * fo * fi
+
+    def latency_us(self, fractions: np.ndarray, table: KernelTable) -> float:
+        cin, cout, macs = self.widths(fractions)
+        if macs <= 0:
+            return table.node_us
+        gmacs_scale = 1.0
+        if self.kind in NCHWC_KINDS and table.block > 1:
+            padded = max(math.ceil(cout / table.block - 1e-9), 1) * table.block
+            macs *= padded / max(cout, 1e-9)
+            cout = padded
+            if not self.depthwise and cin > table.block and _off_block(cin, table.block):
+                gmacs_scale = OFF_BLOCK
+        gmacs = table.gmacs(self.kind, cin, cout, self.hw) * gmacs_scale
+        return table.node_us + macs / (gmacs * 1e3)
+
+
+def _off_block(width: float, block: int) -> bool:
+    return abs(width / block - round(width / block)) > 1e-6
+
+
+class CostModel:
+    """Latency (us) or MACs of a model for a vector of kept atoms per live group."""
+
+    def __init__(self, layers: list[LayerCost], atoms: list[int], other_nodes: int, table: KernelTable,
+                 metric: str = "latency") -> None:
+        if metric not in ("latency", "macs"):
+            raise ValueError(f"metric must be 'latency' or 'macs', not {metric!r}")
+        self.layers = layers
+        self.atoms = np.asarray(atoms, dtype=float)
+        self.table = table
+        self.metric = metric
+        self.other_nodes = other_nodes
+        self.constant = (table.run_us + table.node_us * other_nodes) if metric == "latency" else 0.0
+        self.by_group: dict[int, list[int]] = defaultdict(list)
+        for j, layer in enumerate(layers):
+            for i in {i for i, _ in layer.out.terms} | {i for i, _ in layer.in_.terms}:
+                self.by_group[i].append(j)
+
+    def fractions(self, keep) -> np.ndarray:
+        return np.asarray(keep, dtype=float) / np.maximum(self.atoms, 1)
+
+    def layer_costs(self, keep) -> np.ndarray:
+        f = self.fractions(keep)
+        return np.array([self._one(layer, f) for layer in self.layers])
+
+    def _one(self, layer: LayerCost, f: np.ndarray) -> float:
+        return layer.latency_us(f, self.table) if self.metric == "latency" else layer.widths(f)[2]
+
+    def total(self, keep) -> float:
+        return self.constant + float(self.layer_costs(keep).sum())
+
+    def delta(self, keep, costs: np.ndarray, group: int, new_keep: int) -> tuple[float, dict[int, float]]:
+        """Change of the total when ``group`` keeps ``new_keep`` atoms; new costs of the layers it touches."""
+        trial = np.array(keep, dtype=float)
+        trial[group] = new_keep
+        f = self.fractions(trial)
+        new = {j: self._one(self.layers[j], f) for j in self.by_group.get(group, [])}
+        return sum(v - costs[j] for j, v in new.items()), new
+
+    def describe(self, keep) -> dict:
+        """Estimated latency (us) and MACs at ``keep``."""
+        f = self.fractions(keep)
+        lat = self.table.run_us + self.table.node_us * self.other_nodes + sum(
+            layer.latency_us(f, self.table) for layer in self.layers)
+        return {"latency_us": round(lat, 2), "macs": round(sum(layer.widths(f)[2] for layer in self.layers))}
+
+
+def build(model: ir.Model, dg: depgraph.DepGraph, live: list[depgraph.Group], table=None,
+          metric: str = "latency") -> CostModel:
+    """The cost model of ``model``'s weight layers over the ``live`` groups (whose widths may change).
+    ``table``: a :class:`KernelTable` or what :func:`onnxshrink.kernel_table.load` takes; a measured
+    table is measured at the spatial sizes of the model's convs (powers of 2 from 4 to 64)."""
+    from onnxshrink import kernel_table
+
+    shapes = stats.inferred_shapes(model)
+    index = {g.id: i for i, g in enumerate(live)}
+    cells = _axis_cells(dg, index)
+    layers = []
+    for node in model.graph:
+        layer = _layer(node, shapes, cells)
+        if layer is not None:
+            layers.append(layer)
+    names = {layer.name for layer in layers}
+    other = sum(1 for n in model.graph if (n.name or n.outputs[0].name) not in names and n.op_type != "Constant")
+    hws = sorted({min(max(2 ** round(math.log2(max(x.hw, 1))), 4), 64) for x in layers if x.kind != "gemm"})
+    return CostModel(layers, [g.width for g in live], other, kernel_table.load(table, hws=hws or (16,)), metric)
+
+
+def _axis_cells(dg: depgraph.DepGraph, index: dict[int, int]) -> dict[tuple, list[tuple[int | None, int]]]:
+    """(weight value, axis) -> [(live group index or None, cells of the axis in that group)]."""
+    out: dict[tuple, list] = defaultdict(list)
+    for g in dg.groups:
+        for s in g.slots:
+            if len(s.axes) != 1 or not depgraph.is_const(s.value):
+                continue
+            n = sum(len(a[s]) for a in g.atoms)
+            out[(s.value, s.axes[0])].append((index.get(g.id), n))
+    return out
+
+
+def _layer(node: ir.Node, shapes, cells) -> LayerCost | None:
+    if node.op_type not in depgraph.WEIGHT_AXES or len(node.inputs) < 2:
+        return None
+    axes = depgraph.weight_axes(node, 1)
+    y = shapes.get(node.outputs[0].name)
+    w = node.inputs[1]
+    wshape = shapes.get(w.name) or tuple(w.const_value.shape)
+    if axes is None or y is None:
+        return None
+    group = node.attributes.get("group")
+    group = group.as_int() if group is not None else 1
+    conv = node.op_type in ("Conv", "ConvTranspose")
+    cin = wshape[axes[1]] * (group if node.op_type == "Conv" else 1)
+    cout = wshape[axes[0]] * (group if node.op_type == "ConvTranspose" else 1)
+    depthwise = conv and group > 1 and group == cin
+    if not conv:
+        kind, hw = "gemm", int(np.prod([d if isinstance(d, int) else 1 for d in y[:-1]]))
+    else:
+        kind = "depthwise" if depthwise else ("conv1x1" if all(k == 1 for k in wshape[2:]) else "conv")
+        hw = round(math.sqrt(np.prod([d if isinstance(d, int) else 1 for d in y[2:]])))
+    return LayerCost(node.name or node.outputs[0].name, kind, stats.node_macs(node, shapes), cin, cout, hw,
+                     _axis(cells, w, axes[0], wshape), _axis(cells, w, axes[1], wshape), depthwise)
+
+
+def _axis(cells, w: ir.Value, axis: int, wshape) -> Axis:
+    total = int(wshape[axis])
+    entries = cells.get((w, axis), [])
+    live = [(i, float(n)) for i, n in entries if i is not None]
+    return Axis(total, float(total - sum(n for _, n in live)), live)

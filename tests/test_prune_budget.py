@@ -1,0 +1,158 @@
+"""Latency- and MACs-budgeted pruning plans: the allocator, the cost model, the kernel table, the CLI flag."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from onnxshrink.passes.prune_channels import PruneChannelsPass
+
+from models import zoo
+from onnxshrink import checks, depgraph, kernel_table, model_io, prune_alloc, prune_cost, stats
+from onnxshrink.errors import ConfigError
+from onnxshrink.importance import _cumulative
+from onnxshrink.prune_plan import PruningPlan, plan_pruning
+
+
+def _layer(name: str, macs: float, cout: int, group: int) -> prune_cost.LayerCost:
+    """A 3x3 conv with 64 fixed inputs whose outputs are live group ``group``."""
+    return prune_cost.LayerCost(name, "conv", int(macs), 64, cout, 16, prune_cost.Axis(cout, 0.0, [(group, cout)]),
+                                prune_cost.Axis(64, 64.0, []), False)
+
+
+def _toy(metric: str):
+    """A narrow (32) and a wide (128) group; the wide one holds 0.8x the narrow one's MACs."""
+    layers = [_layer("narrow", 1e6, 32, 0), _layer("wide", 0.8e6, 128, 1)]
+    model = prune_cost.CostModel(layers, [32, 128], 0, kernel_table.DEFAULT, metric)
+    cands = [prune_alloc.Candidate(n, [n, *range(n - 16, 15, -16)], prune_alloc.loss_curve(np.ones(n)))
+             for n in (32, 128)]
+    return model, cands
+
+
+def test_latency_budget_cuts_wide_layers_where_the_kernel_curve_says_so():
+    model, cands = _toy("latency")
+    alloc = prune_alloc.allocate(model, cands, 0.85)
+    assert alloc.reached and alloc.after <= alloc.budget
+    assert alloc.keeps[0] == 32 and alloc.keeps[1] < 128  # 32 -> 16 would slow the narrow kernel down
+    macs_model, cands = _toy("macs")
+    by_macs = prune_alloc.allocate(macs_model, cands, 0.85)
+    assert by_macs.keeps == [16, 128]  # per MAC the narrow group is the cheaper cut
+    assert by_macs.after <= 0.85 * by_macs.before
+
+
+def test_cost_model_pads_to_blocks_and_slows_narrow_kernels():
+    table = kernel_table.DEFAULT
+    layer = _layer("c", 64 * 64 * 9 * 256, 64, 0)
+    f = np.array([1.0])
+    full = layer.latency_us(f, table)
+    assert layer.latency_us(np.array([0.5]), table) > full / 2  # 32 wide: slower per MAC
+    assert layer.latency_us(np.array([40 / 64]), table) == pytest.approx(layer.latency_us(np.array([0.75]), table))
+    assert layer.widths(np.array([0.5]))[1:] == (32, layer.macs / 2)
+
+
+def test_loss_curves():
+    additive = prune_alloc.loss_curve(np.array([3.0, 1.0, 0.0, 4.0]))
+    assert additive.tolist() == [0.0, 0.0, 0.125, 0.5, 1.0]
+    cumul = prune_alloc.loss_curve(np.array([0.2, 0.1, 0.5]), cumulative=True)
+    assert cumul.tolist() == [0.0, 0.1, 0.2, 0.5]
+    scores = np.array([2.0, 0.0, 1.0, 1.0])
+    c = _cumulative(scores)
+    assert np.array_equal(np.argsort(c, kind="stable"), np.argsort(scores, kind="stable"))
+    assert c.max() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("target", ["latency", "macs"])
+def test_budgeted_plan_respects_budget_rounding_min_width_and_protect(target):
+    model = model_io.load(zoo.build("resnet"))
+    plan = plan_pruning(model, 0.45, target=target, round_to=8, min_width=16, protect=["conv_4"], max_ratio=0.75)
+    est = plan.settings["estimate"]
+    key = "latency_us" if target == "latency" else "macs"
+    assert est["reached"] and est["budget"] == pytest.approx(0.55 * est[key][0], rel=1e-4)
+    assert est[key][1] <= est["budget"] * (1 + 1e-4)
+    assert est["macs"][1] < est["macs"][0]
+    by_producer = {p: g for g in plan.groups for p in g.producers}
+    assert by_producer["conv_4"].status == "protected" and not by_producer["conv_4"].remove
+    for g in plan.groups:
+        if g.remove:
+            assert g.kept_channels % 8 == 0 and g.kept_channels >= 16
+            assert len(g.remove) <= 0.75 * g.atoms
+    assert plan.settings["target"] == target and "budget 55% of unpruned" in plan.target_text()
+    again = PruningPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert [g.remove for g in again.groups] == [g.remove for g in plan.groups]
+
+
+def test_budgeted_plan_is_not_uniform_and_applies_cleanly(ort_run, make_feeds):
+    proto = zoo.build("mobilenetv2")
+    model = model_io.load(proto)
+    macs0 = stats.macs(model)
+    plan = plan_pruning(model, 0.4, target="macs", round_to=8, min_width=8)
+    ratios = {round(len(g.remove) / g.atoms, 3) for g in plan.groups if g.status in ("pruned", "unchanged")}
+    assert len(ratios) > 1
+    before = stats.io_signature(model)
+    PruneChannelsPass(plan=plan)(model)
+    assert checks.check_structure(model)
+    assert stats.io_signature(model) == before
+    assert stats.macs(model) <= 0.6 * macs0 * 1.001  # the estimate counts what stats counts
+    out = ort_run(model, make_feeds(proto, batch=2, n=1)[0])
+    assert all(np.isfinite(v).all() for v in out.values())
+
+
+def test_out_of_reach_budget_and_bad_settings_are_refused():
+    model = model_io.load(zoo.build("mlp"))
+    with pytest.raises(ConfigError, match="out of reach.*overhead"):
+        plan_pruning(model, 0.9, target="latency", min_width=64)
+    with pytest.raises(ConfigError, match="target"):
+        plan_pruning(model, 0.3, target="flops")
+    with pytest.raises(ConfigError, match="layer_ratios"):
+        plan_pruning(model, 0.3, target="macs", layer_ratios={"*": 0.2})
+
+
+def test_cost_model_layers_follow_groups():
+    model = model_io.load(zoo.build("inception"))
+    dg = depgraph.build(model)
+    live = [g for g in dg.groups if not g.blocked]
+    cost = prune_cost.build(model, dg, live, "default", "macs")
+    full = [g.width for g in live]
+    assert cost.total(full) == pytest.approx(stats.macs(model), rel=1e-6)
+    concat_readers = [x for x in cost.layers if len(x.in_.terms) > 1]
+    assert concat_readers  # a conv reading the Concat takes its input width from several groups
+    half = [max(w // 2, 1) for w in full]
+    assert cost.total(half) < 0.5 * cost.total(full)
+
+
+def test_kernel_table_roundtrip_and_cache(tmp_path, monkeypatch):
+    path = kernel_table.DEFAULT.save(tmp_path / "table.json")
+    loaded = kernel_table.load(path)
+    assert loaded.gmacs("conv", 64, 32, 16) == pytest.approx(kernel_table.DEFAULT.gmacs("conv", 64, 32, 16))
+    assert kernel_table.load("default") is kernel_table.DEFAULT
+    assert kernel_table.DEFAULT.gmacs("conv", 64, 16, 16) < kernel_table.DEFAULT.gmacs("conv", 64, 128, 16)
+    with pytest.raises(ConfigError, match="no such file"):
+        kernel_table.load(tmp_path / "missing.json")
+    calls = []
+
+    def fake_measure(hws):
+        calls.append(hws)
+        return kernel_table.KernelTable(kernel_table.DEFAULT.curves, source="measured")
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernel_table, "measure", fake_measure)
+    first = kernel_table.load("measure", hws=(8, 16))
+    second = kernel_table.load("measure", hws=(16, 8))
+    assert calls == [(8, 16)] and first.source == second.source and "cache" in second.source
+
+
+def test_cli_prune_target(tmp_path, capsys):
+    from onnxshrink.cli import main
+
+    src = zoo.save("resnet", tmp_path)
+    out, plan = tmp_path / "m.onnx", tmp_path / "plan.json"
+    assert main(["optimize", str(src), "-o", str(out), "--prune", "0.4", "--prune-target", "latency",
+                 "--round-to", "8", "--plan-out", str(plan)]) == 0
+    text = capsys.readouterr().out
+    assert "latency budget 60% of unpruned; estimated latency" in text and "at batch 1" in text
+    assert json.loads(plan.read_text())["settings"]["target"] == "latency"
+    assert main(["optimize", str(src), "--prune", "0.3"]) == 0
+    assert "channels: 30% of each prunable group's" in capsys.readouterr().out
+    assert main(["optimize", str(src), "--prune", "0.3", "--prune-target", "latency",
+                 "--kernel-table", str(tmp_path / "none.json")]) == 2
