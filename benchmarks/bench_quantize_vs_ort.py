@@ -233,7 +233,8 @@ def bench_model(spec: str, families, runs: int, tmp: Path) -> list[dict]:
     if set(families) & {"linear", "rnn"}:
         jobs += [("ort", f"dynamic {c['dynamic']}", c) for c in ORT_DYNAMIC]
     for i, (tool, label, cfg) in enumerate(jobs):
-        rows.append(_run_job(prep, spec, tool, label, cfg, tmp / f"{spec.replace(':', '_')}_{i}.onnx", float_outs, runs))
+        out = tmp / f"{spec.replace(':', '_')}_{i}.onnx"
+        rows.append(_run_job(prep, spec, tool, label, cfg, out, float_outs, runs))
     default = rows[1]
     if "drift" in default and default["drift"] > 0:  # a drift budget the default misses: half of its drift
         budget = float(f"{default['drift'] / 2:.2g}")

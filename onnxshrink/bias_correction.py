@@ -9,11 +9,11 @@ For every quantized ``Conv``/``Gemm``/``MatMul`` of the main graph with a consta
 
 1. ``measure`` builds one probe model from the float model: beside each such node a copy that reads
    the node's *float* input with the quantized model's int8 weight and int32 bias, and reduces
-   ``y_copy - y_float = (W_q - W) x + (b_q - b)`` per output channel inside the graph (``onnxshrink.channel_stats``: sums, never
-   tensors). One pass over the data gives every layer's shift. When a Relu/Clip follows the layer (the
-   QDQ pass folds it into the output range), the mean is taken where the float output lies inside the
-   activation's bounds: a per-channel constant moves only those values downstream (Nagel et al. derive the
-   same from a clipped normal distribution).
+   ``y_copy - y_float = (W_q - W) x + (b_q - b)`` per output channel inside the graph
+   (``onnxshrink.channel_stats``: sums, never tensors). One pass over the data gives every layer's
+   shift. When a Relu/Clip follows the layer (the QDQ pass folds it into the output range), the mean is
+   taken where the float output lies inside the activation's bounds: a per-channel constant moves only
+   those values downstream (Nagel et al. derive the same from a clipped normal distribution).
 2. ``apply`` subtracts the shift from the layer's bias in the quantized model: from the int32 bias
    (``rint(shift / bias_scale)``), or from the float constant of the ``Add`` after a ``MatMul``.
 

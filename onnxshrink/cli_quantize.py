@@ -96,8 +96,9 @@ def run_quantize(args) -> int:
         progress=not args.quiet and sys.stderr.isatty(),
     )
     plan = result.plan.summary()
-    print(f"onnxshrink optimize --quantize {args.quantize or 'int8'}: {args.input} -> {args.output or '(not written)'}  "
-          f"[{result.seconds:.2f} s, {result.method}, {result.options.activations} activations]")
+    print(f"onnxshrink optimize --quantize {args.quantize or 'int8'}: {args.input} -> "
+          f"{args.output or '(not written)'}  [{result.seconds:.2f} s, {result.method}, "
+          f"{result.options.activations} activations]")
     for line in result.warnings:
         print(f"WARNING: {line}")
     if result.tuning is not None:
@@ -106,7 +107,8 @@ def run_quantize(args) -> int:
         for row in t.tried:
             knobs = {k: v for k, v in row.items() if k not in ("median_ms", "vs_best_ms", "kept", "drift",
                                                                  "vs_best_drift")}
-            print(f"  {'kept ' if row['kept'] else 'tried'} {row['median_ms']:.3f} ms, drift {row['drift']:.3g} {knobs}")
+            print(f"  {'kept ' if row['kept'] else 'tried'} {row['median_ms']:.3f} ms, "
+                  f"drift {row['drift']:.3g} {knobs}")
     print(f"placement: linear layers {result.placement.linear}, the rest {result.placement.rest}"
           + (f"; {len(result.dynamic_nodes)} linear layers dynamic" if result.dynamic_nodes else "")
           + (f"; {result.speedup}x float speed on this CPU (1 thread)" if result.speedup else ""))
@@ -149,7 +151,9 @@ def _print_recovery(rec: dict) -> None:
     if mp:
         first, final = mp["initial"], mp["final"]
         budget = {k: v for k, v in mp["budget"].items() if v is not None}
-        drop = f", metric drop {first['metric_drop']:.4g} -> {final['metric_drop']:.4g}" if final["metric_drop"] is not None else ""
+        drop = ""
+        if final["metric_drop"] is not None:
+            drop = f", metric drop {first['metric_drop']:.4g} -> {final['metric_drop']:.4g}"
         print(f"drift budget {budget}: {'met' if mp['met'] else 'NOT met'}; drift {first['drift']:.3g} -> "
               f"{final['drift']:.3g}{drop} with {len(mp['kept_float'])} nodes kept float "
               f"({len(mp['evaluations'])} builds, {mp['seconds']} s)")

@@ -117,7 +117,8 @@ class QuantizeResult:
         for n, why in self.plan.skipped:
             if n.name in kept:
                 noise = kept[n.name]["added_noise"]
-                why = f"kept float by the drift budget (adds noise {noise if isinstance(noise, str) else f'{noise:.3g}'})"
+                noise = noise if isinstance(noise, str) else f"{noise:.3g}"
+                why = f"kept float by the drift budget (adds noise {noise})"
             elif n.name in linear and self.placement.linear != "static":
                 why = f"linear layer run {self.placement.linear} (placement {self.placement.to_dict()})"
                 if n.name in self.dynamic_nodes:

@@ -191,7 +191,8 @@ class _Rewrite:
         if len(uses) != 1 or y.is_graph_output():
             return
         add = uses[0].node
-        if add.op_type == "Add" and is_default_domain(add) and uses[0].idx == 1 and const_array(add.inputs[0]) is not None:
+        bias_first = uses[0].idx == 1 and const_array(add.inputs[0]) is not None
+        if add.op_type == "Add" and is_default_domain(add) and bias_first:
             a, b = add.inputs[0], add.inputs[1]
             add.replace_input_with(0, b)
             add.replace_input_with(1, a)

@@ -123,7 +123,9 @@ class _Layer:
         top = np.maximum(np.maximum(w * lo, w * hi), 0.0).sum(axis=1) * alpha
         if self.b is not None:
             beta = 1.0 if self.conv else _float(self.node, "beta", 1.0)
-            top = top + np.broadcast_to(self.b.reshape(-1) * beta, top.shape) if self.b.size in (1, top.size) else np.inf
+            if self.b.size not in (1, top.size):
+                return np.full(top.shape, np.inf)
+            top = top + np.broadcast_to(self.b.reshape(-1) * beta, top.shape)
         return top
 
 
