@@ -7,10 +7,16 @@ resnet_wide and mobilenet_wide) and ratio (0.3, 0.5), without any training:
 - onnxshrink ``l1`` + least-squares reconstruction (``--reconstruct``) and ``l1`` + BN re-estimation;
 - onnxshrink ``reconstruction`` criterion (greedy least-squares saliency) + least-squares reconstruction;
 - Torch-Pruning 1.6 ``MagnitudePruner`` (L1 group magnitude, the same ratio, classifier ignored,
-  ``round_to=8``) on the same trained torch module, evaluated in torch.
+  ``round_to=8``) on the same trained torch module, evaluated in torch;
+- pruning targets (``--prune-target``), all ``recon+lsq`` with the default rounding: ``channels`` (the
+  ratio of every group's channels, today's default), ``latency`` (the ratio of the estimated latency,
+  widths chosen per group by the latency-aware allocator) and ``latency=ch`` (the latency target with
+  the channels plan's estimated latency as its budget: the same estimated speed, widths allocated).
 
 Calibration: the 512-sample ``calib`` split (unlabeled); accuracy: the 360-sample ``test`` split.
 Params and MACs: onnxshrink's counters on the ONNX models (Torch-Pruning's own counter for its models).
+Latency targets are estimated with the default kernel table (``onnxshrink.kernel_table.DEFAULT``) unless
+``--kernel-table measure``.
 Accuracy variants use widths rounded to 8 (25-30% of each group at ratio 0.3); the best variant is also
 run with the default rounding (ONNX Runtime's NCHWc block, 16 with AVX-512). Latency: ONNX Runtime CPU,
 1 thread, batch 1 and batch 32; per model and ratio, every candidate (widths rounded to the default, to 8
@@ -45,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from models import digits
 from onnxshrink import bench, pruning, runtime
+from onnxshrink.errors import ConfigError
 
 MODELS = ("resnet", "mobilenet", "inception", "cnn", "mlp", "vit", "resnet_wide", "mobilenet_wide")
 ROUNDINGS = {"default": {}, "8": {"round_to": 8}, "1": {"round_to": 1, "min_width": 1}}
@@ -93,7 +100,7 @@ def speedups(name: str, paths: dict[str, str], runs: int) -> dict:
     return out
 
 
-def ours(name: str, ratio: float, calib, tmp: Path) -> tuple[dict, dict[str, str]]:
+def ours(name: str, ratio: float, calib, tmp: Path, kernels=None) -> tuple[dict, dict[str, str]]:
     """Accuracy of every variant with widths rounded to 8 (25-30% of each group's channels), accuracy of
     the best variant with the default rounding, and the pruned models of each rounding (for timing)."""
     path = str(digits.trained_path(name))
@@ -107,7 +114,7 @@ def ours(name: str, ratio: float, calib, tmp: Path) -> tuple[dict, dict[str, str
     default = pruning.prune(path, ratio, calibration=calib, **VARIANTS["recon+lsq"])
     row["acc_default_rounding"] = accuracy(default.model, name)
     row["blocked"] = sorted({s for g in default.plan.groups if g.status == "blocked" for s in g.stops[:1]})
-    cands = {}
+    cands = _targets(name, path, ratio, calib, tmp, default, row, kernels)
     for label, opts in ROUNDINGS.items():
         cands[label] = str(tmp / f"{ratio}_{label}.onnx")
         result = pruning.prune(path, ratio, cands[label], **opts)
@@ -117,6 +124,41 @@ def ours(name: str, ratio: float, calib, tmp: Path) -> tuple[dict, dict[str, str
             "macs": [result.before["macs"], result.after["macs"]],
         }
     return row, cands
+
+
+def _targets(name: str, path: str, ratio: float, calib, tmp: Path, default, row: dict,
+             kernels=None) -> dict[str, str]:
+    """Accuracy, MACs and estimate of the channels plan and the latency-budgeted plans (recon+lsq);
+    the pruned models of the latency plans (for timing; the channels plan times as ``default``)."""
+    row["targets"] = {"channels": _target_row(default, name, ratio)}
+    est = default.plan.settings["estimate"]["latency_us"]
+    runs = {"latency": ratio, "latency=ch": 1.0 - est[1] / est[0]}
+    cands = {}
+    for label, r in runs.items():
+        out = tmp / f"{ratio}_{label}.onnx"
+        t0 = time.perf_counter()
+        try:
+            res = pruning.prune(path, r, out, target="latency", kernels=kernels, calibration=calib,
+                                **VARIANTS["recon+lsq"])
+        except ConfigError as e:
+            row["targets"][label] = {"ratio": r, "error": str(e)}
+            print(f"  {name} {ratio} {label}: {e}", flush=True)
+            continue
+        row["targets"][label] = {**_target_row(res, name, r), "seconds": round(time.perf_counter() - t0, 1)}
+        cands[label] = str(out)
+        print(f"  {name} {ratio} {label}: acc {row['targets'][label]['acc']:.4f} "
+              f"{res.plan.target_text()}", flush=True)
+    return cands
+
+
+def _target_row(result, name: str, ratio: float) -> dict:
+    plan = result.plan
+    return {"ratio": ratio, "acc": accuracy(result.model, name), "target": plan.settings.get("target", "channels"),
+            "macs": [result.before["macs"], result.after["macs"]],
+            "params": [result.before["parameters"], result.after["parameters"]],
+            "estimate": plan.settings.get("estimate"), "text": plan.target_text(),
+            "widths": [[g.atoms * g.channels_per_atom, g.kept_channels] for g in plan.groups
+                       if g.status in ("pruned", "unchanged")]}
 
 
 def _tp_attention_forward(self, x):
@@ -180,7 +222,7 @@ def pct(pair) -> str:
     return f"{100.0 * (1 - pair[1] / pair[0]):.0f}%"
 
 
-def run_model(name: str, ratios, runs: int, with_torch: bool) -> dict:
+def run_model(name: str, ratios, runs: int, with_torch: bool, kernels=None) -> dict:
     calib = digits.feeds(name, "calib", batch=64)
     path = str(digits.trained_path(name))
     entry: dict = {"base_acc": accuracy(path, name), "ratios": {}}
@@ -189,13 +231,16 @@ def run_model(name: str, ratios, runs: int, with_torch: bool) -> dict:
         cleaned = str(Path(tmp) / "cleaned.onnx")
         pruning.prune(path, 0.0, cleaned)
         for ratio in ratios:
-            row, cands = ours(name, ratio, calib, Path(tmp))
+            row, cands = ours(name, ratio, calib, Path(tmp), kernels)
             tp, tp_path = torch_pruning(name, ratio, Path(tmp)) if with_torch else ({"error": "skipped"}, None)
             paths = {"unpruned": path, "cleaned": cleaned, **cands, **({"tp": tp_path} if tp_path else {})}
             lat = speedups(name, paths, runs)
             for label in cands:
-                row["rounding"][label]["speedup"] = {b: lat[b]["vs_unpruned"][label] for b in (1, 32)}
-                row["rounding"][label]["speedup_vs_cleaned"] = {b: lat[b]["vs_cleaned"][label] for b in (1, 32)}
+                entry_ = row["rounding"].get(label) or row["targets"][label]
+                entry_["speedup"] = {b: lat[b]["vs_unpruned"][label] for b in (1, 32)}
+                entry_["speedup_vs_cleaned"] = {b: lat[b]["vs_cleaned"][label] for b in (1, 32)}
+            for key in ("speedup", "speedup_vs_cleaned"):
+                row["targets"]["channels"][key] = row["rounding"]["default"][key]
             if tp_path:
                 tp["speedup"] = {b: lat[b]["vs_unpruned"]["tp"] for b in (1, 32)}
             row["cleanup_speedup"] = {b: lat[b]["cleanup"] for b in (1, 32)}
@@ -243,7 +288,7 @@ def write_markdown(results: dict, path: Path) -> None:
             lines.append(
                 f"| {name} | {ratio} | {100 * per['base_acc']:.1f} | {acc} | {pct(r8['params'])} | "
                 f"{pct(r8['macs'])} | {100 * o['acc_default_rounding']:.1f} | {pct(rd['macs'])} | {tp_cells} |")
-    lines += _goal_table(results) + _latency_table(results)
+    lines += _goal_table(results) + _targets_table(results) + _latency_table(results)
     path.write_text("\n".join(lines) + "\n" + reading)
 
 
@@ -280,6 +325,51 @@ def _goal_table(results: dict) -> list[str]:
                 f"{meets} | {never} | {_ms(ms[1]['unpruned'])} -> {_ms(ms[1]['default'])} | "
                 f"{_ms(ms[32]['unpruned'])} -> {_ms(ms[32]['default'])} | {o['load'][0]}-{o['load'][1]} |")
     return lines
+
+
+def _targets_table(results: dict) -> list[str]:
+    lines = [
+        "",
+        "## Pruning targets: channels against latency budgets (recon+lsq, default rounding)",
+        "",
+        ("`channels`: the ratio of every group's channels (`--prune-target channels`, the default); `latency`: "
+        "the ratio of the estimated latency (`--prune-target latency`: widths chosen per group, in steps of 16, "
+        "keeping the most importance per microsecond saved); `latency=ch`: the latency target with the "
+        "channels plan's estimated latency as the budget. `budget`: what the ratio asked for; `est`: the "
+        "planner's latency estimate (batch 1, default kernel table) as a share of unpruned; `acc` (%) and "
+        "its change from unpruned, `acc goal`: within 1 point at 0.3, 3 at 0.5; `b1`/`b32`: measured speed-up "
+        "over unpruned (the same interleaved runs as above); `of x MACs` and `>= MACs` as above; `widths`: "
+        "kept/unpruned channels per prunable group."),
+        "",
+        ("| model | ratio | target | budget | est | acc | d acc | acc goal | -MACs | x MACs | b1 | b32 | "
+        "of x MACs | >= MACs | never slower | widths |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, per in results.items():
+        base = 100 * per["base_acc"]
+        for ratio, r in per["ratios"].items():
+            for label, t in r["ours"].get("targets", {}).items():
+                budget = (f"{float(ratio):.0%} of channels" if label == "channels"
+                          else f"latency {1 - t['ratio']:.0%}")
+                if "error" in t:
+                    lines.append(f"| {name} | {ratio} | {label} | {budget} | out of reach | | | | | | | | | | | |")
+                    continue
+                lines.append(_target_line(name, ratio, label, budget, t, base))
+    return lines
+
+
+def _target_line(name, ratio, label, budget, t, base) -> str:
+    lat = (t.get("estimate") or {}).get("latency_us") or [1, 1]
+    acc = 100 * t["acc"]
+    goal = "yes" if acc >= base - (1.0 if float(ratio) < 0.4 else 3.0) - 1e-9 else "**no**"
+    prop = _x(t["macs"])
+    s = t.get("speedup")
+    speed = (f"{s[1]:.2f}x | {s[32]:.2f}x | {100 * s[1] / prop:.0f}%/{100 * s[32] / prop:.0f}% | "
+             f"{'yes' if min(s[1], s[32]) >= prop else 'no'} | {'yes' if min(s[1], s[32]) >= 1 else '**no**'}"
+             if s else "| | | |")
+    widths = " ".join(f"{b}" if a == b else f"{a}>{b}" for a, b in t.get("widths", []))
+    return (f"| {name} | {ratio} | {label} | {budget} | {lat[1] / lat[0]:.0%} | {acc:.1f} | {acc - base:+.1f} | "
+            f"{goal} | {pct(t['macs'])} | {prop:.2f}x | {speed} | {widths} |")
 
 
 def _ms(v: float) -> str:
@@ -332,6 +422,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", default="0.3,0.5")
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--no-torch", action="store_true", help="skip the Torch-Pruning comparison")
+    ap.add_argument("--kernel-table", default=None, help="kernel table of the latency targets (default|measure|JSON)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--render", metavar="JSON", help="only rewrite prune.md from this prune.json")
     args = ap.parse_args(argv)
@@ -340,7 +431,8 @@ def main(argv=None) -> int:
         write_markdown(_int_keys(json.loads(Path(args.render).read_text())), out / "prune.md")
         return 0
     ratios = [float(r) for r in args.ratios.split(",")]
-    results = {name: run_model(name, ratios, args.runs, not args.no_torch) for name in args.models.split(",")}
+    results = {name: run_model(name, ratios, args.runs, not args.no_torch, args.kernel_table)
+               for name in args.models.split(",")}
     out.mkdir(parents=True, exist_ok=True)
     (out / "prune.json").write_text(json.dumps(results, indent=1, default=float))
     write_markdown(results, out / "prune.md")

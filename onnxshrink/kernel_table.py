@@ -9,8 +9,10 @@ taken as never falling with width (a running maximum), which also smooths timing
 :data:`DEFAULT` is the deterministic fallback used unless a measured table is asked for: the curves
 ``benchmarks/bench_prune_kernels.py`` measured on a 2-core AVX-512 Xeon (ONNX Runtime 1.32, 1 thread,
 16x16, batch 32; ``benchmarks/results/prune_kernels.md``): 3x3 convs ~86 GMAC/s from 64 output
-channels, 72 at 32, 47 at 16; 1x1 82/70/52; depthwise ~25 at every multiple of 16; Gemm/MatMul the
-SGEMM curve (19 at 8 to 76 at 256 channels), split evenly between input and output widths.
+channels, 72 at 32, 47 at 16, whatever the input width (:func:`measure` there: 0.99-1.01 of the
+64-input speed from 16 to 512 inputs); 1x1 82/70/52 (0.89 of it with 16 inputs, 0.96 with 32);
+depthwise ~25 at every multiple of 16; MatMul ([256, in] x [in, out]) 29 GMAC/s at 16 outputs to 83
+at 512 with 64 inputs, and 0.56x to 1.47x of that from 16 to 256 inputs.
 
 :func:`measure` times one-layer models (the kernel's time from ONNX Runtime's profiler, the NCHWc
 reorders around it left out) on this machine at the given spatial sizes; :func:`load` with
@@ -42,16 +44,6 @@ WIDTHS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 #: Throughput kept when the input channels of an NCHWc conv are not whole blocks (ONNX Runtime falls
 #: back to im2col + SGEMM: 34-48 against 72-89 GMAC/s at 32-64 channels, prune_kernels.md).
 OFF_BLOCK = 0.5
-
-
-def _sgemm_split(points):
-    """Half of the SGEMM curve's drop on each side: out(w) * in(w) gives the measured curve at w = w."""
-    top = max(g for _, g in points)
-    return ({w: top * (g / top) ** 0.5 for w, g in points}, {w: (g / top) ** 0.5 for w, g in points})
-
-
-_GEMM_OUT, _GEMM_IN = _sgemm_split([(8, 19.4), (16, 32.8), (24, 38.1), (32, 42.8), (48, 51.2), (64, 57.3),
-                                    (96, 63.3), (128, 69.1), (192, 72.1), (256, 75.9)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,11 +119,13 @@ class KernelTable:
 DEFAULT = KernelTable(
     (
         Curve("conv", 16, {16: 46.9, 32: 72.7, 48: 80.5, 64: 85.7, 128: 85.0, 256: 85.3}, {}),
-        Curve("conv1x1", 16, {16: 52.4, 32: 70.5, 48: 78.0, 64: 82.4, 128: 83.3, 256: 86.3}, {}),
+        Curve("conv1x1", 16, {16: 52.4, 32: 70.5, 48: 78.0, 64: 82.4, 128: 83.3, 256: 86.3},
+              {16: 0.89, 32: 0.96, 48: 0.98, 64: 1.0}),
         Curve("depthwise", 16, {16: 24.1, 32: 25.4, 48: 26.0, 64: 26.0, 256: 26.0}, {}),
-        Curve("gemm", 16, _GEMM_OUT, _GEMM_IN),
+        Curve("gemm", 16, {16: 29.1, 32: 43.7, 48: 60.5, 64: 65.5, 96: 68.4, 128: 74.9, 192: 78.6, 256: 80.7,
+                           512: 83.1}, {16: 0.56, 32: 0.75, 64: 1.0, 96: 1.12, 128: 1.29, 256: 1.47}),
     ),
-    block=16, source="default (bench_prune_kernels, AVX-512 Xeon, ORT 1.32)",
+    block=16, source="default",
 )
 
 

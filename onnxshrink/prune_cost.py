@@ -123,7 +123,7 @@ class CostModel:
         f = self.fractions(keep)
         lat = self.table.run_us + self.table.node_us * self.other_nodes + sum(
             layer.latency_us(f, self.table) for layer in self.layers)
-        return {"latency_us": round(lat, 2), "macs": round(sum(layer.widths(f)[2] for layer in self.layers))}
+        return {"latency_us": float(lat), "macs": round(float(sum(layer.widths(f)[2] for layer in self.layers)))}
 
 
 def build(model: ir.Model, dg: depgraph.DepGraph, live: list[depgraph.Group], table=None,

@@ -216,7 +216,7 @@ def _budget_keeps(cost, live, ratio, round_to, min_width, max_ratio, crit, estim
             f"{what} budget {1 - ratio:.0%} of unpruned is out of reach: with every prunable group at its "
             f"smallest width (min_width {min_width}, max_ratio {max_ratio}) the estimate is {floor:.0%}{fixed}. "
             f"Ask for a ratio of at most {max(1 - floor, 0):.2f}, or use target 'channels'")
-    estimate.update({"metric": cost.metric, "budget": round(alloc.budget, 2), "reached": True})
+    estimate.update({"metric": cost.metric, "budget": float(alloc.budget), "reached": True})
     return alloc.keeps
 
 

@@ -152,7 +152,14 @@ def test_cli_prune_target(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "latency budget 60% of unpruned; estimated latency" in text and "at batch 1" in text
     assert json.loads(plan.read_text())["settings"]["target"] == "latency"
-    assert main(["optimize", str(src), "--prune", "0.3"]) == 0
-    assert "channels: 30% of each prunable group's" in capsys.readouterr().out
+    assert main(["optimize", str(src), "--prune", "0.3", "--prune-measure"]) == 0
+    text = capsys.readouterr().out
+    assert "channels: 30% of each prunable group's" in text and "measured: latency" in text
     assert main(["optimize", str(src), "--prune", "0.3", "--prune-target", "latency",
                  "--kernel-table", str(tmp_path / "none.json")]) == 2
+
+
+def test_pass_config_takes_the_target():
+    model = model_io.load(zoo.build("plain_cnn"))
+    result = PruneChannelsPass(ratio=0.4, target="macs", round_to=8)(model)
+    assert result.modified and "MACs budget 60% of unpruned" in result.stats.notes["plan"]["target"]
