@@ -154,6 +154,7 @@ def calibrate(
     cache_dir: str | os.PathLike | None | bool = None,
     channel_means: Sequence[str] = (),
     progress: bool | Callable = True,
+    _states: list | None = None,
     **observer_opts,
 ) -> CalibrationTable:
     """Calibrate ``tensors`` of ``model`` (default: every float node input/output that is not a constant)
@@ -194,9 +195,37 @@ def calibrate(
         names, observers, cmeans, samples = _run_with_fallback(run, plan, replan, tensors is None)
         if method in HISTOGRAM_METHODS:
             cache.save_hist(key, names, observers, cmeans, samples)
+    if _states is not None and method in HISTOGRAM_METHODS and names == plan.names:
+        _states.append((key, [o.state() for o in observers], cmeans, samples))
     table = _build_table(names, observers, cmeans, key, samples, [n for n in plan.names if n not in names])
     cache.save_table(key, table.to_dict())
     return table
+
+
+def calibrate_methods(model, data, tensors=None, *, methods: Sequence[str] = ("minmax", "percentile"),
+                      **kwargs) -> dict[str, CalibrationTable]:
+    """One table per method of ``methods`` from ONE run of the data: the first histogram method collects
+    histograms (which also hold the exact extremes), the other methods are answered from them in memory
+    (or from the on-disk cache; a method with observer options of its own cannot be, pass it alone).
+    ``kwargs`` as for ``calibrate`` (no observer options)."""
+    hist = [m for m in methods if m in HISTOGRAM_METHODS]
+    if not hist:
+        return {m: calibrate(model, data, tensors, method=m, **kwargs) for m in methods}
+    ir_model = model_io.load(model)
+    states: list = []
+    tables = {hist[0]: calibrate(ir_model, data, tensors, method=hist[0], _states=states, **kwargs)}
+    for m in methods:
+        if m in tables:
+            continue
+        if not states:  # the first table came from the table cache: the histogram cache answers, or a run
+            tables[m] = calibrate(ir_model, data, tensors, method=m, **kwargs)
+            continue
+        key, obs_states, cmeans, samples = states[0]
+        key = dataclasses.replace(key, method=m, options=make_observer(m).config())
+        observers, cmeans, samples = _from_histograms((key.names, obs_states, cmeans, samples), key, {})
+        tables[m] = _build_table(key.names, observers, cmeans, key, samples)
+        CalibCache(kwargs.get("cache_dir")).save_table(key, tables[m].to_dict())
+    return {m: tables[m] for m in methods}
 
 
 def _cached_table(cache: CalibCache, key: CacheKeys) -> CalibrationTable | None:

@@ -18,7 +18,7 @@ from onnxshrink.errors import ConfigError
 
 #: The observers ``calibrate`` takes (``onnxshrink.observers.make_observer``); kept here so that building
 #: the parser imports nothing heavy. A test checks it against ``onnxshrink.quantize.CALIB_METHODS``.
-CALIB_METHODS = ("minmax", "ema", "percentile", "entropy", "mse")
+CALIB_METHODS = ("auto", "minmax", "ema", "percentile", "entropy", "mse")
 
 
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
@@ -29,8 +29,9 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                         "activations quantized at run time (no --calibration needed)")
     g.add_argument("--calibration", metavar="DATA",
                    help="calibration feeds: a folder of .npz files (one feed each) or one stacked .npz")
-    g.add_argument("--calib-method", choices=CALIB_METHODS, default="minmax",
-                   help="range observer (default: minmax)")
+    g.add_argument("--calib-method", choices=CALIB_METHODS, default="auto",
+                   help="range observer (default auto: min/max or percentile ranges, with or without bias "
+                        "correction, whichever drifts least on calibration feeds)")
     g.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor, not per channel")
     g.add_argument("--activations", choices=["auto", "uint8", "int8"], default="auto",
                    help="activation type (default auto: the faster for this CPU, uint8 on x86)")
@@ -57,8 +58,9 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="cross-layer equalization of Conv/Gemm pairs before calibration (exact in float)")
     r.add_argument("--smoothquant", type=float, nargs="?", const=0.5, default=None, metavar="ALPHA",
                    help="SmoothQuant: move activation outliers into MatMul/Gemm weights (alpha, default 0.5)")
-    r.add_argument("--bias-correction", action="store_true",
-                   help="subtract each quantized layer's mean output shift (measured on the calibration data)")
+    r.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
+                   help="subtract each quantized layer's mean output shift (measured on the calibration data; "
+                        "default: --calib-method auto decides, other methods do not)")
     r.add_argument("--max-drift", type=float, metavar="X",
                    help="keep the most sensitive nodes float until 1 - cosine <= X on the drift data")
     r.add_argument("--max-metric-drop", type=float, metavar="X",

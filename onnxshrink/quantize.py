@@ -57,7 +57,7 @@ from onnxshrink.qdq_fusion import FusionReport, fusion_report  # noqa: F401 - pa
 
 logger = logging.getLogger(__name__)
 
-CALIB_METHODS = ("minmax", "ema", "percentile", "entropy", "mse")
+CALIB_METHODS = ("auto", "minmax", "ema", "percentile", "entropy", "mse")
 MODES = ("auto", "static", "dynamic")
 
 
@@ -159,7 +159,7 @@ def quantize(
     output: str | os.PathLike | None = None,
     *,
     mode: str = "auto",
-    method: str = "minmax",
+    method: str = "auto",
     activations: str = "auto",
     per_channel: bool = True,
     reduce_range: bool = False,
@@ -178,7 +178,7 @@ def quantize(
     progress: bool | Callable = False,
     equalize: bool = False,
     smoothquant: float | None = None,
-    bias_correction: bool = False,
+    bias_correction: bool | None = None,
     max_drift: float | None = None,
     max_metric_drop: float | None = None,
     metric: str | None = None,
@@ -192,20 +192,24 @@ def quantize(
     ``data``: a directory of ``.npz`` feeds, one stacked ``.npz``, or an iterable of feed dicts (see
     ``onnxshrink.data``). ``mode``: ``auto`` (static QDQ; for transformer-like models the tuner may run
     linear layers dynamic or float), ``static`` (QDQ only) or ``dynamic`` (MatMul/Gemm weights only, no
-    calibration). ``method``: ``minmax``, ``ema``, ``percentile``, ``entropy`` or ``mse``
-    (``observer_opts`` go to the observer, e.g. ``percentile=99.99``). ``activations``: ``uint8``,
+    calibration). ``method``: ``auto`` (min/max or percentile ranges, with or without bias correction,
+    whichever gives the lowest drift on calibration feeds: ``calib_select``), ``minmax``, ``ema``,
+    ``percentile``, ``entropy`` or ``mse`` (``observer_opts`` go to the observer, e.g.
+    ``percentile=99.99``; not with ``auto``). ``activations``: ``uint8``,
     ``int8`` or ``auto`` (the faster for this CPU). ``tune``: time a few placements on ONNX Runtime
     and keep the fastest (``qdq_tune``; off: every quantizable node is quantized). Accuracy recovery:
-    ``equalize``, ``smoothquant`` (alpha), ``bias_correction``, ``max_drift`` (1 - cosine) and
+    ``equalize``, ``smoothquant`` (alpha), ``bias_correction`` (None: chosen by ``auto``, else off),
+    ``max_drift`` (1 - cosine) and
     ``max_metric_drop`` with ``metric`` (measured on ``drift_data``, default ``data``); see the module
     docstring. Other options: see ``PlanOptions``.
     """
     from onnxshrink import mixed_precision
-    from onnxshrink import recovery as rec
 
     t0 = time.perf_counter()
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {MODES}, not {mode!r}")
+    if method == "auto" and observer_opts:
+        raise ConfigError(f"method='auto' takes no observer options ({sorted(observer_opts)}); name a method")
     needs_data = mode != "dynamic" or smoothquant is not None or max_drift is not None or max_metric_drop is not None
     if data is None and needs_data:
         raise DataError("quantization needs calibration data (a folder of .npz feeds, a stacked .npz, "
@@ -225,18 +229,20 @@ def quantize(
     report = pipeline.PipelineReport()
     ir_model, upgraded = _prepare(ir_model, data, report, lossless, check, equalize, smoothquant, providers)
     placement = qdq_tune.Placement("dynamic", "float") if mode == "dynamic" else qdq_tune.Placement()
-    table = tuning = None
+    table = tuning = tables = None
     plan = QDQPlan(opts, (), (), True)
     if mode != "dynamic":
-        plan, table = _plan_and_calibrate(ir_model, data, opts, method, batch_size, providers, cache_dir,
-                                          progress, observer_opts)
+        plan, tables = _plan_and_calibrate(ir_model, data, opts, method, batch_size, providers, cache_dir,
+                                           progress, observer_opts)
+        table = tables["minmax" if method == "auto" else method]
         if tune:
             feed = next(iter(data_mod.feeds(data, ir_model)))
             opts, tuning = qdq_tune.tune(ir_model, plan, table, feed, tune_runs, regions=mode == "auto")
             plan = dataclasses.replace(plan, options=opts)
             placement = tuning.placement if tuning else placement
-    builder = rec.Builder(ir_model, plan, table, opts, placement, check, data, bias_correction, providers)
-    qmodel, kept, notes = builder(), [], {}
+    builder, qmodel, selection = _build(ir_model, plan, tables, table, opts, placement, check, data,
+                                        bias_correction, providers, method)
+    table, kept, notes = builder.table, [], {}
     if budget is not None:
         qmodel, kept, notes["mixed_precision"] = _mixed(builder, qmodel, drift_data if drift_data is not None
                                                         else data, budget, providers)
@@ -248,6 +254,9 @@ def quantize(
         hook(ctx)
     qmodel = ctx.model
     notes.update(_notes(builder, report))
+    if selection is not None:
+        notes["calibration"] = selection.to_dict()
+        method = f"auto: {selection.method}" + (" + bias correction" if selection.bias_correction else "")
     speedup = tuning.speedup if tuning is not None else None
     if tune and data is not None and (qmodel is not builder.first or tuning is None):  # re-time what changed
         speedup = qdq_tune.speedup(ir_model, qmodel, next(iter(data_mod.feeds(data, ir_model))), tune_runs)
@@ -281,15 +290,33 @@ def _prepare(ir_model: ir.Model, data, report, lossless: bool, check: bool, equa
 
 
 def _plan_and_calibrate(ir_model, data, opts, method, batch_size, providers, cache_dir, progress, observer_opts):
-    from onnxshrink import calibration
+    """The plan and its tables by method (``auto``: those ``calib_select`` chooses from, one run)."""
+    from onnxshrink import calib_select, calibration
 
     plan = plan_qdq(ir_model, opts)
     _warn_if_empty(plan)
-    table = calibration.calibrate(
-        ir_model, data, plan.calibration_values(), method=method, batch_size=batch_size,
-        providers=providers, cache_dir=cache_dir, progress=progress, **observer_opts,
-    )
-    return plan, table
+    kwargs = {"batch_size": batch_size, "providers": providers, "cache_dir": cache_dir, "progress": progress}
+    if method == "auto":
+        return plan, calibration.calibrate_methods(ir_model, data, plan.calibration_values(),
+                                                   methods=calib_select.METHODS, **kwargs)
+    table = calibration.calibrate(ir_model, data, plan.calibration_values(), method=method, **kwargs,
+                                  **observer_opts)
+    return plan, {method: table}
+
+
+def _build(ir_model, plan, tables, table, opts, placement, check, data, bias_correction, providers, method):
+    """``(builder, first model, Selection or None)``: with ``auto`` and a static part to calibrate, the
+    candidate of ``calib_select`` with the lowest drift; otherwise the one build asked for."""
+    from onnxshrink import calib_select
+    from onnxshrink import recovery as rec
+
+    def make(t, bc: bool):
+        return rec.Builder(ir_model, plan, t, opts, placement, check, data, bc, providers)
+
+    if method == "auto" and tables and qdq_tune.static_options(ir_model, opts, placement) is not None:
+        return calib_select.select(make, tables, data, bias_correction=bias_correction, providers=providers)
+    builder = make(table, bool(bias_correction))
+    return builder, builder(), None
 
 
 def _mixed(builder, first: ir.Model, data, budget, providers) -> tuple[ir.Model, list[str], dict]:

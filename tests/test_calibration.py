@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxshrink.calib_runner import TapRunner
 from onnxshrink.calib_taps import Tap, open_session, plan_taps
-from onnxshrink.calibration import MIN_SPAN, CalibrationTable, calibrate
+from onnxshrink.calibration import MIN_SPAN, CalibrationTable, calibrate, calibrate_methods
 from onnxshrink.data import InputSpec
 from onnxshrink.errors import ConfigError, DataError
 
@@ -295,6 +295,26 @@ def test_histograms_cached_for_other_methods(tmp_path, runs):
     assert ent.method == "entropy" and mse["out"].min == -mse["out"].max
     fresh = calibrate(odd_names_model(), feeds, method="minmax", cache_dir=False, progress=False)
     assert mm.ranges == fresh.ranges and pct["out"].observed_max == fresh["out"].max
+
+
+def test_several_methods_from_one_run_without_cache(runs):
+    feeds = odd_feeds(6)
+    kw = {"cache_dir": False, "progress": False}
+    both = calibrate_methods(odd_names_model(), feeds, methods=("minmax", "percentile"), **kw)
+    n_both = runs["n"]
+    pct = calibrate(odd_names_model(), feeds, method="percentile", **kw)
+    assert runs["n"] - n_both == n_both  # one table's worth of runs answered both methods
+    assert list(both) == ["minmax", "percentile"] and both["minmax"].method == "minmax"
+    assert both["minmax"].ranges == calibrate(odd_names_model(), feeds, method="minmax", **kw).ranges
+    assert both["percentile"].ranges == pct.ranges
+
+
+def test_fetched_taps_get_the_smaller_batch_cap():
+    from onnxshrink.calib_runner import MAX_BATCH_BYTES, MAX_FETCH_BYTES
+
+    specs = [InputSpec("x", np.dtype(np.float32), ("N", 4))]
+    assert TapRunner(_EchoSession(), [Tap("y", output=0)], specs).max_batch_bytes == MAX_FETCH_BYTES
+    assert TapRunner(_EchoSession(), [Tap("y", stats=(0, 1, 2, 3))], specs).max_batch_bytes == MAX_BATCH_BYTES
 
 
 def test_table_json_round_trip(tmp_path):
