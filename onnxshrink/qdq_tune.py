@@ -33,6 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshrink import model_io, runtime, stats
+from onnxshrink.passes.activations import FuseActivationsPass
 from onnxshrink.passes.dynamic_quant import DynamicQuantPass
 from onnxshrink.passes.dynamic_quant import refusal as dynamic_refusal
 from onnxshrink.passes.qdq import QDQPass
@@ -225,7 +226,12 @@ def steps(model: ir.Model, plan: QDQPlan, table, opts: PlanOptions, placement: P
           keep_float=()) -> list:
     """The passes that quantize ``model`` with ``placement``: static QDQ (``rest == static``; the linear
     layers too when ``linear == static``), then dynamic quantization of the linear layers
-    (``linear == dynamic``). Nodes named in ``keep_float`` and the user's exclusions stay float in both."""
+    (``linear == dynamic``). Nodes named in ``keep_float`` and the user's exclusions stay float in both.
+    Last, ``fuse_activations`` on what stayed float: a written-out hard-swish left float (no Q/DQ inside
+    it) becomes one ``HardSwish`` (same values up to float rounding; ORT has no int8 kernel for it, which
+    is why the lossless passes before calibration leave it written out so it can be quantized op by op).
+    On PP-OCR's classifier, whose tuned placement keeps the hard-swish arithmetic float, that is the
+    difference between 1.0x and about 1.5x float speed."""
     out: list = []
     qopts = static_options(model, opts, placement, keep_float)
     if qopts is not None and table is not None:
@@ -233,6 +239,8 @@ def steps(model: ir.Model, plan: QDQPlan, table, opts: PlanOptions, placement: P
     if placement.linear == "dynamic":
         exclude = (*opts.exclude, *exact_names(keep_float), *exact_names(user_kept(model, opts)))
         out.append(DynamicQuantPass(per_channel=opts.per_channel, reduce_range=opts.reduce_range, exclude=exclude))
+    if out:
+        out.append(FuseActivationsPass())
     return out
 
 
@@ -267,6 +275,7 @@ def _nodes(model: ir.Model, opts: PlanOptions, table) -> frozenset:
 def _session(model: ir.Model, plan: QDQPlan, opts: PlanOptions, table):
     clone = model.clone()
     QDQPass(plan=dataclasses.replace(plan, options=opts), table=table)(clone)
+    FuseActivationsPass()(clone)
     return runtime.make_session(model_io.to_bytes(clone), threads=1)
 
 

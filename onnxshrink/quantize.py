@@ -10,12 +10,16 @@ Steps, in order:
 4. float rewrites that are exact in real arithmetic, when asked: ``equalize`` (cross-layer equalization)
    and ``smoothquant`` (SmoothQuant scale migration, its activation maxima measured on ``data``);
 5. ``qdq_rules.plan_qdq``: which nodes run quantized and which tensors need ranges;
-6. ``calibration.calibrate`` of exactly those tensors on ``data`` (cached on disk by model and data);
+6. ``calibration.calibrate`` of exactly those tensors on ``data`` (cached on disk by model and data;
+   ``auto``: one histogram run answers min/max and percentile, ``calibration.calibrate_methods``);
 7. ``qdq_tune.tune`` (unless ``tune=False``): a few placements timed on ONNX Runtime, the fastest kept;
    with ``mode="auto"`` and a transformer-like model, the linear layers may run dynamic or float and the
    rest float (``qdq_tune.Placement``); a result slower than float is said in ``warnings``;
-8. the build (``recovery.Builder``): the ``qdq`` pass and/or ``dynamic_quantize``, then ``dead_code``,
-   with a structural check after each; ``bias_correction`` subtracts each layer's measured mean shift;
+8. the build (``recovery.Builder``): the ``qdq`` pass and/or ``dynamic_quantize``, ``fuse_activations``
+   on what stayed float (a float written-out hard-swish -> ``HardSwish``), then ``dead_code``, with a
+   structural check after each; ``bias_correction`` subtracts each layer's measured mean shift; with
+   ``method="auto"`` (the default) the ranges and bias correction are chosen here by drift
+   (``calib_select``);
 9. ``max_drift`` / ``max_metric_drop``: the most sensitive nodes are kept float until the budget holds
    (``mixed_precision.search``);
 10. ``recovery`` hooks, the extension point for more accuracy recovery: each is called with a

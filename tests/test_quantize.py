@@ -262,3 +262,44 @@ def test_tuning_times_placements_and_keeps_the_fastest(tmp_path):
     assert result.options.depthwise == t.chosen["depthwise"]
     assert result.to_dict()["tuning"]["chosen"] == t.chosen
     assert fusion_report(result.output)
+
+
+def _conv_hardswish_conv() -> onnx.ModelProto:
+    return model("""g (float[1,8,8,8] inp) => (float[1,8,8,8] out) {
+        a = Conv <pads=[1,1,1,1]> (inp, W1, B1)
+        t = Add(a, three)
+        c = Clip(t, zero, six)
+        m = Mul(a, c)
+        h = Div(m, six)
+        out = Conv <pads=[1,1,1,1]> (h, W2, B2)
+    }""", {"W1": weights(8, 8, 3, 3, seed=1), "B1": weights(8), "W2": weights(8, 8, 3, 3, seed=2),
+           "B2": weights(8), "three": np.array(3.0, np.float32), "zero": np.array(0.0, np.float32),
+           "six": np.array(6.0, np.float32)})
+
+
+@pytest.mark.parametrize("elementwise", [False, True])
+def test_hardswish_left_float_is_fused_after_quantization(elementwise):
+    """The written-out hard-swish after a float conv (as in PP-OCR's classifier, whose thin convs stay
+    float) becomes one HardSwish when the placement keeps its arithmetic float, and stays written out
+    (quantized op by op) when it does not."""
+    import dataclasses
+
+    from onnxshrink.passes.qdq_rules import PlanOptions, plan_qdq
+
+    from onnxshrink.calibration import calibrate
+    from tests.qdq_helpers import prepare
+
+    proto = _conv_hardswish_conv()
+    feeds = feeds_for(proto, n=4)
+    m = prepare(proto)
+    m.graph.node(0).name = "first_conv"
+    plan = plan_qdq(m, PlanOptions(elementwise=elementwise, exclude=("first_conv",)))
+    table = calibrate(m, feeds, plan.calibration_values(), cache_dir=False, progress=False)
+    q = qdq_tune.build(m, plan, table, dataclasses.replace(plan.options, elementwise=elementwise))
+    ops = [n.op_type for n in q.graph]
+    assert ("HardSwish" in ops) is (not elementwise), ops
+    assert ops.count("Conv") == 2 and "QuantizeLinear" in ops
+    from onnxshrink.runtime import make_session
+
+    got, want = make_session(q).run(None, feeds[0])[0], ort_run(proto, feeds[0])[0]
+    assert cosine(got, want) > 0.999

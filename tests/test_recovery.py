@@ -246,11 +246,11 @@ def _fragile_chain() -> onnx.ModelProto:
 def test_mixed_precision_meets_a_budget_plain_int8_misses(tmp_path):
     proto = _fragile_chain()
     feeds = feeds_for(proto, n=6)
-    plain = onnxshrink.quantize(proto, feeds, tmp_path / "p.onnx", per_channel=False, tune=False, cache_dir=False)
+    kw = {"per_channel": False, "tune": False, "cache_dir": False, "method": "minmax"}  # plain int8
+    plain = onnxshrink.quantize(proto, feeds, tmp_path / "p.onnx", **kw)
     plain_drift = 1 - validate.compare(proto, plain.output, feeds).overall["cosine"]
     budget = plain_drift / 10
-    res = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", per_channel=False, tune=False, cache_dir=False,
-                              max_drift=budget)
+    res = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", max_drift=budget, **kw)
     mp = res.recovery["mixed_precision"]
     assert mp["met"] and mp["initial"]["drift"] > budget >= mp["final"]["drift"]
     assert 1 - validate.compare(proto, res.output, feeds).overall["cosine"] <= budget * 1.001
