@@ -4,8 +4,9 @@ Every quantizer gets the same float model and the same calibration feeds and run
 process (so its wall time and peak RSS are its own). ONNX Runtime: ``quantize_static`` (QDQ, per channel)
 with MinMax, Entropy and Percentile, int8 (S8S8, its default) and uint8 (U8S8) activations; and
 ``quantize_dynamic`` (int8 weights per channel, and its default uint8 weights) on the models with
-MatMul/Gemm/LSTM layers. onnxshrink: its defaults (``mode=auto``, minmax, activations and placement
-chosen for this CPU) and percentile / entropy; then, where they matter, each accuracy-recovery option:
+MatMul/Gemm/LSTM layers. onnxshrink: its defaults (``mode=auto``, ``method=auto``: min/max or percentile
+ranges with or without bias correction chosen by drift on calibration feeds; activations and placement
+chosen for this CPU) and fixed minmax / percentile / entropy; then, where they matter, each accuracy-recovery option:
 cross-layer equalization and bias correction on conv models, SmoothQuant, forced static and dynamic
 modes on transformer-like models, and a drift budget (``max_drift`` = half the default's drift on the
 held-out feeds, searched on the calibration feeds). Columns:
@@ -50,7 +51,8 @@ MODELS = {
     "zoo:mobilenetv2": ("conv",), "zoo:transformer": ("linear",), "real:ppocr_cls": ("conv",),
     "real:silero_vad": ("rnn",), "real:ppocr_det": ("conv",), "real:ppocr_rec": ("conv", "linear"),
 }
-OURS = [("default", {}), ("percentile", {"method": "percentile"}), ("entropy", {"method": "entropy"})]
+OURS = [("default", {}), ("minmax", {"method": "minmax"}), ("percentile", {"method": "percentile"}),
+        ("entropy", {"method": "entropy"})]
 RECOVERY = {
     "conv": [("equalize", {"equalize": True}), ("bias_correction", {"bias_correction": True}),
              ("equalize+bias_correction", {"equalize": True, "bias_correction": True})],
@@ -113,6 +115,7 @@ def worker(job: dict) -> dict:
 
         result = quantize(job["src"], job["calib_dir"], job["out"], cache_dir=False, **job["options"])
         extra = {"placement": "/".join(result.placement.to_dict().values()), "warnings": result.warnings,
+                 "method": result.method,
                  "kept_float": len(result.recovery.get("mixed_precision", {}).get("kept_float", []))}
     elif "dynamic" in job["options"]:
         _ort_dynamic(job)
@@ -254,7 +257,7 @@ def _run_job(prep, spec, tool, label, cfg, out: Path, float_outs, runs) -> dict:
         row["error"] = res["error"]
     else:
         row.update(quant_s=round(res["seconds"], 2), rss_mib=round(res["rss_mib"]))
-        for k in ("placement", "kept_float"):
+        for k in ("method", "placement", "kept_float"):
             if res.get(k):
                 row[k] = res[k]
         if res.get("warnings"):
@@ -319,7 +322,7 @@ def int16_probe(runs: int = 30) -> dict:
 # ---------------------------------------------------------------- report
 
 
-COLS = ["model", "tool", "config", "metric", "drift", "speedup", "size", "quant_s", "rss_mib", "placement",
+COLS = ["model", "tool", "config", "metric", "drift", "speedup", "size", "quant_s", "rss_mib", "method", "placement",
         "kept_float", "load", "note", "error"]
 
 
@@ -342,8 +345,9 @@ def to_markdown(rows: list[dict], probe: dict | None, meta: dict) -> str:
 
 def summary(rows: list[dict]) -> list[str]:
     head = ("| model | float metric | ours default: metric / drift / speedup | ORT best metric (config) | "
-            "ORT best drift | ORT best speedup (config) | ours best recovery: metric / drift (config) |")
-    out = [head, "|---|---|---|---|---|---|---|"]
+            "ORT best drift | ORT best speedup (config) | ours best recovery: metric / drift (config) | "
+            "RSS MiB: ours default / ORT MinMax (lower of S8/U8) |")
+    out = [head, "|---|---|---|---|---|---|---|---|"]
     for spec in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == spec and r["tool"] == "onnxshrink" and "error" not in r]
         ort = [r for r in rows if r["model"] == spec and r["tool"] == "ort" and "error" not in r]
@@ -354,10 +358,11 @@ def summary(rows: list[dict]) -> list[str]:
         best_m = max(ort, key=lambda r: (r["metric"], -r["drift"]))
         best_s = max(ort, key=lambda r: r["speedup"])
         rec = min(mine, key=lambda r: (-r["metric"], r["drift"]))
+        mm_rss = min((r["rss_mib"] for r in ort if r["config"].startswith("MinMax/")), default=None)
         out.append(f"| {spec} | {flt.get('metric')} | {default['metric']} / {default['drift']} / "
-                   f"{default['speedup']}x | {best_m['metric']} ({best_m['config']}) | "
+                   f"{default['speedup']}x ({default.get('method', '')}) | {best_m['metric']} ({best_m['config']}) | "
                    f"{min(r['drift'] for r in ort)} | {best_s['speedup']}x ({best_s['config']}) | "
-                   f"{rec['metric']} / {rec['drift']} ({rec['config']}) |")
+                   f"{rec['metric']} / {rec['drift']} ({rec['config']}) | {default.get('rss_mib')} / {mm_rss} |")
     return out
 
 
