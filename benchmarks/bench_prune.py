@@ -28,7 +28,7 @@ on the ratio and the rounding, not on the criterion, so one latency row serves e
 load average is recorded before and after each model's timing (other jobs share the CPU).
 
     /work/venv/bin/python benchmarks/bench_prune.py [--models resnet,mlp] [--ratios 0.3,0.5]
-        [--runs 200] [--out benchmarks/results]
+        [--runs 200] [--out benchmarks/results] [--merge]
     /work/venv/bin/python benchmarks/bench_prune.py --render benchmarks/results/prune.json  # tables only
 
 Dev only: needs torch and torch-pruning (``pip install torch==2.13.0 torch-pruning``).
@@ -316,8 +316,7 @@ def _goal_table(results: dict) -> list[str]:
             d, ms = o["rounding"]["default"], o["median_ms"]
             s, c = d["speedup"], d["speedup_vs_cleaned"]
             prop = _x(d["macs"])
-            meets = "yes" if min(s[1], s[32]) >= prop else "no"
-            never = "yes" if min(s[1], s[32]) >= 1.0 else "**no**"
+            meets, never = _verdicts(s, d["macs"])
             lines.append(
                 f"| {name} | {ratio} | {pct(d['macs'])} | {prop:.2f}x | {s[1]:.2f}x | {s[32]:.2f}x | "
                 f"{100 * s[1] / prop:.0f}%/{100 * s[32] / prop:.0f}% | "
@@ -365,11 +364,17 @@ def _target_line(name, ratio, label, budget, t, base) -> str:
     prop = _x(t["macs"])
     s = t.get("speedup")
     speed = (f"{s[1]:.2f}x | {s[32]:.2f}x | {100 * s[1] / prop:.0f}%/{100 * s[32] / prop:.0f}% | "
-             f"{'yes' if min(s[1], s[32]) >= prop else 'no'} | {'yes' if min(s[1], s[32]) >= 1 else '**no**'}"
-             if s else "| | | |")
+             + " | ".join(_verdicts(s, t["macs"])) if s else "| | | |")
     widths = " ".join(f"{b}" if a == b else f"{a}>{b}" for a, b in t.get("widths", []))
     return (f"| {name} | {ratio} | {label} | {budget} | {lat[1] / lat[0]:.0%} | {acc:.1f} | {acc - base:+.1f} | "
             f"{goal} | {pct(t['macs'])} | {prop:.2f}x | {speed} | {widths} |")
+
+
+def _verdicts(s: dict, macs) -> tuple[str, str]:
+    """(`>= MACs`, `never slower`); a model with nothing pruned (the same MACs) gets neither."""
+    if macs[1] >= macs[0]:
+        return "nothing pruned", "nothing pruned"
+    return ("yes" if min(s[1], s[32]) >= _x(macs) else "no"), ("yes" if min(s[1], s[32]) >= 1 else "**no**")
 
 
 def _ms(v: float) -> str:
@@ -425,6 +430,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kernel-table", default=None, help="kernel table of the latency targets (default|measure|JSON)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--render", metavar="JSON", help="only rewrite prune.md from this prune.json")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other models' results in the existing prune.json (rerun some models only)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.render:
@@ -433,6 +440,11 @@ def main(argv=None) -> int:
     ratios = [float(r) for r in args.ratios.split(",")]
     results = {name: run_model(name, ratios, args.runs, not args.no_torch, args.kernel_table)
                for name in args.models.split(",")}
+    old = out / "prune.json"
+    if args.merge and old.exists():
+        kept = _int_keys(json.loads(old.read_text()))
+        results = {name: results.get(name, kept.get(name)) for name in [*MODELS, *results, *kept]
+                   if name in results or name in kept}
     out.mkdir(parents=True, exist_ok=True)
     (out / "prune.json").write_text(json.dumps(results, indent=1, default=float))
     write_markdown(results, out / "prune.md")

@@ -17,7 +17,9 @@ at 512 with 64 inputs, and 0.56x to 1.47x of that from 16 to 256 inputs.
 :func:`measure` times one-layer models (the kernel's time from ONNX Runtime's profiler, the NCHWc
 reorders around it left out) on this machine at the given spatial sizes; :func:`load` with
 ``"measure"`` measures once and caches the table on disk under ``~/.cache/onnxshrink/kernels/``,
-keyed by the ONNX Runtime version, the CPU model, the NCHWc block and the grid.
+keyed by the ONNX Runtime version, the CPU model, the NCHWc block and the grid. Memory-bound ops
+(pooling, Concat, Transpose, normalizations, Softmax, unfused elementwise ops) cost ``node_us`` plus
+nanoseconds per input element (:data:`MEMORY_NS`; measured tables take these defaults too).
 """
 
 from __future__ import annotations
@@ -44,6 +46,22 @@ WIDTHS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 #: Throughput kept when the input channels of an NCHWc conv are not whole blocks (ONNX Runtime falls
 #: back to im2col + SGEMM: 34-48 against 72-89 GMAC/s at 32-64 channels, prune_kernels.md).
 OFF_BLOCK = 0.5
+#: Memory-bound ops: nanoseconds per input element beyond ``node_us`` (one-node models here, 1 thread,
+#: ONNX Runtime 1.32, batch 1 and 32 of [32-80, 16, 16] and [17, 64-128] floats, per-run overhead taken
+#: off: MaxPool 3x3 stride 1 0.8-1.0 and 2x2 stride 2 0.23-0.6, Concat 0.2-0.33, GlobalAveragePool
+#: 0.3-0.44, Transpose 0.9, LayerNormalization 0.9, Softmax 1.3, Erf/Sigmoid 0.45-0.6, unfused
+#: Add/Mul/Div/Relu 0.13-0.23). Pooling adds ``WINDOW_NS`` per window tap over the stride area.
+#: Ops not listed: ``ELEMENTWISE_NS``.
+MEMORY_NS = {
+    "MaxPool": 0.25, "AveragePool": 0.25, "LpPool": 0.25, "GlobalAveragePool": 0.4, "GlobalMaxPool": 0.4,
+    "ReduceMean": 0.4, "ReduceSum": 0.4, "ReduceMax": 0.4, "ReduceMin": 0.4, "Concat": 0.25, "Split": 0.25,
+    "Slice": 0.25, "Pad": 0.25, "Gather": 0.25, "Expand": 0.25, "Tile": 0.25, "Transpose": 0.9,
+    "LayerNormalization": 0.9, "InstanceNormalization": 0.9, "GroupNormalization": 0.9,
+    "BatchNormalization": 0.2, "Softmax": 1.3, "LogSoftmax": 1.3, "Resize": 0.9, "Erf": 0.5, "Sigmoid": 0.5,
+    "Tanh": 0.5, "Exp": 0.5, "Log": 0.5, "Softplus": 0.5, "Gelu": 0.6,
+}
+ELEMENTWISE_NS = 0.2
+WINDOW_NS = 0.07
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +101,11 @@ class KernelTable:
     node_us: float = 0.3
     run_us: float = 5.4
     source: str = "default"
+    memory: tuple[tuple[str, float], ...] = tuple(MEMORY_NS.items())  # op -> ns per input element
+
+    def memory_ns(self, op_type: str) -> float:
+        """Nanoseconds per input element of a memory-bound op (``ELEMENTWISE_NS`` if not listed)."""
+        return dict(self.memory).get(op_type, ELEMENTWISE_NS)
 
     def gmacs(self, kind: str, cin: float, cout: float, hw: int) -> float:
         cands = [c for c in self.curves if c.kind == kind] or [c for c in self.curves if c.kind == "conv"]
@@ -93,7 +116,7 @@ class KernelTable:
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "block": self.block, "node_us": self.node_us, "run_us": self.run_us,
-                "source": self.source,
+                "source": self.source, "memory_ns": dict(self.memory),
                 "curves": [{"kind": c.kind, "hw": c.hw, "out": [[w, g] for w, g in sorted(c.out.items())],
                             "in": [[w, g] for w, g in sorted(c.in_.items())]} for c in self.curves]}
 
@@ -104,8 +127,9 @@ class KernelTable:
         try:
             curves = tuple(Curve(c["kind"], int(c["hw"]), {int(w): float(g) for w, g in c["out"]},
                                  {int(w): float(g) for w, g in c.get("in", [])}) for c in d["curves"])
+            memory = {**MEMORY_NS, **{k: float(v) for k, v in d.get("memory_ns", {}).items()}}
             return cls(curves, int(d.get("block", 16)), float(d.get("node_us", 0.3)), float(d.get("run_us", 5.4)),
-                       source or d.get("source", "file"))
+                       source or d.get("source", "file"), tuple(memory.items()))
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"kernel table: malformed entry: {e}") from e
 

@@ -11,8 +11,13 @@ Latency of a layer: ``node_us + MACs / throughput(kind, in width, out width, spa
 throughput from a :class:`~onnxshrink.kernel_table.KernelTable`; on ONNX Runtime's NCHWc kinds the
 output width is padded up to whole blocks and input widths that are not whole blocks (beyond the
 first) run at :data:`~onnxshrink.kernel_table.OFF_BLOCK` of the throughput. The model's latency adds
-``run_us`` and ``node_us`` per other node (their cost does not change with pruning). Estimates are
-for batch 1 (symbolic dims as 1): per-node and per-run overheads weigh as much as they do there.
+``run_us``, ``node_us`` per other node, and for memory-bound nodes (pooling, Concat, Transpose,
+normalizations, Softmax, elementwise ops ONNX Runtime does not fuse into the weight op before them)
+``KernelTable.memory_ns(op)`` per input element, each input's elements scaled by the kept fractions
+of the groups on its axes (a MaxPool after a halved conv costs half). Elementwise ops on the only use
+of a weight op's output (bias, activation, a Conv's residual Add and the activation after it) count
+``node_us`` only: ONNX Runtime fuses them. Estimates are for batch 1 (symbolic dims as 1): per-node
+and per-run overheads weigh as much as they do there.
 """
 
 from __future__ import annotations
@@ -25,7 +30,15 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshrink import depgraph, stats
-from onnxshrink.kernel_table import NCHWC_KINDS, OFF_BLOCK, KernelTable
+from onnxshrink.kernel_table import NCHWC_KINDS, OFF_BLOCK, WINDOW_NS, KernelTable
+
+#: Ops that move no data, or whose cost ``node_us`` covers (shape arithmetic, views).
+FREE = frozenset({"Constant", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Shape", "Size",
+                  "ConstantOfShape", "Cast", "Dropout"})
+#: Ops ONNX Runtime fuses into a Conv/Gemm/MatMul whose only use they are (bias, activation, residual sum).
+FUSABLE = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Add",
+                     "Sum", "BatchNormalization"})
+WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 @dataclasses.dataclass
@@ -79,22 +92,46 @@ def _off_block(width: float, block: int) -> bool:
     return abs(width / block - round(width / block)) > 1e-6
 
 
+@dataclasses.dataclass
+class NodeCost:
+    """A memory-bound node: ``node_us`` plus ``ns`` per input element; each input's elements scale
+    with the kept fractions of the axes in ``inputs`` (elements, [axes of live groups])."""
+
+    name: str
+    ns: float
+    inputs: list[tuple[int, list[Axis]]]
+
+    def elements(self, fractions: np.ndarray) -> float:
+        return sum(n * math.prod(a.kept(fractions) / max(a.total, 1) for a in axes) for n, axes in self.inputs)
+
+    def latency_us(self, fractions: np.ndarray, table: KernelTable) -> float:
+        return table.node_us + self.ns * self.elements(fractions) / 1e3
+
+    def terms(self) -> set[int]:
+        return {i for _, axes in self.inputs for a in axes for i, _ in a.terms}
+
+
 class CostModel:
     """Latency (us) or MACs of a model for a vector of kept atoms per live group."""
 
     def __init__(self, layers: list[LayerCost], atoms: list[int], other_nodes: int, table: KernelTable,
-                 metric: str = "latency") -> None:
+                 metric: str = "latency", nodes: list[NodeCost] = ()) -> None:
+        """``other_nodes``: nodes costing ``node_us`` each; ``nodes``: memory-bound nodes (latency only)."""
         if metric not in ("latency", "macs"):
             raise ValueError(f"metric must be 'latency' or 'macs', not {metric!r}")
-        self.layers = layers
         self.atoms = np.asarray(atoms, dtype=float)
         self.table = table
         self.metric = metric
         self.other_nodes = other_nodes
-        self.constant = (table.run_us + table.node_us * other_nodes) if metric == "latency" else 0.0
+        live = [n for n in nodes if n.terms()] if metric == "latency" else []
+        fixed = [n for n in nodes if not n.terms()]
+        self.layers: list = [*layers, *live]  # what changes with the widths (weight layers: MACs too)
+        self.constant = (table.run_us + table.node_us * other_nodes
+                         + sum(n.latency_us(self.atoms, table) for n in fixed)) if metric == "latency" else 0.0
+        self.fixed_nodes = fixed if metric == "latency" else []
         self.by_group: dict[int, list[int]] = defaultdict(list)
-        for j, layer in enumerate(layers):
-            for i in {i for i, _ in layer.out.terms} | {i for i, _ in layer.in_.terms}:
+        for j, layer in enumerate(self.layers):
+            for i in _terms(layer):
                 self.by_group[i].append(j)
 
     def fractions(self, keep) -> np.ndarray:
@@ -104,7 +141,7 @@ class CostModel:
         f = self.fractions(keep)
         return np.array([self._one(layer, f) for layer in self.layers])
 
-    def _one(self, layer: LayerCost, f: np.ndarray) -> float:
+    def _one(self, layer: LayerCost | NodeCost, f: np.ndarray) -> float:
         return layer.latency_us(f, self.table) if self.metric == "latency" else layer.widths(f)[2]
 
     def total(self, keep) -> float:
@@ -122,8 +159,15 @@ class CostModel:
         """Estimated latency (us) and MACs at ``keep``."""
         f = self.fractions(keep)
         lat = self.table.run_us + self.table.node_us * self.other_nodes + sum(
-            layer.latency_us(f, self.table) for layer in self.layers)
-        return {"latency_us": float(lat), "macs": round(float(sum(layer.widths(f)[2] for layer in self.layers)))}
+            layer.latency_us(f, self.table) for layer in [*self.layers, *self.fixed_nodes])
+        macs = sum(layer.widths(f)[2] for layer in self.layers if isinstance(layer, LayerCost))
+        return {"latency_us": float(lat), "macs": round(float(macs))}
+
+
+def _terms(layer: LayerCost | NodeCost) -> set[int]:
+    if isinstance(layer, NodeCost):
+        return layer.terms()
+    return {i for i, _ in layer.out.terms} | {i for i, _ in layer.in_.terms}
 
 
 def build(model: ir.Model, dg: depgraph.DepGraph, live: list[depgraph.Group], table=None,
@@ -142,21 +186,77 @@ def build(model: ir.Model, dg: depgraph.DepGraph, live: list[depgraph.Group], ta
         if layer is not None:
             layers.append(layer)
     names = {layer.name for layer in layers}
-    other = sum(1 for n in model.graph if (n.name or n.outputs[0].name) not in names and n.op_type != "Constant")
     hws = sorted({min(max(2 ** round(math.log2(max(x.hw, 1))), 4), 64) for x in layers if x.kind != "gemm"})
-    return CostModel(layers, [g.width for g in live], other, kernel_table.load(table, hws=hws or (16,)), metric)
+    table = kernel_table.load(table, hws=hws or (16,))
+    other, nodes = 0, []
+    for node in model.graph:
+        if (node.name or node.outputs[0].name) in names or node.op_type == "Constant":
+            continue
+        cost = _memory_node(node, shapes, cells, table)
+        if cost is None:
+            other += 1
+        else:
+            nodes.append(cost)
+    return CostModel(layers, [g.width for g in live], other, table, metric, nodes)
 
 
-def _axis_cells(dg: depgraph.DepGraph, index: dict[int, int]) -> dict[tuple, list[tuple[int | None, int]]]:
-    """(weight value, axis) -> [(live group index or None, cells of the axis in that group)]."""
-    out: dict[tuple, list] = defaultdict(list)
+def _memory_node(node: ir.Node, shapes, cells, table: KernelTable) -> NodeCost | None:
+    """The per-element cost of a memory-bound node; None for one costing ``node_us`` only."""
+    if node.op_type in FREE or node.domain not in ("", "ai.onnx") or _fused(node):
+        return None
+    ns = table.memory_ns(node.op_type)
+    kernel = node.attributes.get("kernel_shape")
+    if kernel is not None:  # pooling: taps per input element
+        strides = node.attributes.get("strides")
+        ns += WINDOW_NS * math.prod(kernel.as_ints()) / math.prod(strides.as_ints() if strides else [1])
+    inputs = []
+    for v in node.inputs:
+        shape = shapes.get(v.name) if v is not None and not depgraph.is_const(v) else None
+        if shape is None:
+            continue
+        axes = [_axis_of(cells, v, key, shape) for key in cells.get(v, ())]
+        inputs.append((int(np.prod([d if isinstance(d, int) else 1 for d in shape])), axes))
+    return NodeCost(node.name or node.outputs[0].name, ns, inputs) if ns > 0 and inputs else None
+
+
+def _fused(node: ir.Node, depth: int = 0) -> bool:
+    """ONNX Runtime fuses this elementwise op into the weight op (or the fused op) feeding it, whose
+    output has no other use: Conv(+Add)(+activation), Gemm/MatMul + bias."""
+    if node.op_type not in FUSABLE or depth > 1:
+        return False
+    for v in node.inputs:
+        p = v.producer() if v is not None else None
+        if p is None or len(v.uses()) != 1:
+            continue
+        if p.op_type in WEIGHT_OPS or (p.op_type in FUSABLE and _on_conv(p) and _fused(p, depth + 1)):
+            return True
+    return False
+
+
+def _on_conv(node: ir.Node) -> bool:
+    return any(v is not None and (p := v.producer()) is not None and p.op_type == "Conv" for v in node.inputs)
+
+
+def _axis_cells(dg: depgraph.DepGraph, index: dict[int, int]) -> dict:
+    """(weight value, axis) -> [(live group index or None, cells of the axis in that group)], and
+    activation value -> {axes: [(live group index or None, cells)]} for the memory-bound nodes."""
+    out: dict = defaultdict(list)
     for g in dg.groups:
         for s in g.slots:
-            if len(s.axes) != 1 or not depgraph.is_const(s.value):
-                continue
             n = sum(len(a[s]) for a in g.atoms)
-            out[(s.value, s.axes[0])].append((index.get(g.id), n))
+            if depgraph.is_const(s.value):
+                if len(s.axes) == 1:
+                    out[(s.value, s.axes[0])].append((index.get(g.id), n))
+            else:
+                out.setdefault(s.value, defaultdict(list))[s.axes].append((index.get(g.id), n))
     return out
+
+
+def _axis_of(cells, v: ir.Value, axes: tuple[int, ...], shape) -> Axis:
+    """The kept cells of ``axes`` of activation ``v`` (their cells counted over all those axes)."""
+    total = int(np.prod([shape[a] if a < len(shape) and isinstance(shape[a], int) else 1 for a in axes]))
+    live = [(i, float(n)) for i, n in cells[v][axes] if i is not None]
+    return Axis(total, float(total - sum(n for _, n in live)), live)
 
 
 def _layer(node: ir.Node, shapes, cells) -> LayerCost | None:

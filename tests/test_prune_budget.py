@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 from onnxshrink.passes.prune_channels import PruneChannelsPass
 
@@ -163,3 +164,67 @@ def test_pass_config_takes_the_target():
     model = model_io.load(zoo.build("plain_cnn"))
     result = PruneChannelsPass(ratio=0.4, target="macs", round_to=8)(model)
     assert result.modified and "MACs budget 60% of unpruned" in result.stats.notes["plan"]["target"]
+
+
+POOL_NET = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[1, 8, 16, 16] x) => (float[1, 16, 16, 16] y, float[1, 32, 16, 16] r2) {
+    a = Conv <pads = [1, 1, 1, 1]> (x, w1)
+    ra = Relu (a)
+    p = MaxPool <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (ra)
+    y = Conv <pads = [1, 1, 1, 1]> (p, w2)
+    b = Conv <pads = [1, 1, 1, 1]> (x, w3)
+    r2 = Relu (b)
+}
+"""
+
+
+def _pool_net():
+    import onnx.parser
+    from onnx import numpy_helper
+
+    proto = onnx.parser.parse_model(POOL_NET)
+    rng = np.random.default_rng(0)
+    for name, shape in (("w1", (32, 8, 3, 3)), ("w2", (16, 32, 3, 3)), ("w3", (32, 8, 3, 3))):
+        proto.graph.initializer.append(numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name))
+    return model_io.load(proto)
+
+
+def test_memory_bound_nodes_scale_with_the_kept_channels_and_fused_ones_do_not():
+    model = _pool_net()
+    dg = depgraph.build(model)
+    live = [g for g in dg.groups if not g.blocked]
+    assert [g.width for g in live] == [32]  # w1 -> w2; w3's outputs are a graph output
+    cost = prune_cost.build(model, dg, live, "default", "latency")
+    nodes = [x for x in cost.layers if isinstance(x, prune_cost.NodeCost)]
+    assert [n.name for n in nodes] == ["p"]  # the MaxPool; a Relu on a Conv's only use is fused
+    pool, table = nodes[0], kernel_table.DEFAULT
+    ns = table.memory_ns("MaxPool") + kernel_table.WINDOW_NS * 9
+    for frac in (1.0, 0.5):
+        assert pool.latency_us(np.array([frac]), table) == pytest.approx(table.node_us + ns * 32 * 256 * frac / 1e3)
+    assert cost.other_nodes == 2  # both Relus: node_us each, whatever the widths
+    assert cost.total([16]) < cost.total([32]) and cost.describe([16])["macs"] < cost.describe([32])["macs"]
+    assert cost.delta([32], cost.layer_costs([32]), 0, 16)[0] == pytest.approx(cost.total([16]) - cost.total([32]))
+
+
+def test_an_activation_on_a_shared_output_is_not_fused():
+    model = _pool_net()
+    a = next(n for n in model.graph if n.op_type == "Conv").outputs[0]
+    extra = ir.node("Neg", [a])
+    model.graph.append(extra)
+    model.graph.outputs.append(extra.outputs[0])
+    extra.outputs[0].shape, extra.outputs[0].type = a.shape, a.type
+    relu = next(n for n in model.graph if n.op_type == "Relu")
+    assert not prune_cost._fused(relu)
+    assert prune_cost._fused(next(n for n in model.graph if n.op_type == "Relu" and n is not relu))
+
+
+def test_kernel_table_memory_costs_roundtrip(tmp_path):
+    d = kernel_table.DEFAULT.to_dict()
+    assert d["memory_ns"]["Concat"] == kernel_table.MEMORY_NS["Concat"]
+    d["memory_ns"] = {"Concat": 2.0}
+    table = kernel_table.KernelTable.from_dict(d)
+    assert table.memory_ns("Concat") == 2.0 and table.memory_ns("Transpose") == kernel_table.MEMORY_NS["Transpose"]
+    assert table.memory_ns("Add") == kernel_table.ELEMENTWISE_NS
+    del d["memory_ns"]  # a table saved before memory costs existed
+    assert kernel_table.KernelTable.from_dict(d).memory_ns("MaxPool") == kernel_table.MEMORY_NS["MaxPool"]
