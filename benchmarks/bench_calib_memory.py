@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
-OURS = ("minmax", "ema", "percentile", "entropy", "mse")
+OURS = ("auto", "minmax", "ema", "percentile", "entropy", "mse")
 ORTS = ("MinMax", "Entropy", "Percentile")
 DEFAULT_N = {"ppocr_det": 2, "ppocr_cls": 4, "digits": 32}
 
@@ -103,6 +103,12 @@ def worker(tool: str, model: str, data_dir: str, scratch: str) -> dict:
 
         sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
         sess.run(None, next(_npz_feeds(data_dir)))
+    elif tool == "ours:auto":  # what quantize's default method runs: one histogram run, two tables
+        from onnxshrink.calibration import calibrate_methods
+
+        tables = calibrate_methods(model, data_dir, methods=("minmax", "percentile"), cache_dir=False,
+                                   progress=False)
+        info = {"tensors": len(tables["minmax"]), "samples": tables["minmax"].samples}
     elif tool.startswith("ours:"):
         from onnxshrink.calibration import calibrate
 
@@ -183,7 +189,9 @@ def report(name: str, n: int, rows: dict, cap_gb: float) -> str:
         "",
         "Peak RSS (VmHWM) of a fresh process per configuration; every tool reads the same .npz folder one",
         "feed at a time. `ours:*` is `onnxshrink.calibration.calibrate` (min/max and EMA reduce each tensor",
-        "inside the graph; percentile, entropy and mse stream each batch into fixed-size histograms);",
+        "inside the graph; percentile, entropy and mse stream each batch, at most 32 MiB of tapped tensors,",
+        "into fixed-size histograms; `ours:auto`, `quantize`'s default, is one histogram run answering both",
+        "min/max and percentile);",
         "`ort:*` is `onnxruntime.quantization.calibrate.create_calibrator` (MinMax reduces in the graph too;",
         "Entropy and Percentile keep every tapped tensor of every sample until the end).",
         "",
