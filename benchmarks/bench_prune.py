@@ -335,7 +335,8 @@ def _targets_table(results: dict) -> list[str]:
         "the ratio of the estimated latency (`--prune-target latency`: widths chosen per group, in steps of 16, "
         "keeping the most importance per microsecond saved); `latency=ch`: the latency target with the "
         "channels plan's estimated latency as the budget. `budget`: what the ratio asked for; `est`: the "
-        "planner's latency estimate (batch 1, default kernel table) as a share of unpruned; `acc` (%) and "
+        "planner's latency estimate (batch 1, default kernel table) as a share of unpruned (and as a speed-up, "
+        "to set beside `b1`); `acc` (%) and "
         "its change from unpruned, `acc goal`: within 1 point at 0.3, 3 at 0.5; `b1`/`b32`: measured speed-up "
         "over unpruned (the same interleaved runs as above); `of x MACs` and `>= MACs` as above; `widths`: "
         "kept/unpruned channels per prunable group."),
@@ -366,7 +367,8 @@ def _target_line(name, ratio, label, budget, t, base) -> str:
     speed = (f"{s[1]:.2f}x | {s[32]:.2f}x | {100 * s[1] / prop:.0f}%/{100 * s[32] / prop:.0f}% | "
              + " | ".join(_verdicts(s, t["macs"])) if s else "| | | |")
     widths = " ".join(f"{b}" if a == b else f"{a}>{b}" for a, b in t.get("widths", []))
-    return (f"| {name} | {ratio} | {label} | {budget} | {lat[1] / lat[0]:.0%} | {acc:.1f} | {acc - base:+.1f} | "
+    return (f"| {name} | {ratio} | {label} | {budget} | {lat[1] / lat[0]:.0%} ({lat[0] / lat[1]:.2f}x) | {acc:.1f} | "
+            f"{acc - base:+.1f} | "
             f"{goal} | {pct(t['macs'])} | {prop:.2f}x | {speed} | {widths} |")
 
 

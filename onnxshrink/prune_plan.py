@@ -210,7 +210,7 @@ def _budget_keeps(cost, live, ratio, round_to, min_width, max_ratio, crit, estim
     if not alloc.reached:
         what = "latency" if cost.metric == "latency" else "MACs"
         floor = alloc.after / alloc.before if alloc.before else 1.0
-        fixed = (f"; {cost.constant:,.1f} of {alloc.before:,.1f} us is per-run and per-node overhead that "
+        fixed = (f"; {cost.constant:,.1f} of {alloc.before:,.1f} us is per-run overhead and nodes whose cost "
                  "pruning does not change") if cost.metric == "latency" else ""
         raise ConfigError(
             f"{what} budget {1 - ratio:.0%} of unpruned is out of reach: with every prunable group at its "
