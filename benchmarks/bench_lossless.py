@@ -44,6 +44,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BIN = Path(sys.executable).parent
 TOOLS = ("onnxshrink", "onnxslim", "onnxsim")
 RTOL, ATOL = 1e-4, 1e-5
+#: interleaved rounds when timing the original against the outputs (ORT CPU, 1 thread)
+LATENCY_RUNS = 200
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -172,7 +174,26 @@ def bench_model(name, path, feeds, repeats, tmp: Path) -> dict:
         if ok:
             entry["seconds"] = statistics.median(r["seconds"] for r in ok)
             entry["peak_rss_mib"] = statistics.median(r["peak_rss_mib"] for r in ok)
+    time_outputs(row, path, feeds[0], tmp / name)
     return row
+
+
+def time_outputs(row: dict, path: Path, feed: dict, stem: Path, runs: int = LATENCY_RUNS) -> None:
+    """ORT CPU latency (1 thread, median) of every equal output against the original, each pair interleaved.
+
+    ``speedup`` per tool: the original's median over the output's in that pair (> 1: the output runs faster).
+    """
+    from onnxshrink import bench
+
+    for tool in (t for t in TOOLS if row["tools"][t].get("equal")):
+        try:
+            rep = bench.measure([str(path), f"{stem}.{tool}.onnx"], [feed], runs=runs, warmup=10)
+        except Exception as e:  # noqa: BLE001 - a model ORT cannot time is reported, not fatal
+            row["latency_error"] = str(e)[:200]
+            continue
+        cpu = rep.providers["cpu"]
+        row["latency_ms"] = cpu.models[0].latency.median_ms
+        row["tools"][tool]["speedup"] = cpu.ratio.speedup
 
 
 def startup_seconds(repeats: int = 3) -> dict[str, float]:
@@ -222,7 +243,7 @@ def _triple(row: dict, key: str, fmt: str) -> str:
     vals = []
     for tool in TOOLS:
         v = row["tools"].get(tool, {}).get(key)
-        cell = "fail" if v is None else (("yes" if v else "**NO**") if key == "equal" else fmt.format(v))
+        cell = ("-" if key == "speedup" else "fail") if v is None else (("yes" if v else "**NO**") if key == "equal" else fmt.format(v))
         vals.append(cell + ("†" if key == "nodes" and row["tools"][tool].get("contrib_ops") else ""))
     return " / ".join(vals)
 
@@ -279,6 +300,12 @@ def summary(rows: dict) -> list[str]:
     for tool in TOOLS:
         eq = sum(1 for r in rows.values() if r["tools"][tool].get("equal"))
         out.append(f"- {tool}: outputs equal on {eq}/{n} models")
+    for tool in TOOLS:
+        sp = [r["tools"][tool]["speedup"] for r in rows.values() if "speedup" in r["tools"][tool]]
+        if sp:
+            out.append(f"- {tool} output on ONNX Runtime (1 thread, vs the original): median {statistics.median(sp):.3f}x, "
+                       f"range {min(sp):.2f}-{max(sp):.2f}x, more than 3% slower on "
+                       f"{sum(1 for x in sp if x < 0.97)}/{len(sp)} models")
     for other in TOOLS[1:]:
         ratios = [r["tools"][other]["seconds"] / shrink[k]["seconds"] for k, r in rows.items()
                   if "seconds" in r["tools"][other] and "seconds" in shrink[k]]
@@ -323,13 +350,17 @@ def write_report(rows: dict, big: dict | None, startup: dict, args) -> Path:
         "CLI start-up alone (`--help`): " + ", ".join(f"{t} {s:.2f} s" for t, s in startup.items()), "",
         "## Summary", "", *summary(rows), "",
         "## Per model (onnxshrink / onnxslim / onnxsim)", "",
-        "| model | nodes before | nodes after | seconds | peak RSS MiB | outputs equal |",
-        "|---|---:|---:|---:|---:|---|",
+        ("ORT speed-up: the original's median latency over the output's, ONNX Runtime CPU, 1 thread, "
+         f"default session optimizations, the original and the equal outputs timed interleaved ({LATENCY_RUNS} "
+         "rounds, first feed; `ms` is the original's median)."), "",
+        "| model | nodes before | nodes after | seconds | peak RSS MiB | outputs equal | ms | ORT speed-up |",
+        "|---|---:|---:|---:|---:|---|---:|---:|",
     ]
     for name, row in rows.items():
+        ms = f"{row['latency_ms']:.3f}" if "latency_ms" in row else row.get("latency_error", "")
         lines.append(f"| {name} | {row['nodes_before']} | {_triple(row, 'nodes', '{}')} | "
                      f"{_triple(row, 'seconds', '{:.2f}')} | {_triple(row, 'peak_rss_mib', '{:.0f}')} | "
-                     f"{_triple(row, 'equal', '')} |")
+                     f"{_triple(row, 'equal', '')} | {ms} | {_triple(row, 'speedup', '{:.2f}x')} |")
     failures = [f"- {name} / {t}: {row['tools'][t].get('why')}" for name, row in rows.items()
                 for t in TOOLS if row["tools"][t].get("why")]
     lines += ["", "## Where onnxshrink keeps more nodes than the best other tool", "",
