@@ -233,7 +233,7 @@ def _time(kind: str, cin: int, cout: int, hw: int, tmp: str, runs: int) -> float
     rt = runtime.ort()
     so = runtime.session_options(1, level=rt.GraphOptimizationLevel.ORT_ENABLE_ALL)
     so.enable_profiling, so.profile_file_prefix = True, os.path.join(tmp, "k")
-    sess = rt.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    sess = runtime.make_session(model, ["CPUExecutionProvider"], options=so)
     for _ in range(3 + runs):
         sess.run(None, feed)
     events = json.loads(Path(sess.end_profiling()).read_text())

@@ -34,8 +34,11 @@ def nchwc_block_size() -> int:
     if it could not be determined (no onnxruntime, or the probe failed)."""
     try:
         import onnx
-        import onnxruntime as ort
         from onnx import TensorProto, helper, numpy_helper
+
+        from onnxshrink import runtime
+
+        level = runtime.ort().GraphOptimizationLevel.ORT_ENABLE_ALL
     except ImportError:
         return 0
     weight = numpy_helper.from_array(np.ones((1, 2, 1, 1), np.float32), "w")
@@ -45,14 +48,12 @@ def nchwc_block_size() -> int:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 4])], [weight])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8  # what onnx writes by default may be newer than an older onnxruntime reads
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3  # ORT warns that the saved model is hardware-specific; it is meant to be
     try:
         with tempfile.TemporaryDirectory(prefix="onnxshrink-nchwc-") as tmp:
-            opts.optimized_model_filepath = str(Path(tmp) / "probe.onnx")
-            ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-            optimized = onnx.load(opts.optimized_model_filepath)
+            path = Path(tmp) / "probe.onnx"  # ORT's warning that it is hardware-specific is silenced
+            runtime.make_session(model.SerializeToString(), ["CPUExecutionProvider"],
+                                 options=runtime.session_options(optimized_path=path, level=level))
+            optimized = onnx.load(path)
     except Exception as e:  # noqa: BLE001 - any failure of the probe means "unknown"
         logger.debug("nchwc probe failed: %s", e)
         return 0
