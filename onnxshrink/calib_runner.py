@@ -24,8 +24,8 @@ logger = logging.getLogger(__name__)
 #: Tapped tensors of one run above this many bytes shrink the batch (never below one feed).
 MAX_BATCH_BYTES = 256 << 20
 #: The same cap when some taps are fetched whole (histogram observers): the fetched batch, ORT's copy of
-#: it and the observers' temporaries are all alive at once, so a run's tensors cost about 3x their bytes
-#: (PP-OCR's classifier, percentile: 485 MiB peak RSS at 256 MiB, vs 189 with in-graph min/max).
+#: it and the observers' temporaries are all alive at once, so a run's tensors cost a few times their
+#: bytes (peak RSS per method: ``benchmarks/results/calib_memory.md``).
 MAX_FETCH_BYTES = 32 << 20
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from onnxshrink import data as data_mod
 from onnxshrink import model_io, runtime
+from onnxshrink.validate import flat_drift, flat_floats
 
 logger = logging.getLogger(__name__)
 
@@ -98,10 +99,7 @@ class _Drift:
 
     def _outputs(self, model) -> np.ndarray:
         sess = runtime.make_session(model_io.to_bytes(model), self.providers, threads=1)
-        outs = [o for f in self.feeds for o in sess.run(None, f)]
-        return np.concatenate([np.asarray(o, np.float64).ravel() for o in outs if np.asarray(o).dtype.kind == "f"])
+        return flat_floats(o for f in self.feeds for o in sess.run(None, f))
 
     def __call__(self, model) -> float:
-        got = self._outputs(model)
-        denom = float(np.linalg.norm(self.ref) * np.linalg.norm(got))
-        return float(f"{1.0 - float(self.ref @ got) / denom:.6g}") if denom > 0 else 0.0
+        return float(f"{flat_drift(self.ref, self._outputs(model)):.6g}")

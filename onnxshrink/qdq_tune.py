@@ -8,9 +8,9 @@ that differ in the speed knobs of ``PlanOptions`` (``depthwise``, ``min_conv_mac
 ``pools``, ``elementwise``), one change at a time on top of the best so far, timed on ONNX Runtime against
 that best (1 thread, interleaved rounds, a calibration feed), and keeps what is faster. A change at most
 ``TIE_SLOWDOWN`` slower (about what timing cannot resolve on a busy shared machine) is kept too when
-its drift on that feed is at least 10% lower (``TIE_DRIFT``): on PP-OCR's classifier, placements within a
-few percent of each other differed 5-30x in drift (hard-swish arithmetic float: 0.0003 vs 0.009 on the
-tuning feed; the first conv float: 0.0045 vs 0.025 held out), and timing noise picked either.
+its drift on that feed is at least 10% lower (``TIE_DRIFT``): on PP-OCR's classifier, placements that the
+timing could not tell apart differed several-fold in drift, and timing noise picked either (each
+candidate's time and drift are in ``TuneReport.tried``).
 
 Regions (``regions=True``, for transformer-like models: linear layers, i.e. MatMul/Gemm with constant
 weights, hold at least ``TRANSFORMER_SHARE`` of the estimated MACs): static int8 is often slower than
@@ -38,6 +38,7 @@ from onnxshrink.passes.dynamic_quant import DynamicQuantPass
 from onnxshrink.passes.dynamic_quant import refusal as dynamic_refusal
 from onnxshrink.passes.qdq import QDQPass
 from onnxshrink.passes.qdq_rules import PlanOptions, QDQPlan, plan_qdq
+from onnxshrink.validate import flat_drift, flat_floats
 
 logger = logging.getLogger(__name__)
 
@@ -154,12 +155,10 @@ class _Judge:
 
     def __init__(self, float_sess, feed: dict, runs: int) -> None:
         self.feed, self.runs = feed, runs
-        self.ref = _flat(float_sess.run(None, feed))
+        self.ref = flat_floats(float_sess.run(None, feed))
 
     def drift(self, sess) -> float:
-        got = _flat(sess.run(None, self.feed))
-        denom = float(np.linalg.norm(self.ref) * np.linalg.norm(got))
-        return round(1.0 - float(self.ref @ got) / denom, 8) if denom > 0 else 0.0
+        return round(flat_drift(self.ref, flat_floats(sess.run(None, self.feed))), 8)
 
     def __call__(self, best_sess, best_drift: float, cand_sess) -> dict:
         b_ms, c_ms = _paired(best_sess, cand_sess, self.feed, self.runs)
@@ -168,10 +167,6 @@ class _Judge:
         keep = c_ms < b_ms * (1 - MIN_GAIN) or tie
         return {"median_ms": round(c_ms, 4), "drift": drift, "kept": bool(keep), "vs_best_ms": round(b_ms, 4),
                 "vs_best_drift": best_drift}
-
-
-def _flat(outs) -> np.ndarray:
-    return np.concatenate([np.asarray(o, np.float64).ravel() for o in outs if np.asarray(o).dtype.kind == "f"])
 
 
 def _tune_regions(model, plan, opts, table, judge, best_sess, best_drift, tried) -> tuple[Placement, object]:
@@ -230,8 +225,8 @@ def steps(model: ir.Model, plan: QDQPlan, table, opts: PlanOptions, placement: P
     Last, ``fuse_activations`` on what stayed float: a written-out hard-swish left float (no Q/DQ inside
     it) becomes one ``HardSwish`` (same values up to float rounding; ORT has no int8 kernel for it, which
     is why the lossless passes before calibration leave it written out so it can be quantized op by op).
-    On PP-OCR's classifier, whose tuned placement keeps the hard-swish arithmetic float, that is the
-    difference between 1.0x and about 1.5x float speed."""
+    On PP-OCR's classifier, whose tuned placement keeps the hard-swish arithmetic float, that is most of
+    its speed-up (``benchmarks/results/quantize_vs_ort.md``; 1.0x before this step)."""
     out: list = []
     qopts = static_options(model, opts, placement, keep_float)
     if qopts is not None and table is not None:

@@ -234,13 +234,13 @@ def quantize(
     ir_model, upgraded = _prepare(ir_model, data, report, lossless, check, equalize, smoothquant, providers)
     placement = qdq_tune.Placement("dynamic", "float") if mode == "dynamic" else qdq_tune.Placement()
     table = tuning = tables = None
+    feed = next(iter(data_mod.feeds(data, ir_model))) if tune and data is not None else None  # for timing
     plan = QDQPlan(opts, (), (), True)
     if mode != "dynamic":
         plan, tables = _plan_and_calibrate(ir_model, data, opts, method, batch_size, providers, cache_dir,
                                            progress, observer_opts)
         table = tables["minmax" if method == "auto" else method]
         if tune:
-            feed = next(iter(data_mod.feeds(data, ir_model)))
             opts, tuning = qdq_tune.tune(ir_model, plan, table, feed, tune_runs, regions=mode == "auto")
             plan = dataclasses.replace(plan, options=opts)
             placement = tuning.placement if tuning else placement
@@ -262,8 +262,8 @@ def quantize(
         notes["calibration"] = selection.to_dict()
         method = f"auto: {selection.method}" + (" + bias correction" if selection.bias_correction else "")
     speedup = tuning.speedup if tuning is not None else None
-    if tune and data is not None and (qmodel is not builder.first or tuning is None):  # re-time what changed
-        speedup = qdq_tune.speedup(ir_model, qmodel, next(iter(data_mod.feeds(data, ir_model))), tune_runs)
+    if feed is not None and (qmodel is not builder.first or tuning is None):  # re-time what changed
+        speedup = qdq_tune.speedup(ir_model, qmodel, feed, tune_runs)
     out_path = None
     if output is not None:
         out_path = model_io.save(qmodel, output, protected=(in_path,) if in_path else (),

@@ -152,6 +152,19 @@ def cosine_from_sums(dot: float, rr: float, cc: float) -> float:
     return max(-1.0, min(1.0, dot / math.sqrt(rr * cc)))
 
 
+def flat_floats(outputs) -> np.ndarray:
+    """Every float array of ``outputs`` (one run's, or several runs' chained) raveled into one float64 vector."""
+    arrays = [np.asarray(o) for o in outputs]
+    floats = [a.astype(np.float64).ravel() for a in arrays if a.dtype.kind == "f"]
+    return np.concatenate(floats) if floats else np.zeros(0)
+
+
+def flat_drift(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """``1 - cosine`` of two ``flat_floats`` vectors (0 for identical, 1 when only one of them is all zeros)."""
+    return 1.0 - cosine_from_sums(float(reference @ candidate), float(reference @ reference),
+                                  float(candidate @ candidate))
+
+
 def sqnr_db(signal: float, noise: float) -> float:
     """Signal-to-quantization-noise ratio in dB: ``10 log10(signal / noise)``; inf without noise."""
     if noise == 0:

@@ -199,3 +199,14 @@ def test_labels_key_that_is_a_model_input_stays_an_input():
     feeds = [{"x": f32([[1, 2, 0, -1]])}]
     rep = validate.compare(REF, CAND, feeds, threads=1, labels_key="x")
     assert rep and rep.feeds == 1
+
+
+def test_flat_drift_treats_an_all_zero_candidate_as_fully_drifted():
+    from onnxshrink.validate import flat_drift, flat_floats
+
+    ref = flat_floats([np.array([[1.0, 2.0]], np.float32), np.array([3], np.int64), np.array([0.5], np.float32)])
+    assert ref.tolist() == [1.0, 2.0, 0.5]  # integer outputs are left out
+    assert flat_drift(ref, ref) == pytest.approx(0.0, abs=1e-12)
+    assert flat_drift(ref, np.zeros(3)) == 1.0  # a broken model that outputs zeros is not "exact"
+    assert flat_drift(np.zeros(3), np.zeros(3)) == 0.0
+    assert flat_drift(ref, -ref) == pytest.approx(2.0)
