@@ -67,22 +67,20 @@ def allocate(model: CostModel, cands: list[Candidate], fraction: float) -> Alloc
         move = _best_cut(model, cands, keep, pos, costs)
         if move is None:
             break
-        i, p, new, saved = move
-        keep[i], pos[i] = cands[i].options[p], p
-        for j, v in new.items():
-            costs[j] = v
-        total -= saved
-    while True:
-        move = _best_give_back(model, cands, keep, pos, costs, budget - total)
-        if move is None:
-            break
-        i, p, new, added = move
-        keep[i], pos[i] = cands[i].options[p], p
-        for j, v in new.items():
-            costs[j] = v
-        total += added
+        total -= _take(move, cands, keep, pos, costs)
+    while (move := _best_give_back(model, cands, keep, pos, costs, budget - total)) is not None:
+        total += _take(move, cands, keep, pos, costs)
     total = model.constant + float(costs.sum())
     return Allocation(keep, before, total, budget, total <= budget * (1 + 1e-9))
+
+
+def _take(move, cands, keep, pos, costs) -> float:
+    """Apply a move (group, option index, new layer costs, change) in place; returns its change."""
+    i, p, new, change = move
+    keep[i], pos[i] = cands[i].options[p], p
+    for j, v in new.items():
+        costs[j] = v
+    return change
 
 
 def _lost(c: Candidate, old: int, new: int) -> float:
