@@ -48,7 +48,7 @@ def loss_curve(scores: np.ndarray, cumulative: bool = False) -> np.ndarray:
     """
     s = np.sort(np.maximum(np.asarray(scores, dtype=np.float64), 0.0), kind="stable")
     if cumulative:
-        return np.concatenate([[0.0], np.maximum.accumulate(s)])
+        return np.concatenate([[0.0], s])  # sorted: already nondecreasing
     total = s.sum()
     if total <= 0:
         return np.linspace(0.0, 1.0, len(s) + 1)
