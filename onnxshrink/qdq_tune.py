@@ -268,10 +268,8 @@ def _nodes(model: ir.Model, opts: PlanOptions, table) -> frozenset:
 
 
 def _session(model: ir.Model, plan: QDQPlan, opts: PlanOptions, table):
-    clone = model.clone()
-    QDQPass(plan=dataclasses.replace(plan, options=opts), table=table)(clone)
-    FuseActivationsPass()(clone)
-    return runtime.make_session(model_io.to_bytes(clone), threads=1)
+    """A 1-thread session of the static placement with ``opts``, built by the same ``steps`` as the result."""
+    return runtime.make_session(model_io.to_bytes(build(model, plan, table, opts)), threads=1)
 
 
 def _knobs(opts: PlanOptions) -> dict:
