@@ -255,8 +255,7 @@ def _axis_cells(dg: depgraph.DepGraph, index: dict[int, int]) -> dict:
 def _axis_of(cells, v: ir.Value, axes: tuple[int, ...], shape) -> Axis:
     """The kept cells of ``axes`` of activation ``v`` (their cells counted over all those axes)."""
     total = int(np.prod([shape[a] if a < len(shape) and isinstance(shape[a], int) else 1 for a in axes]))
-    live = [(i, float(n)) for i, n in cells[v][axes] if i is not None]
-    return Axis(total, float(total - sum(n for _, n in live)), live)
+    return _kept_axis(total, cells[v][axes])
 
 
 def _layer(node: ir.Node, shapes, cells) -> LayerCost | None:
@@ -284,7 +283,11 @@ def _layer(node: ir.Node, shapes, cells) -> LayerCost | None:
 
 
 def _axis(cells, w: ir.Value, axis: int, wshape) -> Axis:
-    total = int(wshape[axis])
-    entries = cells.get((w, axis), [])
+    return _kept_axis(int(wshape[axis]), cells.get((w, axis), []))
+
+
+def _kept_axis(total: int, entries) -> Axis:
+    """An axis of ``total`` cells, ``entries`` of them [(live group index or None, cells)]: the cells
+    of live groups scale with their kept fraction, the rest are fixed."""
     live = [(i, float(n)) for i, n in entries if i is not None]
     return Axis(total, float(total - sum(n for _, n in live)), live)
