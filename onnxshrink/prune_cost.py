@@ -263,10 +263,10 @@ def _layer(node: ir.Node, shapes, cells) -> LayerCost | None:
         return None
     axes = depgraph.weight_axes(node, 1)
     y = shapes.get(node.outputs[0].name)
-    w = node.inputs[1]
-    wshape = shapes.get(w.name) or tuple(w.const_value.shape)
     if axes is None or y is None:
         return None
+    w = node.inputs[1]
+    wshape = shapes.get(w.name) or tuple(w.const_value.shape)
     group = node.attributes.get("group")
     group = group.as_int() if group is not None else 1
     conv = node.op_type in ("Conv", "ConvTranspose")
