@@ -116,19 +116,20 @@ class CostModel:
 
     def __init__(self, layers: list[LayerCost], atoms: list[int], other_nodes: int, table: KernelTable,
                  metric: str = "latency", nodes: list[NodeCost] = ()) -> None:
-        """``other_nodes``: nodes costing ``node_us`` each; ``nodes``: memory-bound nodes (latency only)."""
+        """``other_nodes``: nodes costing ``node_us`` each; ``nodes``: memory-bound nodes (in the latency
+        metric, and in :meth:`describe`'s latency whatever the metric)."""
         if metric not in ("latency", "macs"):
             raise ValueError(f"metric must be 'latency' or 'macs', not {metric!r}")
         self.atoms = np.asarray(atoms, dtype=float)
         self.table = table
         self.metric = metric
         self.other_nodes = other_nodes
-        live = [n for n in nodes if n.terms()] if metric == "latency" else []
-        fixed = [n for n in nodes if not n.terms()]
-        self.layers: list = [*layers, *live]  # what changes with the widths (weight layers: MACs too)
-        self.constant = (table.run_us + table.node_us * other_nodes
-                         + sum(n.latency_us(self.atoms, table) for n in fixed)) if metric == "latency" else 0.0
-        self.fixed_nodes = fixed if metric == "latency" else []
+        self.weights = list(layers)
+        self.nodes = list(nodes)
+        varying = [n for n in self.nodes if n.terms()]
+        self.layers: list = [*self.weights, *varying] if metric == "latency" else list(self.weights)
+        fixed = [n for n in self.nodes if not n.terms()]  # what the widths do not change
+        self.constant = self._latency(np.ones(len(atoms)), fixed) if metric == "latency" else 0.0
         self.by_group: dict[int, list[int]] = defaultdict(list)
         for j, layer in enumerate(self.layers):
             for i in _terms(layer):
@@ -156,12 +157,15 @@ class CostModel:
         return sum(v - costs[j] for j, v in new.items()), new
 
     def describe(self, keep) -> dict:
-        """Estimated latency (us) and MACs at ``keep``."""
+        """Estimated latency (us) and MACs at ``keep``, whatever the metric."""
         f = self.fractions(keep)
-        lat = self.table.run_us + self.table.node_us * self.other_nodes + sum(
-            layer.latency_us(f, self.table) for layer in [*self.layers, *self.fixed_nodes])
-        macs = sum(layer.widths(f)[2] for layer in self.layers if isinstance(layer, LayerCost))
-        return {"latency_us": float(lat), "macs": round(float(macs))}
+        macs = sum(layer.widths(f)[2] for layer in self.weights)
+        return {"latency_us": float(self._latency(f, [*self.weights, *self.nodes])), "macs": round(float(macs))}
+
+    def _latency(self, f: np.ndarray, parts) -> float:
+        """Per-run overhead, ``node_us`` per other node and the latency of ``parts`` at fractions ``f``."""
+        return (self.table.run_us + self.table.node_us * self.other_nodes
+                + sum(part.latency_us(f, self.table) for part in parts))
 
 
 def _terms(layer: LayerCost | NodeCost) -> set[int]:
