@@ -200,14 +200,23 @@ def map_tensors(ref: ir.Model, cand: ir.Model) -> tuple[dict[ir.Value, str], lis
     ref_values = {v.name: v for v in _activations(ref.graph)}
     taps: dict[ir.Value, str] = {}
     unmatched: list[str] = []
+    renamed: dict[ir.Value, ir.Value] = {}  # float source -> reference value, for Q/DQ outputs that kept the name
     for value in _activations(cand.graph):
         if value.producer() is not None and value.producer().op_type in _QDQ_OPS:
-            continue  # stands for its float source, which is mapped on its own
+            # stands for its float source, mapped on its own; a graph output's Q/DQ takes the original name
+            src = float_source(value)
+            if src is not value and value.name in ref_values:
+                renamed[src] = ref_values[value.name]
+            continue
         target = ref_values.get(value.name)
         if target is None or _static_shape_differs(value, target):
             unmatched.append(value.name)
         else:
             taps[value] = target.name
+    for src, target in renamed.items():
+        if src not in taps and src.name in unmatched and not _static_shape_differs(src, target):
+            taps[src] = target.name
+            unmatched.remove(src.name)
     return taps, unmatched
 
 

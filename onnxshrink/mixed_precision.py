@@ -31,7 +31,6 @@ import onnx_ir as ir
 from onnxshrink import data as data_mod
 from onnxshrink import explain, runtime
 from onnxshrink.errors import ConfigError
-from onnxshrink.graph_utils import NameGen
 from onnxshrink.task_metrics import ScoreSum, load_metric
 from onnxshrink.validate import cosine_from_sums
 
@@ -190,8 +189,7 @@ def rank(float_model: ir.Model, model: ir.Model, data, candidates: Sequence[str]
     cannot rank follow in their given order, with NaN numbers."""
     order = list(candidates)
     candidates = set(order)
-    report = explain.explain(float_model, _outputs_named_as_float(model), data, providers=providers,
-                             batches=batches)
+    report = explain.explain(float_model, model, data, providers=providers, batches=batches)
     by_name = {n.name: n for n in model.graph.all_nodes() if n.name}
     out = []
     for nd in report.nodes:
@@ -213,26 +211,6 @@ def rank(float_model: ir.Model, model: ir.Model, data, candidates: Sequence[str]
     unknown = math.nan
     return ranked + [explain.NodeDrift(n, by_name[n].op_type if n in by_name else "?", unknown, unknown, unknown,
                                        unknown, [], []) for n in missing]
-
-
-def _outputs_named_as_float(model: ir.Model) -> ir.Model:
-    """A clone where a graph output ``o = DQ(Q(v))`` gives its name to ``v``: the QDQ pass hands a
-    quantized output's name to the last DequantizeLinear, and ``explain`` maps tensors by name, so the
-    layer producing ``v`` would not be ranked otherwise."""
-    clone = model.clone()
-    names = NameGen(clone)
-    for o in clone.graph.outputs:
-        dq = o.producer()
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0].producer() is None:
-            continue
-        q = dq.inputs[0].producer()
-        v = q.inputs[0] if q.op_type == "QuantizeLinear" else None
-        if v is None or v.is_graph_output() or v.is_graph_input() or v.producer() is None:
-            continue
-        name = o.name
-        o.name = names(f"{name}_dq")
-        v.name = name
-    return clone
 
 
 def _dynamic_input(last: ir.Node) -> ir.Value | None:
