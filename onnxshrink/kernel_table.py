@@ -8,11 +8,11 @@ taken as never falling with width (a running maximum), which also smooths timing
 
 :data:`DEFAULT` is the deterministic fallback used unless a measured table is asked for: the curves
 ``benchmarks/bench_prune_kernels.py`` measured on a 2-core AVX-512 Xeon (ONNX Runtime 1.32, 1 thread,
-16x16, batch 32; ``benchmarks/results/prune_kernels.md``): 3x3 convs ~86 GMAC/s from 64 output
-channels, 72 at 32, 47 at 16, whatever the input width (:func:`measure` there: 0.99-1.01 of the
-64-input speed from 16 to 512 inputs); 1x1 82/70/52 (0.89 of it with 16 inputs, 0.96 with 32);
-depthwise ~25 at every multiple of 16; MatMul ([256, in] x [in, out]) 29 GMAC/s at 16 outputs to 83
-at 512 with 64 inputs, and 0.56x to 1.47x of that from 16 to 256 inputs.
+16x16, batch 32; ``benchmarks/results/prune_kernels.md``, "Conv kernel throughput by width"): 3x3
+convs ~86 GMAC/s from 64 output channels, 72 at 32, 47 at 16 (row ``3x3 cin=64``); 1x1 82/70/52;
+depthwise ~25 at every multiple of 16. The 1x1 input-width factors and the ``gemm`` (MatMul) curve
+come from one run of :func:`measure` on that machine, which no results file in ``benchmarks/`` keeps:
+run :func:`measure` (or ``--kernel-table measure``) to get this machine's.
 
 :func:`measure` times one-layer models (the kernel's time from ONNX Runtime's profiler, the NCHWc
 reorders around it left out) on this machine at the given spatial sizes; :func:`load` with
@@ -46,12 +46,9 @@ WIDTHS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 #: Throughput kept when the input channels of an NCHWc conv are not whole blocks (ONNX Runtime falls
 #: back to im2col + SGEMM: 34-48 against 72-89 GMAC/s at 32-64 channels, prune_kernels.md).
 OFF_BLOCK = 0.5
-#: Memory-bound ops: nanoseconds per input element beyond ``node_us`` (one-node models here, 1 thread,
-#: ONNX Runtime 1.32, batch 1 and 32 of [32-80, 16, 16] and [17, 64-128] floats, per-run overhead taken
-#: off: MaxPool 3x3 stride 1 0.8-1.0 and 2x2 stride 2 0.23-0.6, Concat 0.2-0.33, GlobalAveragePool
-#: 0.3-0.44, Transpose 0.9, LayerNormalization 0.9, Softmax 1.3, Erf/Sigmoid 0.45-0.6, unfused
-#: Add/Mul/Div/Relu 0.13-0.23). Pooling adds ``WINDOW_NS`` per window tap over the stride area.
-#: Ops not listed: ``ELEMENTWISE_NS``.
+#: Memory-bound ops: nanoseconds per input element beyond ``node_us``, rough values from one-node
+#: timings (1 thread) that no benchmark in the repo reproduces; :func:`measure` does not measure them.
+#: Pooling adds ``WINDOW_NS`` per window tap over the stride area. Ops not listed: ``ELEMENTWISE_NS``.
 MEMORY_NS = {
     "MaxPool": 0.25, "AveragePool": 0.25, "LpPool": 0.25, "GlobalAveragePool": 0.4, "GlobalMaxPool": 0.4,
     "ReduceMean": 0.4, "ReduceSum": 0.4, "ReduceMax": 0.4, "ReduceMin": 0.4, "Concat": 0.25, "Split": 0.25,
@@ -98,7 +95,7 @@ class KernelTable:
 
     curves: tuple[Curve, ...]
     block: int = 16  # NCHWc channel block the curves were measured with (1: no NCHWc layout)
-    node_us: float = 0.3
+    node_us: float = 0.3  # per node and per run: prune_kernels.md, "Per-run and per-node overhead"
     run_us: float = 5.4
     source: str = "default"
     memory: tuple[tuple[str, float], ...] = tuple(MEMORY_NS.items())  # op -> ns per input element
