@@ -19,14 +19,10 @@ EXACT = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceP
 
 def _axes(node: ir.Node, rank: int) -> list[int] | None:
     """The reduced axes in [0, rank), or None when unknown; [] for a no-op."""
-    if "axes" in node.attributes:
-        axes = vf.attr_ints(node, "axes")
-    elif len(node.inputs) > 1 and node.inputs[1] is not None:
-        axes = vf.ints(node.inputs[1])
-        if axes is None:
-            return None
-    else:
-        axes = []
+    given = "axes" in node.attributes or (len(node.inputs) > 1 and node.inputs[1] is not None)
+    axes = vf.axes(node) if given else []
+    if axes is None:
+        return None
     if not axes:
         return [] if node.attributes.get_int("noop_with_empty_axes", 0) else list(range(rank))
     if any(not -rank <= a < rank for a in axes):
@@ -67,10 +63,7 @@ def unsqueezed_reduce(unsqueeze: ir.Node) -> tuple[ir.Value, ir.Node] | None:
     if not axes:
         return None
     rank = len(x.shape)
-    if "axes" in unsqueeze.attributes:
-        restored = vf.attr_ints(unsqueeze, "axes")
-    else:
-        restored = vf.ints(unsqueeze.inputs[1]) if len(unsqueeze.inputs) > 1 else None
+    restored = vf.axes(unsqueeze)
     if restored is None or any(not -rank <= a < rank for a in restored):
         return None
     return (x, reduce) if sorted({a % rank for a in restored}) == axes else None

@@ -345,7 +345,7 @@ class _Eliminator:
         s = None if first is None else first.inputs[0]
         if s is None or s.shape is None or len(s.shape) != 0 or not _only_feeds(node.inputs[0], node):
             return False
-        wrap = vf.ints(first.inputs[1]) if len(first.inputs) > 1 else vf.attr_ints(first, "axes")
+        wrap = vf.ints(first.inputs[1]) if first.op_type == "Reshape" else vf.axes(first)
         if wrap not in (([1], [-1]) if first.op_type == "Reshape" else ([0], [-1])):
             return False
         return self._bypass(node, s, "gathers_unwrapped", first)
