@@ -143,6 +143,27 @@ class CalibrationTable:
             raise ConfigError(f"{path}: not a readable calibration table: {e}") from e
 
 
+@dataclasses.dataclass
+class _Observed:
+    """What one calibration run (or the caches) gave: the table itself when the table cache answered,
+    else the observers of ``names`` (``planned``: the taps asked for; fewer after a loop-tap fallback)."""
+
+    key: CacheKeys
+    planned: tuple[str, ...]
+    names: tuple[str, ...] = ()
+    observers: list | None = None
+    cmeans: dict = dataclasses.field(default_factory=dict)
+    samples: int = 0
+    table: CalibrationTable | None = None
+
+    def to_table(self, cache: CalibCache) -> CalibrationTable:
+        if self.table is None:
+            not_run = [n for n in self.planned if n not in self.names]
+            self.table = _build_table(self.names, self.observers, self.cmeans, self.key, self.samples, not_run)
+            cache.save_table(self.key, self.table.to_dict())
+        return self.table
+
+
 def calibrate(
     model: ir.Model | str | Path,
     data,
@@ -154,7 +175,6 @@ def calibrate(
     cache_dir: str | os.PathLike | None | bool = None,
     channel_means: Sequence[str] = (),
     progress: bool | Callable = True,
-    _states: list | None = None,
     **observer_opts,
 ) -> CalibrationTable:
     """Calibrate ``tensors`` of ``model`` (default: every float node input/output that is not a constant)
@@ -168,6 +188,16 @@ def calibrate(
     Raises ``ConfigError`` (options, tensors), ``DataError`` (feeds, before any run) and
     ``RuntimeFailure`` (ONNX Runtime could not load or run the tap model).
     """
+    observed = _observe(model, data, tensors, method=method, batch_size=batch_size, providers=providers,
+                        cache_dir=cache_dir, channel_means=channel_means, progress=progress, **observer_opts)
+    return observed.to_table(CalibCache(cache_dir))
+
+
+def _observe(model, data, tensors=None, *, method: str = "minmax", batch_size: int = 8, providers=None,
+             cache_dir=None, channel_means: Sequence[str] = (), progress: bool | Callable = True,
+             **observer_opts) -> _Observed:
+    """The shared collect step of ``calibrate`` and ``calibrate_methods``: validate, then answer from the
+    table cache, the histogram cache or one run of the data through the tap model."""
     options = make_observer(method, **observer_opts).config()
     tensors = list(tensors) if tensors is not None else None
     if int(batch_size) < 1:
@@ -183,10 +213,11 @@ def calibrate(
     plan = replan()
     key = CacheKeys(model_fingerprint(ir_model), source.fingerprint(), plan.names, method, options,
                     int(batch_size), runtime.resolve_providers(providers), means)
+    planned = tuple(plan.names)
     cache = CalibCache(cache_dir)
     table = _cached_table(cache, key)
     if table is not None:
-        return table
+        return _Observed(key, planned, table=table)
     names = plan.names
     observers, cmeans, samples = _from_histograms(cache.load_hist(key), key, observer_opts)
     if observers is None:
@@ -195,36 +226,36 @@ def calibrate(
         names, observers, cmeans, samples = _run_with_fallback(run, plan, replan, tensors is None)
         if method in HISTOGRAM_METHODS:
             cache.save_hist(key, names, observers, cmeans, samples)
-    if _states is not None and method in HISTOGRAM_METHODS and names == plan.names:
-        _states.append((key, [o.state() for o in observers], cmeans, samples))
-    table = _build_table(names, observers, cmeans, key, samples, [n for n in plan.names if n not in names])
-    cache.save_table(key, table.to_dict())
-    return table
+    return _Observed(key, planned, tuple(names), observers, cmeans, samples)
 
 
 def calibrate_methods(model, data, tensors=None, *, methods: Sequence[str] = ("minmax", "percentile"),
                       **kwargs) -> dict[str, CalibrationTable]:
     """One table per method of ``methods`` from ONE run of the data: the first histogram method collects
-    histograms (which also hold the exact extremes), the other methods are answered from them in memory
-    (or from the on-disk cache; a method with observer options of its own cannot be, pass it alone).
+    histograms (which also hold the exact extremes), the other methods are answered from its observers in
+    memory (or from the on-disk cache; a method with observer options of its own cannot be, pass it alone).
     ``kwargs`` as for ``calibrate`` (no observer options)."""
     hist = [m for m in methods if m in HISTOGRAM_METHODS]
     if not hist:
         return {m: calibrate(model, data, tensors, method=m, **kwargs) for m in methods}
     ir_model = model_io.load(model)
-    states: list = []
-    tables = {hist[0]: calibrate(ir_model, data, tensors, method=hist[0], _states=states, **kwargs)}
+    cache = CalibCache(kwargs.get("cache_dir"))
+    first = _observe(ir_model, data, tensors, method=hist[0], **kwargs)
+    tables = {hist[0]: first.to_table(cache)}
+    # Other methods reuse the observers when this call ran (or rebuilt) them for every planned tap; a
+    # table from the table cache, or a run that fell back to fewer taps, leaves them to their own call
+    # (which the histogram cache usually answers without running the model).
+    reuse = first.observers is not None and first.names == first.planned
     for m in methods:
         if m in tables:
             continue
-        if not states:  # the first table came from the table cache: the histogram cache answers, or a run
+        if not reuse:
             tables[m] = calibrate(ir_model, data, tensors, method=m, **kwargs)
             continue
-        key, obs_states, cmeans, samples = states[0]
-        key = dataclasses.replace(key, method=m, options=make_observer(m).config())
-        observers, cmeans, samples = _from_histograms((key.names, obs_states, cmeans, samples), key, {})
-        tables[m] = _build_table(key.names, observers, cmeans, key, samples)
-        CalibCache(kwargs.get("cache_dir")).save_table(key, tables[m].to_dict())
+        key = dataclasses.replace(first.key, method=m, options=make_observer(m).config())
+        states = [o.state() for o in first.observers]
+        observers, cmeans, samples = _from_histograms((first.names, states, first.cmeans, first.samples), key, {})
+        tables[m] = _Observed(key, first.planned, first.names, observers, cmeans, samples).to_table(cache)
     return {m: tables[m] for m in methods}
 
 
