@@ -36,6 +36,7 @@ callable: ``onnxshrink.quantize(...)`` is ``onnxshrink.quantize.quantize(...)``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import platform
@@ -210,14 +211,8 @@ def quantize(
     from onnxshrink import mixed_precision
 
     t0 = time.perf_counter()
-    if mode not in MODES:
-        raise ConfigError(f"mode must be one of {MODES}, not {mode!r}")
-    if method == "auto" and observer_opts:
-        raise ConfigError(f"method='auto' takes no observer options ({sorted(observer_opts)}); name a method")
     needs_data = mode != "dynamic" or smoothquant is not None or max_drift is not None or max_metric_drop is not None
-    if data is None and needs_data:
-        raise DataError("quantization needs calibration data (a folder of .npz feeds, a stacked .npz, "
-                        "or a list of feed dicts); random data would give meaningless ranges")
+    _check_args(mode, method, observer_opts, data is not None or not needs_data)
     budget = None
     if max_drift is not None or max_metric_drop is not None:
         budget = mixed_precision.Budget(max_drift, max_metric_drop, metric)
@@ -232,18 +227,12 @@ def quantize(
     before = stats.summarize(ir_model, in_path)
     report = pipeline.PipelineReport()
     ir_model, upgraded = _prepare(ir_model, data, report, lossless, check, equalize, smoothquant, providers)
-    placement = qdq_tune.Placement("dynamic", "float") if mode == "dynamic" else qdq_tune.Placement()
-    table = tuning = tables = None
     feed = next(iter(data_mod.feeds(data, ir_model))) if tune and data is not None else None  # for timing
-    plan = QDQPlan(opts, (), (), True)
-    if mode != "dynamic":
-        plan, tables = _plan_and_calibrate(ir_model, data, opts, method, batch_size, providers, cache_dir,
-                                           progress, observer_opts)
-        table = tables["minmax" if method == "auto" else method]
-        if tune:
-            opts, tuning = qdq_tune.tune(ir_model, plan, table, feed, tune_runs, regions=mode == "auto")
-            plan = dataclasses.replace(plan, options=opts)
-            placement = tuning.placement if tuning else placement
+    calibrate = functools.partial(_plan_and_calibrate, ir_model, data, opts, method, batch_size, providers,
+                                  cache_dir, progress, observer_opts)
+    plan, tables, table, tuning, placement = _calibrate_and_tune(ir_model, opts, mode, method, feed, tune_runs,
+                                                                 calibrate)
+    opts = plan.options
     builder, qmodel, selection = _build(ir_model, plan, tables, table, opts, placement, check, data,
                                         bias_correction, providers, method)
     table, kept, notes = builder.table, [], {}
@@ -273,6 +262,32 @@ def quantize(
         time.perf_counter() - t0, opts, method, out_path, upgraded, tuning, mode, placement,
         builder.quantized_names(qmodel)[1], notes, _speed_warnings(speedup, notes), speedup,
     )
+
+
+def _check_args(mode: str, method: str, observer_opts: dict, have_data: bool) -> None:
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {MODES}, not {mode!r}")
+    if method == "auto" and observer_opts:
+        raise ConfigError(f"method='auto' takes no observer options ({sorted(observer_opts)}); name a method")
+    if not have_data:
+        raise DataError("quantization needs calibration data (a folder of .npz feeds, a stacked .npz, "
+                        "or a list of feed dicts); random data would give meaningless ranges")
+
+
+def _calibrate_and_tune(ir_model, opts, mode, method, feed, tune_runs, calibrate):
+    """Steps 5-7: the QDQ plan and its calibration tables by method (``calibrate()``), the table the plan
+    starts from, then (with a timing ``feed``) the tuned placement. Dynamic mode: nothing to calibrate."""
+    placement = qdq_tune.Placement("dynamic", "float") if mode == "dynamic" else qdq_tune.Placement()
+    if mode == "dynamic":
+        return QDQPlan(opts, (), (), True), None, None, None, placement
+    plan, tables = calibrate()
+    table = tables["minmax" if method == "auto" else method]
+    tuning = None
+    if feed is not None:
+        tuned, tuning = qdq_tune.tune(ir_model, plan, table, feed, tune_runs, regions=mode == "auto")
+        plan = dataclasses.replace(plan, options=tuned)
+        placement = tuning.placement if tuning else placement
+    return plan, tables, table, tuning, placement
 
 
 def _prepare(ir_model: ir.Model, data, report, lossless: bool, check: bool, equalize: bool, smoothquant,
