@@ -46,12 +46,15 @@ def add_prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-width", type=int, default=8, metavar="N", help="never keep fewer channels (default 8)")
     g.add_argument("--protect", nargs="+", action="extend", default=[], metavar="PATTERN",
                    help="leave groups touching nodes whose name matches (fnmatch) whole")
+    g.add_argument("--shape", action="append", default=[], metavar="DIM=SIZE",
+                   help="input size for MACs and latency estimates, by dim name or input:axis (x:2=48); "
+                        "default: the first --calibration feed's, else symbolic dims count as 1")
     g.add_argument("--plan-out", metavar="JSON", help="write the pruning plan (editable) to this file")
     g.add_argument("--plan-in", metavar="JSON", help="apply this pruning plan instead of planning")
 
 
 def run_prune(args) -> int:
-    from onnxshrink import pruning, report
+    from onnxshrink import pruning, report, runtime
 
     if args.recipe or args.passes or args.preset not in (None, "default", "prune"):
         raise ConfigError("--prune runs its own cleanup, pruning and the lossless passes; "
@@ -69,7 +72,7 @@ def run_prune(args) -> int:
         scope=args.prune_scope, target=args.prune_target, kernels=args.kernel_table,
         round_to=args.round_to, min_width=args.min_width, protect=args.protect,
         plan=args.plan_in, plan_out=args.plan_out, check=not args.no_check,
-        overwrite_input=args.overwrite_input,
+        overwrite_input=args.overwrite_input, dims=runtime.parse_dims(args.shape) or None,
     )
     summary = result.plan.summary()
     target = "(quantized next)" if quantize_next else (args.output or "(not written)")

@@ -16,8 +16,8 @@ normalizations, Softmax, elementwise ops ONNX Runtime does not fuse into the wei
 ``KernelTable.memory_ns(op)`` per input element, each input's elements scaled by the kept fractions
 of the groups on its axes (a MaxPool after a halved conv costs half). Elementwise ops on the only use
 of a weight op's output (bias, activation, a Conv's residual Add and the activation after it) count
-``node_us`` only: ONNX Runtime fuses them. Estimates are for batch 1 (symbolic dims as 1): per-node
-and per-run overheads weigh as much as they do there.
+``node_us`` only: ONNX Runtime fuses them. Estimates are for batch 1 (other symbolic dims at ``dims``,
+else 1): per-node and per-run overheads weigh as much as they do there.
 """
 
 from __future__ import annotations
@@ -175,13 +175,15 @@ def _terms(layer: LayerCost | NodeCost) -> set[int]:
 
 
 def build(model: ir.Model, dg: depgraph.DepGraph, live: list[depgraph.Group], table=None,
-          metric: str = "latency") -> CostModel:
+          metric: str = "latency", *, dims=None) -> CostModel:
     """The cost model of ``model``'s weight layers over the ``live`` groups (whose widths may change).
     ``table``: a :class:`KernelTable` or what :func:`onnxshrink.kernel_table.load` takes; a measured
-    table is measured at the spatial sizes of the model's convs (powers of 2 from 4 to 64)."""
+    table is measured at the spatial sizes of the model's convs (powers of 2 from 4 to 64).
+    ``dims``: input dims (``stats.inferred_shapes``) the model is costed at; symbolic ones left out
+    count as 1."""
     from onnxshrink import kernel_table
 
-    shapes = stats.inferred_shapes(model)
+    shapes = stats.inferred_shapes(model, dims)
     index = {g.id: i for i, g in enumerate(live)}
     cells = _axis_cells(dg, index)
     layers = []

@@ -142,6 +142,7 @@ def plan_pruning(
     graph: depgraph.DepGraph | None = None,
     target: str = "channels",
     kernels=None,
+    dims: Mapping[str, int] | None = None,
 ) -> PruningPlan:
     """Plan the removal of ``ratio`` of the channels (or of the estimated latency or MACs, ``target``)
     of ``model`` (unchanged). See the module doc.
@@ -150,6 +151,8 @@ def plan_pruning(
     ``layer_ratios``: glob pattern of a producer node name -> ratio for its group (overrides ``ratio``;
     channels target only). ``round_to``: None picks :func:`default_round_to` for this CPU.
     ``kernels``: the kernel throughput table for latency estimates (``kernel_table.load``).
+    ``dims``: input dims the estimates are taken at (``stats.inferred_shapes``; symbolic ones left
+    out count as 1, so give the spatial size of a model whose height and width are symbolic).
     """
     round_to = default_round_to() if round_to is None else int(round_to)
     _check_settings(ratio, scope, round_to, min_width, max_ratio, layer_ratios)
@@ -171,7 +174,7 @@ def plan_pruning(
             gp.status = "too narrow"
         else:
             live.append((g, gp, np.asarray(crit(g, stats), dtype=np.float64)))
-    cost = _cost_model(model, dg, live, kernels, "macs" if target == "macs" else "latency")
+    cost = _cost_model(model, dg, live, kernels, "macs" if target == "macs" else "latency", dims)
     estimate: dict = {"kernels": cost.table.source}
     if target != "channels":
         keeps = _budget_keeps(cost, live, ratio, round_to, min_width, max_ratio, crit, estimate)
@@ -193,10 +196,10 @@ def plan_pruning(
     return PruningPlan(settings, plans)
 
 
-def _cost_model(model, dg, live, kernels, metric):
+def _cost_model(model, dg, live, kernels, metric, dims=None):
     from onnxshrink import prune_cost
 
-    return prune_cost.build(model, dg, [g for g, _, _ in live], kernels, metric)
+    return prune_cost.build(model, dg, [g for g, _, _ in live], kernels, metric, dims=dims)
 
 
 def _budget_keeps(cost, live, ratio, round_to, min_width, max_ratio, crit, estimate) -> list[int]:

@@ -13,6 +13,12 @@ Steps, in order:
    least-squares refit of the layers that lost inputs, or ``"bn"`` BatchNorm re-estimation;
 6. the lossless passes (BN folded into Conv) unless ``lossless=False``.
 
+MACs, the per-layer table and the planner's latency/MACs estimates are taken at the model's operating
+size: ``dims`` if given, else the shape of the first calibration feed (every symbolic input dim but
+the batch axis, which counts as 1). Without either, symbolic dims count as 1: a conv net with
+symbolic height and width (a PP-OCR export) is then costed at 1x1 pixels, and a latency or MACs
+target plans for that (it is logged).
+
 The result holds the plan, a per-layer table (channels, parameters and MACs before and after) and the
 reconstruction report. Then quantize the pruned model if wanted (prune first, then quantize).
 """
@@ -28,7 +34,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from onnxshrink import depgraph, importance, model_io, pipeline, stats
+from onnxshrink import data, depgraph, importance, model_io, pipeline, stats
 from onnxshrink.errors import ConfigError
 from onnxshrink.instruments import StructuralCheck
 from onnxshrink.prune_plan import PruningPlan, plan_pruning
@@ -76,6 +82,7 @@ def prune(
     lossless: bool = True,
     check: bool = True,
     overwrite_input: bool = False,
+    dims: Mapping[str, int] | None = None,
 ) -> PruneResult:
     """Remove ``ratio`` of the prunable channels of ``model`` (see the module doc for the steps), or,
     with ``target="latency"``/``"macs"``, ``ratio`` of its estimated latency or of its MACs with
@@ -85,7 +92,8 @@ def prune(
     ``calibration``: feeds (folder of .npz, stacked .npz, list of dicts) for the ``activation`` and
     ``reconstruction`` criteria and for ``reconstruct`` (``True``/``"lsq"``: least-squares refit;
     ``"bn"``: BatchNorm re-estimation only). ``plan``: apply this plan (object or JSON path) instead
-    of planning; ``plan_out``: write the plan used as JSON.
+    of planning; ``plan_out``: write the plan used as JSON. ``dims``: input dims for MACs and
+    estimates (dim name or ``input:axis`` -> size; default: from the first calibration feed).
     """
     t0 = time.perf_counter()
     method = {True: "lsq", False: None, None: None}.get(reconstruct, reconstruct)
@@ -95,7 +103,10 @@ def prune(
                           f"{' and reconstruction' if method else ''} needs calibration data")
     in_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
     ir_model = model_io.load(model)
-    before = stats.summarize(ir_model, in_path)
+    if calibration is not None:
+        calibration = data.feeds(calibration, ir_model)  # re-iterable; read once by every step
+    dims = operating_dims(ir_model, calibration) if dims is None else dict(dims)
+    before = stats.summarize(ir_model, in_path, dims=dims)
     report = pipeline.PipelineReport()
     insts = [StructuralCheck()] if check else []
     _run(ir_model, _pre_steps(), insts, report)
@@ -104,13 +115,14 @@ def prune(
         act = importance.collect(ir_model, dg, calibration, crit)
         plan = plan_pruning(ir_model, ratio, criterion=crit, scope=scope, round_to=round_to,
                             min_width=min_width, protect=protect, layer_ratios=layer_ratios,
-                            stats=act, grouped=grouped, graph=dg, target=target, kernels=kernels)
+                            stats=act, grouped=grouped, graph=dg, target=target, kernels=kernels,
+                            dims=dims)
     elif not isinstance(plan, PruningPlan):
         plan = PruningPlan.load(plan)
     if plan_out is not None:
         plan.save(plan_out)
     original = ir_model.clone() if method else None
-    rows_before = layer_rows(ir_model)
+    rows_before = layer_rows(ir_model, dims)
     prune_pass = pipeline.make_pass("prune_channels", plan=plan)
     _run(ir_model, [prune_pass], insts, report)
     kept = next((r.stats.notes.get("kept") for r in report.records if r.name == "prune_channels"), {})
@@ -119,15 +131,30 @@ def prune(
         from onnxshrink.reconstruct import reconstruct as run_reconstruct
 
         recon = run_reconstruct(original, ir_model, kept, calibration, method=method).to_dict()
-    table = merge_rows(rows_before, layer_rows(ir_model))
+    table = merge_rows(rows_before, layer_rows(ir_model, dims))
     if lossless:
         _run(ir_model, pipeline.lossless_steps(), insts, report)
     out_path = None
     if output is not None:
         out_path = model_io.save(ir_model, output, protected=(in_path,) if in_path else (),
                                  overwrite_input=overwrite_input)
-    after = stats.summarize(ir_model, out_path)
+    after = stats.summarize(ir_model, out_path, dims=dims)
     return PruneResult(ir_model, plan, table, before, after, report, recon, time.perf_counter() - t0, out_path)
+
+
+def operating_dims(model: ir.Model, calibration=None) -> dict[str, int]:
+    """``input:axis`` -> size of every symbolic input dim but axis 0 (the batch, left at 1), from the
+    first calibration feed; empty without calibration (then logged when the model has such dims)."""
+    symbolic = [(s.name, i) for s in data.input_specs(model) for i, d in enumerate(s.dims)
+                if i > 0 and not isinstance(d, int)]
+    if not symbolic:
+        return {}
+    if calibration is None:
+        logger.info("inputs have symbolic dims %s: MACs and latency estimates count them as 1 "
+                    "(give calibration data or dims)", ", ".join(f"{n}:{i}" for n, i in symbolic))
+        return {}
+    first = next(iter(calibration))
+    return {f"{n}:{i}": int(first[n].shape[i]) for n, i in symbolic if n in first and first[n].ndim > i}
 
 
 def _pre_steps() -> list:
@@ -146,9 +173,10 @@ def _run(model, steps, insts, report) -> None:
 # ---------------------------------------------------------------- per-layer table
 
 
-def layer_rows(model: ir.Model) -> dict[ir.Node, dict]:
-    """Channels in/out, parameters and MACs (symbolic dims as 1) of every layer with a constant weight."""
-    shapes = stats.inferred_shapes(model)
+def layer_rows(model: ir.Model, dims: Mapping[str, int] | None = None) -> dict[ir.Node, dict]:
+    """Channels in/out, parameters and MACs (at ``dims``; dims still symbolic count as 1) of every
+    layer with a constant weight."""
+    shapes = stats.inferred_shapes(model, dims)
     rows = {}
     for node in model.graph:
         if node.op_type not in depgraph.WEIGHT_AXES or len(node.inputs) < 2:

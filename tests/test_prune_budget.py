@@ -228,3 +228,63 @@ def test_kernel_table_memory_costs_roundtrip(tmp_path):
     assert table.memory_ns("Add") == kernel_table.ELEMENTWISE_NS
     del d["memory_ns"]  # a table saved before memory costs existed
     assert kernel_table.KernelTable.from_dict(d).memory_ns("MaxPool") == kernel_table.MEMORY_NS["MaxPool"]
+
+
+def _symbolic_hw_net() -> ir.Model:
+    """Conv 3->32 at full resolution, then 32->64 and 64->64 at 1/4 and 1/16 (stride 4): input
+    [N,3,H,W] with symbolic H and W, as PP-OCR exports are."""
+    import onnx
+    from onnx import numpy_helper
+
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    net (float[N,3,H,W] x) => (float[N,10] y) {
+        a = Conv <pads = [1,1,1,1]> (x, w0, b0)
+        ar = Relu (a)
+        c = Conv <pads = [1,1,1,1], strides = [4,4]> (ar, w1, b1)
+        cr = Relu (c)
+        d = Conv <pads = [1,1,1,1], strides = [4,4]> (cr, w2, b2)
+        dr = Relu (d)
+        p = GlobalAveragePool (dr)
+        f = Flatten (p)
+        y = Gemm (f, wf, bf)
+    }"""
+    proto = onnx.parser.parse_model(text)
+    rng = np.random.default_rng(0)
+    shapes = {"w0": (32, 3, 3, 3), "b0": (32,), "w1": (64, 32, 3, 3), "b1": (64,), "w2": (64, 64, 3, 3),
+              "b2": (64,), "wf": (64, 10), "bf": (10,)}
+    for name, shape in shapes.items():
+        proto.graph.initializer.append(numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name))
+    return ir.serde.deserialize_model(proto)
+
+
+def test_estimates_are_taken_at_the_calibration_size_not_1x1():
+    """Symbolic height and width used to count as 1: MACs and the planner's estimates were those of a
+    1x1 image (the MACs target then cut the low-resolution layers that hold the parameters)."""
+    from onnxshrink import pruning
+
+    model = _symbolic_hw_net()
+    calib = [{"x": np.random.default_rng(i).standard_normal((2, 3, 64, 64)).astype(np.float32)} for i in range(2)]
+    real = stats.macs(model, {"x:2": 64, "x:3": 64})
+    assert real > 10 * stats.macs(model)  # at 1x1 the full-resolution conv weighs nothing
+    assert pruning.operating_dims(model, calib) == {"x:2": 64, "x:3": 64}
+    res = pruning.prune(model.clone(), 0.3, criterion="activation", calibration=calib, target="macs", round_to=8)
+    assert res.before["macs"] == real
+    est = res.plan.settings["estimate"]["macs"]
+    assert est[0] == pytest.approx(real, rel=1e-3)
+    assert res.after["macs"] <= 0.7 * real * (1 + 1e-3)  # the budget holds at the size the model runs at
+    first = next(g for g in res.plan.groups if g.atoms == 32)  # the only 32-wide group: conv 3->32's output
+    assert first.remove  # the full-resolution group carries most MACs and is cut (at 1x1: kept whole)
+    data_free = pruning.prune(model.clone(), 0.3, target="macs", round_to=8, dims={"x:2": 64, "x:3": 64})
+    assert data_free.before["macs"] == real and data_free.after["macs"] <= 0.7 * real * (1 + 1e-3)
+
+
+def test_cli_prune_shape(tmp_path, capsys):
+    from onnxshrink.cli import main
+
+    src = model_io.save(_symbolic_hw_net(), tmp_path / "net.onnx")
+    report = tmp_path / "r.json"
+    assert main(["optimize", str(src), "--prune", "0.3", "--prune-target", "macs", "--round-to", "8",
+                 "--shape", "x:2=64", "--shape", "x:3=64", "--report", str(report)]) == 0
+    rep = json.loads(report.read_text())
+    assert rep["before"]["macs"] == stats.macs(_symbolic_hw_net(), {"x:2": 64, "x:3": 64})
+    assert rep["after"]["macs"] <= 0.7 * rep["before"]["macs"] * (1 + 1e-3)
