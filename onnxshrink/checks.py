@@ -112,6 +112,37 @@ def shape_inference_error(model: ir.Model | bytes) -> str | None:
     return None
 
 
+def output_shape_conflicts(model: ir.Model) -> list[tuple[ir.Value, ir.Shape]]:
+    """Graph outputs whose declared shape contradicts the shape strict inference gives their producer
+    (another rank, or another fixed size), with the inferred shape (declared symbolic names kept where
+    inference knows nothing better). Empty when there are none, or when strict inference fails even
+    with those declarations left out (then something else is wrong)."""
+    produced = [v for v in model.graph.outputs if v.producer() is not None and v.shape is not None]
+    declared = {v: v.shape for v in produced}
+    try:
+        for v in produced:
+            v.shape = None
+        data = _serialized(model)
+    finally:
+        for v, shape in declared.items():
+            v.shape = shape
+    try:
+        inferred = onnx.shape_inference.infer_shapes(data, check_type=True, strict_mode=True, data_prop=True)
+    except Exception:  # noqa: BLE001 - another problem; the regular check reports it
+        return []
+    out = []
+    for v, proto in zip(model.graph.outputs, inferred.graph.output):
+        if v not in declared or not proto.type.tensor_type.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in proto.type.tensor_type.shape.dim]
+        old = list(declared[v].dims)
+        if len(dims) != len(old):
+            out.append((v, ir.Shape(dims)))
+        elif any(isinstance(a, int) and b is not None and a != b for a, b in zip(old, dims)):
+            out.append((v, ir.Shape([b if b is not None else a for a, b in zip(old, dims)])))
+    return out
+
+
 @dataclasses.dataclass
 class StructureReport:
     topo: list[str]

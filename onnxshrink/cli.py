@@ -97,7 +97,7 @@ def run_optimize(args) -> int:
     print()
     print(report.pass_table(result.report.per_pass()))
     for problem in result.input_problems:
-        print(f"note: the input already fails a check (not held against the passes): {problem}")
+        print(f"note: input model: {problem}")
     if args.report:
         report.write_json(args.report, result.to_dict())
     return 0

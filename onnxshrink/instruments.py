@@ -34,7 +34,11 @@ class StructuralCheck(Instrument):
     """Topological order, onnx checker and strict shape inference after every pass that changed the model.
 
     Checks the input first: a check the input already fails is reported once and not held against
-    the passes (real exported models sometimes fail strict shape inference).
+    the passes (real exported models sometimes fail strict shape inference). A graph output whose
+    declared shape contradicts what inference proves once a pass has made more of the graph known
+    (ddddocr's recognizer declares [1, seqlen] for a rank-3 Reshape output; ONNX Runtime returns
+    the real shape and warns) is a wrong declaration of the input: it is replaced by the inferred
+    shape, with a warning, and listed in ``input_problems``.
     """
 
     def __init__(self) -> None:
@@ -46,19 +50,31 @@ class StructuralCheck(Instrument):
         report = checks.check_structure(model)
         if report.checker:
             self.run_checker = False
-            self.input_problems.append(report.checker)
         if report.shapes:
             self.run_shapes = False
-            self.input_problems.append(report.shapes)
-        for p in self.input_problems:
-            logger.warning("the input model already fails a check, which is skipped: %s", p)
+        for p in (report.checker, report.shapes):
+            if p:
+                logger.warning("the input model already fails a check, which is skipped: %s", p)
+                self.input_problems.append(f"{p} (the input already fails this check; skipped for the passes)")
 
     def after_pass(self, pass_, model, result) -> None:
         report = checks.check_structure(model, checker=self.run_checker, shapes=self.run_shapes)
+        if report.shapes and not report.topo and not report.checker and self._fix_outputs(pass_, model):
+            report = checks.check_structure(model, checker=self.run_checker, shapes=self.run_shapes)
         if not report:
             raise CheckFailure(
                 f"pass {pass_.name!r} left an invalid model: " + "; ".join(report.problems[:5])
             )
+
+    def _fix_outputs(self, pass_: ShrinkPass, model: ir.Model) -> bool:
+        conflicts = checks.output_shape_conflicts(model)
+        for value, shape in conflicts:
+            problem = (f"graph output {value.name!r} is declared {value.shape} but its producer gives "
+                       f"{shape} (inferred after pass {pass_.name!r}); the wrong declaration is replaced")
+            logger.warning("the input model declares a wrong output shape: %s", problem)
+            self.input_problems.append(problem)
+            value.shape = shape
+        return bool(conflicts)
 
 
 class DriftProbe(Instrument):

@@ -1,17 +1,21 @@
 """The rewrites that close the gaps to onnxslim/onnxsim on the real PP-OCR models fire there (their
 outputs are checked equal by ``test_real_models``): Mul by 1 after a Conv with no value_info, Conv
-followed by a per-channel Mul folded into the weights, written-out hard-swish fused."""
+followed by a per-channel Mul folded into the weights, written-out hard-swish fused.
+
+Below them, regressions found on real models, each rebuilt small in code."""
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
+import onnx_ir as ir
 import pytest
 
+import onnxshrink
 from models import fetch_real
 from onnxshrink import model_io
 from onnxshrink.graph_utils import const_array
 from onnxshrink.pipeline import Pipeline, preset_steps
-
-pytestmark = pytest.mark.realmodel
 
 
 def _optimized(name: str):
@@ -36,6 +40,7 @@ def _scaled_convs(model) -> int:
     return count
 
 
+@pytest.mark.realmodel
 def test_ppocr_rec_gaps_closed():
     model, passes = _optimized("ppocr_rec")
     assert passes["eliminate_identities"]["counts"]["neutral_removed"] >= 7  # 3 of them with no shapes
@@ -46,9 +51,42 @@ def test_ppocr_rec_gaps_closed():
     assert passes["fuse_activations"]["counts"]["hardswish_fused"] >= 20
 
 
+@pytest.mark.realmodel
 def test_ppocr_det_gaps_closed():
     model, passes = _optimized("ppocr_det")
     assert passes["fuse_conv_bias"]["counts"]["conv_scales_fused"] >= 28
     assert _scaled_convs(model) == 0
     ops = [n.op_type for n in model.graph]
     assert "Clip" not in ops and ops.count("HardSigmoid") >= 24
+
+
+# ---------------------------------------------------------------- regressions from real models
+
+#: ddddocr's recognizer (common.onnx) declares its output [1, seqlen]; the Reshape producing it gives rank 3
+#: (ONNX Runtime warns and returns [T, 1, 8210]). Strict inference cannot see it until folding makes the
+#: Reshape's shape input constant; the default preset then failed with "fold_constants left an invalid model".
+_WRONG_OUTPUT = """<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 12] x) => (float[N, 12] y) {
+  c = Constant <value = int64[3] {2, 3, -1}> ()
+  s = Identity(c)
+  y = Reshape(x, s)
+}"""
+
+
+def test_wrong_output_declaration_revealed_by_folding_is_replaced(ort_run, assert_close):
+    model = onnx.parser.parse_model(_WRONG_OUTPUT)
+    result = onnxshrink.optimize(model.SerializeToString(), None, preset="default")
+    out = result.model.graph.outputs[0]
+    assert out.name == "y" and list(out.shape) == [2, 3, None]
+    assert len(result.input_problems) == 1 and "'y' is declared [N,12]" in result.input_problems[0]
+    proto = ir.serde.serialize_model(result.model)
+    onnx.checker.check_model(proto, full_check=True)
+    feed = {"x": np.arange(24, dtype=np.float32).reshape(2, 12)}
+    assert_close(ort_run(proto, feed), ort_run(model, feed))
+
+
+def test_right_output_declaration_is_kept():
+    model = onnx.parser.parse_model(_WRONG_OUTPUT.replace("(float[N, 12] y)", "(float[2, 3, M] y)"))
+    result = onnxshrink.optimize(model.SerializeToString(), None, preset="default")
+    assert list(result.model.graph.outputs[0].shape) == [2, 3, ir.SymbolicDim("M")]
+    assert result.input_problems == []
