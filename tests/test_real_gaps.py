@@ -18,12 +18,15 @@ from onnxshrink.graph_utils import const_array
 from onnxshrink.pipeline import Pipeline, preset_steps
 
 
-def _optimized(name: str):
+def _fetch(name: str):
     try:
-        path = fetch_real.fetch(name)
+        return fetch_real.fetch(name)
     except fetch_real.FetchError as e:
         pytest.skip(f"cannot fetch real model {name}: {e}")
-    model = model_io.load(path)
+
+
+def _optimized(name: str):
+    model = model_io.load(_fetch(name))
     report = Pipeline(preset_steps("default")).run(model)
     return model, report.per_pass()
 
@@ -90,3 +93,17 @@ def test_right_output_declaration_is_kept():
     result = onnxshrink.optimize(model.SerializeToString(), None, preset="default")
     assert list(result.model.graph.outputs[0].shape) == [2, 3, ir.SymbolicDim("M")]
     assert result.input_problems == []
+
+
+@pytest.mark.realmodel
+def test_ddddocr_recognizer_output_declaration_corrected(tmp_path, ort_run, assert_close):
+    src = _fetch("ddddocr_ocr")
+    out = tmp_path / "ocr.onnx"
+    result = onnxshrink.optimize(str(src), str(out), preset="default")
+    onnx.checker.check_model(str(out), full_check=True)
+    (value,) = result.model.graph.outputs
+    assert value.name == "387" and list(value.shape)[1:] == [1, 8210]
+    assert len(result.input_problems) == 1 and "'387' is declared [1,seqlen]" in result.input_problems[0]
+    assert result.after["nodes"] < result.before["nodes"]
+    for feed in fetch_real.example_feeds("ddddocr_ocr", 2, seed=0):
+        assert_close(ort_run(out, feed), ort_run(src, feed))

