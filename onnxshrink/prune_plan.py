@@ -121,8 +121,11 @@ class PruningPlan:
         if lat:
             text += (f"; estimated latency {lat[1] / lat[0]:.0%} of unpruned ({lat[0]:,.0f} -> {lat[1]:,.0f} us "
                      f"at batch 1, kernel table: {est.get('kernels', 'default')})")
-        if macs:
-            text += f"; MACs {macs[1] / max(macs[0], 1):.0%} of unpruned"
+        if macs and macs[0]:
+            text += f"; MACs {macs[1] / macs[0]:.0%} of unpruned"
+        if not self.groups:
+            text += ("; nothing to prune: no Conv, ConvTranspose, Gemm or MatMul with a constant float weight "
+                     "(layers already quantized, e.g. ConvInteger or QLinearConv, are not pruned)")
         return text
 
 

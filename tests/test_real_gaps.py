@@ -107,3 +107,21 @@ def test_ddddocr_recognizer_output_declaration_corrected(tmp_path, ort_run, asse
     assert result.after["nodes"] < result.before["nodes"]
     for feed in fetch_real.example_feeds("ddddocr_ocr", 2, seed=0):
         assert_close(ort_run(out, feed), ort_run(src, feed))
+
+
+#: ddddocr's common_old.onnx is already int8 (ConvInteger, MatMulInteger): --prune removed nothing without
+#: saying why, and its plan read "MACs 0% of unpruned" (0 of 0).
+_ALREADY_INT8 = """<ir_version: 8, opset_import: ["" : 13]>
+g (uint8[1, 4] x) => (int32[1, 3] y) {
+  w = Constant <value = uint8[4, 3] {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}> ()
+  y = MatMulInteger(x, w)
+}"""
+
+
+def test_prune_says_why_an_int8_model_has_nothing_to_prune():
+    from onnxshrink import pruning
+
+    result = pruning.prune(onnx.parser.parse_model(_ALREADY_INT8).SerializeToString(), 0.3)
+    text = result.plan.target_text()
+    assert not result.plan.groups and result.plan.summary()["channels_removed"] == 0
+    assert "nothing to prune" in text and "MACs" not in text
