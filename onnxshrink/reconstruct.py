@@ -8,9 +8,15 @@ only). Layers are refit in topological stages, so each stage sees inputs already
 Memory stays bounded: batches stream through ONNX Runtime (tapped outputs, ``onnxshrink.calib_taps``)
 and only ``X^T X`` and ``X^T Y`` are accumulated per layer, never the activations.
 
-``reestimate_bn``: BatchNormalization nodes downstream of pruning get their mean and variance
-measured on the pruned model (stage by stage); used on its own (``method="bn"``) or for the BNs after
-layers the refit skipped.
+``reestimate_bn``: BatchNormalization nodes downstream of pruning get their statistics corrected by
+the change pruning made to their input (stage by stage), measured on the calibration data in the
+pruned and in the original model: ``mean += mean' - mean_orig``, ``var *= (var' + eps) / (var_orig + eps)``
+per kept channel. The trained statistics stay where pruning changed nothing: replacing them with the
+calibration data's own statistics (what this did before) moved every BN toward data unlike the
+training set (a few synthetic text crops on PP-OCR; see the reading in
+``benchmarks/results/prune_real.md``). A BN whose input has no twin in the original model gets the
+measured statistics outright. Used on its own (``method="bn"``) or for the BNs after layers the
+refit skipped.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from onnxshrink import data as data_mod
 from onnxshrink.errors import ConfigError
 from onnxshrink.graph_utils import NameGen, const_array
 from onnxshrink.importance import TapReader
-from onnxshrink.reconstruct_layers import Layer, _replace_const, find_layers, stages
+from onnxshrink.reconstruct_layers import Layer, _kept_axis, _replace_const, find_layers, stages
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +71,7 @@ def reconstruct(original: ir.Model, pruned: ir.Model, kept: dict, feeds, *, meth
             refit_done.update(layer.node for layer in stage)
     bns = _bns_to_reestimate(pruned, kept, refit_done, everything=(method == "bn"))
     for stage in stages(pruned, [Layer(n, n.inputs[0], n.outputs[0]) for n in bns]):
-        _bn_stage(pruned, stage, source, report)
+        _bn_stage(original, pruned, stage, kept, source, report)
     return report
 
 
@@ -194,22 +200,60 @@ def _downstream_of_pruning(model: ir.Model, kept: dict) -> set:
     return changed
 
 
-def _bn_stage(pruned: ir.Model, stage: list[Layer], source, report) -> None:
-    read = TapReader(pruned, [layer.x for layer in stage])
-    sums = [[0.0, 0.0, 0] for _ in stage]
+class _Moments:
+    """Per-channel (axis 1) running sums of one activation: mean and variance over the other axes."""
+
+    def __init__(self) -> None:
+        self.s = self.sq = 0.0
+        self.n = 0
+
+    def add(self, x: np.ndarray) -> None:
+        moved = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1]).astype(np.float64)
+        self.s = self.s + moved.sum(0)
+        self.sq = self.sq + (moved**2).sum(0)
+        self.n += len(moved)
+
+    def mean_var(self) -> tuple[np.ndarray, np.ndarray]:
+        mean = self.s / max(self.n, 1)
+        return mean, np.maximum(self.sq / max(self.n, 1) - mean**2, 0.0)
+
+
+def _bn_stage(original: ir.Model, pruned: ir.Model, stage: list[Layer], kept, source, report) -> None:
+    twins = [_twin(original, layer.x) for layer in stage]
+    have = [t for t in twins if t is not None]
+    read_p = TapReader(pruned, [layer.x for layer in stage])
+    read_o = TapReader(original, have) if have else None
+    now, was = [_Moments() for _ in stage], [_Moments() for _ in have]
     for feed in source:
-        for acc, x in zip(sums, read(feed)):
-            moved = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1]).astype(np.float64)
-            acc[0] = acc[0] + moved.sum(0)
-            acc[1] = acc[1] + (moved**2).sum(0)
-            acc[2] += len(moved)
+        for m, x in zip(now, read_p(feed)):
+            m.add(x)
+        for m, y in zip(was, read_o(feed) if read_o else ()):
+            m.add(y)
     report.passes += 1
     names = NameGen(pruned)
-    for layer, (s, sq, n) in zip(stage, sums):
-        node = layer.node
-        mean = s / max(n, 1)
-        var = np.maximum(sq / max(n, 1) - mean**2, 0.0)
+    was_it = iter(was)
+    for layer, twin, m in zip(stage, twins, now):
+        mean, var = _corrected(layer, kept, m, next(was_it) if twin is not None else None)
         for idx, arr in ((3, mean), (4, var)):
-            _replace_const(pruned, node, idx, arr, names)
+            _replace_const(pruned, layer.node, idx, arr, names)
         report.bn.append(layer.name)
 
+
+def _corrected(layer: Layer, kept: dict, now: _Moments, was: _Moments | None) -> tuple[np.ndarray, np.ndarray]:
+    """The BN's trained mean and variance moved by the change measured between the original input
+    (``was``, its kept channels) and the pruned one (``now``); ``now`` itself without a twin."""
+    mean_p, var_p = now.mean_var()
+    node = layer.node
+    trained = [const_array(node.inputs[i]) for i in (3, 4)]
+    if was is None or any(t is None or t.shape != mean_p.shape for t in trained):
+        return mean_p, var_p
+    mean_o, var_o = was.mean_var()
+    idx = _kept_axis(kept, layer.x, 1)
+    if idx is not None:
+        mean_o, var_o = mean_o[idx], var_o[idx]
+    if mean_o.shape != mean_p.shape:
+        return mean_p, var_p
+    eps = node.attributes.get("epsilon")
+    eps = eps.as_float() if eps is not None else 1e-5
+    rm, rv = (t.astype(np.float64) for t in trained)
+    return rm + (mean_p - mean_o), np.maximum(rv * (var_p + eps) / (var_o + eps), 0.0)

@@ -115,3 +115,46 @@ def test_prune_then_quantize(tmp_path):
     acc_float = _accuracy(str(path), name)
     acc_int8 = _accuracy(str(tmp_path / "pruned.int8.onnx"), name)
     assert acc_int8 >= acc_float - 0.02, (acc_float, acc_int8)
+
+
+def _dead_channel_net() -> onnx.ModelProto:
+    """Conv 3->16 (channels 0-7 all-zero weights and bias: dead after Relu) -> Conv 16->8 -> BN -> head,
+    the BN with trained statistics of its own (not those of the data given below)."""
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    net (float[N,3,8,8] x) => (float[N,4] y) {
+        a = Conv <pads = [1,1,1,1]> (x, w0, b0)
+        ar = Relu (a)
+        c = Conv <pads = [1,1,1,1]> (ar, w1, b1)
+        n = BatchNormalization (c, g, beta, mean, var)
+        nr = Relu (n)
+        p = GlobalAveragePool (nr)
+        f = Flatten (p)
+        y = Gemm (f, wf, bf)
+    }"""
+    proto = onnx.parser.parse_model(text)
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((16, 3, 3, 3)).astype(np.float32)
+    b0 = rng.standard_normal(16).astype(np.float32)
+    w0[:8], b0[:8] = 0.0, 0.0
+    arrays = {"w0": w0, "b0": b0, "w1": rng.standard_normal((8, 16, 3, 3)), "b1": rng.standard_normal(8),
+              "g": rng.uniform(0.5, 1.5, 8), "beta": rng.standard_normal(8), "mean": rng.standard_normal(8),
+              "var": rng.uniform(0.5, 4.0, 8), "wf": rng.standard_normal((8, 4)), "bf": rng.standard_normal(4)}
+    for name, a in arrays.items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(a, np.float32), name))
+    return proto
+
+
+def test_bn_reestimation_keeps_trained_statistics_where_pruning_changed_nothing():
+    """Pruning the dead channels changes nothing; BN re-estimation on calibration data unlike the
+    training data (here: shifted and scaled inputs) must leave the BN's trained statistics alone
+    (it used to replace them with the calibration data's own, changing the model's outputs)."""
+    proto = _dead_channel_net()
+    rng = np.random.default_rng(1)
+    calib = [{"x": (3 * rng.standard_normal((4, 3, 8, 8)) + 2).astype(np.float32)} for _ in range(3)]
+    res = pruning.prune(proto, 0.5, round_to=8, calibration=calib, reconstruct="bn")
+    assert res.reconstruction["bn"]  # the BN after the conv that lost inputs was re-estimated
+    assert sum(len(g.remove) for g in res.plan.groups) == 8
+    feed = {"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    want = runtime.make_session(proto.SerializeToString()).run(None, feed)[0]
+    got = runtime.make_session(res.model).run(None, feed)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
