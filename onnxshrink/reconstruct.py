@@ -70,8 +70,10 @@ def reconstruct(original: ir.Model, pruned: ir.Model, kept: dict, feeds, *, meth
             _refit_stage(original, pruned, stage, kept, source, ridge, max_rows, seed, report)
             refit_done.update(layer.node for layer in stage)
     bns = _bns_to_reestimate(pruned, kept, refit_done, everything=(method == "bn"))
-    for stage in stages(pruned, [Layer(n, n.inputs[0], n.outputs[0]) for n in bns]):
-        _bn_stage(original, pruned, stage, kept, source, report)
+    bn_layers = [Layer(n, n.inputs[0], n.outputs[0]) for n in bns]
+    was = _original_moments(original, bn_layers, source, report)
+    for stage in stages(pruned, bn_layers):
+        _bn_stage(pruned, stage, kept, was, source, report)
     return report
 
 
@@ -218,22 +220,31 @@ class _Moments:
         return mean, np.maximum(self.sq / max(self.n, 1) - mean**2, 0.0)
 
 
-def _bn_stage(original: ir.Model, pruned: ir.Model, stage: list[Layer], kept, source, report) -> None:
-    twins = [_twin(original, layer.x) for layer in stage]
-    have = [t for t in twins if t is not None]
-    read_p = TapReader(pruned, [layer.x for layer in stage])
-    read_o = TapReader(original, have) if have else None
-    now, was = [_Moments() for _ in stage], [_Moments() for _ in have]
+def _original_moments(original: ir.Model, layers: list[Layer], source, report) -> dict:
+    """BN node -> moments of the twin of its input in the original model (one pass for all BNs; the
+    original does not change), or None where the original has no such value."""
+    twins = {layer.node: _twin(original, layer.x) for layer in layers}
+    have = [(node, t) for node, t in twins.items() if t is not None]
+    moments = {node: _Moments() for node, _ in have}
+    if have:
+        read = TapReader(original, [t for _, t in have])
+        for feed in source:
+            for (node, _), y in zip(have, read(feed)):
+                moments[node].add(y)
+        report.passes += 1
+    return {node: moments.get(node) for node in twins}
+
+
+def _bn_stage(pruned: ir.Model, stage: list[Layer], kept, was: dict, source, report) -> None:
+    read = TapReader(pruned, [layer.x for layer in stage])
+    now = [_Moments() for _ in stage]
     for feed in source:
-        for m, x in zip(now, read_p(feed)):
+        for m, x in zip(now, read(feed)):
             m.add(x)
-        for m, y in zip(was, read_o(feed) if read_o else ()):
-            m.add(y)
     report.passes += 1
     names = NameGen(pruned)
-    was_it = iter(was)
-    for layer, twin, m in zip(stage, twins, now):
-        mean, var = _corrected(layer, kept, m, next(was_it) if twin is not None else None)
+    for layer, m in zip(stage, now):
+        mean, var = _corrected(layer, kept, m, was.get(layer.node))
         for idx, arr in ((3, mean), (4, var)):
             _replace_const(pruned, layer.node, idx, arr, names)
         report.bn.append(layer.name)

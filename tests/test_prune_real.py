@@ -16,10 +16,11 @@ from onnxshrink.runtime import make_session
 
 pytestmark = pytest.mark.realmodel
 
-#: Top-1 agreement with the float model on 48 held-out synthetic crops. Measured 0.75 with these
-#: seeds (0.77 on 96 crops in prune_real.md); data-free l1 + lsq reaches 0.52, l1 alone 0.52-0.56
-#: (chance is 0.5: the two classes are about balanced on these crops).
-AGREEMENT_FLOOR = 0.6
+#: Top-1 agreement with the float model on 48 held-out synthetic crops, 6 calibration feeds (36 crops).
+#: Measured 0.83 with these seeds (8 feeds: 0.875); the l1 criterion + lsq reached 0.60 (8 feeds, 96
+#: crops), and the old BN re-estimation (calibration statistics replacing the trained ones) 0.67-0.75
+#: (4-8 feeds). Chance is 0.5: the two classes are about balanced on these crops.
+AGREEMENT_FLOOR = 0.7
 
 
 def _fetch(name: str):
@@ -31,7 +32,7 @@ def _fetch(name: str):
 
 def test_ppocr_cls_pruned_with_reconstruction_is_valid_smaller_and_agrees():
     src = _fetch("ppocr_cls")
-    calib = fetch_real.example_feeds("ppocr_cls", n=8, seed=0)  # 6 crops a feed
+    calib = fetch_real.example_feeds("ppocr_cls", n=6, seed=0)  # 6 crops a feed
     evals = fetch_real.example_feeds("ppocr_cls", n=8, seed=1)
     res = pruning.prune(src, 0.3, criterion="reconstruction", calibration=calib, reconstruct="lsq")
     report = checks.check_structure(res.model)  # topological order, checker, strict shape inference
