@@ -406,7 +406,12 @@ def summary(rows: list[dict]) -> list[str]:
         ort = [r for r in rows if r["model"] == spec and r["tool"] == "ort" and "error" not in r]
         flt = next((r for r in rows if r["model"] == spec and r["tool"] == "float"), {})
         default = next((r for r in mine if r["config"] == "default"), None)
-        if default is None or not ort:
+        if default is None:
+            continue
+        if not ort:
+            out.append(f"| {spec} | {flt.get('metric')} | {default['metric']} / {default['drift']} / "
+                       f"{default['speedup']}x ({default.get('method', '')}) | every ONNX Runtime config failed "
+                       "(see the rows) | - | - | - | - | - |")
             continue
         best_m = max(ort, key=lambda r: (r["metric"], -r["drift"]))
         best_s = max(ort, key=lambda r: r["speedup"])
