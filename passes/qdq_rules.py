@@ -234,13 +234,19 @@ def speed_knob_reason(node: ir.Node, options: PlanOptions) -> str | None:
     if node.op_type != "Conv":
         return None
     w = const_array(node.inputs[1])
-    group = node.attributes["group"].as_int() if "group" in node.attributes else 1
-    if not options.depthwise and group > 1 and w.shape[1] == 1:
+    if not options.depthwise and is_depthwise(node):
         return "depthwise conv kept float (depthwise=False)"
     macs = int(np.prod(w.shape[1:]))
     if macs < options.min_conv_macs:
         return f"{macs} MACs per output element < min_conv_macs={options.min_conv_macs}"
     return None
+
+
+def is_depthwise(node: ir.Node) -> bool:
+    """A Conv with one input channel per group and more than one group."""
+    w = node.inputs[1].shape if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    group = node.attributes["group"].as_int() if "group" in node.attributes else 1
+    return node.op_type == "Conv" and group > 1 and w is not None and len(w) > 1 and w[1] == 1
 
 
 def clip_bounds(node: ir.Node) -> tuple[float, float]:
@@ -270,6 +276,9 @@ class PlanOptions:
     conv_transpose: str = "weights"  # "weights" (int8 weight only), "qdq" (full), "float"
     mask_magnitude: float = 1e4  # inputs this large (and 100x their sibling) are masks: kept float
     depthwise: bool = True  # quantize depthwise convs (ORT's x86 int8 depthwise kernels can be slower)
+    # with depthwise=False: False also keeps the input of each depthwise conv float, with the elementwise
+    # ops computing it (e.g. a written-out hard-swish) back to the previous compute layer (see _qdq_planner)
+    depthwise_inputs: bool = True
     min_conv_macs: int = 0  # convs with fewer MACs per output element (C_in/group * kernel) stay float
     matmul_activations: bool = True  # quantize MatMuls of two activations (attention scores, context)
     pools: bool = True  # MaxPool / AveragePool on int8 (fast in ORT's NHWC conv chains, slow alone)

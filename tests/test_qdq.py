@@ -433,6 +433,49 @@ def test_speed_knobs_keep_depthwise_and_small_convs_float():
         assert [dq_feeding(c, 1) is not None for c in nodes(m, "Conv")] == quantized, opts
 
 
+def _hardswish_depthwise_model():
+    """Conv -> written-out hard-swish -> depthwise Conv -> Conv. Channel 0 is large and positive (up to
+    ~35); channels 1-7 sit in [-3, 0], where hard-swish maps them into [-0.375, 0], and their depthwise
+    weights are large (as BatchNorm folding leaves them for such low-variance channels)."""
+    w1 = weights(8, 8, 1, 1, seed=3, scale=0.5 / np.sqrt(8))
+    w1[0] *= 10
+    b1 = np.full(8, -1.5, np.float32)
+    b1[0] = 20.0
+    wd = weights(8, 1, 3, 3, seed=4) * np.array([1] + [30] * 7, np.float32)[:, None, None, None]
+    return model("""g (float[1,8,8,8] inp) => (float[1,16,8,8] out) {
+        c = Conv (inp, W1, B1)
+        a = Add (c, three)
+        r = Clip (a, zero, six)
+        m = Mul (c, r)
+        h = Div (m, six)
+        d = Conv <group=8, pads=[1,1,1,1]> (h, Wd, Bd)
+        out = Conv (d, Wp, Bp)
+    }""", {"W1": w1, "B1": b1, "three": np.float32(3), "zero": np.float32(0),
+           "six": np.float32(6), "Wd": wd, "Bd": weights(8, seed=6), "Wp": weights(16, 8, 1, 1, seed=7),
+           "Bp": weights(16, seed=8)})
+
+
+def test_depthwise_inputs_knob_keeps_the_chain_into_a_float_depthwise_conv_float():
+    proto = _hardswish_depthwise_model()
+    feeds = feeds_for(proto)
+    ref = ort_run(proto, feeds[0])[0]
+    got = {}
+    for key, opts in [("default", {}), ("dw", {"depthwise": False}),
+                      ("dw_in", {"depthwise": False, "depthwise_inputs": False}),
+                      ("in_only", {"depthwise_inputs": False})]:  # must not fire while depthwise convs quantize
+        m, result, _ = run_qdq(proto, feeds, **opts)
+        first, dw, last = nodes(m, "Conv")
+        got[key] = (dq_feeding(dw, 0) is not None, len(nodes(m, "DequantizeLinear")), result)
+        assert dq_feeding(first, 1) is not None and dq_feeding(last, 1) is not None, key  # compute stays int8
+        got[key] += (cosine(ref, ort_run(m, feeds[0])[0]),)
+    assert got["default"][0] and not got["dw_in"][0] and got["dw_in"][1] < got["dw"][1]  # fewer Q/DQ pairs
+    assert got["in_only"][:2] == got["default"][:2]
+    assert any("depthwise_inputs=False" in s.reason for s in got["dw_in"][2].stats.skipped)
+    # hard-swish output rounded on channel 0's scale, then multiplied by large weights: drift 6e-3 -> 5e-4
+    drift = {k: 1 - v[3] for k, v in got.items()}
+    assert drift["dw_in"] < drift["dw"] / 5 and drift["dw_in"] < drift["default"] / 5, drift
+
+
 def test_matmul_of_two_activations_knob():
     proto = model("""g (float[2,3,16] inp) => (float[2,3,3] out) {
         h = MatMul(inp, W1)
