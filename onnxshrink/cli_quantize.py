@@ -108,7 +108,7 @@ def run_quantize(args) -> int:
         print(f"tuned on this CPU (float {t.float_ms:.3f} ms, chosen {t.speedup}x float): kept {t.chosen}")
         for row in t.tried:
             knobs = {k: v for k, v in row.items() if k not in ("median_ms", "vs_best_ms", "kept", "drift",
-                                                                 "vs_best_drift")}
+                                                                 "vs_best_drift", "float_ms")}
             print(f"  {'kept ' if row['kept'] else 'tried'} {row['median_ms']:.3f} ms, "
                   f"drift {row['drift']:.3g} {knobs}")
     print(f"placement: linear layers {result.placement.linear}, the rest {result.placement.rest}"

@@ -26,6 +26,11 @@ Steps, in order:
     ``QuantizeContext`` holding the float model, the quantized model, the plan, the table and the data,
     and may rewrite the quantized model in place or set ``ctx.model`` to another one.
 
+An input that already holds quantized compute (``already_quantized``: ConvInteger, QLinearConv,
+MatMulInteger, DequantizeLinear of constant weights, ...) is quantized on its float remainder only, and
+``warnings`` (and the CLI summary) say so with the count of such nodes; its integer nodes are left as
+they are (as ONNX Runtime's ``quantize_static`` leaves ops it has no float rule for).
+
 ``mode="dynamic"`` skips 5-7: MatMul/Gemm weights become int8 and their activations are quantized at
 run time (``passes/dynamic_quant``); no calibration data is needed for it alone.
 
@@ -225,6 +230,7 @@ def quantize(
     in_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
     ir_model = model_io.load(model)
     before = stats.summarize(ir_model, in_path)
+    prequantized = already_quantized(ir_model)
     report = pipeline.PipelineReport()
     ir_model, upgraded = _prepare(ir_model, data, report, lossless, check, equalize, smoothquant, providers)
     feed = next(iter(data_mod.feeds(data, ir_model))) if tune and data is not None else None  # for timing
@@ -247,6 +253,8 @@ def quantize(
         hook(ctx)
     qmodel = ctx.model
     notes.update(_notes(builder, report))
+    if prequantized:
+        notes["already_quantized"] = prequantized
     if selection is not None:
         notes["calibration"] = selection.to_dict()
         method = f"auto: {selection.method}" + (" + bias correction" if selection.bias_correction else "")
@@ -358,8 +366,37 @@ def _notes(builder, report: pipeline.PipelineReport) -> dict:
     return notes
 
 
+#: Ops that already compute on integers (a quantized model's kernels, QDQ or operator-oriented).
+QUANTIZED_OPS = frozenset({
+    "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+    "QGemm", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu",
+    "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSoftmax", "DynamicQuantizeLSTM", "QAttention",
+})
+
+
+def already_quantized(model: ir.Model) -> dict[str, int]:
+    """Op type -> count of the nodes of ``model`` (subgraphs too) that already hold quantized compute:
+    integer kernels (``QUANTIZED_OPS``, any domain) and ``DequantizeLinear`` of a constant (a QDQ model's
+    int8 weights). Empty for a float model."""
+    out: dict[str, int] = {}
+    for graph in model.graphs():
+        for node in graph:
+            const_dq = node.op_type == "DequantizeLinear" and node.inputs and node.inputs[0] is not None \
+                and node.inputs[0].const_value is not None
+            if node.op_type in QUANTIZED_OPS or const_dq:
+                key = "DequantizeLinear (constant)" if const_dq else node.op_type
+                out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))
+
+
 def _speed_warnings(speedup: float | None, notes: dict) -> list[str]:
     out = []
+    pre = notes.get("already_quantized")
+    if pre:
+        out.append(f"the input model is ALREADY QUANTIZED: {sum(pre.values())} nodes hold integer compute "
+                   f"({', '.join(f'{op} {n}' for op, n in pre.items())}); they are left as they are and only "
+                   "its float remainder was quantized (re-quantizing int8 weights would stack rounding errors: "
+                   "quantize the float original instead)")
     if speedup is not None and speedup < 1 - qdq_tune.MIN_GAIN:
         out.append(f"the quantized model is SLOWER than float on this CPU: {speedup:.2f}x float speed "
                    "(1 thread, timed on a calibration feed)")

@@ -314,3 +314,40 @@ def test_hardswish_left_float_is_fused_after_quantization(elementwise):
 
     got, want = make_session(q).run(None, feeds[0])[0], ort_run(proto, feeds[0])[0]
     assert cosine(got, want) > 0.999
+
+
+def _partly_int8_model():
+    """A ConvInteger layer (int8 weights, uint8 activations, as ddddocr's recognizer) followed by a float Conv."""
+    proto = model("""g (float[1,4,8,8] inp) => (float[1,8,8,8] out) {
+        q = QuantizeLinear (inp, s, zp)
+        ci = ConvInteger <pads=[1,1,1,1]> (q, Wi, zp)
+        cf = Cast <to=1> (ci)
+        h = Mul (cf, ws)
+        out = Conv <pads=[1,1,1,1]> (h, W, B)
+    }""", {"s": np.float32(0.02), "zp": np.uint8(128),
+           "Wi": np.random.default_rng(0).integers(0, 255, (8, 4, 3, 3), dtype=np.uint8),
+           "ws": np.float32(1e-3), "W": weights(8, 8, 3, 3), "B": weights(8)})
+    return proto
+
+
+def test_an_already_quantized_model_is_said_so_and_only_its_float_part_quantized(tmp_path, capsys):
+    proto = _partly_int8_model()
+    feeds = feeds_for(proto, n=4)
+    result = onnxshrink.quantize(proto, feeds, cache_dir=False, tune=False)
+    assert result.recovery["already_quantized"] == {"ConvInteger": 1}
+    warning = [w for w in result.warnings if "ALREADY QUANTIZED" in w]
+    assert len(warning) == 1 and "1 nodes" in warning[0] and "ConvInteger 1" in warning[0]
+    assert [n.op_type for n in result.plan.nodes] == ["Conv"]  # the float remainder only; ConvInteger kept
+    assert sum(n.op_type == "ConvInteger" for n in result.model.graph) == 1
+    assert cosine(ort_run(proto, feeds[0])[0], ort_run(result.model, feeds[0])[0]) > 0.99
+    src, data_dir = tmp_path / "m.onnx", tmp_path / "calib"
+    onnx.save(proto, src)
+    data_dir.mkdir()
+    for i, feed in enumerate(feeds):
+        np.savez(data_dir / f"{i:03d}.npz", **feed)
+    assert cli.main(["optimize", str(src), "-o", str(tmp_path / "q.onnx"), "--quantize", "int8",
+                     "--calibration", str(data_dir), "--no-tune"]) == 0
+    assert "WARNING: the input model is ALREADY QUANTIZED: 1 nodes" in capsys.readouterr().out
+    floaty = onnxshrink.quantize(zoo.build("resnet"), feeds_for(zoo.build("resnet"), n=2), cache_dir=False,
+                                 tune=False)  # must not fire on a float model
+    assert "already_quantized" not in floaty.recovery and not any("ALREADY" in w for w in floaty.warnings)
