@@ -5,6 +5,8 @@ Gemm, MatMul with a constant weight and its bias Add) gets new weights and bias 
 ``min ||[X' 1] W - Y||^2 + ridge`` where ``X'`` is the layer's input in the pruned model (unfolded into
 patches for a Conv) and ``Y`` the same layer's output in the original model (kept output channels
 only). Layers are refit in topological stages, so each stage sees inputs already corrected upstream.
+The ridge is chosen per layer by 2-fold cross-validation over alternate rows (the given ridge times
+1, 10, 100 or 1000), and a layer keeps its weights when no refit predicts held-out rows better.
 Memory stays bounded: batches stream through ONNX Runtime (tapped outputs, ``onnxshrink.calib_taps``)
 and only ``X^T X`` and ``X^T Y`` are accumulated per layer, never the activations.
 
@@ -90,8 +92,8 @@ def _one_blas_thread():
     return threadpool_limits(1)
 
 
-class _Normal:
-    """Streaming normal equations of one layer: X^T X, X^T Y and Y^T Y (float64)."""
+class _Sums:
+    """Streaming normal equations: X^T X, X^T Y and Y^T Y (float64) of the rows added."""
 
     def __init__(self) -> None:
         self.xtx = self.xty = None
@@ -99,8 +101,9 @@ class _Normal:
         self.rows = 0
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
-        """Accumulate one batch (float32 products, float64 sums)."""
-        x = np.concatenate([x, np.ones((len(x), 1), x.dtype)], axis=1)
+        """Accumulate rows (float32 products, float64 sums); ``x`` already has its ones column."""
+        if not len(x):
+            return
         xtx, xty = (x.T @ x.copy()).astype(np.float64), (x.T @ y).astype(np.float64)  # gemm, not syrk
         if self.xtx is None:
             self.xtx, self.xty = xtx, xty
@@ -110,9 +113,14 @@ class _Normal:
         self.yty += float((y.astype(np.float64) ** 2).sum())
         self.rows += len(x)
 
-    def solve(self, ridge: float, w0: np.ndarray, fit_bias: bool = True) -> tuple[np.ndarray, float, float]:
-        """Ridge solution (bias row fixed at 0 unless ``fit_bias``) and the mean squared errors of
-        ``w0`` and of the solution."""
+    def __add__(self, other: _Sums) -> _Sums:
+        out = _Sums()
+        out.xtx, out.xty = self.xtx + other.xtx, self.xty + other.xty
+        out.yty, out.rows = self.yty + other.yty, self.rows + other.rows
+        return out
+
+    def solve(self, ridge: float, fit_bias: bool) -> np.ndarray:
+        """Ridge solution (ridge relative to the mean feature energy; bias row 0 unless ``fit_bias``)."""
         n = self.xtx.shape[0] if fit_bias else self.xtx.shape[0] - 1
         a, b = self.xtx[:n, :n], self.xty[:n]
         f = self.xtx.shape[0] - 1
@@ -122,13 +130,54 @@ class _Normal:
             w = np.linalg.solve(reg, b)
         except np.linalg.LinAlgError:
             w = np.linalg.lstsq(reg, b, rcond=None)[0]
-        if not fit_bias:
-            w = np.vstack([w, np.zeros((1, w.shape[1]))])
-        return w, self._mse(w0), self._mse(w)
+        return w if fit_bias else np.vstack([w, np.zeros((1, w.shape[1]))])
 
-    def _mse(self, w: np.ndarray) -> float:
-        sse = self.yty - 2 * float((w * self.xty).sum()) + float((w * (self.xtx @ w)).sum())
-        return max(sse, 0.0) / max(self.rows * self.xty.shape[1], 1)
+    def sse(self, w: np.ndarray) -> float:
+        return max(self.yty - 2 * float((w * self.xty).sum()) + float((w * (self.xtx @ w)).sum()), 0.0)
+
+    def mse(self, w: np.ndarray) -> float:
+        return self.sse(w) / max(self.rows * self.xty.shape[1], 1)
+
+
+class _Normal:
+    """Streaming normal equations of one layer, rows dealt alternately into two halves, so the ridge
+    can be chosen on held-out rows (2-fold cross-validation): ``RIDGE_STEPS`` multiples of the
+    given ridge are tried, and the layer keeps its current weights when none predicts the held-out
+    rows better (a layer with about as many inputs as rows, like a squeeze-excite layer that sees
+    one row per image, would otherwise fit the calibration data exactly and generalize badly)."""
+
+    RIDGE_STEPS = (1.0, 10.0, 100.0, 1000.0)
+
+    def __init__(self) -> None:
+        self.halves = (_Sums(), _Sums())
+        self.rows = 0
+        self.ridge: float | None = None  # chosen by the last solve; None: current weights kept
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Accumulate one batch."""
+        x = np.concatenate([x, np.ones((len(x), 1), x.dtype)], axis=1)
+        first = self.rows % 2
+        for k, half in enumerate(self.halves):
+            start = (first + k) % 2
+            half.add(x[start::2], y[start::2])
+        self.rows += len(x)
+
+    def solve(self, ridge: float, w0: np.ndarray, fit_bias: bool = True) -> tuple[np.ndarray, float, float]:
+        """The weights to use (``w0`` when no ridge beats it on held-out rows) and the mean squared
+        errors of ``w0`` and of them on all rows."""
+        a, b = self.halves
+        total = a + b if b.rows else a
+        before = total.mse(w0)
+        self.ridge = ridge
+        if b.rows:
+            held = {r * ridge: (b.sse(a.solve(r * ridge, fit_bias)) + a.sse(b.solve(r * ridge, fit_bias)))
+                    for r in self.RIDGE_STEPS}
+            self.ridge = min(held, key=held.get)
+            if held[self.ridge] >= total.sse(w0):
+                self.ridge = None
+                return w0, before, before
+        w = total.solve(self.ridge, fit_bias)
+        return w, before, total.mse(w)
 
 
 def _refit_stage(original, pruned, stage: list[Layer], kept, source, ridge, max_rows, seed, report) -> None:
@@ -155,10 +204,10 @@ def _refit_stage(original, pruned, stage: list[Layer], kept, source, ridge, max_
     names = NameGen(pruned)
     for (layer, _), ne in zip(ok, normals):
         w, before, after = ne.solve(ridge, layer.current_solution(), layer.fit_bias)
-        if after <= before:
+        if ne.ridge is not None and after <= before:
             layer.write(pruned, w, names)
         report.refit.append({"layer": layer.name, "rows": ne.rows, "mse_before": before,
-                             "mse_after": min(after, before)})
+                             "mse_after": min(after, before), "ridge": ne.ridge})
 
 
 def _twin(original: ir.Model, value: ir.Value) -> ir.Value | None:

@@ -45,6 +45,27 @@ def test_streamed_normal_equations_match_one_shot_least_squares():
     assert after < 1e-3 < before
 
 
+def test_refit_keeps_weights_that_held_out_rows_do_not_improve():
+    """40 rows of 60 inputs: any refit fits the rows it sees exactly; with targets unrelated to the
+    inputs it predicts held-out rows no better than the current weights, which stay. With signal,
+    the refit is taken (ridge chosen by cross-validation)."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((40, 60)).astype(np.float32)
+    w0 = np.zeros((61, 2))
+    noise = _Normal()
+    noise.add(x, rng.standard_normal((40, 2)).astype(np.float32))
+    w, before, after = noise.solve(1e-3, w0)
+    assert noise.ridge is None and w is w0 and after == before
+    true = rng.standard_normal((60, 2))
+    signal = _Normal()
+    for i in range(0, 400, 40):
+        xi = rng.standard_normal((40, 60)).astype(np.float32)
+        signal.add(xi, (xi @ true).astype(np.float32))
+    w, before, after = signal.solve(1e-3, w0)
+    assert signal.ridge is not None and after < 0.01 * before
+    np.testing.assert_allclose(w[:-1], true, atol=0.05)
+
+
 def _accuracy(model, name: str) -> float:
     x, y = digits.model_input(name, "test")
     session = runtime.make_session(model, threads=1)
