@@ -257,6 +257,7 @@ def test_tuner_trades_speed_for_accuracy_only_where_drift_is_poor():
     assert not keep(63, 0.005, 110, 0.0001, 135)  # good enough already: speed decides
     assert keep(63, 0.005, 60, 0.02, 135) and keep(63, 0.005, 64, 0.004, 135)  # faster; a tie with less drift
     assert {"depthwise": False, "depthwise_inputs": False} in qdq_tune.STEPS
+    assert qdq_tune.ACCURACY_STEPS == ({"depthwise": False, "depthwise_inputs": False},)  # speed knobs never trade
 
 
 def test_tuning_times_placements_and_keeps_the_fastest(tmp_path):
