@@ -145,13 +145,11 @@ def tune(model: ir.Model, plan: QDQPlan, table, feed: dict, runs: int = 20, *, r
         if not nodes or nodes == best_nodes:
             continue
         cand_sess = _session(model, plan, cand, table)
-        judge.float_ms = f_ms if step in ACCURACY_STEPS else None  # None: keep() trades no speed
-        row = judge(best_sess, best_drift, cand_sess)
+        row = judge(best_sess, best_drift, cand_sess, float_ms=f_ms if step in ACCURACY_STEPS else None)
         tried.append({**_knobs(cand), **row, "quantized_nodes": len(nodes)})
         if row["kept"]:
             best, best_nodes, best_sess, best_drift = cand, nodes, cand_sess, row["drift"]
     placement = Placement()
-    judge.float_ms = None
     if regions and transformer_like(model):
         placement, best_sess = _tune_regions(model, plan, best, table, judge, best_sess, best_drift, tried)
     f_ms, c_ms = _paired(float_sess, best_sess, feed, runs)
@@ -170,17 +168,18 @@ class _Judge:
     def __init__(self, float_sess, feed: dict, runs: int) -> None:
         self.feed, self.runs = feed, runs
         self.ref = flat_floats(float_sess.run(None, feed))
-        self.float_ms: float | None = None  # set once float is timed
 
     def drift(self, sess) -> float:
         return round(flat_drift(self.ref, flat_floats(sess.run(None, self.feed))), 8)
 
-    def __call__(self, best_sess, best_drift: float, cand_sess) -> dict:
+    def __call__(self, best_sess, best_drift: float, cand_sess, float_ms: float | None = None) -> dict:
+        """``float_ms``: the float model's time, given only where the candidate may trade speed for a
+        poor drift (``keep``)."""
         b_ms, c_ms = _paired(best_sess, cand_sess, self.feed, self.runs)
         drift = self.drift(cand_sess)
-        return {"median_ms": round(c_ms, 4), "drift": drift, "kept": keep(b_ms, best_drift, c_ms, drift, self.float_ms),
+        return {"median_ms": round(c_ms, 4), "drift": drift, "kept": keep(b_ms, best_drift, c_ms, drift, float_ms),
                 "vs_best_ms": round(b_ms, 4), "vs_best_drift": best_drift,
-                "float_ms": None if self.float_ms is None else round(self.float_ms, 4)}
+                "float_ms": None if float_ms is None else round(float_ms, 4)}
 
 
 def keep(best_ms: float, best_drift: float, ms: float, drift: float, float_ms: float | None = None) -> bool:
