@@ -2,7 +2,7 @@
 
 Per graph (the main graph and every If/Loop/Scan body, each on its own):
 
-1. Candidates: nodes whose ``RULES`` entry accepts them, minus exclusions (op types, name patterns, the
+1. Candidates (``_qdq_candidates``): nodes whose ``RULES`` entry accepts them, minus exclusions (op types, name patterns, the
    first/last N compute layers of the model). Add/Mul with a mask-like constant (``|v| >= mask_magnitude``)
    stay float.
 2. Every candidate starts quantized. A tensor carries Q/DQ when its producer is quantized and the fused
@@ -21,13 +21,12 @@ Per graph (the main graph and every If/Loop/Scan body, each on its own):
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
-import re
 
 import numpy as np
 import onnx_ir as ir
+from onnxshrink.passes._qdq_candidates import Skips, candidates, keep_first_last
 from onnxshrink.passes.qdq_rules import (
     BiasSpec,
     GraphPlan,
@@ -40,7 +39,6 @@ from onnxshrink.passes.qdq_rules import (
     data_inputs,
     is_depthwise,
     rule_for,
-    speed_knob_reason,
     weight_axis,
 )
 
@@ -48,74 +46,19 @@ from onnxshrink.graph_utils import const_array
 
 logger = logging.getLogger(__name__)
 
-Skips = list[tuple[ir.Node, str]]
 
 
 def plan_model(model: ir.Model, opts: PlanOptions, ranges) -> QDQPlan:
     skipped: Skips = []
     graphs = list(model.graphs())
-    cands = [_candidates(g, opts, ranges, skipped) for g in graphs]
-    _keep_first_last(cands, opts, skipped)
+    cands = [candidates(g, opts, ranges, skipped) for g in graphs]
+    keep_first_last(cands, opts, skipped)
     plans = tuple(
         _GraphPlanner(g, c, opts, ranges, skipped, model.graph).run() for g, c in zip(graphs, cands)
     )
     if model.functions:
         logger.info("QDQ: %d local functions are left float (not inlined)", len(model.functions))
     return QDQPlan(opts, plans, tuple(skipped), ranges is not None)
-
-
-def _excluded(node: ir.Node, opts: PlanOptions) -> str | None:
-    if node.op_type in opts.exclude_ops:
-        return f"op type {node.op_type} excluded"
-    name = node.name or ""
-    for pat in opts.exclude:
-        hit = re.search(pat[3:], name) if pat.startswith("re:") else fnmatch.fnmatchcase(name, pat)
-        if hit:
-            return f"name matches exclude pattern {pat!r}"
-    return None
-
-
-def _candidates(graph, opts: PlanOptions, ranges, skipped: Skips) -> dict[ir.Node, OpRule]:
-    cands: dict[ir.Node, OpRule] = {}
-    for node in graph:
-        rule = rule_for(node)
-        if rule is None:
-            continue
-        reason = _excluded(node, opts) or rule.check(node)
-        if reason is None:
-            reason = speed_knob_reason(node, opts)
-        if reason is None and node.op_type == "ConvTranspose" and opts.conv_transpose == "float":
-            reason = "ConvTranspose left float (conv_transpose='float')"
-        if reason is None and rule.kind is Kind.BINARY:
-            reason = _static_mask(node, opts)
-        if reason:
-            if rule.kind in (Kind.COMPUTE, Kind.BINARY) or reason.startswith(("op type", "name")):
-                skipped.append((node, reason))
-            continue
-        cands[node] = rule
-    return cands
-
-
-def _static_mask(node: ir.Node, opts: PlanOptions) -> str | None:
-    for v in node.inputs:
-        arr = const_array(v)
-        if arr is not None and arr.size and (
-            not np.all(np.isfinite(arr)) or float(np.max(np.abs(arr))) >= opts.mask_magnitude
-        ):
-            return f"a mask-like constant input (magnitude {float(np.max(np.abs(arr))):.3g}) is kept float"
-    return None
-
-
-def _keep_first_last(cands: list[dict], opts: PlanOptions, skipped: Skips) -> None:
-    if not (opts.keep_first or opts.keep_last):
-        return
-    computes = [(i, n) for i, c in enumerate(cands) for n, r in c.items() if r.kind is Kind.COMPUTE]
-    first = computes[: opts.keep_first]
-    last = computes[len(computes) - opts.keep_last :] if opts.keep_last else []
-    for i, n in first + last:
-        if n in cands[i]:
-            del cands[i][n]
-            skipped.append((n, "among the first/last layers kept float (keep_first/keep_last)"))
 
 
 class _GraphPlanner:
