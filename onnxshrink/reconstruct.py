@@ -5,8 +5,9 @@ Gemm, MatMul with a constant weight and its bias Add) gets new weights and bias 
 ``min ||[X' 1] W - Y||^2 + ridge`` where ``X'`` is the layer's input in the pruned model (unfolded into
 patches for a Conv) and ``Y`` the same layer's output in the original model (kept output channels
 only). Layers are refit in topological stages, so each stage sees inputs already corrected upstream.
-The ridge is chosen per layer by 2-fold cross-validation over alternate rows (the given ridge times
-1, 10, 100 or 1000), and a layer keeps its weights when no refit predicts held-out rows better.
+Where a layer has few rows per input feature (a squeeze-excite layer sees one row per image), its
+ridge is chosen by 2-fold cross-validation over alternate rows (the given ridge times 1, 10, 100 or
+1000); every layer keeps its weights when the refit does not predict held-out rows better.
 Memory stays bounded: batches stream through ONNX Runtime (tapped outputs, ``onnxshrink.calib_taps``)
 and only ``X^T X`` and ``X^T Y`` are accumulated per layer, never the activations.
 
@@ -147,6 +148,11 @@ class _Normal:
     one row per image, would otherwise fit the calibration data exactly and generalize badly)."""
 
     RIDGE_STEPS = (1.0, 10.0, 100.0, 1000.0)
+    #: Larger ridges are tried only below this many rows per input feature. With more rows the given
+    #: (small) ridge is kept: the fit is well determined, and a held-out MSE over alternate rows (rows
+    #: of one image are correlated) is no better a guide to accuracy (digits inception at 0.5, round 8:
+    #: 97.2% with the given ridge, 96.4% with the ridge the held-out rows chose).
+    FEW_ROWS_PER_FEATURE = 8
 
     def __init__(self) -> None:
         self.halves = (_Sums(), _Sums())
@@ -170,8 +176,9 @@ class _Normal:
         before = total.mse(w0)
         self.ridge = ridge
         if b.rows:
+            few = total.rows < self.FEW_ROWS_PER_FEATURE * total.xtx.shape[0]
             held = {r * ridge: (b.sse(a.solve(r * ridge, fit_bias)) + a.sse(b.solve(r * ridge, fit_bias)))
-                    for r in self.RIDGE_STEPS}
+                    for r in (self.RIDGE_STEPS if few else self.RIDGE_STEPS[:1])}
             self.ridge = min(held, key=held.get)
             if held[self.ridge] >= total.sse(w0):
                 self.ridge = None
