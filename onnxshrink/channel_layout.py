@@ -7,7 +7,9 @@ starts and ends are rewritten by the pass when channels go; a Slice step on a ch
 A reshape is cut into segments: runs of input axes and runs of output axes with equal products (size-1
 axes dropped), so a channel slot inside one input segment maps onto the whole output segment with the
 same flat index: a conv channel becomes a block of flattened features (the flatten stride), a hidden
-axis of size H*d becomes the head axes (H, d). A slot spanning two segments is a barrier.
+axis of size H*d becomes the head axes (H, d). A slot may span several segments only when it
+covers each of them whole (the head axes (H, d) of q taken from a packed ``[3, H, d]`` by Slice
+and Squeeze); one that mixes with other axes is a barrier.
 
 A Reshape's target shape must be rewritable on every output axis that may shrink: a constant entry (an
 initializer, a Constant, or a constant piece of a Concat of 1-element pieces, as exporters write the
@@ -76,12 +78,11 @@ def reshape(node: ir.Node, port, axes, ctx) -> Result:
         return Barrier(f"{node.op_type}: input and output shapes do not line up")
     src_shape, side = (x, 0) if port == ("in", 0) else (y, 1)
     axes = tuple(axes)
-    live = [a for a in axes if src_shape[a] != 1]
-    seg = next((s for s in segs if set(live) <= set(s[side])), None)
-    if seg is None or not live:
+    seg = _slot_segment(segs, side, [a for a in axes if src_shape[a] != 1])
+    if seg is None:
         return Barrier(f"{node.op_type} mixes a channel slot with other axes")
     if node.op_type == "Reshape" and port == ("in", 0):
-        why = _target_rewritable(node, seg[1], seg[0], ctx.shapes)
+        why = next(filter(None, (_target_rewritable(node, s[1], s[0], ctx.shapes) for s in seg[2])), None)
         if why:
             return Barrier(why)
     own_axes, other_axes = seg[side], seg[1 - side]
@@ -95,6 +96,21 @@ def reshape(node: ir.Node, port, axes, ctx) -> Result:
     if list(axes) == own_axes:
         return [Link(other, tuple(other_axes))]
     return [Link(other, tuple(other_axes), src, flat)]
+
+
+def _slot_segment(segs, side: int, live: list[int]):
+    """The segment holding the slot's live axes, as ``(in axes, out axes, [segments])``: one segment
+    (the slot may cover part of it), or several that the slot covers whole (a head slot ``(H, d)``
+    through a Squeeze of the packed q/k/v axis). None when the slot mixes with other axes."""
+    touched = [s for s in segs if set(live) & set(s[side])]
+    if not live or not touched:
+        return None
+    if len(touched) == 1:
+        s = touched[0]
+        return (s[0], s[1], touched) if set(live) <= set(s[side]) else None
+    if any(not set(s[side]) <= set(live) for s in touched):
+        return None
+    return [a for s in touched for a in s[0]], [b for s in touched for b in s[1]], touched
 
 
 # ---------------------------------------------------------------- offsets: concat, split, slice

@@ -330,3 +330,52 @@ def reduce(node, ctx):
 def constant(node, port, axes, ctx) -> Result:
     """Constant nodes: a source of values, nothing to couple."""
     return []
+
+
+def gather(node, port, axes, ctx) -> Result:
+    """Gather: axes other than the gathered one pass (shifted by the indices' rank). With a constant
+    scalar index (q, k or v taken from a packed projection) a slot on the gathered axis passes too:
+    the picked index's cells go on without that axis. Refuses computed or non-scalar indices on a
+    channel axis, channels on the indices' axes, and a slot on the gathered axis alone."""
+    x, y = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
+    ishape = ctx.shape(node.inputs[1]) if len(node.inputs) > 1 else None
+    if port not in (("in", 0), ("out", 0)) or x is None or y is None or ishape is None:
+        return Barrier("Gather: shapes unknown or a channel reaches its indices")
+    axis = int(_attr(node, "axis", 0))
+    axis, q = axis + len(x) if axis < 0 else axis, len(ishape)
+    idx = const_array(node.inputs[1])
+    pick = idx is not None and idx.ndim == 0 and isinstance(x[axis], int)
+    on_axis = axis in axes if port == ("in", 0) else any(axis <= a < axis + q for a in axes)
+    if pick and (on_axis or port == ("out", 0)):
+        if port == ("in", 0) and tuple(axes) == (axis,):
+            return Barrier("Gather picks one channel of the channel axis")
+        return _pick_links(node, port, tuple(axes), ctx, axis, int(idx) % x[axis])
+    if on_axis:
+        return Barrier("Gather along a channel axis with computed or non-scalar indices")
+    own = tuple(f"a{i}" for i in range(len(x)))
+    out = (*own[:axis], *(f"i{j}" for j in range(q)), *own[axis + 1:])
+    return label_links(node, port, axes, ctx, {("in", 0): own, ("out", 0): out})
+
+
+def _pick_links(node, port, axes, ctx, axis: int, index: int) -> Result:
+    """Cells of the data slot at ``index`` on ``axis`` <-> the cells of the output slot (axis dropped)."""
+    dims = ctx.dims(operand(node, port), axes)
+    if dims is None:
+        return Barrier("Gather: channel dimension not static")
+    cells = np.arange(int(np.prod(dims)))
+    coords = list(np.unravel_index(cells, dims))
+    if port == ("in", 0):
+        p = axes.index(axis)
+        mask = coords[p] == index
+        keep = [k for k in range(len(axes)) if k != p]
+        tgt = tuple(a - (a > axis) for a in axes if a != axis)
+        dst = np.ravel_multi_index([coords[k][mask] for k in keep], [dims[k] for k in keep])
+        return [Link(node.outputs[0], tgt, cells[mask], dst)]
+    mapped = [a + (a >= axis) for a in axes]
+    pos = sum(a < axis for a in mapped) if mapped == sorted(mapped) else len(mapped)
+    tgt = (*mapped[:pos], axis, *mapped[pos:])
+    tdims = ctx.dims(node.inputs[0], tgt)
+    if tdims is None:
+        return Barrier("Gather: channel dimension not static")
+    full = [*coords[:pos], np.full_like(cells, index), *coords[pos:]]
+    return [Link(node.inputs[0], tgt, cells, np.ravel_multi_index(full, tdims))]

@@ -62,6 +62,7 @@ RULES: dict[str, cr.RuleFn] = {
     "Concat": layout.concat,
     "Split": layout.split,
     "Slice": layout.slice_,
+    "Gather": cr.gather,
     "Reshape": layout.reshape,
     "Flatten": layout.reshape,
     "Squeeze": layout.reshape,

@@ -7,9 +7,10 @@ and removes every cell of every removed atom from every slot:
 2. intermediate value shapes shrink on the same axes (graph inputs and outputs are never in a
    prunable group, so the interface cannot change);
 3. ops that spell channel counts are rewritten: Conv/ConvTranspose ``group`` (whole-group pruning of
-   depthwise convs), Split sizes, Slice starts/ends on the channel axis, and Reshape target entries
-   (the head count of an attention reshape, in a constant or a constant piece of a Concat; a new
-   initializer is made, shared constants are never edited in place).
+   depthwise convs), Split sizes, Slice starts/ends and scalar Gather indices on the channel axis,
+   and Reshape target entries (the head count of an attention reshape, also in a packed q/k/v
+   reshape ``[.., 3, H, d]``, in a constant or a constant piece of a Concat; a new initializer is
+   made, shared constants are never edited in place).
 
 Without a plan in its config the pass plans with a data-free criterion (``l1``/``l2``/``bn``); data
 criteria and reconstruction need calibration data and run through ``onnxshrink.prune(...)``.
@@ -165,6 +166,8 @@ def _fix_nodes(model, nodes, kept, ctx, names, stats) -> None:
             _fix_split(model, node, kept, ctx, names)
         elif op == "Slice":
             _fix_slice(model, node, kept, ctx, names)
+        elif op == "Gather":
+            _fix_gather(model, node, kept, ctx, names)
         elif op == "Reshape" and node.outputs[0] in kept:
             reshapes.append(node)
     _fix_reshapes(model, reshapes, kept, ctx, names, stats)
@@ -236,6 +239,24 @@ def _fix_slice(model, node, kept, ctx, names) -> None:
         base = node.name or "slice"
         node.replace_input_with(1, add_initializer(model.graph, starts, names(f"{base}_starts")))
         node.replace_input_with(2, add_initializer(model.graph, ends, names(f"{base}_ends")))
+
+
+def _fix_gather(model, node, kept, ctx, names) -> None:
+    """A scalar index on a pruned axis moves to its kept position (the depgraph allows only those)."""
+    x = node.inputs[0]
+    axis = node.attributes.get("axis")
+    axis = axis.as_int() if axis is not None else 0
+    axis = axis + len(ctx.shape(x)) if axis < 0 else axis
+    if x not in kept or axis not in kept[x]:
+        return
+    index = int(const_array(node.inputs[1])) % ctx.shape(x)[axis]
+    pos = np.flatnonzero(kept[x][axis] == index)
+    if not len(pos):
+        raise PassFailure(f"prune_channels: Gather {node.name!r} picks index {index}, which the plan "
+                          "removes; please report this model")
+    if pos[0] != index:
+        new = add_initializer(model.graph, np.array(pos[0], np.int64), names(f"{node.name or 'gather'}_index"))
+        node.replace_input_with(1, new)
 
 
 def _fix_reshapes(model, reshapes, kept, ctx, names, stats) -> None:

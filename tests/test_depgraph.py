@@ -5,11 +5,14 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnxshrink.passes.prune_channels import PruneChannelsPass
 
 from models import zoo
-from onnxshrink import depgraph, model_io
+from onnxshrink import checks, depgraph, model_io
 from onnxshrink.channel_layout import segments
 from onnxshrink.depgraph_cells import union_find
+from onnxshrink.graph_utils import const_array
+from onnxshrink.prune_plan import plan_pruning
 
 
 def graph_of(name: str, **kw) -> depgraph.DepGraph:
@@ -224,3 +227,98 @@ def test_resize_passes_channels_unless_sizes_spell_them(by, blocked):
     assert any(s.value.name == "w2" for s in g.slots) or blocked
     if blocked:
         assert "sizes" in g.stops[0].reason
+
+
+# ---------------------------------------------------------------- packed QKV attention (one projection)
+
+PD, PH, PDH = 32, 4, 8  # model dim, heads, head dim
+
+
+def packed_attention(pick: str):
+    """x [N,8,32] -> x @ Wqkv [32,96] -> Reshape [0,0,3,4,8] -> Transpose [2,0,3,1,4] -> q/k/v by
+    ``pick`` ("gather", "slice": Slice+Squeeze, "split": Split+Squeeze, "gather_input": Gather with a
+    run-time index, "slice_step": Slice with a step, "computed_heads": head count computed from Shape,
+    32 - 28, which shape inference still proves) -> softmax attention ->
+    Transpose/Reshape back -> output projection -> residual Add."""
+    from models.graph_builder import FLOAT, INT64, GraphBuilder
+
+    b = GraphBuilder("packed_qkv", seed=11)
+    qkv = b.linear("x", PD, 3 * PD)
+    target = b.ints([0, 0, 3, PH, PDH])
+    if pick == "computed_heads":
+        dims = b.op("Shape", ["x"])
+        heads = b.op("Sub", [b.op("Slice", [dims, b.ints([2]), b.ints([3])]), b.ints([PD - PH])])
+        target = b.op("Concat", [b.ints([0, 0, 3]), heads, b.ints([PDH])], axis=0)
+    t = b.op("Transpose", [b.op("Reshape", [qkv, target])], perm=[2, 0, 3, 1, 4])
+    if pick == "split":
+        parts = b.op("Split", [t, b.ints([1, 1, 1])], n_out=3, axis=0)
+        q, k, v = (b.op("Squeeze", [p, b.ints([0])]) for p in parts)
+    elif pick in ("slice", "slice_step"):
+        step = 3 if pick == "slice_step" else 1  # [i:3:3] takes the same one entry as [i:i+1]
+        ends = [3 if step == 3 else i + 1 for i in range(3)]
+        q, k, v = (b.op("Squeeze", [b.op("Slice", [t, b.ints([i]), b.ints([ends[i]]), b.ints([0]),
+                                                   b.ints([step])]), b.ints([0])]) for i in range(3))
+    else:
+        idx = [b.const(np.array(i, np.int64), "idx") for i in range(3)]
+        if pick == "gather_input":
+            idx[0] = "which"
+        q, k, v = (b.op("Gather", [t, i], axis=0) for i in idx)
+    scores = b.op("MatMul", [b.op("Mul", [q, b.scalar(PDH ** -0.5)]), b.op("Transpose", [k], perm=[0, 1, 3, 2])])
+    ctx = b.op("MatMul", [b.op("Softmax", [scores], axis=-1), v])
+    ctx = b.op("Reshape", [b.op("Transpose", [ctx], perm=[0, 2, 1, 3]), b.ints([0, 0, PD])])
+    b.set_output(b.op("Add", ["x", b.linear(ctx, PD, PD)]), "y")
+    inputs = [("x", FLOAT, ["N", 8, PD])] + ([("which", INT64, [])] if pick == "gather_input" else [])
+    return b.model(inputs, [("y", FLOAT, ["N", 8, PD])])
+
+
+def packed_heads(dg) -> depgraph.Group:
+    hits = [g for g in dg.groups if "matmul_0" in g.producers]
+    assert len(hits) == 1
+    return hits[0]
+
+
+@pytest.mark.parametrize("pick", ["gather", "slice", "split"])
+def test_packed_qkv_heads_are_atoms(pick):
+    dg = depgraph.build(model_io.load(packed_attention(pick)))
+    g = packed_heads(dg)
+    assert not g.blocked and g.width == PH
+    assert g.producers == ["matmul_0"] and g.consumers == ["matmul_3"]  # qkv and output projections
+    qkv_cols = [[i * PD + h * PDH + d for i in range(3) for d in range(PDH)] for h in range(PH)]
+    assert weight_cells(g, "fc_w_0", 1) == qkv_cols  # head h's q, k and v columns together
+    assert weight_cells(g, "fc_b_0", 0) == qkv_cols
+    assert weight_cells(g, "fc_w_1", 0) == [list(range(h * PDH, (h + 1) * PDH)) for h in range(PH)]
+    assert g.channels_per_atom() == PDH
+
+
+@pytest.mark.parametrize("pick, reason", [
+    ("gather_input", "Gather along a channel axis with computed or non-scalar indices"),
+    ("slice_step", "Slice over several channel axes or with a step"),
+    ("computed_heads", "computed at run time (head count)"),
+])
+def test_packed_qkv_variants_that_stay_barriers(pick, reason):
+    dg = depgraph.build(model_io.load(packed_attention(pick)))
+    g = packed_heads(dg)
+    assert g.blocked and any(reason in st.reason for st in g.stops), [str(s) for s in g.stops]
+
+
+@pytest.mark.parametrize("pick", ["gather", "slice", "split"])
+def test_pruning_one_packed_head_equals_zeroed_out_rows(pick, ort_run, assert_close, make_feeds):
+    proto = packed_attention(pick)
+    model = model_io.load(proto)
+    plan = plan_pruning(model, 0.25, round_to=1, min_width=1)
+    key = packed_heads(depgraph.build(model)).key
+    for gp in plan.groups:
+        gp.remove = [1] if gp.key == key else []
+    PruneChannelsPass(plan=plan)(model)
+    assert checks.check_structure(model)  # topological order, checker, strict shape inference
+    targets = [const_array(n.inputs[1]).tolist() for n in model.graph if n.op_type == "Reshape"]
+    assert targets == [[0, 0, 3, PH - 1, PDH], [0, 0, PD - PDH]]  # head count rewritten
+    assert const_array(model.graph.initializers["fc_w_0"]).shape == (PD, 3 * (PD - PDH))
+    reference = onnx.load_from_string(proto.SerializeToString())
+    wo = next(t for t in reference.graph.initializer if t.name == "fc_w_1")
+    arr = onnx.numpy_helper.to_array(wo).copy()
+    arr[PDH: 2 * PDH] = 0  # head 1's rows of the output projection
+    wo.CopyFrom(onnx.numpy_helper.from_array(arr, "fc_w_1"))
+    for batch in (1, 3):
+        feed = make_feeds(proto, batch=batch, n=1)[0]
+        assert_close(ort_run(model, feed), ort_run(reference, feed), rtol=1e-4, atol=1e-5)
