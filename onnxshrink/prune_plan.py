@@ -54,6 +54,9 @@ class GroupPlan:
     status: str  # pruned | unchanged | blocked | protected | too narrow
     stops: list[str] = dataclasses.field(default_factory=list)
     scores: list[float] | None = None
+    #: Whether a Conv/ConvTranspose reads or writes the group's channels; only then is a multi-channel
+    #: atom (an attention head) held to the conv kernels' block (see ``_step``).
+    conv: bool = True
 
     @property
     def kept_channels(self) -> int:
@@ -166,7 +169,8 @@ def plan_pruning(
                           "targets choose every group's width themselves (use protect to keep a layer whole)")
     crit = importance.get(criterion)
     dg = graph or depgraph.build(model, grouped=grouped)
-    plans = [_group_plan(g) for g in dg.groups]
+    conv_ops = {n.name for n in model.graph.all_nodes() if n.op_type in ("Conv", "ConvTranspose")}
+    plans = [_group_plan(g, conv_ops) for g in dg.groups]
     live = []
     for g, gp in zip(dg.groups, plans):
         if g.blocked:
@@ -255,9 +259,10 @@ def _check_settings(ratio, scope, round_to, min_width, max_ratio, layer_ratios) 
         raise ConfigError("round_to and min_width must be >= 0 and max_ratio in (0, 1)")
 
 
-def _group_plan(g: depgraph.Group) -> GroupPlan:
+def _group_plan(g: depgraph.Group, conv_ops: set[str]) -> GroupPlan:
+    conv = any(n in conv_ops for n in (*g.producers, *g.consumers))
     return GroupPlan(g.id, g.key, g.producers, g.consumers, g.width, g.channels_per_atom(), [],
-                     "unchanged", [str(s) for s in g.stops])
+                     "unchanged", [str(s) for s in g.stops], conv=conv)
 
 
 def _matches(g: depgraph.Group, patterns: Sequence[str]) -> bool:
@@ -273,8 +278,10 @@ def _ratio_for(g, ratio, layer_ratios) -> float:
 
 
 def _step(gp: GroupPlan, round_to: int) -> int:
-    """Atoms per rounding step: kept channels stay a multiple of ``round_to``."""
-    if not round_to:
+    """Atoms per rounding step: kept channels stay a multiple of ``round_to``, except for multi-channel
+    atoms no conv touches (attention heads feed MatMuls, which have no channel block): one atom a step.
+    PP-OCR rec's heads are 15 channels wide; a step of 16 channels would have been 16 of its 8 heads."""
+    if not round_to or (gp.channels_per_atom > 1 and not gp.conv):
         return 1
     return round_to // math.gcd(round_to, gp.channels_per_atom)
 

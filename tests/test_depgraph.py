@@ -322,3 +322,27 @@ def test_pruning_one_packed_head_equals_zeroed_out_rows(pick, ort_run, assert_cl
     for batch in (1, 3):
         feed = make_feeds(proto, batch=batch, n=1)[0]
         assert_close(ort_run(model, feed), ort_run(reference, feed), rtol=1e-4, atol=1e-5)
+
+
+def test_heads_step_by_whole_heads_under_the_conv_block(tmp_path):
+    # 8-channel heads, rounding to 32 channels: no conv touches the heads, so the planner steps one head
+    # at a time (a step of 32 channels would have been all 4 heads: the group was "too narrow").
+    model = model_io.load(packed_attention("gather"))
+    plan = plan_pruning(model, 0.5, round_to=32)
+    gp = next(g for g in plan.groups if "matmul_0" in g.producers)
+    assert not gp.conv and gp.status == "pruned" and len(gp.remove) == PH // 2
+    conv = next(g for g in plan_pruning(model_io.load(conv_heads_model()), 0.5, round_to=16).groups
+                if g.channels_per_atom > 1)
+    assert conv.conv and conv.status == "pruned" and conv.kept_channels % 16 == 0  # the conv block holds
+
+
+def conv_heads_model():
+    """A grouped 1x1 conv with 4 groups of 8 channels between two plain convs: its atoms are 8 channels
+    wide and a conv reads them, so kept channels stay a multiple of the block."""
+    from models.graph_builder import FLOAT, GraphBuilder
+
+    b = GraphBuilder("grouped", seed=3)
+    h = b.conv("x", 8, 32, k=1)
+    h = b.conv(h, 32, 32, k=1, group=4)
+    b.set_output(b.conv(h, 32, 8, k=1), "y")
+    return b.model([("x", FLOAT, ["N", 8, 4, 4])], [("y", FLOAT, ["N", 8, 4, 4])])
