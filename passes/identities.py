@@ -35,6 +35,8 @@ Rules, one ``_try_<rule>`` each (the stats key in brackets). Only default-domain
     ``Unsqueeze(Reduce(x, axes, keepdims=0), axes)``: one element reduces to itself (``_reduces``)
     [reduce_removed].
 16. ``Gather(Reshape(s, [-1]), 0)`` (or of ``Unsqueeze(s, 0)``) of a scalar s -> s [gathers_unwrapped].
+17. ``Slice(Slice(x))`` on disjoint axes, constant parameters -> one Slice, when every reader of the
+    inner Slice is such a Slice (``_slices``) [slices_merged].
 
 Runs in every graph, subgraph and function. Bypassing keeps graph outputs' names, types and shapes
 (``graph_utils.bypass``); a node whose removal would need a graph output to become a graph input,
@@ -49,7 +51,7 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-from onnxshrink.passes import _cast_chains, _reduces, _shape_info
+from onnxshrink.passes import _cast_chains, _reduces, _shape_info, _slices
 from onnxshrink.passes import _value_facts as vf
 
 from onnxshrink.graph_utils import (
@@ -110,7 +112,7 @@ class _Eliminator:
             "Squeeze": (self._try_squeeze_pair,),
             "Unsqueeze": (self._try_squeeze_pair, self._try_unsqueeze_reduce),
             **{op: (self._try_reduce,) for op in _reduces.EXACT},
-            "Slice": (self._try_slice,), "Concat": (self._try_concat,), "Split": (self._try_split,),
+            "Slice": (self._try_slice, self._try_slice_chain), "Concat": (self._try_concat,), "Split": (self._try_split,),
             "Gather": (self._try_gather_unwrap,),
             **{op: (self._try_neutral,) for op in _NEUTRAL},
         }
@@ -335,6 +337,12 @@ class _Eliminator:
             if not (end >= _SLICE_END_ALL or (static and end >= d)):
                 return False
         return self._bypass(node, node.inputs[0], "slice_removed")
+
+    def _try_slice_chain(self, node: ir.Node) -> bool:
+        if not _slices.merge_chain(node, self.container, self.names):
+            return False
+        self.stats.add("slices_merged")
+        return True
 
     def _try_gather_unwrap(self, node: ir.Node) -> bool:
         """``Gather(Reshape(s, [1 or -1]) or Unsqueeze(s, [0]), 0 or -1, axis=0)`` of a scalar s -> s."""

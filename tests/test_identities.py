@@ -423,3 +423,40 @@ def test_random_chains_match_onnxruntime():
         for want, got in zip(ort_outputs(proto, {"x": x}), ort_outputs(after, {"x": x})):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert min(fired.values()) > 0 and len(fired) >= 9, fired
+
+
+FOCUS = """
+    g (float[1,3,8,8] x) => (float[1,3,4,4] a, float[1,3,4,4] b) {
+        s0 = Constant<value = int64[1] {0}>()
+        s1 = Constant<value = int64[1] {1}>()
+        big = Constant<value = int64[1] {9223372036854775807}>()
+        two = Constant<value = int64[1] {2}>()
+        ax2 = Constant<value = int64[1] {2}>()
+        ax3 = Constant<value = int64[1] {-1}>()
+        rows = Slice(x, s0, big, ax2, two)
+        a = Slice(rows, s0, big, ax3, two)
+        b = Slice(rows, s1, big, ax3, two)
+    }"""
+
+
+def test_slice_chain_on_disjoint_axes_is_merged_for_every_reader():
+    # YOLOX's Focus: x[..., ::2, ::2] and x[..., ::2, 1::2] as a Slice shared by two Slices.
+    model, stats = run_pass(FOCUS)  # run_pass checks the outputs against the original on ORT
+    assert stats.counts["slices_merged"] == 1
+    assert ops(model).count("Slice") == 2
+    assert all(n.inputs[0].name == "x" for n in model.graph if n.op_type == "Slice")
+
+
+@pytest.mark.parametrize("change, why, slices", [
+    ("b = Slice(rows, s1, big, ax2, two)", "same axis in both", 3),
+    ("b = Relu(rows)", "a reader that is not a Slice: the inner Slice would stay", 2),
+])
+def test_slice_chain_not_merged(change, why, slices):
+    text = FOCUS.replace("b = Slice(rows, s1, big, ax3, two)", change)
+    if "ax2, two)" in change:
+        text = text.replace("float[1,3,4,4] b", "float[1,3,2,8] b")
+    if "Relu" in change:
+        text = text.replace("float[1,3,4,4] b", "float[1,3,4,8] b")
+    model, stats = run_pass(text)
+    assert not stats.counts.get("slices_merged"), why
+    assert ops(model).count("Slice") == slices
