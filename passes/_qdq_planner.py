@@ -16,7 +16,8 @@ Per graph (the main graph and every If/Loop/Scan body, each on its own):
    Add/Mul input of magnitude >= ``mask_magnitude`` and 100x its sibling, and what that Add/Mul feeds)
    never carry Q/DQ; the nodes that would need them stay float. Shared-scale groups (pass-through ops,
    Concat inputs and output) get the union of their members' ranges, and a fold whose group range
-   would not saturate exactly at the Relu/Clip bounds is undone.
+   would not saturate exactly at the Relu/Clip bounds is undone. A Concat whose inputs' ranges differ
+   more than ``CONCAT_SPAN_RATIO`` times stays float (the shared scale would flatten the smaller).
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ from onnxshrink.passes.qdq_rules import (
 from onnxshrink.graph_utils import const_array
 
 logger = logging.getLogger(__name__)
+
+#: A Concat whose inputs' ranges differ more than this many times stays float (one shared scale).
+CONCAT_SPAN_RATIO = 32.0
 
 
 
@@ -141,6 +145,7 @@ class _GraphPlanner:
         if self.ranges is not None:
             self._block_unranged()
             self._block_masks()
+            self._demote_mismatched_concats()
             self._settle()
         return self._build()
 
@@ -248,6 +253,18 @@ class _GraphPlanner:
                 self._taint(node.outputs[0])
                 if node in self.q:
                     self._demote(node, f"input {src.name!r} is mask-like (magnitude {big:.3g}); kept float")
+
+    def _demote_mismatched_concats(self) -> None:
+        """A quantized Concat shares one scale across its inputs and output; where the inputs' ranges
+        differ more than ``CONCAT_SPAN_RATIO`` times, the smaller ones would be flattened (YOLOv8's head
+        concatenates boxes in pixels, 0-320, with class scores, 0-1: every score rounded to 0). Such a
+        Concat stays float; each input keeps its own scale."""
+        for node in [n for n in self.graph if n in self.q and self.cands[n].kind is Kind.CONCAT]:
+            spans = [self._range(node.inputs[i]) for i in self._data(node) if const_array(node.inputs[i]) is None]
+            spans = [max(r[1], 0.0) - min(r[0], 0.0) for r in spans if r is not None]
+            if len(spans) > 1 and min(spans) > 0 and max(spans) > CONCAT_SPAN_RATIO * min(spans):
+                self._demote(node, f"its inputs' ranges differ {max(spans) / min(spans):.0f}x; one shared "
+                             "scale would flatten the smaller")
 
     def _block_depthwise_inputs(self) -> None:
         """``depthwise_inputs=False``: the input of each float depthwise conv carries no Q/DQ, nor do the

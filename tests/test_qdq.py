@@ -486,3 +486,34 @@ def test_matmul_of_two_activations_knob():
     mm = nodes(m, "MatMul")
     assert dq_feeding(mm[0], 1) is not None and dq_feeding(mm[1], 0) is None
     assert any("two activations" in s.reason for s in result.stats.skipped)
+
+
+def _head(box_scale: float) -> onnx.ModelProto:
+    """A detector head: boxes (a conv scaled to pixels) and scores (a sigmoid) concatenated into the graph
+    output, as YOLOv8 exports it."""
+    return model("""g (float[1,8,4,4] x) => (float[1,8,4,4] y) {
+        a = Conv(x, Wa)
+        boxes = Mul(a, s)
+        b = Conv(x, Wb)
+        scores = Sigmoid(b)
+        y = Concat <axis=1> (boxes, scores)
+    }""", {"Wa": weights(4, 8, 1, 1), "Wb": weights(4, 8, 1, 1), "s": np.array(box_scale, np.float32)})
+
+
+@pytest.mark.parametrize("box_scale, floated", [(300.0, True), (2.0, False)])
+def test_concat_of_mismatched_ranges_stays_float(box_scale, floated):
+    proto = _head(box_scale)
+    for n in proto.graph.node:
+        n.name = n.output[0]
+    feeds = feeds_for(proto)
+    m, result, table = run_qdq(proto, feeds)
+    cat = nodes(m, "Concat")[0]
+    dq = dq_feeding(cat, 1)  # the scores' DequantizeLinear, if any
+    if floated:  # the scores keep their own scale (1/255 of [0, 1]) or stay float, not the boxes' span
+        assert dq is None or float(const(dq.inputs[1])) < 0.01
+        ref = ort_run(proto, feeds[0])[0][:, 4:]
+        got = ort_run(m, feeds[0])[0][:, 4:]
+        assert cosine(ref, got) > 0.999
+    else:  # similar ranges: one shared scale, the Concat runs quantized
+        assert dq_feeding(nodes(m, "Concat")[0], 0) is not None
+        assert any(q.op_type == "QuantizeLinear" and q.inputs[0] is cat.outputs[0] for q in m.graph)
