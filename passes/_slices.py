@@ -22,14 +22,18 @@ Params = tuple[list[int], list[int], list[int], list[int]]
 
 
 def params(node: ir.Node, rank: int | None) -> Params | None:
-    """Constant (starts, ends, axes in [0, rank), steps) of an input-form Slice, or None."""
-    if node.op_type != "Slice" or not is_default_domain(node) or "starts" in node.attributes:
+    """Constant (starts, ends, axes in [0, rank), steps) of a Slice (either form), or None."""
+    if node.op_type != "Slice" or not is_default_domain(node):
         return None
-    ins = [*node.inputs[1:5], None, None][:4]
-    got = [vf.ints(v) if v is not None else None for v in ins]
-    if any(v is not None and g is None for v, g in zip(ins, got)):
-        return None  # a parameter that is not a constant
-    starts, ends, axes, steps = got
+    if "starts" in node.attributes:  # opset < 10: attributes, no steps
+        starts, ends, axes = (vf.attr_ints(node, k) for k in ("starts", "ends", "axes"))
+        steps = None
+    else:
+        ins = [*node.inputs[1:5], None, None][:4]
+        got = [vf.ints(v) if v is not None else None for v in ins]
+        if any(v is not None and g is None for v, g in zip(ins, got)):
+            return None  # a parameter that is not a constant
+        starts, ends, axes, steps = got
     if starts is None or ends is None or len(starts) != len(ends):
         return None
     axes = axes if axes is not None else list(range(len(starts)))
@@ -54,12 +58,12 @@ def merge_chain(node: ir.Node, container, names) -> bool:
     x = inner.inputs[0]
     dims = vf.dims(x)
     rank = len(dims) if dims is not None else None
-    first = params(inner, rank)
+    first = params(inner, rank) if "starts" not in inner.attributes else None
     if first is None:
         return False
     readers = []
     for user, index in mid.uses():
-        p = params(user, rank)
+        p = params(user, rank) if "starts" not in user.attributes else None
         if index != 0 or user.graph is not inner.graph or p is None or set(p[2]) & set(first[2]):
             return False
         readers.append((user, p))

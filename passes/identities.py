@@ -311,24 +311,10 @@ class _Eliminator:
 
     def _try_slice(self, node: ir.Node) -> bool:
         dims = vf.dims(node.inputs[0])
-        if "starts" in node.attributes:
-            starts, ends = vf.attr_ints(node, "starts"), vf.attr_ints(node, "ends")
-            axes, steps = vf.attr_ints(node, "axes"), None
-        else:
-            opt = [vf.ints(v) if v is not None else None for v in [*node.inputs[1:5], None, None][:4]]
-            starts, ends, axes, steps = opt
-            if len(node.inputs) > 4 and node.inputs[4] is not None and steps is None:
-                return False
-            if len(node.inputs) > 3 and node.inputs[3] is not None and axes is None:
-                return False
-        if starts is None or ends is None:
+        p = _slices.params(node, len(dims) if dims is not None else None)
+        if p is None:
             return False
-        axes = axes if axes is not None else list(range(len(starts)))
-        steps = steps if steps is not None else [1] * len(starts)
-        if min(axes, default=0) < 0:
-            if dims is None:
-                return False
-            axes = [a % len(dims) for a in axes]
+        starts, ends, axes, steps = p
         for start, end, axis, step in zip(starts, ends, axes, steps):
             d = dims[axis] if dims is not None and axis < len(dims) else None
             static = isinstance(d, int)
