@@ -10,6 +10,8 @@ runs the QDQ fusions) with ``optimized_model_filepath`` set, then reads the opti
 - ``roundtrips``: a QuantizeLinear feeding a DequantizeLinear directly: int8 conversion that only costs.
 
 The report is true (``bool(report)``) when both lists are empty.
+
+``already_quantized(model)`` counts the nodes of an ``ir.Model`` that already compute on integers.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 
 from onnxshrink import runtime
 
@@ -109,3 +112,26 @@ def _inspect_graph(graph, ops, unfused: list[str], roundtrips: list[str]) -> Non
         from_dq = [x for x in data if producer.get(x) is not None and producer[x].op_type == "DequantizeLinear"]
         if from_dq and len(from_dq) == len(data):
             unfused.append(f"{node.op_type} {node.name!r} still float, fed by DequantizeLinear of {from_dq}")
+
+
+#: Ops that already compute on integers (a quantized model's kernels, QDQ or operator-oriented).
+QUANTIZED_OPS = frozenset({
+    "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+    "QGemm", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu",
+    "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSoftmax", "DynamicQuantizeLSTM", "QAttention",
+})
+
+
+def already_quantized(model: ir.Model) -> dict[str, int]:
+    """Op type -> count of the nodes of ``model`` (subgraphs too) that already hold quantized compute:
+    integer kernels (``QUANTIZED_OPS``, any domain) and ``DequantizeLinear`` of a constant (a QDQ model's
+    int8 weights). Empty for a float model."""
+    out: dict[str, int] = {}
+    for graph in model.graphs():
+        for node in graph:
+            const_dq = node.op_type == "DequantizeLinear" and node.inputs and node.inputs[0] is not None \
+                and node.inputs[0].const_value is not None
+            if node.op_type in QUANTIZED_OPS or const_dq:
+                key = "DequantizeLinear (constant)" if const_dq else node.op_type
+                out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))

@@ -63,7 +63,7 @@ from onnxshrink.instruments import StructuralCheck
 from onnxshrink.passes.equalize import CrossLayerEqualizationPass
 from onnxshrink.passes.qdq import MIN_OPSET
 from onnxshrink.passes.qdq_rules import PlanOptions, QDQPlan, plan_qdq
-from onnxshrink.qdq_fusion import FusionReport, fusion_report  # noqa: F401 - part of this module's API
+from onnxshrink.qdq_fusion import FusionReport, already_quantized, fusion_report  # noqa: F401 - API
 
 logger = logging.getLogger(__name__)
 
@@ -364,29 +364,6 @@ def _notes(builder, report: pipeline.PipelineReport) -> dict:
     if builder.correction is not None:
         notes["bias_correction"] = builder.correction
     return notes
-
-
-#: Ops that already compute on integers (a quantized model's kernels, QDQ or operator-oriented).
-QUANTIZED_OPS = frozenset({
-    "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
-    "QGemm", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu",
-    "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSoftmax", "DynamicQuantizeLSTM", "QAttention",
-})
-
-
-def already_quantized(model: ir.Model) -> dict[str, int]:
-    """Op type -> count of the nodes of ``model`` (subgraphs too) that already hold quantized compute:
-    integer kernels (``QUANTIZED_OPS``, any domain) and ``DequantizeLinear`` of a constant (a QDQ model's
-    int8 weights). Empty for a float model."""
-    out: dict[str, int] = {}
-    for graph in model.graphs():
-        for node in graph:
-            const_dq = node.op_type == "DequantizeLinear" and node.inputs and node.inputs[0] is not None \
-                and node.inputs[0].const_value is not None
-            if node.op_type in QUANTIZED_OPS or const_dq:
-                key = "DequantizeLinear (constant)" if const_dq else node.op_type
-                out[key] = out.get(key, 0) + 1
-    return dict(sorted(out.items()))
 
 
 def _speed_warnings(speedup: float | None, notes: dict) -> list[str]:
