@@ -35,7 +35,7 @@ from onnxshrink import data as data_mod
 from onnxshrink.errors import ConfigError
 from onnxshrink.graph_utils import NameGen, const_array
 from onnxshrink.importance import TapReader
-from onnxshrink.reconstruct_layers import Layer, _kept_axis, _replace_const, find_layers, stages
+from onnxshrink.reconstruct_layers import Layer, find_layers, kept_axis, replace_const, stages
 
 logger = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ def _bn_stage(pruned: ir.Model, stage: list[Layer], kept, was: dict, source, rep
     for layer, m in zip(stage, now):
         mean, var = _corrected(layer, kept, m, was.get(layer.node))
         for idx, arr in ((3, mean), (4, var)):
-            _replace_const(pruned, layer.node, idx, arr, names)
+            replace_const(pruned, layer.node, idx, arr, names)
         report.bn.append(layer.name)
 
 
@@ -316,7 +316,7 @@ def _corrected(layer: Layer, kept: dict, now: _Moments, was: _Moments | None) ->
     if was is None or any(t is None or t.shape != mean_p.shape for t in trained):
         return mean_p, var_p
     mean_o, var_o = was.mean_var()
-    idx = _kept_axis(kept, layer.x, 1)
+    idx = kept_axis(kept, layer.x, 1)
     if idx is not None:
         mean_o, var_o = mean_o[idx], var_o[idx]
     if mean_o.shape != mean_p.shape:

@@ -30,7 +30,7 @@ class Layer:
         return True
 
 
-def _kept_axis(kept: dict, value: ir.Value, axis: int):
+def kept_axis(kept: dict, value: ir.Value, axis: int):
     axes = kept.get(value.name) or {}
     idx = axes.get(axis, axes.get(str(axis)))
     return None if idx is None else np.asarray(idx, dtype=np.int64)
@@ -41,7 +41,7 @@ def _attr(node, name, default):
     return default if a is None else a.value
 
 
-def _replace_const(model, node: ir.Node, index: int, arr: np.ndarray, names: NameGen) -> None:
+def replace_const(model, node: ir.Node, index: int, arr: np.ndarray, names: NameGen) -> None:
     """Give input ``index`` of ``node`` a new initializer (never edit a shared one in place)."""
     old = node.inputs[index] if index < len(node.inputs) else None
     base = (old.name if old is not None else None) or f"{node.name or node.op_type}_in{index}"
@@ -67,7 +67,7 @@ class ConvLayer(Layer):
         return im2col(x, k, strides, dil, pads)
 
     def targets(self, y: np.ndarray, kept: dict) -> np.ndarray:
-        idx = _kept_axis(kept, self.target, 1)
+        idx = kept_axis(kept, self.target, 1)
         y = y if idx is None else y[:, idx]
         return np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
 
@@ -79,8 +79,8 @@ class ConvLayer(Layer):
 
     def write(self, model, w_aug: np.ndarray, names: NameGen) -> None:
         w = const_array(self.node.inputs[1])
-        _replace_const(model, self.node, 1, w_aug[:-1].T.reshape(w.shape), names)
-        _replace_const(model, self.node, 2, w_aug[-1], names)
+        replace_const(model, self.node, 1, w_aug[:-1].T.reshape(w.shape), names)
+        replace_const(model, self.node, 2, w_aug[-1], names)
 
 
 class GemmLayer(Layer):
@@ -88,7 +88,7 @@ class GemmLayer(Layer):
         return x.T if _attr(self.node, "transA", 0) else x
 
     def targets(self, y, kept):
-        idx = _kept_axis(kept, self.target, 1)
+        idx = kept_axis(kept, self.target, 1)
         return y if idx is None else y[:, idx]
 
     def _parts(self):
@@ -105,9 +105,9 @@ class GemmLayer(Layer):
     def write(self, model, w_aug, names):
         _b, c, alpha, beta = self._parts()
         new_b = w_aug[:-1] / alpha
-        _replace_const(model, self.node, 1, new_b.T if _attr(self.node, "transB", 0) else new_b, names)
+        replace_const(model, self.node, 1, new_b.T if _attr(self.node, "transB", 0) else new_b, names)
         shape = c.shape if c is not None and c.size == w_aug.shape[1] else (w_aug.shape[1],)
-        _replace_const(model, self.node, 2, (w_aug[-1] / (beta if c is not None else 1.0)).reshape(shape),
+        replace_const(model, self.node, 2, (w_aug[-1] / (beta if c is not None else 1.0)).reshape(shape),
                        names)
 
 
@@ -119,7 +119,7 @@ class MatMulLayer(Layer):
         return x.reshape(-1, x.shape[-1])
 
     def targets(self, y, kept):
-        idx = _kept_axis(kept, self.target, y.ndim - 1)
+        idx = kept_axis(kept, self.target, y.ndim - 1)
         y = y if idx is None else y[..., idx]
         return y.reshape(-1, y.shape[-1])
 
@@ -131,10 +131,10 @@ class MatMulLayer(Layer):
         return np.vstack([w, bias[None, :]]).astype(np.float64)
 
     def write(self, model, w_aug, names):
-        _replace_const(model, self.node, 1, w_aug[:-1], names)
+        replace_const(model, self.node, 1, w_aug[:-1], names)
         if self.bias_add is not None:
             old = const_array(self.bias_add.inputs[self.bias_index])
-            _replace_const(model, self.bias_add, self.bias_index, w_aug[-1].reshape(old.shape), names)
+            replace_const(model, self.bias_add, self.bias_index, w_aug[-1].reshape(old.shape), names)
 
     @property
     def fit_bias(self) -> bool:
@@ -177,16 +177,16 @@ def _why_not(node, x, kept) -> str | None:
             return "grouped conv is not refit (its kept outputs do not lose inputs)"
         if rank != 4 or _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
             return "only 2-D convs with explicit pads are refit"
-        return None if _kept_axis(kept, x, 1) is not None else "its input channels were not pruned"
+        return None if kept_axis(kept, x, 1) is not None else "its input channels were not pruned"
     if node.op_type == "Gemm":
         c = node.inputs[2] if len(node.inputs) > 2 else None
         if c is not None and (const_array(c) is None or const_array(c).ndim == 2 and const_array(c).shape[0] != 1):
             return "Gemm C is not a constant row"
-        return None if _kept_axis(kept, x, 0 if _attr(node, "transA", 0) else 1) is not None \
+        return None if kept_axis(kept, x, 0 if _attr(node, "transA", 0) else 1) is not None \
             else "its input features were not pruned"
     if const_array(node.inputs[1]).ndim != 2:
         return "MatMul weight is not 2-D"
-    return None if rank and _kept_axis(kept, x, rank - 1) is not None else "its input features were not pruned"
+    return None if rank and kept_axis(kept, x, rank - 1) is not None else "its input features were not pruned"
 
 
 def _make(node, x) -> Layer:
