@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 from models import fetch_real
 from onnxshrink import bench, pruning, runtime
 from onnxshrink.errors import ConfigError
+from onnxshrink.validate import flat_drift, flat_floats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,15 +75,10 @@ VARIANTS = {
 # ---------------------------------------------------------------- quality
 
 
-def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
-
-
 def quality(name: str, ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
     """Task agreement, foreground agreement (rec/det) and output cosine over all evaluation feeds."""
-    flat_r, flat_g = (np.concatenate([o.ravel() for o in x]) for x in (ref, got))
-    out = {"cos": _cos(flat_r, flat_g)}
+    flat_r, flat_g = flat_floats(ref), flat_floats(got)
+    out = {"cos": 1.0 - flat_drift(flat_r, flat_g)}
     if name == "ppocr_det":
         tr, tg = flat_r > 0.3, flat_g > 0.3
         out["agree"] = float((tr == tg).mean())
