@@ -16,8 +16,9 @@ normalizations, Softmax, elementwise ops ONNX Runtime does not fuse into the wei
 ``KernelTable.memory_ns(op)`` per input element, each input's elements scaled by the kept fractions
 of the groups on its axes (a MaxPool after a halved conv costs half). Elementwise ops on the only use
 of a weight op's output (bias, activation, a Conv's residual Add and the activation after it) count
-``node_us`` only: ONNX Runtime fuses them. Estimates are for batch 1 (other symbolic dims at ``dims``,
-else 1): per-node and per-run overheads weigh as much as they do there.
+``node_us`` only: ONNX Runtime fuses them. Estimates are for the dims given (``dims``, batch
+included: ``input:0``), else 1 for every symbolic dim, so batch 1 by default: per-node and per-run
+overheads weigh as much as they do at the batch the plan is for.
 """
 
 from __future__ import annotations

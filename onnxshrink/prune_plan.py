@@ -123,12 +123,15 @@ class PruningPlan:
         lat, macs = est.get("latency_us"), est.get("macs")
         if lat:
             text += (f"; estimated latency {lat[1] / lat[0]:.0%} of unpruned ({lat[0]:,.0f} -> {lat[1]:,.0f} us "
-                     f"at batch 1, kernel table: {est.get('kernels', 'default')})")
+                     f"at batch {est.get('batch', 1)}, kernel table: {est.get('kernels', 'default')})")
         if macs and macs[0]:
             text += f"; MACs {macs[1] / macs[0]:.0%} of unpruned"
         if not self.groups:
+            inner = st.get("subgraph_layers", 0)
             text += ("; nothing to prune: no Conv, ConvTranspose, Gemm or MatMul with a constant float weight "
-                     "(layers already quantized, e.g. ConvInteger or QLinearConv, are not pruned)")
+                     "in the main graph (layers already quantized, e.g. ConvInteger or QLinearConv, are not pruned"
+                     + (f"; {inner} weight layers inside If/Loop/Scan bodies are not pruned either" if inner else "")
+                     + ")")
         return text
 
 
@@ -182,7 +185,7 @@ def plan_pruning(
         else:
             live.append((g, gp, np.asarray(crit(g, stats), dtype=np.float64)))
     cost = _cost_model(model, dg, live, kernels, "macs" if target == "macs" else "latency", dims)
-    estimate: dict = {"kernels": cost.table.source}
+    estimate: dict = {"kernels": cost.table.source, "batch": _batch(model, dims)}
     if target != "channels":
         keeps = _budget_keeps(cost, live, ratio, round_to, min_width, max_ratio, crit, estimate)
     elif scope == "global" and not layer_ratios:
@@ -199,8 +202,21 @@ def plan_pruning(
     settings = {"ratio": ratio, "criterion": getattr(crit, "name", str(criterion)), "scope": scope,
                 "round_to": round_to, "min_width": min_width, "max_ratio": max_ratio,
                 "protect": list(protect), "layer_ratios": dict(layer_ratios or {}), "grouped": grouped,
-                "target": target, "estimate": estimate}
+                "target": target, "estimate": estimate,
+                "subgraph_layers": sum(1 for n in model.graph.all_nodes()
+                                       if n.graph is not model.graph and n.op_type in depgraph.WEIGHT_AXES)}
     return PruningPlan(settings, plans)
+
+
+def _batch(model: ir.Model, dims: Mapping[str, int] | None) -> int:
+    """The batch the estimates are taken at: the first input's axis 0, from the model or ``dims``."""
+    if not model.graph.inputs or model.graph.inputs[0].shape is None or not model.graph.inputs[0].shape.rank():
+        return 1
+    x, d = model.graph.inputs[0], model.graph.inputs[0].shape[0]
+    if isinstance(d, int):
+        return d
+    dims = dims or {}
+    return int(dims.get(f"{x.name}:0", dims.get(str(d.value), 1) if d.value else 1))
 
 
 def _cost_model(model, dg, live, kernels, metric, dims=None):

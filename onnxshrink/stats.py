@@ -52,22 +52,32 @@ def weight_bytes(model: ir.Model) -> int:
     return sum(t.nbytes for t in _weight_tensors(model))
 
 
-def inferred_shapes(model: ir.Model, dims: dict[str, int] | None = None) -> dict[str, tuple]:
+class Shapes(dict):
+    """Value name -> concrete shape; ``unresolved``: the values with a dim inference could not tie to
+    an input dim (no value, no input's name), which count as 1 like unknown input dims do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unresolved: set[str] = set()
+
+
+def inferred_shapes(model: ir.Model, dims: dict[str, int] | None = None) -> Shapes:
     """Value name -> concrete shape after onnx shape inference, subgraphs included.
 
     Symbolic or unknown input dims take values from ``dims`` (by dim name, or ``input:axis``) before
     inference; dims still unknown afterwards count as 1.
     """
     dims = dims or {}
+    shapes = Shapes()
     try:
         with checks.lifted_proto(model) as proto:
             _pin_input_dims(proto.graph, model, dims)
             inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception as e:  # noqa: BLE001
         logger.info("shape inference failed, MACs estimate incomplete: %s", e)
-        return {}
-    shapes: dict[str, tuple] = {}
-    _collect_shapes(inferred.graph, dims, shapes)
+        return shapes
+    inputs = {d.dim_param for vi in inferred.graph.input for d in vi.type.tensor_type.shape.dim}
+    _collect_shapes(inferred.graph, dims, shapes, inputs - {""})
     for graph in model.graphs():
         for init in graph.initializers.values():
             if init.const_value is not None:
@@ -89,11 +99,14 @@ def _pin_input_dims(graph: onnx.GraphProto, model: ir.Model, dims: dict[str, int
                 d.dim_value = int(value)
 
 
-def _collect_shapes(graph: onnx.GraphProto, dims: dict[str, int], shapes: dict[str, tuple]) -> None:
+def _collect_shapes(graph: onnx.GraphProto, dims: dict[str, int], shapes: Shapes, inputs: set[str]) -> None:
     for vi in [*graph.input, *graph.output, *graph.value_info]:
         t = vi.type.tensor_type
         if not t.HasField("shape"):
             continue
+        if any(not (d.HasField("dim_value") and d.dim_value >= 0) and d.dim_param not in inputs
+               for d in t.shape.dim):
+            shapes.unresolved.add(vi.name)
         shapes[vi.name] = tuple(
             d.dim_value
             if d.HasField("dim_value") and d.dim_value >= 0  # Paddle exports write -1 for dynamic
@@ -103,10 +116,10 @@ def _collect_shapes(graph: onnx.GraphProto, dims: dict[str, int], shapes: dict[s
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                _collect_shapes(attr.g, dims, shapes)
+                _collect_shapes(attr.g, dims, shapes, inputs)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for sub in attr.graphs:
-                    _collect_shapes(sub, dims, shapes)
+                    _collect_shapes(sub, dims, shapes, inputs)
 
 
 def _prod(shape) -> int:
@@ -142,11 +155,44 @@ def _attr_int(node: ir.Node, name: str, default: int = 0) -> int:
     return attr.as_int() if attr is not None else default
 
 
-def macs(model: ir.Model, dims: dict[str, int] | None = None) -> int:
+def macs(model: ir.Model, dims: dict[str, int] | None = None, *, fold: bool = True) -> int:
     """Estimated multiply-accumulates of one run (Conv, ConvTranspose, MatMul, Gemm and their
-    quantized forms); dims not fixed by the model or ``dims`` count as 1."""
+    quantized forms); dims not fixed by the model or ``dims`` count as 1.
+
+    Where inference leaves a weight op's shape unresolved (a length computed by shape arithmetic
+    that onnx cannot follow, as in exported STFT front ends), the count is taken on a copy of the
+    model after constant folding and cleanup (``fold``: ``pipeline.PRE_PRUNE_PASSES``), which computes the same thing with the shapes
+    resolved; an input model and its optimized output are then counted alike."""
     shapes = inferred_shapes(model, dims)
-    return sum(node_macs(n, shapes) for n in model.graph.all_nodes())
+    layers = [n for n in model.graph.all_nodes() if n.op_type in MAC_OPS]
+    if fold and any(_unresolved(n, shapes) for n in layers):
+        folded = _folded_copy(model)
+        if folded is not None:
+            return macs(folded, dims, fold=False)
+    return sum(node_macs(n, shapes) for n in layers)
+
+
+MAC_OPS = frozenset({"Conv", "ConvInteger", "QLinearConv", "ConvTranspose", "MatMul", "MatMulInteger",
+                     "QLinearMatMul", "Gemm"})
+
+
+def _unresolved(node: ir.Node, shapes: Shapes) -> bool:
+    return any(v is not None and (v.name not in shapes or v.name in shapes.unresolved)
+               for v in (*node.inputs[:1], *node.outputs[:1]))
+
+
+def _folded_copy(model: ir.Model) -> ir.Model | None:
+    from onnxshrink import pipeline
+    from onnxshrink.passes import REGISTRY
+
+    copy = model.clone()
+    try:
+        pipeline.Pipeline([pipeline.FixedPoint([pipeline.make_pass(n) for n in pipeline.PRE_PRUNE_PASSES if n in REGISTRY])],
+                          []).run(copy)
+    except Exception as e:  # noqa: BLE001 - the count falls back to the unfolded shapes
+        logger.info("folding for the MACs count failed: %s", e)
+        return None
+    return copy
 
 
 def summarize(model: ir.Model, path=None, *, with_macs: bool = True, dims=None) -> dict:

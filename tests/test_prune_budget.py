@@ -288,3 +288,17 @@ def test_cli_prune_shape(tmp_path, capsys):
     rep = json.loads(report.read_text())
     assert rep["before"]["macs"] == stats.macs(_symbolic_hw_net(), {"x:2": 64, "x:3": 64})
     assert rep["after"]["macs"] <= 0.7 * rep["before"]["macs"] * (1 + 1e-3)
+
+
+def test_estimates_are_taken_at_the_batch_given():
+    """``--shape x:0=32`` plans for batch 32: MACs scale by 32, fixed overheads do not, and the plan's
+    text names the batch (it used to say batch 1 whatever the dims)."""
+    model = _symbolic_hw_net()
+    hw = {"x:2": 32, "x:3": 32}
+    one = plan_pruning(model, 0.3, target="latency", dims=hw).settings["estimate"]
+    many = plan_pruning(model, 0.3, target="latency", dims={**hw, "x:0": 32})
+    est = many.settings["estimate"]
+    assert (one["batch"], est["batch"]) == (1, 32)
+    assert est["macs"][0] == 32 * one["macs"][0]
+    assert one["latency_us"][0] < est["latency_us"][0] < 32 * one["latency_us"][0]
+    assert "at batch 32" in many.target_text()

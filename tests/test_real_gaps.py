@@ -125,3 +125,26 @@ def test_prune_says_why_an_int8_model_has_nothing_to_prune():
     text = result.plan.target_text()
     assert not result.plan.groups and result.plan.summary()["channels_removed"] == 0
     assert "nothing to prune" in text and "MACs" not in text
+
+
+#: silero-vad keeps every conv inside If branches (one per sample rate): the plan used to say "no Conv ...
+#: with a constant float weight", which reads as if the model had none.
+_CONV_IN_IF = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[1, 4, 8] x, bool c) => (float[1, 4, 8] y) {
+  y = If (c) <
+    then_branch = t () => (float[1, 4, 8] a) {
+      w = Constant <value = float[4, 4, 1] {1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1}> ()
+      a = Conv (x, w)
+    },
+    else_branch = e () => (float[1, 4, 8] b) { b = Identity (x) }
+  >
+}"""
+
+
+def test_prune_names_layers_it_cannot_reach_inside_subgraphs():
+    from onnxshrink import pruning
+
+    result = pruning.prune(onnx.parser.parse_model(_CONV_IN_IF).SerializeToString(), 0.3)
+    text = result.plan.target_text()
+    assert not result.plan.groups
+    assert "nothing to prune" in text and "1 weight layers inside If/Loop/Scan bodies" in text
