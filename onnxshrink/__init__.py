@@ -29,7 +29,8 @@ _LAZY = {
     "validate": ("onnxshrink.validate", None),  # callable module: onnxshrink.validate(ref, cand, data)
 }
 
-__all__ = ["__version__", *sorted(_LAZY)]
+__all__ = ["OptimizeResult", "PruneResult", "ShrinkError", "__version__", "load", "optimize", "prune", "quantize",
+           "save", "validate"]  # the names of _LAZY (a test checks they match)
 
 
 def __getattr__(name: str):

@@ -225,7 +225,7 @@ def _dir_source(path: Path, specs) -> FeedSource:
             try:
                 with np.load(f, allow_pickle=False) as z:
                     feed = {k: z[k] for k in z.files}
-            except Exception as e:  # noqa: BLE001 - corrupt or non-npz file
+            except Exception as e:
                 raise DataError(f"{f}: cannot read this .npz: {e}") from e
             yield str(f), feed
 
@@ -240,7 +240,7 @@ def _stacked_source(path: Path, specs) -> FeedSource:
     try:
         z = np.load(path, allow_pickle=False)
         arrays = {k: z[k] for k in z.files}
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise DataError(f"{path}: cannot read this .npz: {e}") from e
     by_name = {s.name: s for s in specs}
     counts = {}

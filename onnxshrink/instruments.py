@@ -20,13 +20,13 @@ logger = logging.getLogger(__name__)
 
 
 class Instrument:
-    def begin(self, model: ir.Model) -> None:  # noqa: B027 - optional hook
+    def begin(self, model: ir.Model) -> None:
         pass
 
-    def after_pass(self, pass_: ShrinkPass, model: ir.Model, result: ShrinkResult) -> None:  # noqa: B027
+    def after_pass(self, pass_: ShrinkPass, model: ir.Model, result: ShrinkResult) -> None:
         pass
 
-    def end(self, model: ir.Model) -> None:  # noqa: B027
+    def end(self, model: ir.Model) -> None:
         pass
 
 

@@ -11,7 +11,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Union
 
 import onnx
 import onnx_ir as ir
@@ -21,7 +20,7 @@ from onnxshrink.errors import ModelLoadError, OutputError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
-ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto, ir.Model]
+ModelSource = str | os.PathLike | bytes | onnx.ModelProto | ir.Model
 
 MIN_IR_VERSION = 3
 MAX_IR_VERSION = onnx.IR_VERSION

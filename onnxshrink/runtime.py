@@ -96,7 +96,7 @@ def make_session(
         if isinstance(model, (bytes, bytearray)):
             return rt.InferenceSession(bytes(model), so, providers=provs)
         return rt.InferenceSession(str(model), so, providers=provs)
-    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+    except Exception as e:
         raise RuntimeFailure(f"ONNX Runtime could not load the model: {e}") from e
 
 

@@ -18,7 +18,7 @@ def wheel(tmp_path_factory) -> Path:
     res = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
          "-w", str(out), "-q"],
-        capture_output=True, text=True, timeout=300,
+        check=False, capture_output=True, text=True, timeout=300,
     )
     assert res.returncode == 0, res.stderr
     (whl,) = out.glob("onnxshrink-*.whl")
@@ -50,7 +50,7 @@ def test_passes_package_refuses_another_name():
         "mod = importlib.util.module_from_spec(spec)\n"
         "try:\n    spec.loader.exec_module(mod)\nexcept ImportError as e:\n    print('refused', e)\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
     assert "refused" in res.stdout and "onnxshrink.passes" in res.stdout
 
 
@@ -63,3 +63,11 @@ def test_registry_covers_every_pass_module():
     assert files - helpers <= modules, f"pass modules with no registered pass: {files - helpers - modules}"
     for name, cls in REGISTRY.items():
         assert cls.name == name
+
+
+def test_all_lists_the_lazy_public_names():
+    import onnxshrink
+
+    assert sorted(onnxshrink.__all__) == sorted(["__version__", *onnxshrink._LAZY])
+    for name in onnxshrink.__all__:
+        assert getattr(onnxshrink, name) is not None

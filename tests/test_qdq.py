@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import onnx
 import pytest
 from onnxshrink.passes import _qdq_math as qm
 from onnxshrink.passes.qdq import QDQPass
@@ -506,7 +507,7 @@ def test_concat_of_mismatched_ranges_stays_float(box_scale, floated):
     for n in proto.graph.node:
         n.name = n.output[0]
     feeds = feeds_for(proto)
-    m, result, table = run_qdq(proto, feeds)
+    m, _, _ = run_qdq(proto, feeds)
     cat = nodes(m, "Concat")[0]
     dq = dq_feeding(cat, 1)  # the scores' DequantizeLinear, if any
     if floated:  # the scores keep their own scale (1/255 of [0, 1]) or stay float, not the boxes' span
