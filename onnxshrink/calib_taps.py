@@ -81,15 +81,19 @@ class TapPlan:
 
 def plan_taps(model: ir.Model, tensors: Sequence[ir.Value | str] | None = None, *,
               lift_loops: bool = True, reduce: bool = False, outlier_abs: float = OUTLIER_ABS,
-              channel_means: Sequence[str] = ()) -> TapPlan:
+              channel_means: Sequence[str] = (), trim: bool = False) -> TapPlan:
     """Build the tap model of ``model`` for ``tensors`` (default: every float tensor that is an input or
     output of a node, initializers and constants excepted). ``reduce``: output in-graph extremes instead
     of whole tensors (``calib_reduce``); ``channel_means``: tap names whose per-channel sums are reduced in
-    the graph too. ``model`` itself is never modified."""
+    the graph too. ``trim``: leave out the model's own outputs (no batching checks) and every node the
+    taps do not need, so tapping an early layer runs only the layers before it (ONNX Runtime runs every
+    node of a session, whatever outputs a run asks for). ``model`` itself is never modified."""
     clone = model.clone()
     mapping: dict[ir.Value, ir.Value] = {}
     _pair_graphs(model.graph, clone.graph, mapping)
-    _infer_types(clone)
+    if tensors is None or not all(isinstance(t, ir.Value) and t.dtype is not None and t.shape is not None
+                                  for t in tensors):
+        _infer_types(clone)  # explicit values that carry their types need no inference
     owners = {sub: node for g in clone.graphs() for node in g for sub in subgraphs_of(node)}
     skipped: dict[str, str] = {}
     if tensors is None:
@@ -113,9 +117,13 @@ def plan_taps(model: ir.Model, tensors: Sequence[ir.Value | str] | None = None, 
         lifted, extra = _lift(value, clone.graph, owners, fresh)
         taps.append(_output_tap(value, lifted, extra, outputs, builder if reduce else None,
                                 value.name in channel_means))
-    checks = _check_outputs(clone.graph, outputs) if outputs else []
+    checks = _check_outputs(clone.graph, outputs) if outputs and not trim else []
     clone.graph.outputs.clear()
     clone.graph.outputs.extend(outputs)
+    if trim and outputs:
+        from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+        RemoveUnusedNodesPass()(clone)
     if skipped:
         logger.info("calibration: %d tensors left out of the default selection", len(skipped))
     return TapPlan(taps, clone if outputs else None, skipped, checks)

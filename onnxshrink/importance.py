@@ -275,7 +275,7 @@ class TapReader:
 
         unique = list(dict.fromkeys(values))
         self.index = [unique.index(v) for v in values]
-        self.plan = calib_taps.plan_taps(model, unique)
+        self.plan = calib_taps.plan_taps(model, unique, trim=True)
         self.session = None
         if self.plan.model is not None:
             rt = runtime.ort()

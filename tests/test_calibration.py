@@ -8,6 +8,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from models import zoo
 from onnxshrink.calib_runner import TapRunner
 from onnxshrink.calib_taps import Tap, open_session, plan_taps
 from onnxshrink.calibration import MIN_SPAN, CalibrationTable, calibrate, calibrate_methods
@@ -409,3 +410,21 @@ def test_model_fingerprint_follows_weights_not_identity():
     assert model_fingerprint(a) == model_fingerprint(b)
     b.graph.initializers["two"].const_value = ir.tensor(np.array(2.5, np.float32))
     assert model_fingerprint(a) != model_fingerprint(b)
+
+
+def test_trimmed_tap_model_runs_only_what_the_taps_need():
+    """ONNX Runtime runs every node of a session whatever outputs a run asks for; reconstruction taps
+    one stage at a time, so its tap models drop the model's own outputs and the nodes after the taps."""
+    from onnxshrink.importance import TapReader
+
+    model = ir.serde.deserialize_model(zoo.build("resnet"))
+    convs = [n for n in model.graph if n.op_type == "Conv"]
+    early = convs[1].outputs[0]
+    whole, trimmed = plan_taps(model, [early]), plan_taps(model, [early], trim=True)
+    assert whole.checks and not trimmed.checks
+    assert len(list(trimmed.model.graph)) < len(list(whole.model.graph)) == len(list(model.graph))
+    assert not any(n.op_type == "Gemm" for n in trimmed.model.graph)
+    feed = {"input": np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)}
+    got = TapReader(model, [early])(feed)[0]
+    ref = open_session(whole).run(None, feed)[whole.taps[0].output]
+    np.testing.assert_array_equal(got, ref)
