@@ -11,7 +11,6 @@ if __name__ != "onnxshrink.passes":  # pragma: no cover - packaging guard
         "install onnxshrink (pip install -e .) instead of putting its source folder on sys.path"
     )
 
-from onnxshrink.pass_infra import ShrinkPass
 from onnxshrink.passes import (
     activations,
     cleanup,
@@ -25,6 +24,8 @@ from onnxshrink.passes import (
     scales,
     smoothquant,
 )
+
+from onnxshrink.pass_infra import ShrinkPass
 
 REGISTRY: dict[str, type[ShrinkPass]] = {
     fold_constants.FoldConstantsPass.name: fold_constants.FoldConstantsPass,
