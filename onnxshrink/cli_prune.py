@@ -89,11 +89,56 @@ def run_prune(args) -> int:
         rec = result.reconstruction
         print(f"reconstruction: {len(rec['refit'])} layers refit, {len(rec['bn'])} BatchNorms re-estimated, "
               f"{rec['passes']} passes over the calibration data")
+    drift = None if quantize_next else _drift(args, result)
     if args.report:
-        report.write_json(args.report, result.to_dict())
+        report.write_json(args.report, {**result.to_dict(), "drift": drift})
     if quantize_next:
         return _quantize_pruned(args, result.model)
+    if drift and args.max_drift is not None and drift["drift"] is not None and drift["drift"] > args.max_drift:
+        print(f"FAIL: pruning drift {drift['drift']:.4g} (1 - cosine) is over --max-drift {args.max_drift}",
+              file=sys.stderr)
+        return EXIT_BUDGET_FAILED
     return 0
+
+
+#: A pruned model whose outputs drift more than this (1 - cosine, worst output) gets a warning.
+WARN_DRIFT = 0.01
+EXIT_BUDGET_FAILED = 1  # as the gate's: the model was written, its budget is broken
+
+
+def _drift(args, result) -> dict | None:
+    """Outputs of the pruned model against the input's, on --drift-data, else --calibration (what a
+    reconstruction was fit on: an optimistic reading), else random feeds; printed and returned."""
+    from onnxshrink import runtime, validate
+    from onnxshrink.errors import ShrinkError
+
+    data = args.drift_data or args.calibration
+    dims = runtime.parse_dims(args.shape) or (result.dims if data is None else None)
+    try:
+        rep = validate.compare(args.input, result.model, data, dims=dims, count=4, threads=1)
+    except ShrinkError as e:
+        print(f"  drift against the unpruned model not measured: {e}")
+        return None
+    cos = rep.overall["cosine"]
+    drift = None if cos is None else 1.0 - cos
+    where = f"{rep.feeds} feeds of {rep.data}"
+    if rep.random_data:
+        from onnxshrink import data as data_mod
+
+        shapes = ", ".join(f"{s.name} {list(s.concrete_shape(dims))}" for s in data_mod.input_specs(result.model))
+        where = f"{rep.feeds} random feeds ({shapes}; symbolic dims not set by --shape are 1)"
+    if drift is None:
+        print(f"  drift against the unpruned model not measured on {where}: {'; '.join(rep.failures())}")
+    else:
+        print(f"  output drift against the unpruned model on {where}: 1 - cosine {drift:.4g} (worst output), "
+              f"max rel error {rep.overall['max_rel_error']:.3g}")
+        if drift > WARN_DRIFT and args.max_drift is None:
+            hint = ("" if args.reconstruct and args.prune_criterion == "reconstruction" else
+                    "; with calibration data, --prune-criterion reconstruction --reconstruct recovers most of it")
+            print(f"  warning: pruning changed the outputs a lot (1 - cosine {drift:.3g} > {WARN_DRIFT}){hint}; "
+                  "check accuracy before deploying (--max-drift X makes this an error)")
+    return {"drift": drift, "data": rep.data, "random_data": rep.random_data, "feeds": rep.feeds,
+            "overall": rep.overall}
 
 
 def _measured(src, model) -> str:

@@ -62,7 +62,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="subtract each quantized layer's mean output shift (measured on the calibration data; "
                         "default: --calib-method auto decides, other methods do not)")
     r.add_argument("--max-drift", type=float, metavar="X",
-                   help="keep the most sensitive nodes float until 1 - cosine <= X on the drift data")
+                   help="keep the most sensitive nodes float until 1 - cosine <= X on the drift data; with "
+                        "--prune alone: exit 1 when the pruned model's drift is over X")
     r.add_argument("--max-metric-drop", type=float, metavar="X",
                    help="keep nodes float until the task metric drops by at most X (needs --metric)")
     r.add_argument("--metric", help="task metric for --max-metric-drop: accuracy, module:function or file.py:function")

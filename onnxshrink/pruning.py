@@ -52,6 +52,7 @@ class PruneResult:
     reconstruction: dict | None
     seconds: float
     output: Path | None = None
+    dims: dict = dataclasses.field(default_factory=dict)  # the input dims MACs and estimates were taken at
 
     def to_dict(self) -> dict:
         return {
@@ -139,7 +140,8 @@ def prune(
         out_path = model_io.save(ir_model, output, protected=(in_path,) if in_path else (),
                                  overwrite_input=overwrite_input)
     after = stats.summarize(ir_model, out_path, dims=dims)
-    return PruneResult(ir_model, plan, table, before, after, report, recon, time.perf_counter() - t0, out_path)
+    return PruneResult(ir_model, plan, table, before, after, report, recon, time.perf_counter() - t0, out_path,
+                       dims)
 
 
 def operating_dims(model: ir.Model, calibration=None) -> dict[str, int]:

@@ -203,6 +203,29 @@ def test_cli_prune(tmp_path, capsys):
     assert main(["optimize", str(src), "--prune", "0.3", "--prune-criterion", "activation"]) == 2
 
 
+def test_cli_prune_reports_drift_and_max_drift_fails(tmp_path, capsys):
+    """Data-free pruning can break a trained model without a word (PP-OCR's detector: cosine 0.007 at
+    0.3); the CLI measures the pruned outputs against the input's, warns, and fails on --max-drift."""
+    from models import digits
+    from onnxshrink.cli import main
+
+    src, out, rep = digits.trained_path("cnn"), tmp_path / "p.onnx", tmp_path / "r.json"
+    x, _ = digits.load_split("calib")
+    np.savez(tmp_path / "calib.npz", input=x[:64])
+    assert main(["optimize", str(src), "-o", str(out), "--prune", "0.5", "--max-drift", "1e-6",
+                 "--report", str(rep)]) == 1
+    captured = capsys.readouterr()
+    assert "over --max-drift" in captured.err and out.exists()  # written: the budget, not the rewrite, failed
+    drift = json.loads(rep.read_text())["drift"]
+    assert drift["random_data"] and drift["drift"] > 1e-6
+    assert main(["optimize", str(src), "-o", str(out), "--prune", "0.5", "--calibration",
+                 str(tmp_path / "calib.npz"), "--prune-criterion", "reconstruction", "--reconstruct",
+                 "--drift-data", str(tmp_path / "calib.npz"), "--max-drift", "0.5", "--report", str(rep)]) == 0
+    text = capsys.readouterr().out
+    assert "output drift against the unpruned model on 64 feeds of" in text
+    assert 0 < json.loads(rep.read_text())["drift"]["drift"] < 0.5
+
+
 def test_constant_node_weights_and_opset11_split_attribute(ort_run):
     from onnx import TensorProto, helper, numpy_helper
 
