@@ -204,8 +204,8 @@ def test_cli_prune(tmp_path, capsys):
 
 
 def test_cli_prune_reports_drift_and_max_drift_fails(tmp_path, capsys):
-    """Data-free pruning can break a trained model without a word (PP-OCR's detector: cosine 0.007 at
-    0.3); the CLI measures the pruned outputs against the input's, warns, and fails on --max-drift."""
+    """Data-free pruning can break a trained model without a word (PP-OCR's detector at 0.3,
+    prune_real.md); the CLI measures the pruned outputs against the input's, warns, and fails on --max-drift."""
     from models import digits
     from onnxshrink.cli import main
 
