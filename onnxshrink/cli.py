@@ -69,7 +69,7 @@ def run_optimize(args) -> int:
             print(f"{name:24s} {(cls.__doc__ or '').strip().splitlines()[0]}")
         print("presets: " + ", ".join(sorted(pipeline.PRESETS)))
         return 0
-    if args.prune is not None or args.plan_in:
+    if args.prune is not None or args.plan_in or args.preset == "prune":  # the preset: --prune 0.3, L1
         from onnxshrink.cli_prune import run_prune
 
         return run_prune(args)

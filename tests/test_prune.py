@@ -224,6 +224,9 @@ def test_cli_prune_reports_drift_and_max_drift_fails(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "output drift against the unpruned model on 64 feeds of" in text
     assert 0 < json.loads(rep.read_text())["drift"]["drift"] < 0.5
+    assert main(["optimize", str(src), "--preset", "prune"]) == 0  # the data-free preset says it too
+    text = capsys.readouterr().out
+    assert "channels removed" in text and "output drift against the unpruned model on 4 random feeds" in text
 
 
 def test_constant_node_weights_and_opset11_split_attribute(ort_run):
