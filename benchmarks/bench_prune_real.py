@@ -1,7 +1,8 @@
-"""onnxshrink structured pruning on real trained models (PP-OCR cls, rec, det), without training.
+"""onnxshrink structured pruning on real trained models (PP-OCR cls, rec, det; NudeNet YOLOv8n), without
+training.
 
 For each model (``models/fetch_real.py``: the RapidOCR wheel's PP-OCR text-line orientation
-classifier, recognizer and DB detector) and ratio (0.1, 0.3, 0.5), with the default rounding
+classifier, recognizer and DB detector; NudeNet's YOLOv8n detector) and ratio (0.1, 0.3, 0.5), with the default rounding
 (ONNX Runtime's NCHWc block):
 
 - ``l1``: data-free, ``--prune RATIO`` (the L1 criterion, no calibration, no reconstruction);
@@ -10,22 +11,24 @@ classifier, recognizer and DB detector) and ratio (0.1, 0.3, 0.5), with the defa
 - ``latency``: the same with ``--prune-target latency`` (RATIO of the estimated latency, widths
   chosen per group); a budget the planner cannot reach is reported as such.
 
-Data: ``fetch_real.example_feeds`` (synthetic rendered text lines / pages; no labels): calibration
+Data: ``fetch_real.example_feeds`` (synthetic rendered text lines / pages / scenes; no labels): calibration
 from seed 0, evaluation from seed 1. Quality is agreement with the unpruned float model on the
 evaluation feeds: top-1 for cls, per-step arg-max for rec, text/no-text at 0.3 per pixel for det
-(as ``bench_quantize_vs_ort._metric``), plus ``fg`` (rec: arg-max agreement on the steps where the
+(as ``bench_quantize_vs_ort._metric``), for NudeNet the Jaccard index of the above-0.2 (anchor, class)
+pairs (as there), plus ``fg`` (rec: arg-max agreement on the steps where the
 float model emits a character, not the CTC blank; det: IoU of the text pixels) and the cosine of
 the output flattened over all evaluation feeds. MACs are taken at the operating size (cls 48x192,
-rec 48x320, det 320x320; batch 1).
+rec 48x320, det and NudeNet 320x320; batch 1).
 
 Latency: ONNX Runtime CPU, 1 thread, ``onnxshrink.bench.measure`` (two sessions, runs interleaved,
 order flipping every round). The reference is the unpruned model after onnxshrink's cleanup and
 lossless passes (``prune`` at ratio 0, the same passes every pruned model gets), so the speed-up is
 pruning's own; the cleanup's speed-up over the model as shipped is measured the same way once per
-model. Batches: cls 1 and 32, rec 1 and 8 (one batch-32 run takes about 1 s here), det 1 at 320x320.
+model. Batches: cls 1 and 32, rec 1 and 8 (one batch-32 run takes about 1 s here), det 1 at 320x320,
+NudeNet 1 and 8.
 The 1-minute load average is recorded before and after each model's timing (2 shared cores).
 
-    /work/venv/bin/python benchmarks/bench_prune_real.py [--models ppocr_cls,ppocr_rec,ppocr_det]
+    /work/venv/bin/python benchmarks/bench_prune_real.py [--models ppocr_cls,ppocr_rec,ppocr_det,nudenet_320n]
         [--ratios 0.1,0.3,0.5] [--runs-scale 1.0] [--out benchmarks/results] [--merge]
     /work/venv/bin/python benchmarks/bench_prune_real.py --render benchmarks/results/prune_real.json
 """
@@ -64,7 +67,11 @@ MODELS = {
     "ppocr_cls": Spec({"x:2": 48, "x:3": 192}, 16, 16, {1: 200, 32: 40}),  # 6 crops a feed
     "ppocr_rec": Spec({"x:2": 48, "x:3": 320}, 8, 32, {1: 60, 8: 20}),  # 2 crops a feed
     "ppocr_det": Spec({"x:2": 320, "x:3": 320}, 6, 6, {1: 40}),  # 1 page a feed, 3 page sizes
+    "nudenet_320n": Spec({"images:2": 320, "images:3": 320}, 8, 16, {1: 60, 8: 15}),  # 1 scene a feed
 }
+#: Detectors scored by the Jaccard index of their above-threshold (anchor, class) pairs, as in
+#: ``bench_quantize_vs_ort``: threshold, class scores from the first output.
+DETECTORS = {"nudenet_320n": (0.2, lambda out: out[0, 4:].T)}
 VARIANTS = {
     "l1": {"criterion": "l1"},
     "recon+lsq": {"criterion": "reconstruction", "reconstruct": "lsq"},
@@ -79,6 +86,12 @@ def quality(name: str, ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
     """Task agreement, foreground agreement (rec/det) and output cosine over all evaluation feeds."""
     flat_r, flat_g = flat_floats(ref), flat_floats(got)
     out = {"cos": 1.0 - flat_drift(flat_r, flat_g)}
+    if name in DETECTORS:
+        threshold, scores = DETECTORS[name]
+        tr, tg = (np.concatenate([(scores(o) > threshold).ravel() for o in x]) for x in (ref, got))
+        union = int((tr | tg).sum())
+        out["agree"] = float((tr & tg).sum() / union) if union else 1.0
+        return out
     if name == "ppocr_det":
         tr, tg = flat_r > 0.3, flat_g > 0.3
         out["agree"] = float((tr == tg).mean())
@@ -104,14 +117,15 @@ def outputs(path: str, feeds: list[dict]) -> list[np.ndarray]:
 
 def timing_feeds(name: str, spec: Spec, evals: list[dict]) -> dict[int, dict]:
     """Per timed batch, one feed at the operating size built from the evaluation feeds."""
-    h, w = spec.dims["x:2"], spec.dims["x:3"]
-    rows = np.concatenate([f["x"] for f in evals if f["x"].shape[2:] == (h, w)])
+    x = next(iter(evals[0]))  # the image input
+    h, w = spec.dims[f"{x}:2"], spec.dims[f"{x}:3"]
+    rows = np.concatenate([f[x] for f in evals if f[x].shape[2:] == (h, w)])
     if name == "ppocr_det" and not len(rows):
-        rows = fetch_real.example_feeds(name, n=1, seed=0)[0]["x"]  # seed 0 starts at 320x320
+        rows = fetch_real.example_feeds(name, n=1, seed=0)[0][x]  # seed 0 starts at 320x320
     out = {}
     for b in spec.runs:
         reps = -(-b // len(rows))
-        out[b] = {"x": np.ascontiguousarray(np.concatenate([rows] * reps)[:b])}
+        out[b] = {x: np.ascontiguousarray(np.concatenate([rows] * reps)[:b])}
     return out
 
 
@@ -246,7 +260,7 @@ def _model_lines(name: str, e: dict) -> list[str]:
 def write_markdown(results: dict, path: Path) -> None:
     reading = _hand_written(path)
     lines = [
-        "# Structured pruning on real trained models: PP-OCR cls, rec, det (no training)",
+        "# Structured pruning on real trained models: PP-OCR cls, rec, det, NudeNet YOLOv8n (no training)",
         "",
         ("`python benchmarks/bench_prune_real.py` (see its docstring). Widths rounded to the default (ONNX "
          "Runtime's NCHWc block, 16 on this AVX-512 CPU, rounded up: a narrow group may stay whole). Variants: "
@@ -256,7 +270,8 @@ def write_markdown(results: dict, path: Path) -> None:
         ("Columns: `-params`, `-MACs`: reduction (MACs at the operating size, batch 1); `x MACs` = MACs "
          "before/after, the speed-up in proportion to MACs; `est`: the planner's estimated latency speed-up "
          "(default kernel table, batch 1); `agree` (%): agreement with the unpruned float model on the "
-         "evaluation feeds (cls: top-1; rec: per-step arg-max; det: text/no-text at 0.3 per pixel); `fg` (%): "
+         "evaluation feeds (cls: top-1; rec: per-step arg-max; det: text/no-text at 0.3 per pixel; NudeNet: "
+         "Jaccard index of the above-0.2 (anchor, class) pairs); `fg` (%): "
          "rec: arg-max agreement on the steps where the float model emits a character (not the CTC blank), det: "
          "IoU of the text pixels; `cos`: cosine of the output flattened over all evaluation feeds; `bN`: "
          "measured speed-up at batch N over the unpruned model after the same cleanup and lossless passes "
