@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshrink import channel_stats
-from onnxshrink.graph_utils import NameGen, add_initializer, const_array, is_default_domain
+from onnxshrink.graph_utils import NameGen, add_initializer, clone_model, const_array, is_default_domain
 from onnxshrink.passes.qdq_rules import clip_bounds
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def _bias_add(node: ir.Node) -> tuple[ir.Node, int] | str:
 def measure(float_model: ir.Model, targets: list[Target], data, *, providers=None, limit: int | None = None
             ) -> dict[str, np.ndarray]:
     """Per target (by node name), the mean output shift ``E[y_q - y_f]`` per channel with float inputs."""
-    probe = float_model.clone()
+    probe = clone_model(float_model)
     by_name = {n.name: n for n in probe.graph if n.name}
     names = NameGen(probe)
     taps, keys = [], []

@@ -41,7 +41,7 @@ import onnx_ir as ir
 from onnxshrink import model_io, runtime
 from onnxshrink.calib_reduce import ReduceBuilder
 from onnxshrink.errors import ConfigError
-from onnxshrink.graph_utils import NameGen, subgraphs_of
+from onnxshrink.graph_utils import NameGen, clone_model, subgraphs_of
 from onnxshrink.observers import OUTLIER_ABS
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def plan_taps(model: ir.Model, tensors: Sequence[ir.Value | str] | None = None, 
     the graph too. ``trim``: leave out the model's own outputs (no batching checks) and every node the
     taps do not need, so tapping an early layer runs only the layers before it (ONNX Runtime runs every
     node of a session, whatever outputs a run asks for). ``model`` itself is never modified."""
-    clone = model.clone()
+    clone = clone_model(model)
     mapping: dict[ir.Value, ir.Value] = {}
     _pair_graphs(model.graph, clone.graph, mapping)
     if tensors is None or not all(isinstance(t, ir.Value) and t.dtype is not None and t.shape is not None

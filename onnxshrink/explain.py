@@ -45,6 +45,7 @@ import onnx_ir as ir
 from onnxshrink import data as data_mod
 from onnxshrink import model_io, runtime
 from onnxshrink.errors import DataError, OutputError, RuntimeFailure
+from onnxshrink.graph_utils import clone_model
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +137,8 @@ def explain(
     """
     if batches < 1:
         raise DataError(f"batches must be >= 1, got {batches}")
-    ref = model_io.load(reference).clone()
-    cand = model_io.load(candidate).clone()
+    ref = clone_model(model_io.load(reference))
+    cand = clone_model(model_io.load(candidate))
     taps, unmatched = map_tensors(ref, cand)
     if not taps:
         raise DataError("no candidate tensor maps to a reference tensor (do the models share tensor names?)")

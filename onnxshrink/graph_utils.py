@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy as _copy
 import itertools
 import logging
 
@@ -11,6 +12,19 @@ import onnx_ir as ir
 logger = logging.getLogger(__name__)
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def clone_model(model: ir.Model) -> ir.Model:
+    """``model.clone()`` with every value's type its own object. onnx_ir's clone shares the type
+    objects of the values it copies, and ``value.dtype = x`` changes the type object in place, so a
+    pass or an inference run on a plain clone could retype the original (found when a MACs count on a
+    folded copy retyped PP-OCR rec's Slice output in the model being optimized)."""
+    copy = model.clone()
+    for graph in [*copy.graphs(), *(f.graph for f in copy.functions.values())]:
+        for v in [*graph.inputs, *graph.initializers.values(), *(v for node in graph for v in node.outputs)]:
+            if v.type is not None:
+                v.type = _copy.deepcopy(v.type)
+    return copy
 
 
 def is_default_domain(node: ir.Node) -> bool:

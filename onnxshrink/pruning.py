@@ -36,6 +36,7 @@ import onnx_ir as ir
 
 from onnxshrink import data, depgraph, importance, model_io, pipeline, stats
 from onnxshrink.errors import ConfigError
+from onnxshrink.graph_utils import clone_model
 from onnxshrink.instruments import StructuralCheck
 from onnxshrink.prune_plan import PruningPlan, plan_pruning
 
@@ -122,7 +123,7 @@ def prune(
         plan = PruningPlan.load(plan)
     if plan_out is not None:
         plan.save(plan_out)
-    original = ir_model.clone() if method else None
+    original = clone_model(ir_model) if method else None
     rows_before = layer_rows(ir_model, dims)
     prune_pass = pipeline.make_pass("prune_channels", plan=plan)
     _run(ir_model, [prune_pass], insts, report)

@@ -35,6 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshrink import model_io, runtime, stats
+from onnxshrink.graph_utils import clone_model
 from onnxshrink.passes.activations import FuseActivationsPass
 from onnxshrink.passes.dynamic_quant import DynamicQuantPass
 from onnxshrink.passes.dynamic_quant import refusal as dynamic_refusal
@@ -271,7 +272,7 @@ def steps(model: ir.Model, plan: QDQPlan, table, opts: PlanOptions, placement: P
 def build(model: ir.Model, plan: QDQPlan, table, opts: PlanOptions, placement: Placement = Placement(),
           keep_float=()) -> ir.Model:
     """A quantized clone of ``model`` (see ``steps``), unchecked (for timing)."""
-    clone = model.clone()
+    clone = clone_model(model)
     for p in steps(model, plan, table, opts, placement, keep_float):
         p(clone)
     return clone

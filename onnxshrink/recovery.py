@@ -23,7 +23,7 @@ from typing import Any
 import onnx_ir as ir
 
 from onnxshrink import bias_correction, channel_stats, pipeline, qdq_tune
-from onnxshrink.graph_utils import NameGen
+from onnxshrink.graph_utils import NameGen, clone_model
 from onnxshrink.instruments import StructuralCheck
 from onnxshrink.passes.qdq_rules import PlanOptions, QDQPlan, plan_qdq
 from onnxshrink.passes.smoothquant import SmoothQuantPass, candidates
@@ -37,7 +37,7 @@ MAX_FEEDS = 64
 def smoothquant_pass(model: ir.Model, data, alpha: float = 0.5, providers=None,
                      limit: int = MAX_FEEDS) -> SmoothQuantPass:
     """A ``SmoothQuantPass`` for ``model`` with the per-channel activation maxima measured on ``data``."""
-    probe = model.clone()
+    probe = clone_model(model)
     values = candidates(probe)
     taps = [channel_stats.ChannelTap(v, -1, "absmax") for v in values]
     names = [v.name for v in values]
@@ -78,7 +78,7 @@ class Builder:
     first: ir.Model | None = None  # the first build (nothing extra kept float)
 
     def __call__(self, keep_float=()) -> ir.Model:
-        model = self.float_model.clone()
+        model = clone_model(self.float_model)
         steps = qdq_tune.steps(self.float_model, self.plan, self.table, self.options, self.placement, keep_float)
         steps.append(pipeline.make_pass("dead_code"))
         report = pipeline.Pipeline(steps, [StructuralCheck()] if self.check else []).run(model)

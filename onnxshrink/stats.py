@@ -160,13 +160,14 @@ def macs(model: ir.Model, dims: dict[str, int] | None = None, *, fold: bool = Tr
     quantized forms); dims not fixed by the model or ``dims`` count as 1.
 
     Where inference leaves a weight op's shape unresolved (a length computed by shape arithmetic
-    that onnx cannot follow, as in exported STFT front ends), the count is taken on a copy of the
-    model after constant folding and cleanup (``fold``: ``pipeline.PRE_PRUNE_PASSES``), which computes the same thing with the shapes
-    resolved; an input model and its optimized output are then counted alike."""
+    that onnx cannot follow, as in exported STFT front ends, or read from ``Shape`` at run time), the
+    count is taken on a copy pinned to the counted input size and folded (``fold``: the passes of
+    ``pipeline.PRE_PRUNE_PASSES``), which computes the same thing with those shapes constant; an
+    input model and its optimized output are then counted alike."""
     shapes = inferred_shapes(model, dims)
     layers = [n for n in model.graph.all_nodes() if n.op_type in MAC_OPS]
     if fold and any(_unresolved(n, shapes) for n in layers):
-        folded = _folded_copy(model)
+        folded = _folded_copy(model, dims)
         if folded is not None:
             return macs(folded, dims, fold=False)
     return sum(node_macs(n, shapes) for n in layers)
@@ -181,14 +182,23 @@ def _unresolved(node: ir.Node, shapes: Shapes) -> bool:
                for v in (*node.inputs[:1], *node.outputs[:1]))
 
 
-def _folded_copy(model: ir.Model) -> ir.Model | None:
-    from onnxshrink import pipeline
+def _folded_copy(model: ir.Model, dims: dict[str, int] | None = None) -> ir.Model | None:
+    """A copy of ``model`` with its inputs pinned to the counted size (``dims``, other symbolic dims 1,
+    as counting takes them) and folded, so that shapes computed at run time (``Shape`` -> ``Reshape``)
+    become constants."""
+    from onnxshrink import graph_utils, pipeline
     from onnxshrink.passes import REGISTRY
 
-    copy = model.clone()
+    dims = dims or {}
+    copy = graph_utils.clone_model(model)
+    for v in copy.graph.inputs:
+        if v.shape is not None:
+            v.shape = ir.Shape([d if isinstance(d, int) else
+                                int(dims.get(f"{v.name}:{i}", dims.get(str(d.value), 1) if d.value else 1))
+                                for i, d in enumerate(v.shape)])
+    steps = [pipeline.FixedPoint([pipeline.make_pass(n) for n in pipeline.PRE_PRUNE_PASSES if n in REGISTRY])]
     try:
-        pipeline.Pipeline([pipeline.FixedPoint([pipeline.make_pass(n) for n in pipeline.PRE_PRUNE_PASSES if n in REGISTRY])],
-                          []).run(copy)
+        pipeline.Pipeline(steps, []).run(copy)
     except Exception as e:  # noqa: BLE001 - the count falls back to the unfolded shapes
         logger.info("folding for the MACs count failed: %s", e)
         return None

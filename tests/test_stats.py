@@ -44,3 +44,38 @@ def test_symbolic_input_dims_are_not_unresolved():
     shapes = stats.inferred_shapes(model)
     assert not shapes.unresolved
     assert stats.macs(model) == 12 and stats.macs(model, {"N": 5}) == 60
+
+
+def test_shapes_read_at_run_time_are_counted_at_the_given_size():
+    """A reshape target read from ``Shape`` through arithmetic onnx's data propagation does not follow
+    (here a float Floor; PP-OCR rec's head has such a chain): inference leaves the MatMul's length
+    unknown whatever the input size; pinned to the counted size and folded, the copy resolves it."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, "L"])
+    w = numpy_helper.from_array(np.ones((4, 8), np.float32), "w")
+    nodes = [helper.make_node("Shape", ["x"], ["s"], start=2),
+             helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT),
+             helper.make_node("Floor", ["sf"], ["lf"]),
+             helper.make_node("Cast", ["lf"], ["l"], to=TensorProto.INT64),
+             helper.make_node("Concat", ["l", "eight"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["x", "shape"], ["r"]),  # [L, 8] (batch 1)
+             helper.make_node("Transpose", ["r"], ["r_t"]),
+             helper.make_node("MatMul", ["w", "r_t"], ["y"])]
+    inits = [w, numpy_helper.from_array(np.array([8], np.int64), "eight")]
+    graph = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert stats.macs(model, {"x:2": 10}, fold=False) != 4 * 8 * 10  # inference alone misses it
+    assert stats.macs(model, {"x:2": 10}) == 4 * 8 * 10
+    assert stats.macs(model, {"L": 7}) == 4 * 8 * 7
+
+
+def test_counting_on_a_copy_leaves_the_model_alone():
+    """onnx_ir's clone shares type objects and ``value.dtype = x`` changes them in place: a pass on a
+    plain clone retyped the original (PP-OCR rec's Slice output went int32 -> int64 while counting MACs,
+    and the default preset stopped being idempotent on it)."""
+    from onnxshrink.graph_utils import clone_model
+
+    model = _computed_reshape()
+    clone_model(model).graph.inputs[0].dtype = ir.DataType.DOUBLE
+    assert model.graph.inputs[0].dtype == ir.DataType.FLOAT
+    model.clone().graph.inputs[0].dtype = ir.DataType.DOUBLE
+    assert model.graph.inputs[0].dtype == ir.DataType.DOUBLE  # what a plain clone does, clone_model avoids
