@@ -15,7 +15,7 @@ Data: ``fetch_real.example_feeds`` (synthetic rendered text lines / pages / scen
 from seed 0, evaluation from seed 1. Quality is agreement with the unpruned float model on the
 evaluation feeds: top-1 for cls, per-step arg-max for rec, text/no-text at 0.3 per pixel for det
 (as ``bench_quantize_vs_ort._metric``), for NudeNet the Jaccard index of the above-0.2 (anchor, class)
-pairs (as there), plus ``fg`` (rec: arg-max agreement on the steps where the
+pairs (as there) and, as ``fg``, the cosine of its class scores alone, plus ``fg`` (rec: arg-max agreement on the steps where the
 float model emits a character, not the CTC blank; det: IoU of the text pixels) and the cosine of
 the output flattened over all evaluation feeds. MACs are taken at the operating size (cls 48x192,
 rec 48x320, det and NudeNet 320x320; batch 1).
@@ -91,6 +91,8 @@ def quality(name: str, ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
         tr, tg = (np.concatenate([(scores(o) > threshold).ravel() for o in x]) for x in (ref, got))
         union = int((tr | tg).sum())
         out["agree"] = float((tr & tg).sum() / union) if union else 1.0
+        sr, sg = (np.concatenate([scores(o).ravel() for o in x]).astype(np.float64) for x in (ref, got))
+        out["fg"] = float(sr @ sg / max(np.linalg.norm(sr) * np.linalg.norm(sg), 1e-30))  # scores only
         return out
     if name == "ppocr_det":
         tr, tg = flat_r > 0.3, flat_g > 0.3
@@ -229,7 +231,7 @@ def _row(name: str, r: dict, batches) -> str:
     share = [f"{100 * t[b]['speedup'] / _x(r['macs']):.0f}%" if b in t else "" for b in batches]
     ms = " / ".join(f"{t[b]['ms'][0]:.3g} -> {t[b]['ms'][1]:.3g}" for b in batches if b in t)
     return (f"{head} {_pct(r['params'])} | {_pct(r['macs'])} | {_x(r['macs']):.2f}x | {est_x} | "
-            f"{100 * r['agree']:.1f} | {_fmt(r.get('fg') and 100 * r['fg'], '.1f')} | {r['cos']:.4f} | "
+            f"{100 * r['agree']:.1f} | {_fmt(r.get('fg') and 100 * r['fg'], '.2f' if name in DETECTORS else '.1f')} | {r['cos']:.4f} | "
             + " | ".join(speeds) + " | " + " | ".join(share) + f" | {ms} | {r['seconds']} |")
 
 
@@ -271,7 +273,8 @@ def write_markdown(results: dict, path: Path) -> None:
          "before/after, the speed-up in proportion to MACs; `est`: the planner's estimated latency speed-up "
          "(default kernel table, batch 1); `agree` (%): agreement with the unpruned float model on the "
          "evaluation feeds (cls: top-1; rec: per-step arg-max; det: text/no-text at 0.3 per pixel; NudeNet: "
-         "Jaccard index of the above-0.2 (anchor, class) pairs); `fg` (%): "
+         "Jaccard index of the above-0.2 (anchor, class) pairs); `fg` (%): NudeNet: cosine of the class "
+         "scores alone (x100; `cos` is dominated by the box coordinates, in pixels), "
          "rec: arg-max agreement on the steps where the float model emits a character (not the CTC blank), det: "
          "IoU of the text pixels; `cos`: cosine of the output flattened over all evaluation feeds; `bN`: "
          "measured speed-up at batch N over the unpruned model after the same cleanup and lossless passes "
