@@ -58,8 +58,9 @@ def test_ppocr_cls_pruned_with_reconstruction_is_valid_smaller_and_agrees():
 def test_nudenet_yolov8_pruned_data_free_is_valid_and_stays_dynamic():
     """YOLOv8n (C2f blocks: Split into two halves, bottlenecks, Concat of every half; SPPF; a DFL head):
     data-free pruning at 0.3 prunes through the Split halves and the Concat offsets, keeps batch, height and
-    width dynamic, and the output near the float model's (cosine over 0.9 on two scenes with l1 alone;
-    figures with reconstruction: prune_real.md)."""
+    width dynamic, and the boxes near the float model's (the whole output's cosine, dominated by box
+    coordinates in pixels, over 0.9 on two scenes). The class scores do not survive data-free pruning
+    (score cosine 0.08 at 0.3; 0.91 with reconstruction: prune_real.md), which this test does not cover."""
     src = _fetch("nudenet_320n")
     res = pruning.prune(src, 0.3, dims={"images:2": 320, "images:3": 320})
     report = checks.check_structure(res.model)
