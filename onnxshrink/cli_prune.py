@@ -94,7 +94,13 @@ def run_prune(args) -> int:
         report.write_json(args.report, {**result.to_dict(), "drift": drift})
     if quantize_next:
         return _quantize_pruned(args, result.model)
-    if drift and args.max_drift is not None and drift["drift"] is not None and drift["drift"] > args.max_drift:
+    if args.max_drift is None or not summary["channels_removed"]:
+        return 0
+    if drift is None or drift["drift"] is None:
+        print(f"FAIL: --max-drift {args.max_drift} asked for, but the drift could not be measured (above)",
+              file=sys.stderr)
+        return EXIT_BUDGET_FAILED
+    if drift["drift"] > args.max_drift:
         print(f"FAIL: pruning drift {drift['drift']:.4g} (1 - cosine) is over --max-drift {args.max_drift}",
               file=sys.stderr)
         return EXIT_BUDGET_FAILED
@@ -114,6 +120,17 @@ def _drift(args, result) -> dict | None:
 
     data = args.drift_data or args.calibration
     dims = runtime.parse_dims(args.shape) or (result.dims if data is None else None)
+    if not result.plan.summary()["channels_removed"]:
+        return None
+    if data is None:
+        from onnxshrink import data as data_mod
+
+        unset = [f"{s.name}:{i}" for s in data_mod.input_specs(result.model) for i, d in enumerate(s.dims)
+                 if i > 0 and not isinstance(d, int) and d not in (dims or {}) and f"{s.name}:{i}" not in (dims or {})]
+        if unset:
+            print(f"  drift against the unpruned model not measured: random feeds need the size of "
+                  f"{', '.join(unset)} (give --shape or --calibration)")
+            return None
     try:
         rep = validate.compare(args.input, result.model, data, dims=dims, count=4, threads=1)
     except ShrinkError as e:
@@ -121,12 +138,7 @@ def _drift(args, result) -> dict | None:
         return None
     cos = rep.overall["cosine"]
     drift = None if cos is None else 1.0 - cos
-    where = f"{rep.feeds} feeds of {rep.data}"
-    if rep.random_data:
-        from onnxshrink import data as data_mod
-
-        shapes = ", ".join(f"{s.name} {list(s.concrete_shape(dims))}" for s in data_mod.input_specs(result.model))
-        where = f"{rep.feeds} random feeds ({shapes}; symbolic dims not set by --shape are 1)"
+    where = f"{rep.feeds} {'random feeds' if rep.random_data else 'feeds of ' + rep.data}"
     if drift is None:
         print(f"  drift against the unpruned model not measured on {where}: {'; '.join(rep.failures())}")
     else:

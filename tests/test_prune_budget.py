@@ -285,8 +285,14 @@ def test_cli_prune_shape(tmp_path, capsys):
     report = tmp_path / "r.json"
     assert main(["optimize", str(src), "--prune", "0.3", "--prune-target", "macs", "--round-to", "8",
                  "--shape", "x:2=64", "--shape", "x:3=64", "--report", str(report)]) == 0
+    assert "output drift against the unpruned model on 4 random feeds" in capsys.readouterr().out
     rep = json.loads(report.read_text())
+    assert rep["drift"]["random_data"] and rep["drift"]["drift"] is not None
     assert rep["before"]["macs"] == stats.macs(_symbolic_hw_net(), {"x:2": 64, "x:3": 64})
+    # without a size, random feeds would be 1x1 images: not measured, and a drift budget then fails
+    assert main(["optimize", str(src), "--prune", "0.3", "--round-to", "8", "--max-drift", "0.5"]) == 1
+    out = capsys.readouterr()
+    assert "not measured: random feeds need the size of x:2, x:3" in out.out and "could not be measured" in out.err
     assert rep["after"]["macs"] <= 0.7 * rep["before"]["macs"] * (1 + 1e-3)
 
 
