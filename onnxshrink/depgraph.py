@@ -283,15 +283,15 @@ class DepGraph:
         for cells in np.split(order, bounds):
             if len(cells):
                 by_signature[tuple(np.unique(slot_of[cells]))].append(cells)
-        units = [self._group(sig, atoms, slots, offsets, slot_of) for sig, atoms in by_signature.items()]
+        index = {s: i for i, s in enumerate(slots)}
+        units = [self._group(sig, atoms, slots, index, offsets, slot_of) for sig, atoms in by_signature.items()]
         units.sort(key=lambda g: (self._position(g), g.key))
         for i, g in enumerate(units):
             g.id = i
         self.groups = units
 
-    def _group(self, sig, atom_cells, slots, offsets, slot_of) -> Group:
+    def _group(self, sig, atom_cells, slots, index, offsets, slot_of) -> Group:
         gslots = sorted((slots[i] for i in sig), key=lambda s: s.label())
-        index = {s: i for i, s in enumerate(slots)}
         atoms = []
         for cells in atom_cells:
             per = {}
