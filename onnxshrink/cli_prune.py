@@ -31,7 +31,8 @@ def add_prune_args(p: argparse.ArgumentParser) -> None:
                         "to keep the most importance) or macs (of its MACs, the same way)")
     g.add_argument("--kernel-table", default=None, metavar="default|measure|JSON",
                    help="kernel throughput by width for latency estimates: default (built-in curves, "
-                        "deterministic), measure (time ONNX Runtime's kernels here once, cached under "
+                        "deterministic), measure (time ONNX Runtime's kernels here once at the model's map "
+                        "sizes and planning batch, --shape INPUT:0=N, default 1; cached under "
                         "~/.cache/onnxshrink/kernels) or a saved table")
     g.add_argument("--prune-measure", action="store_true",
                    help="also time the pruned model against the input (ONNX Runtime CPU, 1 thread, batch 1, "

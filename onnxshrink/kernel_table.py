@@ -15,9 +15,10 @@ come from one run of :func:`measure` on that machine, which no results file in `
 run :func:`measure` (or ``--kernel-table measure``) to get this machine's.
 
 :func:`measure` times one-layer models (the kernel's time from ONNX Runtime's profiler, the NCHWc
-reorders around it left out) on this machine at the given spatial sizes; :func:`load` with
-``"measure"`` measures once and caches the table on disk under ``~/.cache/onnxshrink/kernels/``,
-keyed by the ONNX Runtime version, the CPU model, the NCHWc block and the grid. Memory-bound ops
+reorders around it left out) on this machine at the given spatial sizes and batch (the pruning
+planner passes the batch it plans for, 1 unless ``dims`` set it); :func:`load` with ``"measure"``
+measures once and caches the table on disk under ``~/.cache/onnxshrink/kernels/``, keyed by the ONNX
+Runtime version, the CPU model, the NCHWc block, the grid and the batch. Memory-bound ops
 (pooling, Concat, Transpose, normalizations, Softmax, unfused elementwise ops) cost ``node_us`` plus
 nanoseconds per input element (:data:`MEMORY_NS`; measured tables take these defaults too).
 """
@@ -150,15 +151,15 @@ DEFAULT = KernelTable(
 )
 
 
-def load(spec: str | os.PathLike | KernelTable | None = None, *, hws=(16,)) -> KernelTable:
-    """``None``/``"default"``: :data:`DEFAULT`; ``"measure"``: measured here (cached on disk); a path:
-    a saved table; a table: itself."""
+def load(spec: str | os.PathLike | KernelTable | None = None, *, hws=(16,), batch: int | None = None) -> KernelTable:
+    """``None``/``"default"``: :data:`DEFAULT`; ``"measure"``: measured here (cached on disk) at
+    ``batch`` (see :func:`measure`); a path: a saved table; a table: itself."""
     if isinstance(spec, KernelTable):
         return spec
     if spec is None or spec == "default":
         return DEFAULT
     if spec == "measure":
-        return cached(hws)
+        return cached(hws, batch)
     path = Path(spec)
     try:
         return KernelTable.from_dict(json.loads(path.read_text()), source=str(path))
@@ -175,7 +176,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "onnxshrink" / "kernels"
 
 
-def fingerprint(hws, widths=WIDTHS) -> str:
+def fingerprint(hws, widths=WIDTHS, batch: int | None = None) -> str:
     from onnxshrink import ort_blocks, runtime
 
     cpu = platform.processor() or platform.machine()
@@ -184,27 +185,31 @@ def fingerprint(hws, widths=WIDTHS) -> str:
                     if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    key = json.dumps([runtime.ort().__version__, cpu, ort_blocks.nchwc_block_size(), sorted(hws), list(widths)])
+    key = [runtime.ort().__version__, cpu, ort_blocks.nchwc_block_size(), sorted(hws), list(widths)]
+    key = json.dumps(key if batch is None else [*key, int(batch)])  # tables cached without a batch stay valid
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
-def cached(hws=(16,)) -> KernelTable:
-    """The table measured on this machine for these spatial sizes, measured once and kept on disk."""
+def cached(hws=(16,), batch: int | None = None) -> KernelTable:
+    """The table measured on this machine for these spatial sizes (and batch), measured once and kept
+    on disk."""
     hws = tuple(sorted({int(h) for h in hws}))
-    path = cache_dir() / f"{fingerprint(hws)}.json"
+    path = cache_dir() / f"{fingerprint(hws, batch=batch)}.json"
     if path.exists():
         try:
             return KernelTable.from_dict(json.loads(path.read_text()), source=f"measured ({path})")
         except (ConfigError, json.JSONDecodeError) as e:
             logger.warning("kernel table cache %s unreadable (%s); measuring again", path, e)
-    table = measure(hws)
+    table = measure(hws) if batch is None else measure(hws, batch=batch)
     path.parent.mkdir(parents=True, exist_ok=True)
     table.save(path)
     return dataclasses.replace(table, source=f"measured ({path})")
 
 
-def measure(hws=(16,), widths=WIDTHS, runs: int = 15) -> KernelTable:
-    """Time every kind by output width (64 inputs) and by input width (64 outputs) at each spatial size."""
+def measure(hws=(16,), widths=WIDTHS, runs: int = 15, batch: int | None = None) -> KernelTable:
+    """Time every kind by output width (64 inputs) and by input width (64 outputs) at each spatial size,
+    convs at ``batch`` images (None: enough images for 4096 output positions, which small maps run
+    faster per MAC than they do one image at a time)."""
     from onnxshrink import ort_blocks
 
     block = max(ort_blocks.nchwc_block_size(), 1)
@@ -212,21 +217,21 @@ def measure(hws=(16,), widths=WIDTHS, runs: int = 15) -> KernelTable:
     with tempfile.TemporaryDirectory(prefix="onnxshrink-kernels-") as tmp:
         for hw in hws:
             for kind in KINDS:
-                out = {w: _time(kind, 64, w, hw, tmp, runs) for w in widths}
-                in_ = {} if kind == "depthwise" else {w: _time(kind, w, 64, hw, tmp, runs) for w in widths}
+                out = {w: _time(kind, 64, w, hw, tmp, runs, batch) for w in widths}
+                in_ = {} if kind == "depthwise" else {w: _time(kind, w, 64, hw, tmp, runs, batch) for w in widths}
                 ref = in_.get(64) or 1.0
                 curves.append(Curve(kind, hw, out, {w: g / ref for w, g in in_.items()}))
                 logger.info("kernel table %s hw %d: %s", kind, hw, {w: round(g, 1) for w, g in out.items()})
     return KernelTable(tuple(curves), block, source="measured")
 
 
-def _time(kind: str, cin: int, cout: int, hw: int, tmp: str, runs: int) -> float:
+def _time(kind: str, cin: int, cout: int, hw: int, tmp: str, runs: int, batch: int | None = None) -> float:
     """GMAC/s of one layer's kernel (median of ``runs`` profiled runs)."""
     from onnxshrink import runtime
 
     if kind == "depthwise":
         cin = cout
-    model, feed, macs = _layer_model(kind, cin, cout, hw)
+    model, feed, macs = _layer_model(kind, cin, cout, hw, batch)
     rt = runtime.ort()
     so = runtime.session_options(1, level=rt.GraphOptimizationLevel.ORT_ENABLE_ALL)
     so.enable_profiling, so.profile_file_prefix = True, os.path.join(tmp, "k")
@@ -241,7 +246,7 @@ def _time(kind: str, cin: int, cout: int, hw: int, tmp: str, runs: int) -> float
     return macs / (us * 1e3)
 
 
-def _layer_model(kind: str, cin: int, cout: int, hw: int) -> tuple[bytes, dict, int]:
+def _layer_model(kind: str, cin: int, cout: int, hw: int, batch: int | None = None) -> tuple[bytes, dict, int]:
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -254,7 +259,7 @@ def _layer_model(kind: str, cin: int, cout: int, hw: int) -> tuple[bytes, dict, 
     else:
         k = 1 if kind == "conv1x1" else 3
         group = cout if kind == "depthwise" else 1
-        batch = max(1, 4096 // (hw * hw))
+        batch = batch or max(1, 4096 // (hw * hw))
         w = numpy_helper.from_array(rng.random((cout, cin // group, k, k), np.float32), "w")
         nodes = [helper.make_node("Conv", ["x", "w"], ["y"], pads=[k // 2] * 4, group=group)]
         x = rng.random((batch, cin, hw, hw), np.float32)

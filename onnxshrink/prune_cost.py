@@ -116,14 +116,16 @@ class CostModel:
     """Latency (us) or MACs of a model for a vector of kept atoms per live group."""
 
     def __init__(self, layers: list[LayerCost], atoms: list[int], other_nodes: int, table: KernelTable,
-                 metric: str = "latency", nodes: list[NodeCost] = ()) -> None:
+                 metric: str = "latency", nodes: list[NodeCost] = (), batch: int = 1) -> None:
         """``other_nodes``: nodes costing ``node_us`` each; ``nodes``: memory-bound nodes (in the latency
-        metric, and in :meth:`describe`'s latency whatever the metric)."""
+        metric, and in :meth:`describe`'s latency whatever the metric); ``batch``: the batch the model
+        is costed at (its shapes already carry it)."""
         if metric not in ("latency", "macs"):
             raise ValueError(f"metric must be 'latency' or 'macs', not {metric!r}")
         self.atoms = np.asarray(atoms, dtype=float)
         self.table = table
         self.metric = metric
+        self.batch = batch
         self.other_nodes = other_nodes
         self.weights = list(layers)
         self.nodes = list(nodes)
@@ -179,7 +181,8 @@ def build(model: ir.Model, dg: depgraph.DepGraph, live: list[depgraph.Group], ta
           metric: str = "latency", *, dims=None) -> CostModel:
     """The cost model of ``model``'s weight layers over the ``live`` groups (whose widths may change).
     ``table``: a :class:`KernelTable` or what :func:`onnxshrink.kernel_table.load` takes; a measured
-    table is measured at the spatial sizes of the model's convs (powers of 2 from 4 to 64).
+    table is measured at the spatial sizes of the model's convs (powers of 2 from 4 to 64) and at the
+    batch the model is costed at (:func:`planning_batch`).
     ``dims``: input dims (``stats.inferred_shapes``) the model is costed at; symbolic ones left out
     count as 1."""
     from onnxshrink import kernel_table
@@ -194,7 +197,8 @@ def build(model: ir.Model, dg: depgraph.DepGraph, live: list[depgraph.Group], ta
             layers.append(layer)
     names = {layer.name for layer in layers}
     hws = sorted({min(max(2 ** round(math.log2(max(x.hw, 1))), 4), 64) for x in layers if x.kind != "gemm"})
-    table = kernel_table.load(table, hws=hws or (16,))
+    batch = planning_batch(model, dims)
+    table = kernel_table.load(table, hws=hws or (16,), batch=batch)
     other, nodes = 0, []
     for node in model.graph:
         if (node.name or node.outputs[0].name) in names or node.op_type == "Constant":
@@ -204,7 +208,7 @@ def build(model: ir.Model, dg: depgraph.DepGraph, live: list[depgraph.Group], ta
             other += 1
         else:
             nodes.append(cost)
-    return CostModel(layers, [g.width for g in live], other, table, metric, nodes)
+    return CostModel(layers, [g.width for g in live], other, table, metric, nodes, batch)
 
 
 def _memory_node(node: ir.Node, shapes, cells, table: KernelTable) -> NodeCost | None:
@@ -298,3 +302,14 @@ def _kept_axis(total: int, entries) -> Axis:
     of live groups scale with their kept fraction, the rest are fixed."""
     live = [(i, float(n)) for i, n in entries if i is not None]
     return Axis(total, float(total - sum(n for _, n in live)), live)
+
+
+def planning_batch(model: ir.Model, dims) -> int:
+    """The batch the estimates are taken at: the first input's axis 0, from the model or ``dims``."""
+    if not model.graph.inputs or model.graph.inputs[0].shape is None or not model.graph.inputs[0].shape.rank():
+        return 1
+    x, d = model.graph.inputs[0], model.graph.inputs[0].shape[0]
+    if isinstance(d, int):
+        return d
+    dims = dims or {}
+    return int(dims.get(f"{x.name}:0", dims.get(str(d.value), 1) if d.value else 1))

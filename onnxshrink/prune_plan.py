@@ -185,7 +185,7 @@ def plan_pruning(
         else:
             live.append((g, gp, np.asarray(crit(g, stats), dtype=np.float64)))
     cost = _cost_model(model, dg, live, kernels, "macs" if target == "macs" else "latency", dims)
-    estimate: dict = {"kernels": cost.table.source, "batch": _batch(model, dims)}
+    estimate: dict = {"kernels": cost.table.source, "batch": cost.batch}
     if target != "channels":
         keeps = _budget_keeps(cost, live, ratio, round_to, min_width, max_ratio, crit, estimate)
     elif scope == "global" and not layer_ratios:
@@ -206,17 +206,6 @@ def plan_pruning(
                 "subgraph_layers": sum(1 for n in model.graph.all_nodes()
                                        if n.graph is not model.graph and n.op_type in depgraph.WEIGHT_AXES)}
     return PruningPlan(settings, plans)
-
-
-def _batch(model: ir.Model, dims: Mapping[str, int] | None) -> int:
-    """The batch the estimates are taken at: the first input's axis 0, from the model or ``dims``."""
-    if not model.graph.inputs or model.graph.inputs[0].shape is None or not model.graph.inputs[0].shape.rank():
-        return 1
-    x, d = model.graph.inputs[0], model.graph.inputs[0].shape[0]
-    if isinstance(d, int):
-        return d
-    dims = dims or {}
-    return int(dims.get(f"{x.name}:0", dims.get(str(d.value), 1) if d.value else 1))
 
 
 def _cost_model(model, dg, live, kernels, metric, dims=None):

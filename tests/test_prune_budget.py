@@ -308,3 +308,27 @@ def test_estimates_are_taken_at_the_batch_given():
     assert est["macs"][0] == 32 * one["macs"][0]
     assert one["latency_us"][0] < est["latency_us"][0] < 32 * one["latency_us"][0]
     assert "at batch 32" in many.target_text()
+
+
+def test_measured_kernel_table_is_taken_at_the_planning_batch(tmp_path, monkeypatch):
+    """A measured table used to time small maps at up to 256 images a run whatever the batch the plan
+    was for; it is now measured (and cached) at the planning batch."""
+    _, feed, macs = kernel_table._layer_model("conv", 16, 32, 8, batch=1)
+    assert feed["x"].shape == (1, 16, 8, 8) and macs == 8 * 8 * 32 * 16 * 9
+    assert kernel_table._layer_model("conv", 16, 32, 8)[1]["x"].shape[0] == 64  # 4096 positions
+    assert kernel_table.fingerprint((8,), batch=1) != kernel_table.fingerprint((8,), batch=32)
+    assert kernel_table.fingerprint((8,)) != kernel_table.fingerprint((8,), batch=1)
+    calls = []
+
+    def fake_measure(hws, batch=None):
+        calls.append((hws, batch))
+        return kernel_table.KernelTable(kernel_table.DEFAULT.curves, source="measured")
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernel_table, "measure", fake_measure)
+    model = _symbolic_hw_net()
+    hw = {"x:2": 32, "x:3": 32}
+    plan_pruning(model, 0.3, target="latency", kernels="measure", dims=hw)
+    plan_pruning(model, 0.3, target="latency", kernels="measure", dims={**hw, "x:0": 8})
+    plan_pruning(model, 0.3, target="latency", kernels="measure", dims={**hw, "x:0": 8})  # cached
+    assert [b for _, b in calls] == [1, 8]
