@@ -14,6 +14,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
+def own_type(value: ir.Value):
+    """A copy of ``value``'s type object (None stays None), for a value that takes another's type:
+    sharing the object would let ``x.dtype = ...`` on one retype the other."""
+    return None if value.type is None else _copy.deepcopy(value.type)
+
+
 def clone_model(model: ir.Model) -> ir.Model:
     """``model.clone()`` with every value's type its own object. onnx_ir's clone shares the type
     objects of the values it copies, and ``value.dtype = x`` changes the type object in place, so a
@@ -22,8 +28,7 @@ def clone_model(model: ir.Model) -> ir.Model:
     copy = model.clone()
     for graph in [*copy.graphs(), *(f.graph for f in copy.functions.values())]:
         for v in [*graph.inputs, *graph.initializers.values(), *(v for node in graph for v in node.outputs)]:
-            if v.type is not None:
-                v.type = _copy.deepcopy(v.type)
+            v.type = own_type(v)
     return copy
 
 

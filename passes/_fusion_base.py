@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxshrink.graph_utils import NameGen, add_initializer, bypass, const_array, drop_node, is_default_domain
+from onnxshrink.graph_utils import (
+    NameGen,
+    add_initializer,
+    bypass,
+    const_array,
+    drop_node,
+    is_default_domain,
+    own_type,
+)
 from onnxshrink.pass_infra import PassStats, iter_graphs
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
@@ -32,7 +40,7 @@ class Rewriter:
         repeat a name of an outer scope inside a subgraph.
         """
         old = replaces.outputs[0]
-        out = ir.Value(name=self.names(f"{old.name or op_type}_fused"), type=old.type, shape=old.shape)
+        out = ir.Value(name=self.names(f"{old.name or op_type}_fused"), type=own_type(old), shape=old.shape)
         node = ir.Node("", op_type, inputs, outputs=[out], name=self.names(f"{op_type}_fused"))
         replaces.graph.insert_before(replaces, node)
         return node

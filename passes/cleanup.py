@@ -27,7 +27,7 @@ import onnx_ir as ir
 from onnxshrink.passes import _tensor_bytes as tb
 from onnxshrink.passes._fold_guards import is_non_deterministic
 
-from onnxshrink.graph_utils import DEFAULT_DOMAINS, drop_node
+from onnxshrink.graph_utils import DEFAULT_DOMAINS, drop_node, own_type
 from onnxshrink.pass_infra import Changes, PassStats, ShrinkPass, iter_graphs
 
 logger = logging.getLogger(__name__)
@@ -335,7 +335,7 @@ def _merge(keep: ir.Node, dup: ir.Node) -> str | None:
         if d.is_graph_output():  # k takes d's place in the interface: its name, type and shape
             name, d.name = d.name, None
             k.name = name
-            k.type = d.type or k.type
+            k.type = own_type(d) or k.type
             k.shape = d.shape or k.shape
         d.replace_all_uses_with(k, replace_graph_outputs=True)
     dup.graph.remove(dup, safe=True)

@@ -38,7 +38,7 @@ from onnxshrink.passes import _shape_values as shape_values
 from onnxshrink.passes._fold_guards import defined_names, inline_if_refusal, predicted_bytes, refusal
 
 from onnxshrink.errors import ConfigError
-from onnxshrink.graph_utils import NameGen, const_array, drop_node, is_default_domain, subgraphs_of
+from onnxshrink.graph_utils import NameGen, const_array, drop_node, is_default_domain, own_type, subgraphs_of
 from onnxshrink.pass_infra import Changes, PassStats, ShrinkPass
 
 logger = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ class _Folder:
             const = ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", tensor)])
             new = const.outputs[0]
             new.name = name
-            new.type = old.type or ir.TensorType(tensor.dtype)
+            new.type = own_type(old) or ir.TensorType(tensor.dtype)
             new.shape = old.shape if old.is_graph_output() and old.shape else ir.Shape(array.shape)
             new.const_value = tensor
             graph.insert_before(anchor, const)
@@ -338,7 +338,7 @@ def _inline_branch(node: ir.Node, graph, branch: ir.Graph) -> list[ir.Node]:
         graph.register_initializer(value)
     for out, res in zip(node.outputs, results):
         if res.type is None:
-            res.type = out.type
+            res.type = own_type(out)
         if res.shape is None:
             res.shape = out.shape
         if not out.is_graph_output():
