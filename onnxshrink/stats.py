@@ -61,13 +61,26 @@ class Shapes(dict):
         self.unresolved: set[str] = set()
 
 
-def inferred_shapes(model: ir.Model, dims: dict[str, int] | None = None) -> Shapes:
+def inferred_shapes(model: ir.Model, dims: dict[str, int] | None = None, *, fold: bool = True) -> Shapes:
     """Value name -> concrete shape after onnx shape inference, subgraphs included.
 
     Symbolic or unknown input dims take values from ``dims`` (by dim name, or ``input:axis``) before
-    inference; dims still unknown afterwards count as 1.
+    inference; dims still unknown afterwards count as 1. Where inference leaves a weight op's shape
+    unresolved (a length computed by shape arithmetic onnx cannot follow, as in exported STFT front
+    ends, or read from ``Shape`` at run time), those values take their shapes from a copy pinned to
+    the given size and folded (``fold``: the passes of ``pipeline.PRE_PRUNE_PASSES``), which computes
+    the same thing with those shapes constant; ``unresolved`` still names them.
     """
-    dims = dims or {}
+    shapes = _infer(model, dims or {})
+    if fold and any(_unresolved(n, shapes) for n in model.graph.all_nodes() if n.op_type in MAC_OPS):
+        folded = _folded_copy(model, dims)
+        if folded is not None:
+            more = _infer(folded, dims or {})
+            shapes.update({k: v for k, v in more.items() if k not in shapes or k in shapes.unresolved})
+    return shapes
+
+
+def _infer(model: ir.Model, dims: dict[str, int]) -> Shapes:
     shapes = Shapes()
     try:
         with checks.lifted_proto(model) as proto:
@@ -157,20 +170,11 @@ def _attr_int(node: ir.Node, name: str, default: int = 0) -> int:
 
 def macs(model: ir.Model, dims: dict[str, int] | None = None, *, fold: bool = True) -> int:
     """Estimated multiply-accumulates of one run (Conv, ConvTranspose, MatMul, Gemm and their
-    quantized forms); dims not fixed by the model or ``dims`` count as 1.
-
-    Where inference leaves a weight op's shape unresolved (a length computed by shape arithmetic
-    that onnx cannot follow, as in exported STFT front ends, or read from ``Shape`` at run time), the
-    count is taken on a copy pinned to the counted input size and folded (``fold``: the passes of
-    ``pipeline.PRE_PRUNE_PASSES``), which computes the same thing with those shapes constant; an
-    input model and its optimized output are then counted alike."""
-    shapes = inferred_shapes(model, dims)
-    layers = [n for n in model.graph.all_nodes() if n.op_type in MAC_OPS]
-    if fold and any(_unresolved(n, shapes) for n in layers):
-        folded = _folded_copy(model, dims)
-        if folded is not None:
-            return macs(folded, dims, fold=False)
-    return sum(node_macs(n, shapes) for n in layers)
+    quantized forms); dims not fixed by the model or ``dims`` count as 1. Shapes as
+    :func:`inferred_shapes` gives them (``fold``), so an input model and its optimized output are
+    counted alike."""
+    shapes = inferred_shapes(model, dims, fold=fold)
+    return sum(node_macs(n, shapes) for n in model.graph.all_nodes() if n.op_type in MAC_OPS)
 
 
 MAC_OPS = frozenset({"Conv", "ConvInteger", "QLinearConv", "ConvTranspose", "MatMul", "MatMulInteger",
@@ -186,18 +190,16 @@ def _folded_copy(model: ir.Model, dims: dict[str, int] | None = None) -> ir.Mode
     """A copy of ``model`` with its inputs pinned to the counted size (``dims``, other symbolic dims 1,
     as counting takes them) and folded, so that shapes computed at run time (``Shape`` -> ``Reshape``)
     become constants."""
-    from onnxshrink import graph_utils, pipeline
+    from onnxshrink import data, graph_utils, pipeline
     from onnxshrink.passes import REGISTRY
 
-    dims = dims or {}
     copy = graph_utils.clone_model(model)
-    for v in copy.graph.inputs:
-        if v.shape is not None:
-            v.shape = ir.Shape([d if isinstance(d, int) else
-                                int(dims.get(f"{v.name}:{i}", dims.get(str(d.value), 1) if d.value else 1))
-                                for i, d in enumerate(v.shape)])
     steps = [pipeline.FixedPoint([pipeline.make_pass(n) for n in pipeline.PRE_PRUNE_PASSES if n in REGISTRY])]
     try:
+        pinned = {s.name: s.concrete_shape(dims) for s in data.input_specs(copy)}
+        for v in copy.graph.inputs:
+            if v.name in pinned and v.shape is not None:
+                v.shape = ir.Shape(pinned[v.name])
         pipeline.Pipeline(steps, []).run(copy)
     except Exception as e:  # noqa: BLE001 - the count falls back to the unfolded shapes
         logger.info("folding for the MACs count failed: %s", e)
