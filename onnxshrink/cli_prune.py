@@ -12,6 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from onnxshrink.cli_check import EXIT_BUDGET_FAILED
 from onnxshrink.errors import ConfigError, OutputError
 
 CRITERIA = ("l1", "l2", "bn", "activation", "reconstruction")
@@ -110,24 +111,23 @@ def run_prune(args) -> int:
 
 #: A pruned model whose outputs drift more than this (1 - cosine, worst output) gets a warning.
 WARN_DRIFT = 0.01
-EXIT_BUDGET_FAILED = 1  # as the gate's: the model was written, its budget is broken
 
 
 def _drift(args, result) -> dict | None:
     """Outputs of the pruned model against the input's, on --drift-data, else --calibration (what a
     reconstruction was fit on: an optimistic reading), else random feeds; printed and returned."""
-    from onnxshrink import runtime, validate
+    from onnxshrink import validate
     from onnxshrink.errors import ShrinkError
 
     data = args.drift_data or args.calibration
-    dims = runtime.parse_dims(args.shape) or (result.dims if data is None else None)
+    dims = result.dims  # --shape, else the first calibration feed's (what MACs were counted at)
     if not result.plan.summary()["channels_removed"]:
         return None
     if data is None:
         from onnxshrink import data as data_mod
 
-        unset = [f"{s.name}:{i}" for s in data_mod.input_specs(result.model) for i, d in enumerate(s.dims)
-                 if i > 0 and not isinstance(d, int) and d not in (dims or {}) and f"{s.name}:{i}" not in (dims or {})]
+        unset = [f"{s.name}:{i}" for s in data_mod.input_specs(result.model)
+                 for i, d in enumerate(s.concrete_shape(dims, default=None)) if i > 0 and d is None]
         if unset:
             print(f"  drift against the unpruned model not measured: random feeds need the size of "
                   f"{', '.join(unset)} (give --shape or --calibration)")

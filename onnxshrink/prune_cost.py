@@ -306,10 +306,8 @@ def _kept_axis(total: int, entries) -> Axis:
 
 def planning_batch(model: ir.Model, dims) -> int:
     """The batch the estimates are taken at: the first input's axis 0, from the model or ``dims``."""
-    if not model.graph.inputs or model.graph.inputs[0].shape is None or not model.graph.inputs[0].shape.rank():
-        return 1
-    x, d = model.graph.inputs[0], model.graph.inputs[0].shape[0]
-    if isinstance(d, int):
-        return d
-    dims = dims or {}
-    return int(dims.get(f"{x.name}:0", dims.get(str(d.value), 1) if d.value else 1))
+    from onnxshrink import data
+
+    specs = data.input_specs(model)
+    shape = specs[0].concrete_shape(dims) if specs else ()
+    return int(shape[0]) if shape else 1
