@@ -69,9 +69,8 @@ MODELS = {
     "ppocr_det": Spec({"x:2": 320, "x:3": 320}, 6, 6, {1: 40}),  # 1 page a feed, 3 page sizes
     "nudenet_320n": Spec({"images:2": 320, "images:3": 320}, 8, 16, {1: 60, 8: 15}),  # 1 scene a feed
 }
-#: Detectors scored by the Jaccard index of their above-threshold (anchor, class) pairs, as in
-#: ``bench_quantize_vs_ort``: threshold, class scores from the first output.
-DETECTORS = {"nudenet_320n": (0.2, lambda out: out[0, 4:].T)}
+#: Detectors, scored by ``fetch_real.detection_agreement`` as ``bench_quantize_vs_ort`` scores them.
+DETECTORS = ("nudenet_320n",)
 VARIANTS = {
     "l1": {"criterion": "l1"},
     "recon+lsq": {"criterion": "reconstruction", "reconstruct": "lsq"},
@@ -87,12 +86,11 @@ def quality(name: str, ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
     flat_r, flat_g = flat_floats(ref), flat_floats(got)
     out = {"cos": 1.0 - flat_drift(flat_r, flat_g)}
     if name in DETECTORS:
-        threshold, scores = DETECTORS[name]
-        tr, tg = (np.concatenate([(scores(o) > threshold).ravel() for o in x]) for x in (ref, got))
-        union = int((tr | tg).sum())
-        out["agree"] = float((tr & tg).sum() / union) if union else 1.0
-        sr, sg = (np.concatenate([scores(o).ravel() for o in x]).astype(np.float64) for x in (ref, got))
-        out["fg"] = float(sr @ sg / max(np.linalg.norm(sr) * np.linalg.norm(sg), 1e-30))  # scores only
+        ref_outs, outs = [[o] for o in ref], [[o] for o in got]  # one output a feed
+        out["agree"] = fetch_real.detection_agreement(name, ref_outs, outs)
+        scores = fetch_real.DETECTIONS[name][1]
+        sr, sg = (np.concatenate([scores(o).ravel() for o in x]) for x in (ref_outs, outs))
+        out["fg"] = 1.0 - flat_drift(sr, sg)  # the cosine of the class scores alone
         return out
     if name == "ppocr_det":
         tr, tg = flat_r > 0.3, flat_g > 0.3

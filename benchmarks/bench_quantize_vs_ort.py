@@ -48,6 +48,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from models import fetch_real
+
 #: spec -> families of recovery options that matter for it ("conv", "linear", "rnn").
 MODELS = {
     "digits:cnn": ("conv",), "digits:resnet": ("conv",), "digits:mobilenet": ("conv",),
@@ -72,12 +74,6 @@ ORT_DYNAMIC = [{"dynamic": "QInt8/per_channel"}, {"dynamic": "QUInt8"}]
 #: Fewer calibration / timing rounds for the big detector (ORT's histogram calibrators hold every tensor).
 CALIB_FEEDS = {"real:ppocr_det": 12, "real:layout_cdla": 12}
 TIMING_RUNS = {"real:ppocr_det": 30, "real:layout_cdla": 30}
-#: Detectors: (the score threshold the package itself uses, the [anchors, classes] scores of one feed's outputs).
-DETECTIONS = {
-    "real:nudenet_320n": (0.2, lambda outs: outs[0][0, 4:].T),
-    "real:ddddocr_det": (0.1, lambda outs: outs[0][0, :, 4:5] * outs[0][0, :, 5:]),
-    "real:layout_cdla": (0.5, lambda outs: np.concatenate([o[0] for o in outs[:4]])),
-}
 
 
 # ---------------------------------------------------------------- data
@@ -105,8 +101,6 @@ def prepare(spec: str, tmp: Path) -> dict:
         calib = [data.random_feed(specs, i, dims) for i in range(n_calib)]
         evals = [data.random_feed(specs, 1000 + i, dims) for i in range(8)]
     else:
-        from models import fetch_real
-
         src = fetch_real.fetch(name)
         calib = fetch_real.example_feeds(name, n=n_calib, seed=0)
         evals = fetch_real.example_feeds(name, n=16, seed=1)
@@ -224,21 +218,13 @@ def _metric(prep: dict, float_outs, outs) -> float:
     if spec == "real:ppocr_det":
         ref, got = (np.concatenate([o[0].ravel() for o in x]) for x in (float_outs, outs))
         return float(((ref > 0.3) == (got > 0.3)).mean())
-    if spec in DETECTIONS:
-        return _detection_agreement(spec, float_outs, outs)
+    if spec.startswith("real:") and spec[5:] in fetch_real.DETECTIONS:
+        return fetch_real.detection_agreement(spec[5:], float_outs, outs)
     last = float_outs[0][0].shape[-1]
     ref, got = (np.concatenate([o[0].reshape(-1, last) for o in x]) for x in (float_outs, outs))
     if last > 1:
         return float((ref.argmax(-1) == got.argmax(-1)).mean())
     return float((np.sign(ref) == np.sign(got)).mean())
-
-
-def _detection_agreement(spec: str, float_outs, outs) -> float:
-    """Jaccard index of the above-threshold (anchor, class) pairs, float vs quantized, over all feeds."""
-    threshold, scores = DETECTIONS[spec]
-    ref, got = (np.concatenate([(scores(o) > threshold).ravel() for o in x]) for x in (float_outs, outs))
-    union = int((ref | got).sum())
-    return float((ref & got).sum() / union) if union else 1.0
 
 
 def _load() -> float:

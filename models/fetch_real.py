@@ -379,6 +379,24 @@ def example_feeds(name: str, n: int = 2, seed: int = 0) -> list[dict[str, np.nda
     raise KeyError(f"no example inputs for {name!r}; known: {', '.join(SOURCES)}")
 
 
+#: Detectors: (the score threshold the package itself uses, the [anchors, classes] scores of one feed's
+#: outputs, a list of arrays as ONNX Runtime returns them).
+DETECTIONS = {
+    "nudenet_320n": (0.2, lambda outs: outs[0][0, 4:].T),
+    "ddddocr_det": (0.1, lambda outs: outs[0][0, :, 4:5] * outs[0][0, :, 5:]),
+    "layout_cdla": (0.5, lambda outs: np.concatenate([o[0] for o in outs[:4]])),
+}
+
+
+def detection_agreement(name: str, ref_outs, outs) -> float:
+    """Jaccard index of the above-threshold (anchor, class) pairs of detector ``name``, reference vs
+    candidate, over all feeds (each a list of one feed's outputs)."""
+    threshold, scores = DETECTIONS[name]
+    ref, got = (np.concatenate([(scores(o) > threshold).ravel() for o in x]) for x in (ref_outs, outs))
+    union = int((ref | got).sum())
+    return float((ref & got).sum() / union) if union else 1.0
+
+
 def _vad_feed(rng: np.random.Generator) -> dict[str, np.ndarray]:
     audio = _speech(rng, 64 + 512)[None]
     return {"input": audio, "state": np.zeros((2, 1, 128), np.float32), "sr": np.array(16000, np.int64)}
