@@ -200,7 +200,7 @@ def cached(hws=(16,), batch: int | None = None) -> KernelTable:
             return KernelTable.from_dict(json.loads(path.read_text()), source=f"measured ({path})")
         except (ConfigError, json.JSONDecodeError) as e:
             logger.warning("kernel table cache %s unreadable (%s); measuring again", path, e)
-    table = measure(hws) if batch is None else measure(hws, batch=batch)
+    table = measure(hws, batch=batch)
     path.parent.mkdir(parents=True, exist_ok=True)
     table.save(path)
     return dataclasses.replace(table, source=f"measured ({path})")

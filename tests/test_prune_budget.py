@@ -132,7 +132,7 @@ def test_kernel_table_roundtrip_and_cache(tmp_path, monkeypatch):
         kernel_table.load(tmp_path / "missing.json")
     calls = []
 
-    def fake_measure(hws):
+    def fake_measure(hws, batch=None):
         calls.append(hws)
         return kernel_table.KernelTable(kernel_table.DEFAULT.curves, source="measured")
 
