@@ -85,6 +85,7 @@ def _infer(model: ir.Model, dims: dict[str, int]) -> Shapes:
     try:
         with checks.lifted_proto(model) as proto:
             _pin_input_dims(proto.graph, model, dims)
+            _clear_negative_dims(proto.graph)
             inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception as e:  # noqa: BLE001
         logger.info("shape inference failed, MACs estimate incomplete: %s", e)
@@ -110,6 +111,20 @@ def _pin_input_dims(graph: onnx.GraphProto, model: ir.Model, dims: dict[str, int
             value = dims.get(f"{vi.name}:{i}", value)
             if value is not None:
                 d.dim_value = int(value)
+
+
+def _clear_negative_dims(graph: onnx.GraphProto) -> None:
+    """Paddle exports write -1 for a dynamic dim; a -1 left in a value's shape (a pruned model keeps the
+    input's) contradicts the pinned size, and inference then keeps the stale dims. Make them unknown."""
+    for vi in [*graph.input, *graph.output, *graph.value_info]:
+        if vi.type.tensor_type.HasField("shape"):
+            for d in vi.type.tensor_type.shape.dim:
+                if d.HasField("dim_value") and d.dim_value < 0:
+                    d.ClearField("dim_value")
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                _clear_negative_dims(sub)
 
 
 def _collect_shapes(graph: onnx.GraphProto, dims: dict[str, int], shapes: Shapes, inputs: set[str]) -> None:
@@ -200,11 +215,22 @@ def _folded_copy(model: ir.Model, dims: dict[str, int] | None = None) -> ir.Mode
         for v in copy.graph.inputs:
             if v.name in pinned and v.shape is not None:
                 v.shape = ir.Shape(pinned[v.name])
+        _forget_symbolic_shapes(copy)
         pipeline.Pipeline(steps, []).run(copy)
     except Exception as e:  # noqa: BLE001 - the count falls back to the unfolded shapes
         logger.info("folding for the MACs count failed: %s", e)
         return None
     return copy
+
+
+def _forget_symbolic_shapes(model: ir.Model) -> None:
+    """Drop node outputs' shapes that still hold a symbolic or unknown dim (an earlier inference on the
+    unpinned model: ``[-1, 8, unk__0, unk__1]``), so inference on the pinned copy derives them again;
+    kept, onnx keeps the stale symbols and they count as 1 (a pruned PP-OCR cls counted at 1x1)."""
+    for node in model.graph.all_nodes():
+        for v in node.outputs:
+            if v.shape is not None and not all(isinstance(d, int) and d >= 0 for d in v.shape):
+                v.shape = None
 
 
 def summarize(model: ir.Model, path=None, *, with_macs: bool = True, dims=None) -> dict:

@@ -46,10 +46,9 @@ def test_symbolic_input_dims_are_not_unresolved():
     assert stats.macs(model) == 12 and stats.macs(model, {"N": 5}) == 60
 
 
-def test_shapes_read_at_run_time_are_counted_at_the_given_size():
-    """A reshape target read from ``Shape`` through arithmetic onnx's data propagation does not follow
-    (here a float Floor; PP-OCR rec's head has such a chain): inference leaves the MatMul's length
-    unknown whatever the input size; pinned to the counted size and folded, the copy resolves it."""
+def _run_time_shapes() -> ir.Model:
+    """x [N,8,L] -> Reshape to [Floor(L), 8] (read with Shape, through a float Floor) -> MatMul with
+    w [4,8]: 4 * 8 * L MACs at batch 1."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, "L"])
     w = numpy_helper.from_array(np.ones((4, 8), np.float32), "w")
     nodes = [helper.make_node("Shape", ["x"], ["s"], start=2),
@@ -62,10 +61,32 @@ def test_shapes_read_at_run_time_are_counted_at_the_given_size():
              helper.make_node("MatMul", ["w", "r_t"], ["y"])]
     inits = [w, numpy_helper.from_array(np.array([8], np.int64), "eight")]
     graph = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_shapes_read_at_run_time_are_counted_at_the_given_size():
+    """A reshape target read from ``Shape`` through arithmetic onnx's data propagation does not follow
+    (here a float Floor; PP-OCR rec's head has such a chain): inference leaves the MatMul's length
+    unknown whatever the input size; pinned to the counted size and folded, the copy resolves it."""
+    model = _run_time_shapes()
     assert stats.macs(model, {"x:2": 10}, fold=False) != 4 * 8 * 10  # inference alone misses it
     assert stats.macs(model, {"x:2": 10}) == 4 * 8 * 10
     assert stats.macs(model, {"L": 7}) == 4 * 8 * 7
+
+
+def test_stale_symbolic_shapes_do_not_shrink_the_count():
+    """A model that went through an earlier inference on symbolic inputs carries shapes like
+    ``[-1, 8, unk__0, unk__1]`` on its values (a Paddle export's -1 batch, then symbols onnx made up;
+    every model onnxshrink wrote does). The folded copy is pinned to the counted size; kept, those stale
+    dims counted as 1 (a pruned PP-OCR cls: 16.3M MACs -> 0.12M)."""
+    model = _run_time_shapes()
+    for i, node in enumerate(model.graph):
+        for v in node.outputs:
+            if node.op_type in ("Reshape", "Transpose", "MatMul"):
+                v.type = ir.TensorType(ir.DataType.FLOAT)
+                v.shape = ir.Shape([-1, f"unk__{i}"])
+    assert stats.macs(model, {"x:2": 10}) == 4 * 8 * 10
+    assert model.graph.node(5).outputs[0].shape is not None  # counting left the model's shapes alone
 
 
 def test_counting_on_a_copy_leaves_the_model_alone():
@@ -79,3 +100,17 @@ def test_counting_on_a_copy_leaves_the_model_alone():
     assert model.graph.inputs[0].dtype == ir.DataType.FLOAT
     model.clone().graph.inputs[0].dtype = ir.DataType.DOUBLE
     assert model.graph.inputs[0].dtype == ir.DataType.DOUBLE  # what a plain clone does, clone_model avoids
+
+
+def test_a_stale_paddle_batch_does_not_hide_the_pinned_one():
+    """Paddle's -1 for a dynamic batch, left on a value by an earlier inference, contradicts a pinned
+    batch; onnx then kept the stale dims and the count fell to 1x1 (without folding too)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, "?", "?"])
+    w = numpy_helper.from_array(np.ones((8, 3, 1, 1), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Relu", ["c"], ["y"])], "g", [x],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 8, "unk__2", "unk__3"])], [w],
+        value_info=[helper.make_tensor_value_info("c", TensorProto.FLOAT, [-1, 8, "unk__0", "unk__1"])])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    dims = {"x:0": 2, "x:2": 4, "x:3": 5}
+    assert stats.macs(model, dims, fold=False) == stats.macs(model, dims) == 2 * 8 * 4 * 5 * 3
