@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import onnx_ir as ir
@@ -68,17 +68,20 @@ def optimize(
     instruments: Sequence[Instrument] = (),
     overwrite_input: bool = False,
     progress=None,
+    dims: Mapping[str, int] | None = None,
 ) -> OptimizeResult:
     """Run passes on ``model`` (a path, bytes, proto or ``ir.Model``, rewritten in place if an
     ``ir.Model``) and write it to ``output`` when given.
 
     ``check`` runs the structural check after each changing pass; ``check_each`` also compares ONNX
     Runtime outputs after each changing pass on a probe batch (``probe_feeds`` or random data).
+    ``dims``: input dims (dim name or ``input:axis`` -> size) the MACs before and after are counted at;
+    symbolic dims not given count as 1.
     """
     t0 = time.perf_counter()
     in_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
     ir_model = model_io.load(model)
-    before = stats.summarize(ir_model, in_path)
+    before = stats.summarize(ir_model, in_path, dims=dims)
     if steps is None:
         steps = resolve_steps(preset, passes, recipe)
     insts: list[Instrument] = list(instruments)
@@ -93,7 +96,7 @@ def optimize(
         out_path = model_io.save(
             ir_model, output, protected=(in_path,) if in_path else (), overwrite_input=overwrite_input
         )
-    after = stats.summarize(ir_model, out_path)
+    after = stats.summarize(ir_model, out_path, dims=dims)
     return OptimizeResult(
         ir_model,
         report,

@@ -61,7 +61,7 @@ def add_optimize(sub) -> None:
 
 
 def run_optimize(args) -> int:
-    from onnxshrink import api, pipeline, report
+    from onnxshrink import api, pipeline, report, runtime
     from onnxshrink.passes import REGISTRY
 
     if args.list_passes:
@@ -89,6 +89,7 @@ def run_optimize(args) -> int:
         check_each=args.check_each,
         overwrite_input=args.overwrite_input,
         progress=_progress_printer(not args.quiet),
+        dims=runtime.parse_dims(args.shape),
     )
     if sys.stderr.isatty() and not args.quiet:
         sys.stderr.write("\r\033[K")

@@ -49,8 +49,9 @@ def add_prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--protect", nargs="+", action="extend", default=[], metavar="PATTERN",
                    help="leave groups touching nodes whose name matches (fnmatch) whole")
     g.add_argument("--shape", action="append", default=[], metavar="DIM=SIZE",
-                   help="input size for MACs and latency estimates, by dim name or input:axis (x:2=48); "
-                        "default: the first --calibration feed's, else symbolic dims count as 1")
+                   help="input size for the summary's MACs and pruning's latency estimates, by dim name "
+                        "or input:axis (x:2=48); pruning's default: the first --calibration feed's; "
+                        "else symbolic dims count as 1")
     g.add_argument("--plan-out", metavar="JSON", help="write the pruning plan (editable) to this file")
     g.add_argument("--plan-in", metavar="JSON", help="apply this pruning plan instead of planning")
 

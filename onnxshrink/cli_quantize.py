@@ -76,7 +76,7 @@ def recovery_hooks(args) -> list:
 
 
 def run_quantize(args) -> int:
-    from onnxshrink import quantize, report
+    from onnxshrink import quantize, report, runtime
 
     if args.recipe or args.passes or (args.preset not in (None, "int8")):
         raise ConfigError("--quantize int8 runs the lossless preset then QDQ; drop --preset/--passes/--recipe")
@@ -96,7 +96,7 @@ def run_quantize(args) -> int:
         keep_first=args.keep_first, keep_last=args.keep_last, conv_transpose=args.conv_transpose,
         tune=not args.no_tune,
         check=not args.no_check, overwrite_input=args.overwrite_input, recovery=recovery_hooks(args),
-        progress=not args.quiet and sys.stderr.isatty(),
+        progress=not args.quiet and sys.stderr.isatty(), dims=runtime.parse_dims(args.shape),
     )
     plan = result.plan.summary()
     print(f"onnxshrink optimize --quantize {args.quantize or 'int8'}: {args.input} -> "

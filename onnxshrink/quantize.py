@@ -48,7 +48,7 @@ import platform
 import sys
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +195,7 @@ def quantize(
     drift_data=None,
     recovery: Sequence[RecoveryHook] = (),
     overwrite_input: bool = False,
+    dims: Mapping[str, int] | None = None,
     **observer_opts,
 ) -> QuantizeResult:
     """Quantize ``model`` to int8 with ranges calibrated on ``data`` and write it to ``output``.
@@ -211,7 +212,8 @@ def quantize(
     ``equalize``, ``smoothquant`` (alpha), ``bias_correction`` (None: chosen by ``auto``, else off),
     ``max_drift`` (1 - cosine) and
     ``max_metric_drop`` with ``metric`` (measured on ``drift_data``, default ``data``); see the module
-    docstring. Other options: see ``PlanOptions``.
+    docstring. ``dims``: input dims the summary's MACs are counted at (dim name or ``input:axis``).
+    Other options: see ``PlanOptions``.
     """
     from onnxshrink import mixed_precision
 
@@ -229,7 +231,7 @@ def quantize(
     )
     in_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
     ir_model = model_io.load(model)
-    before = stats.summarize(ir_model, in_path)
+    before = stats.summarize(ir_model, in_path, dims=dims)
     prequantized = already_quantized(ir_model)
     report = pipeline.PipelineReport()
     ir_model, upgraded = _prepare(ir_model, data, report, lossless, check, equalize, smoothquant, providers)
@@ -266,7 +268,7 @@ def quantize(
         out_path = model_io.save(qmodel, output, protected=(in_path,) if in_path else (),
                                  overwrite_input=overwrite_input)
     return QuantizeResult(
-        qmodel, final, table, report, before, stats.summarize(qmodel, out_path),
+        qmodel, final, table, report, before, stats.summarize(qmodel, out_path, dims=dims),
         time.perf_counter() - t0, opts, method, out_path, upgraded, tuning, mode, placement,
         builder.quantized_names(qmodel)[1], notes, _speed_warnings(speedup, notes), speedup,
     )

@@ -35,6 +35,26 @@ def test_optimize_bundled_model_prints_summary_and_writes_json(tmp_path, capsys)
     assert all("seconds" in row for row in data["passes"].values())
 
 
+def test_optimize_counts_macs_at_the_given_shape(tmp_path, capsys):
+    """``--shape`` sizes the summary's MACs for the lossless and quantize paths too, not only pruning's
+    (it was accepted and ignored there: symbolic height and width counted as 1)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((8, 3, 1, 1), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    src = tmp_path / "conv.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    report = tmp_path / "r.json"
+    code, _, _ = run(capsys, "optimize", str(src), "-o", str(tmp_path / "o.onnx"), "--shape", "x:2=4",
+                     "--shape", "W=5", "--report", str(report))
+    assert code == 0
+    data = json.loads(report.read_text())
+    assert data["before"]["macs"] == data["after"]["macs"] == 8 * 3 * 4 * 5
+
+
 def test_optimize_with_pass_list_and_check_each(tmp_path, capsys):
     src = tmp_path / "in.onnx"
     shutil.copy(cli.bundled_model(), src)
