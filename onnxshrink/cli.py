@@ -57,7 +57,35 @@ def add_optimize(sub) -> None:
     from onnxshrink.cli_prune import add_prune_args
 
     add_prune_args(p)
-    p.set_defaults(func=run_optimize)
+    p.set_defaults(func=run_optimize, option_defaults={d: p.get_default(d) for ds in ONLY_WITH.values() for d in ds})
+
+
+#: Options that only mean something with a mode: set without it they would be ignored, so they are
+#: refused (``--reconstruct`` alone optimized losslessly and said nothing).
+ONLY_WITH = {
+    "--prune RATIO or --plan-in": ("prune_criterion", "prune_scope", "prune_target", "kernel_table",
+                                   "prune_measure", "reconstruct", "round_to", "min_width", "protect",
+                                   "plan_out"),
+    "--quantize": ("calib_method", "per_tensor", "activations", "reduce_range", "exclude", "exclude_op",
+                   "keep_first", "keep_last", "no_tune", "conv_transpose", "equalize", "smoothquant",
+                   "bias_correction", "max_metric_drop", "metric"),
+    "--quantize or --prune": ("calibration", "max_drift", "drift_data"),
+}
+
+
+def _refuse_unused(args, pruning: bool, quantizing: bool) -> None:
+    from onnxshrink.errors import ConfigError
+
+    active = {"--prune RATIO or --plan-in": pruning, "--quantize": quantizing,
+              "--quantize or --prune": pruning or quantizing}
+    problems = []
+    for mode, dests in ONLY_WITH.items():
+        given = [d for d in dests if getattr(args, d) != args.option_defaults[d]]
+        if given and not active[mode]:
+            opts = ", ".join("--" + d.replace("_", "-") for d in given)
+            problems.append(f"{opts} {'applies' if len(given) == 1 else 'apply'} only with {mode}")
+    if problems:
+        raise ConfigError("; ".join(problems) + " (without them the model is only optimized losslessly)")
 
 
 def run_optimize(args) -> int:
@@ -69,11 +97,14 @@ def run_optimize(args) -> int:
             print(f"{name:24s} {(cls.__doc__ or '').strip().splitlines()[0]}")
         print("presets: " + ", ".join(sorted(pipeline.PRESETS)))
         return 0
-    if args.prune is not None or args.plan_in or args.preset == "prune":  # the preset: --prune 0.3, L1
+    pruning = args.prune is not None or bool(args.plan_in) or args.preset == "prune"
+    quantizing = bool(args.quantize) or args.preset == "int8"
+    _refuse_unused(args, pruning, quantizing)
+    if pruning:  # the preset: --prune 0.3, L1
         from onnxshrink.cli_prune import run_prune
 
         return run_prune(args)
-    if args.quantize or args.preset == "int8":
+    if quantizing:
         from onnxshrink.cli_quantize import run_quantize
 
         return run_quantize(args)

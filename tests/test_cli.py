@@ -55,6 +55,19 @@ def test_optimize_counts_macs_at_the_given_shape(tmp_path, capsys):
     assert data["before"]["macs"] == data["after"]["macs"] == 8 * 3 * 4 * 5
 
 
+def test_options_of_a_mode_not_asked_for_are_refused(tmp_path, capsys):
+    """``--reconstruct`` or ``--equalize`` without ``--prune``/``--quantize`` used to be ignored: the
+    model was optimized losslessly and the user believed it pruned or quantized. Nothing is written."""
+    out = tmp_path / "o.onnx"
+    code, _, err = run(capsys, "optimize", "-o", str(out), "--reconstruct", "--round-to", "8", "--equalize")
+    assert code == 2 and not out.exists()
+    assert "--reconstruct, --round-to apply only with --prune" in err and "--equalize applies only with --quantize" in err
+    code, _, err = run(capsys, "optimize", "-o", str(out), "--calibration", str(tmp_path))
+    assert code == 2 and "--calibration applies only with --quantize or --prune" in err
+    code, _, _ = run(capsys, "optimize", "-o", str(out), "--shape", "N=2")  # --shape serves every mode
+    assert code == 0 and out.exists()
+
+
 def test_optimize_with_pass_list_and_check_each(tmp_path, capsys):
     src = tmp_path / "in.onnx"
     shutil.copy(cli.bundled_model(), src)
