@@ -76,6 +76,7 @@ def run_prune(args) -> int:
         round_to=args.round_to, min_width=args.min_width, protect=args.protect,
         plan=args.plan_in, plan_out=args.plan_out, check=not args.no_check,
         overwrite_input=args.overwrite_input, dims=runtime.parse_dims(args.shape) or None,
+        progress=not args.quiet and sys.stderr.isatty(),
     )
     summary = result.plan.summary()
     target = "(quantized next)" if quantize_next else (args.output or "(not written)")

@@ -148,6 +148,19 @@ class FeedSource:
     def count(self) -> int | None:
         return self._count
 
+    def ticking(self, tick: Callable[[], None]) -> FeedSource:
+        """A copy of this source that calls ``tick()`` after each feed has been used (progress)."""
+        factory = self._factory
+
+        def counted():
+            for item in factory():
+                yield item
+                tick()
+
+        out = copy.copy(self)
+        out._factory = counted
+        return out
+
     def fingerprint(self) -> str:
         """A content hash of every feed (for caches keyed by data)."""
         if self._key is not None:

@@ -227,15 +227,26 @@ def stat_slots(dg: DepGraph) -> list[Slot]:
     return out
 
 
-def collect(model: ir.Model, dg: DepGraph, feeds, criterion: Importance) -> ActivationStats | None:
-    """The statistics ``criterion`` needs (None for data-free criteria)."""
+def collect(model: ir.Model, dg: DepGraph, feeds, criterion: Importance, progress=None) -> ActivationStats | None:
+    """The statistics ``criterion`` needs (None for data-free criteria). ``progress``: a bar on stderr
+    (True) or ``fn(done, total)`` over the feeds read (one pass, two for ``reconstruction``)."""
     if not criterion.needs_data:
         return None
-    stats = collect_stats(model, stat_slots(dg), feeds)
-    if getattr(criterion, "needs_grams", False):
-        from onnxshrink.importance_lsq import collect_grams
+    from onnxshrink.progress import make_progress
 
-        stats.grams = collect_grams(model, dg, feeds)
+    grams = getattr(criterion, "needs_grams", False)
+    source = data_mod.feeds(feeds, model)
+    bar = make_progress(progress, source.count * (1 + grams) if source.count else None,
+                        "pruning statistics", unit="feeds")
+    source = source.ticking(bar.update)
+    try:
+        stats = collect_stats(model, stat_slots(dg), source)
+        if grams:
+            from onnxshrink.importance_lsq import collect_grams
+
+            stats.grams = collect_grams(model, dg, source)
+    finally:
+        bar.close()
     return stats
 
 

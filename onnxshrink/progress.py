@@ -75,10 +75,11 @@ class _Silent:
         pass
 
 
-def make_progress(progress: bool | Callable | None, total: int | None, label: str = "calibrating"):
+def make_progress(progress: bool | Callable | None, total: int | None, label: str = "calibrating",
+                  unit: str = "samples"):
     """``True``: a ``ProgressBar`` on stderr; a callable: called as ``fn(done, total)``; falsy: nothing."""
     if callable(progress):
         return _Callback(progress, total)
     if progress:
-        return ProgressBar(total, label)
+        return ProgressBar(total, label, unit)
     return _Silent()

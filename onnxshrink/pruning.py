@@ -85,6 +85,7 @@ def prune(
     check: bool = True,
     overwrite_input: bool = False,
     dims: Mapping[str, int] | None = None,
+    progress=None,
 ) -> PruneResult:
     """Remove ``ratio`` of the prunable channels of ``model`` (see the module doc for the steps), or,
     with ``target="latency"``/``"macs"``, ``ratio`` of its estimated latency or of its MACs with
@@ -96,6 +97,8 @@ def prune(
     ``"bn"``: BatchNorm re-estimation only). ``plan``: apply this plan (object or JSON path) instead
     of planning; ``plan_out``: write the plan used as JSON. ``dims``: input dims for MACs and
     estimates (dim name or ``input:axis`` -> size; default: from the first calibration feed).
+    ``progress``: bars on stderr (True) or ``fn(done, total)`` over the calibration feeds read by the
+    data criteria and by reconstruction (each pass over the data counts its feeds).
     """
     t0 = time.perf_counter()
     method = {True: "lsq", False: None, None: None}.get(reconstruct, reconstruct)
@@ -114,7 +117,7 @@ def prune(
     _run(ir_model, _pre_steps(), insts, report)
     if plan is None:
         dg = depgraph.build(ir_model, grouped=grouped)
-        act = importance.collect(ir_model, dg, calibration, crit)
+        act = importance.collect(ir_model, dg, calibration, crit, progress=progress)
         plan = plan_pruning(ir_model, ratio, criterion=crit, scope=scope, round_to=round_to,
                             min_width=min_width, protect=protect, layer_ratios=layer_ratios,
                             stats=act, grouped=grouped, graph=dg, target=target, kernels=kernels,
@@ -132,7 +135,7 @@ def prune(
     if method and kept:
         from onnxshrink.reconstruct import reconstruct as run_reconstruct
 
-        recon = run_reconstruct(original, ir_model, kept, calibration, method=method).to_dict()
+        recon = run_reconstruct(original, ir_model, kept, calibration, method=method, progress=progress).to_dict()
     table = merge_rows(rows_before, layer_rows(ir_model, dims))
     if lossless:
         _run(ir_model, pipeline.lossless_steps(), insts, report)

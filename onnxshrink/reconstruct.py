@@ -52,13 +52,16 @@ class ReconstructReport:
 
 
 def reconstruct(original: ir.Model, pruned: ir.Model, kept: dict, feeds, *, method: str = "lsq",
-                ridge: float = 1e-3, max_rows: int = 4096, seed: int = 0) -> ReconstructReport:
+                ridge: float = 1e-3, max_rows: int = 4096, seed: int = 0, progress=None) -> ReconstructReport:
     """Recover ``pruned`` (changed in place) toward ``original`` on calibration ``feeds``.
 
     ``kept``: value name -> axis -> kept indices (the pass's ``stats.notes["kept"]``). ``method``:
     ``lsq`` (refit, then BN re-estimation where no refit covered it) or ``bn`` (BN re-estimation only).
     ``max_rows``: rows (patch positions or tokens) sampled per batch and layer, bounding the cost.
+    ``progress``: a bar on stderr (True) or ``fn(done, total)`` over the feeds read, every pass.
     """
+    from onnxshrink.progress import make_progress
+
     if method not in ("lsq", "bn"):
         raise ConfigError(f"reconstruction method must be 'lsq' or 'bn', not {method!r}")
     source = data_mod.feeds(feeds, pruned)
@@ -67,16 +70,22 @@ def reconstruct(original: ir.Model, pruned: ir.Model, kept: dict, feeds, *, meth
     report = ReconstructReport()
     layers, skipped = find_layers(pruned, kept)
     report.skipped.extend(skipped)
-    refit_done = set()
-    if method == "lsq":
-        for stage in stages(pruned, layers):
-            _refit_stage(original, pruned, stage, kept, source, ridge, max_rows, seed, report)
-            refit_done.update(layer.node for layer in stage)
+    refits = stages(pruned, layers) if method == "lsq" else []  # structure only: refits change weights
+    refit_done = {layer.node for stage in refits for layer in stage}
     bns = _bns_to_reestimate(pruned, kept, refit_done, everything=(method == "bn"))
     bn_layers = [Layer(n, n.inputs[0], n.outputs[0]) for n in bns]
-    was = _original_moments(original, bn_layers, source, report)
-    for stage in stages(pruned, bn_layers):
-        _bn_stage(pruned, stage, kept, was, source, report)
+    bn_stages = stages(pruned, bn_layers)
+    passes = len(refits) + len(bn_stages) + bool(bn_layers)
+    bar = make_progress(progress, passes * source.count if source.count else None, "reconstructing", unit="feeds")
+    source = source.ticking(bar.update)
+    try:
+        for stage in refits:
+            _refit_stage(original, pruned, stage, kept, source, ridge, max_rows, seed, report)
+        was = _original_moments(original, bn_layers, source, report)
+        for stage in bn_stages:
+            _bn_stage(pruned, stage, kept, was, source, report)
+    finally:
+        bar.close()
     return report
 
 

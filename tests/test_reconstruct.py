@@ -85,9 +85,31 @@ def resnet_runs():
     calib = digits.feeds(name, "calib", batch=32, limit=CALIB)
     path = str(digits.trained_path(name))
     plain = pruning.prune(path, 0.3, round_to=8)
-    lsq = pruning.prune(path, 0.3, round_to=8, calibration=calib, reconstruct="lsq")
+    ticks = []
+    lsq = pruning.prune(path, 0.3, round_to=8, calibration=calib, reconstruct="lsq",
+                        progress=lambda done, total: ticks.append((done, total)))
+    lsq.ticks = ticks
     bn = pruning.prune(path, 0.3, round_to=8, calibration=calib, reconstruct="bn")
     return plain, lsq, bn
+
+
+def test_progress_counts_every_feed_of_every_pass(resnet_runs):
+    """Reconstruction reads the calibration data once per stage: the progress total says so up front
+    and the count reaches it."""
+    _, lsq, _ = resnet_runs
+    feeds = len(digits.feeds("resnet", "calib", batch=32, limit=CALIB))
+    passes = lsq.reconstruction["passes"]
+    assert passes >= 2 and lsq.ticks
+    assert {t for _, t in lsq.ticks} == {passes * feeds}
+    assert [d for d, _ in lsq.ticks] == list(range(1, passes * feeds + 1))
+
+
+def test_progress_of_the_data_criteria():
+    calib = digits.feeds("mlp", "calib", batch=64, limit=CALIB)
+    ticks = []
+    pruning.prune(str(digits.trained_path("mlp")), 0.3, criterion="reconstruction", calibration=calib,
+                  progress=lambda done, total: ticks.append((done, total)))
+    assert ticks[-1] == (2 * len(calib), 2 * len(calib))  # activation statistics, then Gram matrices
 
 
 def test_refit_reduces_every_layers_output_error(resnet_runs):
