@@ -112,6 +112,19 @@ def _conv_inputs_dequantized(m) -> dict[str, bool]:
             for n in m.graph.all_nodes() if n.op_type == "Conv"}
 
 
+def test_summary_macs_at_the_given_dims(tmp_path):
+    """``dims`` (the CLI's ``--shape``) sizes the MACs of the summary before and after; the batch
+    counts as 1 unless given."""
+    proto = zoo.build("dynamic_batch")
+    feeds = feeds_for(proto, n=2, batch=2)
+    name = proto.graph.input[0].name
+    one = onnxshrink.quantize(proto, feeds, tmp_path / "q1.onnx", cache_dir=False, tune=False)
+    four = onnxshrink.quantize(proto, feeds, tmp_path / "q4.onnx", cache_dir=False, tune=False,
+                               dims={f"{name}:0": 4})
+    assert one.before["macs"] > 0 and four.before["macs"] == 4 * one.before["macs"]
+    assert four.after["macs"] == 4 * one.after["macs"]
+
+
 def test_if_bodies_are_quantized(tmp_path):
     proto = _if_model()
     feeds = feeds_for(proto, n=8)
