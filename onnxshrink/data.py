@@ -73,6 +73,29 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
     return specs
 
 
+def check_dims(specs: Sequence[InputSpec], dims: Mapping[str, int] | None) -> None:
+    """Refuse ``dims`` keys (``--shape``) that would size nothing: a dim name no input has, ``input:axis``
+    of no input or past its rank, or an axis the model fixes to another size. Ignored, they left the
+    dims at 1 (or the feeds at another size) without a word."""
+    if not dims:
+        return
+    names = {d for s in specs for d in s.dims if isinstance(d, str)}
+    by_input = {s.name: s for s in specs}
+    for key, size in dims.items():
+        name, sep, axis = key.rpartition(":")
+        if sep and name in by_input and axis.isdigit():
+            spec, i = by_input[name], int(axis)
+            if spec.dims and i >= len(spec.dims):
+                raise DataError(f"--shape {key}: input {name!r} has {len(spec.dims)} axes")
+            fixed = spec.dims[i] if spec.dims else None
+            if isinstance(fixed, int) and fixed != int(size):
+                raise DataError(f"--shape {key}={size}: axis {i} of input {name!r} is fixed at {fixed}")
+        elif key not in names:
+            raise DataError(f"--shape {key}: no input has a dim named {key!r} (named dims: "
+                            f"{', '.join(sorted(names)) or 'none'}; or write INPUT:AXIS with an input of "
+                            f"{', '.join(by_input)})")
+
+
 def check_feed(feed: Mapping[str, np.ndarray], specs: Sequence[InputSpec], where: str = "feed") -> None:
     """Raise ``DataError`` naming the input when ``feed`` does not match ``specs``."""
     names = {s.name for s in specs}
@@ -285,6 +308,7 @@ def _stacked_source(path: Path, specs) -> FeedSource:
 
 
 def _random_source(specs, dims, count: int, seed: int) -> FeedSource:
+    check_dims(specs, dims)
     logger.warning(
         "no data given: using %d random feeds (seed %d); random data says little about accuracy",
         count, seed,

@@ -71,6 +71,10 @@ def inferred_shapes(model: ir.Model, dims: dict[str, int] | None = None, *, fold
     the given size and folded (``fold``: the passes of ``pipeline.PRE_PRUNE_PASSES``), which computes
     the same thing with those shapes constant; ``unresolved`` still names them.
     """
+    if dims:
+        from onnxshrink import data
+
+        data.check_dims(data.input_specs(model), dims)
     shapes = _infer(model, dims or {})
     if fold and any(_unresolved(n, shapes) for n in model.graph.all_nodes() if n.op_type in MAC_OPS):
         folded = _folded_copy(model, dims)

@@ -64,8 +64,20 @@ def test_options_of_a_mode_not_asked_for_are_refused(tmp_path, capsys):
     assert "--reconstruct, --round-to apply only with --prune" in err and "--equalize applies only with --quantize" in err
     code, _, err = run(capsys, "optimize", "-o", str(out), "--calibration", str(tmp_path))
     assert code == 2 and "--calibration applies only with --quantize or --prune" in err
-    code, _, _ = run(capsys, "optimize", "-o", str(out), "--shape", "N=2")  # --shape serves every mode
+    code, _, _ = run(capsys, "optimize", "-o", str(out), "--shape", "batch=2")  # --shape serves every mode
     assert code == 0 and out.exists()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("N=2", "no input has a dim named 'N' (named dims: batch"),
+    ("input:7=2", "input 'input' has 4 axes"),
+    ("input:1=4", "axis 1 of input 'input' is fixed at 3"),
+])
+def test_shape_that_sizes_nothing_is_refused(spec, message, tmp_path, capsys):
+    """A misspelt ``--shape`` used to be ignored: MACs and random feeds stayed at 1 without a word."""
+    for argv in (("optimize", "-o", str(tmp_path / "o.onnx")), ("inspect", str(cli.bundled_model()))):
+        code, _, err = run(capsys, *argv, "--shape", spec)
+        assert code != 0 and message in err, (argv, err)
 
 
 def test_optimize_with_pass_list_and_check_each(tmp_path, capsys):
