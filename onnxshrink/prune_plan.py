@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,8 @@ import onnx_ir as ir
 
 from onnxshrink import depgraph, importance
 from onnxshrink.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "onnxshrink.prune-plan/1"
 TARGETS = ("channels", "latency", "macs")
@@ -172,6 +175,7 @@ def plan_pruning(
                           "targets choose every group's width themselves (use protect to keep a layer whole)")
     crit = importance.get(criterion)
     dg = graph or depgraph.build(model, grouped=grouped)
+    _warn_unmatched(dg, protect, layer_ratios)
     conv_ops = {n.name for n in model.graph.all_nodes() if n.op_type in ("Conv", "ConvTranspose")}
     plans = [_group_plan(g, conv_ops) for g in dg.groups]
     live = []
@@ -273,6 +277,19 @@ def _group_plan(g: depgraph.Group, conv_ops: set[str]) -> GroupPlan:
 def _matches(g: depgraph.Group, patterns: Sequence[str]) -> bool:
     names = [*g.nodes, *g.producers, *g.consumers]
     return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
+
+
+def _warn_unmatched(dg: depgraph.DepGraph, protect: Sequence[str], layer_ratios) -> None:
+    """A ``protect`` or ``layer_ratios`` pattern that names no layer would change nothing: say so
+    (a misspelt layer name otherwise prunes the layer the user meant to keep)."""
+    names = sorted({n for g in dg.groups for n in (*g.nodes, *g.producers, *g.consumers)})
+    producers = sorted({p for g in dg.groups for p in g.producers})
+    for what, patterns, pool in (("protect", protect, names), ("layer_ratios", list(layer_ratios or {}), producers)):
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in pool):
+                logger.warning("pruning: %s pattern %r matches no %s (for example %s)", what, pattern,
+                               "node of a channel group" if what == "protect" else "producer of a group",
+                               ", ".join(pool[:3]) or "none")
 
 
 def _ratio_for(g, ratio, layer_ratios) -> float:

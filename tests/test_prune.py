@@ -115,6 +115,16 @@ def test_protect_and_layer_ratios():
     assert len(by_producer[("conv_3",)].remove) == 32
 
 
+def test_patterns_that_match_nothing_are_named(caplog):
+    model = model_io.load(zoo.build("resnet"))
+    with caplog.at_level("WARNING", logger="onnxshrink.prune_plan"):
+        plan = plan_pruning(model, 0.5, protect=["conv_1", "Conv_1"], layer_ratios={"conv6": 0.25})
+    text = caplog.text
+    assert "protect pattern 'Conv_1' matches no node" in text and "'conv_1'" not in text
+    assert "layer_ratios pattern 'conv6' matches no producer" in text
+    assert {g.status for g in plan.groups if g.producers == ["conv_1"]} == {"protected"}
+
+
 def test_global_scope_removes_about_the_ratio():
     model = model_io.load(zoo.build("inception"))
     plan = plan_pruning(model, 0.4, scope="global", round_to=0, min_width=1)
