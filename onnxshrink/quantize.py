@@ -232,6 +232,7 @@ def quantize(
     in_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
     ir_model = model_io.load(model)
     before = stats.summarize(ir_model, in_path, dims=dims)
+    _warn_unmatched(ir_model, exclude, exclude_ops)
     prequantized = already_quantized(ir_model)
     report = pipeline.PipelineReport()
     ir_model, upgraded = _prepare(ir_model, data, report, lossless, check, equalize, smoothquant, providers)
@@ -316,6 +317,23 @@ def _prepare(ir_model: ir.Model, data, report, lossless: bool, check: bool, equa
     if pre:
         _merge(report, _run(ir_model, pre, check))
     return ir_model, upgraded
+
+
+def _warn_unmatched(model: ir.Model, exclude: Sequence[str], exclude_ops: Sequence[str]) -> None:
+    """An ``exclude`` pattern or op type that names nothing in the model would keep nothing float:
+    say so (a misspelt name otherwise quantizes the layer the user meant to keep)."""
+    import fnmatch
+    import re
+
+    nodes = list(model.graph.all_nodes())
+    names, ops = [n.name or "" for n in nodes], {n.op_type for n in nodes}
+    for pat in exclude:
+        if not any(re.search(pat[3:], n) if pat.startswith("re:") else fnmatch.fnmatchcase(n, pat) for n in names):
+            logger.warning("quantize: exclude pattern %r matches no node (for example %s)", pat,
+                           ", ".join(n for n in names[:3] if n) or "the nodes have no names")
+    for op in exclude_ops:
+        if op not in ops:
+            logger.warning("quantize: excluded op type %r is not in the model (ops: %s)", op, ", ".join(sorted(ops)))
 
 
 def _plan_and_calibrate(ir_model, data, opts, method, batch_size, providers, cache_dir, progress, observer_opts):

@@ -125,6 +125,18 @@ def test_summary_macs_at_the_given_dims(tmp_path):
     assert four.after["macs"] == 4 * one.after["macs"]
 
 
+def test_excludes_that_match_nothing_are_named(tmp_path, caplog):
+    proto = zoo.build("dynamic_batch")
+    feeds = feeds_for(proto, n=2, batch=2)
+    conv = next(n.name for n in proto.graph.node if n.op_type == "Conv")
+    with caplog.at_level("WARNING", logger="onnxshrink.quantize"):
+        onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", cache_dir=False, tune=False,
+                            exclude=[conv, "no_such_layer*"], exclude_ops=["Conv", "Resize"])
+    assert "exclude pattern 'no_such_layer*' matches no node" in caplog.text
+    assert "excluded op type 'Resize' is not in the model" in caplog.text
+    assert repr(conv) not in caplog.text and "'Conv'" not in caplog.text
+
+
 def test_if_bodies_are_quantized(tmp_path):
     proto = _if_model()
     feeds = feeds_for(proto, n=8)
