@@ -80,6 +80,7 @@ def optimize(
     """
     t0 = time.perf_counter()
     in_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
+    model_io.check_output(output, protected=(in_path,) if in_path else (), overwrite_input=overwrite_input)
     ir_model = model_io.load(model)
     before = stats.summarize(ir_model, in_path, dims=dims)
     if steps is None:

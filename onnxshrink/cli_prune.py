@@ -57,7 +57,7 @@ def add_prune_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_prune(args) -> int:
-    from onnxshrink import pruning, report, runtime
+    from onnxshrink import model_io, pruning, report, runtime
 
     if args.recipe or args.passes or args.preset not in (None, "default", "prune"):
         raise ConfigError("--prune runs its own cleanup, pruning and the lossless passes; "
@@ -69,6 +69,7 @@ def run_prune(args) -> int:
     if quantize_next and args.output and not args.overwrite_input \
             and Path(args.output).resolve() == Path(args.input).resolve():
         raise OutputError(f"-o {args.output} is the input model; pass --overwrite-input to replace it")
+    model_io.check_output(args.output, protected=(args.input,), overwrite_input=args.overwrite_input)
     result = pruning.prune(
         args.input, ratio, None if quantize_next else args.output,
         criterion=args.prune_criterion, calibration=args.calibration, reconstruct=args.reconstruct or False,

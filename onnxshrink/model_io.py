@@ -210,6 +210,14 @@ def save(
     return out
 
 
+def check_output(path: str | os.PathLike | None, *, protected=(), overwrite_input: bool = False) -> None:
+    """Raise ``OutputError`` now if ``save`` would refuse ``path`` later (missing or read-only folder, a
+    directory, the input without ``overwrite_input``): long jobs call it before they start, so a
+    typo in ``-o`` does not cost a calibration or a reconstruction. None: nothing to check."""
+    if path is not None:
+        _check_writable(Path(path), protected, overwrite_input)
+
+
 def _check_writable(out: Path, protected, overwrite_input: bool) -> None:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():

@@ -107,6 +107,7 @@ def prune(
         raise ConfigError(f"pruning with criterion {crit.name!r}"
                           f"{' and reconstruction' if method else ''} needs calibration data")
     in_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
+    model_io.check_output(output, protected=(in_path,) if in_path else (), overwrite_input=overwrite_input)
     ir_model = model_io.load(model)
     if calibration is not None:
         calibration = data.feeds(calibration, ir_model)  # re-iterable; read once by every step

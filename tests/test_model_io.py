@@ -191,3 +191,17 @@ def test_small_external_tensors_pass_the_structural_check(tmp_path):
     assert all(isinstance(v.const_value, ir.ExternalTensor) for v in m.graph.initializers.values())
     assert checks.check_structure(m), checks.check_structure(m).problems
     assert onnxshrink.optimize(p).input_problems == []
+
+
+@pytest.mark.parametrize("job", ["optimize", "prune", "quantize"])
+def test_an_unwritable_output_is_refused_before_any_work(job, tmp_path):
+    """``-o`` into a missing folder used to fail at the very end, after calibration or reconstruction;
+    now before the model is even read (here it does not exist, and the output error comes first)."""
+    import onnxshrink
+
+    out = tmp_path / "missing" / "o.onnx"
+    run = {"optimize": lambda: onnxshrink.optimize(tmp_path / "nope.onnx", out),
+           "prune": lambda: onnxshrink.prune(tmp_path / "nope.onnx", 0.3, out),
+           "quantize": lambda: onnxshrink.quantize(tmp_path / "nope.onnx", None, out, mode="dynamic")}[job]
+    with pytest.raises(OutputError, match="does not exist"):
+        run()
