@@ -23,7 +23,7 @@ import logging
 import numpy as np
 
 from onnxshrink import data as data_mod
-from onnxshrink import model_io, runtime
+from onnxshrink import runtime
 from onnxshrink.validate import flat_drift, flat_floats
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class _Drift:
         self.ref = self._outputs(float_model)
 
     def _outputs(self, model) -> np.ndarray:
-        sess = runtime.make_session(model_io.to_bytes(model), self.providers, threads=1)
+        sess = runtime.make_session(model, self.providers, threads=1)
         return flat_floats(o for f in self.feeds for o in sess.run(None, f))
 
     def __call__(self, model) -> float:

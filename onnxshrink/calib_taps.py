@@ -49,7 +49,6 @@ logger = logging.getLogger(__name__)
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 LIFTABLE_OPS = ("If", "Loop", "Scan")
 ORT_FLOAT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)")
-EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,15 +311,7 @@ def open_session(plan: TapPlan, providers=None):
     model = plan.model
     so = runtime.session_options(level=rt.GraphOptimizationLevel.ORT_ENABLE_BASIC)
     so.execution_order = rt.ExecutionOrder.PRIORITY_BASED  # runs in-graph reductions early (see below)
-    tensors = list(model_io.iter_initializer_tensors(model))
-    folders = {t.base_dir for t in tensors if isinstance(t, ir.ExternalTensor)}
-    inline = sum(t.nbytes for t in tensors if not isinstance(t, ir.ExternalTensor))
-    if len(folders) <= 1 and inline < model_io.EXTERNAL_DATA_THRESHOLD:
-        if folders:
-            so.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(next(iter(folders))))
-        session = runtime.make_session(model_io.to_bytes(model), providers, options=so)
-    else:
-        session = runtime.make_session(model, providers, options=so)
+    session = runtime.make_session(model, providers, options=so)  # external data stays referenced
     _check_output_types(session, plan)
     return session
 

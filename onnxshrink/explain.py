@@ -328,7 +328,7 @@ def _tapped_session(model: ir.Model, values: list[ir.Value], providers, threads)
             model.graph.outputs.append(v)
             present.add(v)
     if not model_io.uses_external_data(model):
-        yield runtime.make_session(model_io.to_bytes(model), providers, threads=threads)
+        yield runtime.make_session(model, providers, threads=threads)
         return
     path = _beside_weights(model)
     try:

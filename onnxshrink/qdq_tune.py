@@ -135,7 +135,7 @@ def tune(model: ir.Model, plan: QDQPlan, table, feed: dict, runs: int = 20, *, r
     if not best_nodes:
         return best, None
     best_sess = _session(model, plan, best, table)
-    float_sess = runtime.make_session(model_io.to_bytes(model), threads=1)
+    float_sess = runtime.make_session(model, threads=1)
     judge = _Judge(float_sess, feed, runs)
     f_ms, b_ms = _paired(float_sess, best_sess, feed, runs)
     best_drift = judge.drift(best_sess)
@@ -204,7 +204,7 @@ def _tune_regions(model, plan, opts, table, judge, best_sess, best_drift, tried)
     for cand in REGIONS:
         if cand.linear == "float" and not plan_qdq(model, static_options(model, opts, cand), table).nodes:
             continue  # nothing would stay int8
-        sess = runtime.make_session(model_io.to_bytes(build(model, plan, table, opts, cand)), threads=1)
+        sess = runtime.make_session(build(model, plan, table, opts, cand), threads=1)
         row = judge(best_sess, best_drift, sess)
         tried.append({**_knobs(opts), **cand.to_dict(), **row})
         if row["kept"]:
@@ -287,8 +287,8 @@ def speedup(reference: ir.Model, model: ir.Model, feed: dict, runs: int = 20) ->
     """Float ms / ``model``'s ms, 1 thread, interleaved (None for models over ``MAX_TUNE_BYTES``)."""
     if model_io.initializer_bytes(reference) > MAX_TUNE_BYTES:
         return None
-    a = runtime.make_session(model_io.to_bytes(reference), threads=1)
-    b = runtime.make_session(model_io.to_bytes(model), threads=1)
+    a = runtime.make_session(reference, threads=1)
+    b = runtime.make_session(model, threads=1)
     f_ms, m_ms = _paired(a, b, feed, runs)
     return round(f_ms / m_ms, 3) if m_ms > 0 else None
 
@@ -299,7 +299,7 @@ def _nodes(model: ir.Model, opts: PlanOptions, table) -> frozenset:
 
 def _session(model: ir.Model, plan: QDQPlan, opts: PlanOptions, table):
     """A 1-thread session of the static placement with ``opts``, built by the same ``steps`` as the result."""
-    return runtime.make_session(model_io.to_bytes(build(model, plan, table, opts)), threads=1)
+    return runtime.make_session(build(model, plan, table, opts), threads=1)
 
 
 def _knobs(opts: PlanOptions) -> dict:

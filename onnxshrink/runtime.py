@@ -61,6 +61,10 @@ def session_options(threads: int | None = None, optimized_path: str | None = Non
     return so
 
 
+#: Session setting: the folder that relative external-data paths of a model given as bytes resolve in.
+EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+
+
 @contextlib.contextmanager
 def model_path(model: ir.Model | str | os.PathLike):
     """A path ONNX Runtime can open: the file itself, or a temporary copy of an in-memory model."""
@@ -81,15 +85,23 @@ def make_session(
     threads: int | None = None,
     options=None,
 ):
-    """An ``InferenceSession`` for a path, serialized bytes or an in-memory model."""
+    """An ``InferenceSession`` for a path, serialized bytes or an in-memory model.
+
+    An in-memory model goes as bytes when what it holds in memory is small; tensors it reads from one
+    folder of external data stay references, resolved through ONNX Runtime's external-folder setting
+    (bytes alone resolve them against the working directory). Otherwise it is saved to a temporary
+    file first."""
     rt = ort()
     so = options or session_options(threads)
     provs = resolve_providers(providers)
     try:
         if isinstance(model, ir.Model):
-            if model_io.initializer_bytes(model) < model_io.EXTERNAL_DATA_THRESHOLD and not (
-                model_io.uses_external_data(model)
-            ):
+            tensors = list(model_io.iter_initializer_tensors(model))
+            folders = {str(t.base_dir) for t in tensors if isinstance(t, ir.ExternalTensor)}
+            inline = sum(t.nbytes for t in tensors if not isinstance(t, ir.ExternalTensor))
+            if len(folders) <= 1 and inline < model_io.EXTERNAL_DATA_THRESHOLD:
+                if folders:
+                    so.add_session_config_entry(EXTERNAL_FOLDER_KEY, next(iter(folders)))
                 return rt.InferenceSession(model_io.to_bytes(model), so, providers=provs)
             with model_path(model) as p:
                 return rt.InferenceSession(p, so, providers=provs)

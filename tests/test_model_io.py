@@ -205,3 +205,27 @@ def test_an_unwritable_output_is_refused_before_any_work(job, tmp_path):
            "quantize": lambda: onnxshrink.quantize(tmp_path / "nope.onnx", None, out, mode="dynamic")}[job]
     with pytest.raises(OutputError, match="does not exist"):
         run()
+
+
+def test_quantize_and_prune_a_model_with_external_data(tmp_path, monkeypatch):
+    """Sessions of in-memory models were made from bytes in some places (the calibration method's
+    selection, the placement tuner): a model reading external data failed there, its relative paths
+    resolved against the working directory. The working directory here is another folder."""
+    import onnxshrink
+    from models import digits
+    from onnxshrink import runtime
+
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save(onnx.load(str(digits.trained_path("cnn"))), src / "cnn.onnx", save_as_external_data=True,
+              location="cnn.data", size_threshold=0)
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    calib = digits.feeds("cnn", "calib", batch=64, limit=128)
+    x, y = digits.model_input("cnn", "test")
+    q = onnxshrink.quantize(src / "cnn.onnx", calib, tmp_path / "q.onnx", cache_dir=False, tune_runs=3)
+    p = onnxshrink.prune(src / "cnn.onnx", 0.3, tmp_path / "p.onnx", criterion="reconstruction",
+                         calibration=calib, reconstruct=True)
+    for out in (q.output, p.output):
+        assert digits.accuracy(runtime.make_session(out, threads=1).run(None, {"input": x})[0], y) > 0.95
