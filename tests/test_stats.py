@@ -114,3 +114,29 @@ def test_a_stale_paddle_batch_does_not_hide_the_pinned_one():
     model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     dims = {"x:0": 2, "x:2": 4, "x:3": 5}
     assert stats.macs(model, dims, fold=False) == stats.macs(model, dims) == 2 * 8 * 4 * 5 * 3
+
+
+def test_shapes_only_the_model_knows_survive_the_folded_copy():
+    """An op onnx cannot infer (a contrib op: ddddocr's DynamicQuantizeLSTM) keeps the shape written on
+    its output; the folded copy must not drop it, or the reshape read from it cannot fold and the
+    MatMul after it goes uncounted (ddddocr's recognizer: 9.9M MACs before cleanup, 18.3M after)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, "W"])
+    u = helper.make_tensor_value_info("u", TensorProto.FLOAT, [1, "W", 8])
+    w = numpy_helper.from_array(np.ones((8, 4), np.float32), "w")
+    nodes = [helper.make_node("Opaque", ["x"], ["u"], domain="com.example"),
+             helper.make_node("Shape", ["u"], ["s"]),
+             helper.make_node("Gather", ["s", "two"], ["c"], axis=0),
+             helper.make_node("Cast", ["c"], ["cf"], to=TensorProto.FLOAT),
+             helper.make_node("Floor", ["cf"], ["cff"]),
+             helper.make_node("Cast", ["cff"], ["ci"], to=TensorProto.INT64),
+             helper.make_node("Concat", ["minus_one", "ci"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["u", "shape"], ["r"]),
+             helper.make_node("MatMul", ["r", "w"], ["y"])]
+    inits = [w, numpy_helper.from_array(np.array([2], np.int64), "two"),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus_one")]
+    graph = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              inits, value_info=[u])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    model = ir.serde.deserialize_model(proto)
+    assert stats.macs(model, fold=False) != 8 * 4  # inference alone does not reach the MatMul's length
+    assert stats.macs(model) == 8 * 4  # one row (the width counts as 1), 8 inputs, 4 outputs
