@@ -29,6 +29,14 @@ def _add_data_args(p, *, count: bool = True) -> None:
                    help="intra-op threads (validate/explain: ONNX Runtime's default; bench/check timing: 1)")
 
 
+def _refuse_count_with_data(count, data) -> None:
+    """``--count`` sizes random feeds only; with ``--data`` it was ignored without a word."""
+    from onnxshrink.errors import ConfigError
+
+    if count is not None and data:
+        raise ConfigError("--count sets how many random feeds are made; with --data every feed in it is used")
+
+
 def _dims(args) -> dict:
     from onnxshrink import runtime
 
@@ -76,6 +84,7 @@ def _add_metric_args(p) -> None:
 def run_validate(args) -> int:
     from onnxshrink import report, validate
 
+    _refuse_count_with_data(args.count, args.data)
     drift = validate.compare(
         args.reference, args.candidate, args.data, providers=args.providers, threads=args.threads,
         dims=_dims(args), count=args.count or 8, seed=args.seed, metric=args.metric,
@@ -283,6 +292,7 @@ def _measure_for_gate(args, config) -> dict:
 
     dims = runtime.parse_dims(args.shape or _as_list(config.settings.get("shape")))
     data = _setting(args, config, "data", None)
+    _refuse_count_with_data(args.count, data)
     providers = _check_providers(args, config)
     drift = validate.compare(
         args.reference, args.candidate, data, providers=providers[:1],

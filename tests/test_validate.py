@@ -185,6 +185,10 @@ def test_cli_validate_exit_codes_and_json(tmp_path, capsys):
     assert main(["validate", str(ref), str(nan), "--data", str(data), "--threads", "1"]) == 1
     assert "NaN/Inf" in capsys.readouterr().out
     assert main(["validate", str(ref), str(tmp_path / "missing.onnx")]) == 2
+    capsys.readouterr()
+    assert main(["validate", str(ref), str(cand), "--data", str(data), "--count", "1"]) == 2  # --count: random only
+    assert "with --data every feed in it is used" in capsys.readouterr().err
+    assert main(["check", str(ref), str(cand), "--data", str(data), "--count", "1"]) == 2
 
 
 def test_labels_in_a_folder_of_npz_files(tmp_path):
