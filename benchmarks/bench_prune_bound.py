@@ -41,7 +41,7 @@ MODELS = ("resnet", "mobilenet", "inception", "cnn", "resnet_wide", "mobilenet_w
 def plans(name: str, max_plans: int):
     """(live groups' producers and widths, [(est speed-up, x MACs, widths)]) over every width combination."""
     model = model_io.load(str(digits.trained_path(name)))
-    pruning._run(model, pruning._pre_steps(), [], pipeline.PipelineReport())  # as prune() plans
+    pruning._run(model, pipeline.pre_prune_steps(), [], pipeline.PipelineReport())  # as prune() plans
     dg = depgraph.build(model)
     step = default_round_to()
     live = [(g, gp) for g, gp in ((g, _group_plan(g)) for g in dg.groups)

@@ -197,14 +197,19 @@ def int8_steps() -> list[Step]:
 PRE_PRUNE_PASSES = ("fold_constants", "eliminate_identities", "cse", "dead_code")
 
 
+def pre_prune_steps() -> list[Step]:
+    """The cleanup before pruning (``PRE_PRUNE_PASSES`` to a fixed point); also what the MACs count folds
+    a copy with (``stats.inferred_shapes``)."""
+    from onnxshrink.passes import REGISTRY
+
+    return [FixedPoint([make_pass(n) for n in PRE_PRUNE_PASSES if n in REGISTRY])]
+
+
 def prune_steps() -> list[Step]:
     """The ``prune`` preset: cleanup, data-free pruning of 30% of the channels (L1, widths rounded up
     to 8 or 16 for this CPU), then the lossless loop. Other ratios, data criteria, reconstruction: ``optimize --prune RATIO``
     or ``onnxshrink.prune(...)``."""
-    from onnxshrink.passes import REGISTRY
-
-    pre = FixedPoint([make_pass(n) for n in PRE_PRUNE_PASSES if n in REGISTRY])
-    return [pre, make_pass("prune_channels"), *lossless_steps()]
+    return [*pre_prune_steps(), make_pass("prune_channels"), *lossless_steps()]
 
 
 #: Named presets. Each maps to a function returning fresh pass instances.

@@ -115,7 +115,7 @@ def prune(
     before = stats.summarize(ir_model, in_path, dims=dims)
     report = pipeline.PipelineReport()
     insts = [StructuralCheck()] if check else []
-    _run(ir_model, _pre_steps(), insts, report)
+    _run(ir_model, pipeline.pre_prune_steps(), insts, report)
     if plan is None:
         dg = depgraph.build(ir_model, grouped=grouped)
         act = importance.collect(ir_model, dg, calibration, crit, progress=progress)
@@ -162,13 +162,6 @@ def operating_dims(model: ir.Model, calibration=None) -> dict[str, int]:
         return {}
     first = next(iter(calibration))
     return {f"{n}:{i}": int(first[n].shape[i]) for n, i in symbolic if n in first and first[n].ndim > i}
-
-
-def _pre_steps() -> list:
-    from onnxshrink.passes import REGISTRY
-
-    names = [n for n in pipeline.PRE_PRUNE_PASSES if n in REGISTRY]
-    return [pipeline.FixedPoint([pipeline.make_pass(n) for n in names])]
 
 
 def _run(model, steps, insts, report) -> None:

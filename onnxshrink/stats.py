@@ -68,7 +68,7 @@ def inferred_shapes(model: ir.Model, dims: dict[str, int] | None = None, *, fold
     inference; dims still unknown afterwards count as 1. Where inference leaves a weight op's shape
     unresolved (a length computed by shape arithmetic onnx cannot follow, as in exported STFT front
     ends, or read from ``Shape`` at run time), those values take their shapes from a copy pinned to
-    the given size and folded (``fold``: the passes of ``pipeline.PRE_PRUNE_PASSES``), which computes
+    the given size and folded (``fold``: ``pipeline.pre_prune_steps``), which computes
     the same thing with those shapes constant; ``unresolved`` still names them.
     """
     if dims:
@@ -210,10 +210,9 @@ def _folded_copy(model: ir.Model, dims: dict[str, int] | None = None) -> ir.Mode
     as counting takes them) and folded, so that shapes computed at run time (``Shape`` -> ``Reshape``)
     become constants."""
     from onnxshrink import data, graph_utils, pipeline
-    from onnxshrink.passes import REGISTRY
 
     copy = graph_utils.clone_model(model)
-    steps = [pipeline.FixedPoint([pipeline.make_pass(n) for n in pipeline.PRE_PRUNE_PASSES if n in REGISTRY])]
+    steps = pipeline.pre_prune_steps()
     try:
         pinned = {s.name: s.concrete_shape(dims) for s in data.input_specs(copy)}
         for v in copy.graph.inputs:
