@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from onnxshrink.cli_check import EXIT_BUDGET_FAILED
-from onnxshrink.errors import ConfigError, OutputError
+from onnxshrink.errors import ConfigError
 
 CRITERIA = ("l1", "l2", "bn", "activation", "reconstruction")
 
@@ -66,9 +66,6 @@ def run_prune(args) -> int:
         raise ConfigError("--prune needs an input model")
     ratio = 0.3 if args.prune is None else args.prune
     quantize_next = bool(getattr(args, "quantize", None))
-    if quantize_next and args.output and not args.overwrite_input \
-            and Path(args.output).resolve() == Path(args.input).resolve():
-        raise OutputError(f"-o {args.output} is the input model; pass --overwrite-input to replace it")
     model_io.check_output(args.output, protected=(args.input,), overwrite_input=args.overwrite_input)
     result = pruning.prune(
         args.input, ratio, None if quantize_next else args.output,

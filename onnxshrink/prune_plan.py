@@ -282,14 +282,15 @@ def _matches(g: depgraph.Group, patterns: Sequence[str]) -> bool:
 def _warn_unmatched(dg: depgraph.DepGraph, protect: Sequence[str], layer_ratios) -> None:
     """A ``protect`` or ``layer_ratios`` pattern that names no layer would change nothing: say so
     (a misspelt layer name otherwise prunes the layer the user meant to keep)."""
-    names = sorted({n for g in dg.groups for n in (*g.nodes, *g.producers, *g.consumers)})
-    producers = sorted({p for g in dg.groups for p in g.producers})
-    for what, patterns, pool in (("protect", protect, names), ("layer_ratios", list(layer_ratios or {}), producers)):
-        for pattern in patterns:
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in pool):
-                logger.warning("pruning: %s pattern %r matches no %s (for example %s)", what, pattern,
-                               "node of a channel group" if what == "protect" else "producer of a group",
-                               ", ".join(pool[:3]) or "none")
+    example = ", ".join(sorted({p for g in dg.groups for p in g.producers})[:3]) or "none"
+    for pattern in protect:
+        if not any(_matches(g, [pattern]) for g in dg.groups):
+            logger.warning("pruning: protect pattern %r matches no node of a channel group (for example %s)",
+                           pattern, example)
+    for pattern in layer_ratios or {}:
+        if not any(fnmatch.fnmatchcase(p, pattern) for g in dg.groups for p in g.producers):
+            logger.warning("pruning: layer_ratios pattern %r matches no producer of a group (for example %s)",
+                           pattern, example)
 
 
 def _ratio_for(g, ratio, layer_ratios) -> float:

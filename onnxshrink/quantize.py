@@ -323,13 +323,12 @@ def _prepare(ir_model: ir.Model, data, report, lossless: bool, check: bool, equa
 def _warn_unmatched(model: ir.Model, exclude: Sequence[str], exclude_ops: Sequence[str]) -> None:
     """An ``exclude`` pattern or op type that names nothing in the model would keep nothing float:
     say so (a misspelt name otherwise quantizes the layer the user meant to keep)."""
-    import fnmatch
-    import re
+    from onnxshrink.passes.dynamic_quant import excluded
 
     nodes = list(model.graph.all_nodes())
     names, ops = [n.name or "" for n in nodes], {n.op_type for n in nodes}
     for pat in exclude:
-        if not any(re.search(pat[3:], n) if pat.startswith("re:") else fnmatch.fnmatchcase(n, pat) for n in names):
+        if not any(excluded(n, [pat]) for n in names):
             logger.warning("quantize: exclude pattern %r matches no node (for example %s)", pat,
                            ", ".join(n for n in names[:3] if n) or "the nodes have no names")
     for op in exclude_ops:

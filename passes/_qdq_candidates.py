@@ -8,11 +8,9 @@ A node is a candidate when its ``qdq_rules.RULES`` entry accepts it and no optio
 
 from __future__ import annotations
 
-import fnmatch
-import re
-
 import numpy as np
 import onnx_ir as ir
+from onnxshrink.passes.dynamic_quant import excluded
 from onnxshrink.passes.qdq_rules import Kind, OpRule, PlanOptions, rule_for, speed_knob_reason
 
 from onnxshrink.graph_utils import const_array
@@ -23,10 +21,8 @@ Skips = list[tuple[ir.Node, str]]
 def _excluded(node: ir.Node, opts: PlanOptions) -> str | None:
     if node.op_type in opts.exclude_ops:
         return f"op type {node.op_type} excluded"
-    name = node.name or ""
     for pat in opts.exclude:
-        hit = re.search(pat[3:], name) if pat.startswith("re:") else fnmatch.fnmatchcase(name, pat)
-        if hit:
+        if excluded(node.name, [pat]):
             return f"name matches exclude pattern {pat!r}"
     return None
 
