@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_prune import accuracy, interleaved
 from models import digits
-from onnxshrink import bench, model_io, pruning, runtime, stats
+from onnxshrink import bench, channel_stats, model_io, pruning, stats
 from onnxshrink.graph_utils import add_initializer, clone_model
 
 MODELS = ("resnet", "mobilenet", "resnet_wide", "mobilenet_wide")
@@ -86,21 +86,17 @@ def residual_blocks(model: ir.Model) -> list[tuple[ir.Node, int]]:
 
 
 def branch_means(path: str, values: list[ir.Value], calib: list[dict]) -> list[np.ndarray]:
-    """Means of ``values`` over the calibration feeds and all but axis 1 (tapped as extra outputs), shaped
-    to broadcast against them ([1, C, 1, ...])."""
-    model = model_io.load(path)
+    """Means of ``values`` over the calibration feeds and all but axis 1 (``channel_stats``, reduced in
+    the graph), shaped to broadcast against them ([1, C, 1, ...]: these nets' block tensors have the
+    input's rank)."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    model = ShapeInferencePass()(model_io.load(path)).model  # channel_stats needs the taps' ranks
     by_name = {v.name: v for n in model.graph for v in n.outputs}
-    model.graph.outputs.extend(by_name[v.name] for v in values)
-    session = runtime.make_session(model, threads=1)
-    names = [v.name for v in values]
-    sums = [0.0] * len(values)
-    count = 0
-    for feed in calib:
-        outs = session.run(names, feed)
-        count += len(outs[0])
-        sums = [s + o.sum(axis=tuple(a for a in range(o.ndim) if a != 1)) for s, o in zip(sums, outs)]
-    return [np.asarray(s / (count * np.prod(o.shape[2:])), np.float32).reshape([1, -1] + [1] * (o.ndim - 2))
-            for s, o in zip(sums, outs)]
+    taps = [channel_stats.ChannelTap(by_name[v.name], 1, "mean") for v in values]
+    rank = len(model.graph.inputs[0].shape)
+    return [m.astype(np.float32).reshape([1, -1] + [1] * (rank - 2))
+            for m in channel_stats.collect(model, calib, taps)]
 
 
 def drop_blocks(path: str, which: tuple[int, ...], calib: list[dict], out: str) -> None:
