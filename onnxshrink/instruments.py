@@ -45,8 +45,12 @@ class StructuralCheck(Instrument):
         self.run_checker = True
         self.run_shapes = True
         self.input_problems: list[str] = []
+        self._begun = False
 
     def begin(self, model: ir.Model) -> None:
+        if self._begun:  # a later run of the same job (prune: cleanup, pruning, lossless) starts from our output
+            return
+        self._begun = True
         report = checks.check_structure(model)
         if report.checker:
             self.run_checker = False
@@ -58,19 +62,21 @@ class StructuralCheck(Instrument):
                 self.input_problems.append(f"{p} (the input already fails this check; skipped for the passes)")
 
     def after_pass(self, pass_, model, result) -> None:
+        self.after_step(f"pass {pass_.name!r}", model)
+
+    def after_step(self, step: str, model: ir.Model) -> None:
+        """The same checks after a rewrite that is not a pass (pruning's reconstruction); ``step`` names it."""
         report = checks.check_structure(model, checker=self.run_checker, shapes=self.run_shapes)
-        if report.shapes and not report.topo and not report.checker and self._fix_outputs(pass_, model):
+        if report.shapes and not report.topo and not report.checker and self._fix_outputs(step, model):
             report = checks.check_structure(model, checker=self.run_checker, shapes=self.run_shapes)
         if not report:
-            raise CheckFailure(
-                f"pass {pass_.name!r} left an invalid model: " + "; ".join(report.problems[:5])
-            )
+            raise CheckFailure(f"{step} left an invalid model: " + "; ".join(report.problems[:5]))
 
-    def _fix_outputs(self, pass_: ShrinkPass, model: ir.Model) -> bool:
+    def _fix_outputs(self, step: str, model: ir.Model) -> bool:
         conflicts = checks.output_shape_conflicts(model)
         for value, shape in conflicts:
             problem = (f"graph output {value.name!r} is declared {value.shape} but its producer gives "
-                       f"{shape} (inferred after pass {pass_.name!r}); the wrong declaration is replaced")
+                       f"{shape} (inferred after {step}); the wrong declaration is replaced")
             logger.warning("the input model declares a wrong output shape: %s", problem)
             self.input_problems.append(problem)
             value.shape = shape

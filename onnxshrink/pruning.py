@@ -137,6 +137,8 @@ def prune(
         from onnxshrink.reconstruct import reconstruct as run_reconstruct
 
         recon = run_reconstruct(original, ir_model, kept, calibration, method=method, progress=progress).to_dict()
+        for inst in insts:
+            inst.after_step("reconstruction", ir_model)
     table = merge_rows(rows_before, layer_rows(ir_model, dims))
     if lossless:
         _run(ir_model, pipeline.lossless_steps(), insts, report)

@@ -45,12 +45,22 @@ def replace_const(model, node: ir.Node, index: int, arr: np.ndarray, names: Name
     """Give input ``index`` of ``node`` a new initializer (never edit a shared one in place)."""
     old = node.inputs[index] if index < len(node.inputs) else None
     base = (old.name if old is not None else None) or f"{node.name or node.op_type}_in{index}"
-    new = add_initializer(model.graph, arr.astype(np.float32), names(f"{base}_refit"))
+    new = add_initializer(model.graph, arr.astype(_float_type(node, old)), names(f"{base}_refit"))
     if index >= len(node.inputs):
         node.resize_inputs(index + 1)
     node.replace_input_with(index, new)
     if old is not None and not old.uses() and old.is_initializer() and not old.is_graph_input():
         model.graph.initializers.pop(old.name, None)
+
+
+def _float_type(node: ir.Node, old: ir.Value | None) -> np.dtype:
+    """The element type the refit constant must keep: the one it replaces, else the layer's weight's
+    (a float16 model's refit weights stay float16; float32 arithmetic, one rounding at the end)."""
+    for v in (old, node.inputs[1] if len(node.inputs) > 1 else None):
+        arr = const_array(v) if v is not None else None
+        if arr is not None and np.issubdtype(arr.dtype, np.floating):
+            return arr.dtype
+    return np.dtype(np.float32)
 
 
 class ConvLayer(Layer):
