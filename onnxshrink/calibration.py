@@ -214,6 +214,8 @@ def _observe(model, data, tensors=None, *, method: str = "minmax", batch_size: i
     key = CacheKeys(model_fingerprint(ir_model), source.fingerprint(), plan.names, method, options,
                     int(batch_size), runtime.resolve_providers(providers), means)
     planned = tuple(plan.names)
+    if not planned:  # nothing to observe (a model with nothing to quantize): no run, nothing cached
+        return _Observed(key, planned, (), [], {}, 0, _build_table((), (), {}, key, 0))
     cache = CalibCache(cache_dir)
     table = _cached_table(cache, key)
     if table is not None:

@@ -28,8 +28,8 @@ def _float_types(path) -> set[int]:
 
 def _cosine_drift(a: dict, b: dict) -> float:
     worst = 0.0
-    for k in a:
-        x, y = a[k].astype(np.float64).ravel(), b[k].astype(np.float64).ravel()
+    for k, v in a.items():
+        x, y = v.astype(np.float64).ravel(), b[k].astype(np.float64).ravel()
         worst = max(worst, 1 - float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y) + 1e-30)))
     return worst
 

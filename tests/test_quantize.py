@@ -137,6 +137,23 @@ def test_excludes_that_match_nothing_are_named(tmp_path, caplog):
     assert repr(conv) not in caplog.text and "'Conv'" not in caplog.text
 
 
+def test_nothing_to_quantize_finishes_with_a_warning(tmp_path, caplog):
+    """Every compute op excluded: no tensor to calibrate. The run used to crash while caching an empty
+    histogram set (``np.stack`` of nothing); it now writes the cleaned float model and says why."""
+    proto = zoo.build("mlp")
+    feeds = feeds_for(proto, n=2, batch=2)
+    ops = sorted({n.op_type for n in proto.graph.node})
+    with caplog.at_level("WARNING", logger="onnxshrink.quantize"):
+        result = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", exclude_ops=ops,
+                                     cache_dir=tmp_path / "cache")
+    assert "NOTHING in this model can be quantized" in caplog.text
+    assert result.plan.summary()["quantized_nodes"] == 0
+    out = onnx.load(str(tmp_path / "q.onnx"))
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in out.graph.node}
+    for got, ref in zip(ort_run(out, feeds[0]), ort_run(proto, feeds[0]), strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_if_bodies_are_quantized(tmp_path):
     proto = _if_model()
     feeds = feeds_for(proto, n=8)
