@@ -116,6 +116,9 @@ def run_quantize(args) -> int:
           + (f"; {len(result.dynamic_nodes)} linear layers dynamic" if result.dynamic_nodes else "")
           + (f"; {result.speedup}x float speed on this CPU (1 thread)" if result.speedup else ""))
     _print_recovery(result.recovery)
+    if result.upcast_float16:
+        print(f"note: float16 model: quantized from a float32 copy ({result.upcast_float16} float16 values made "
+              "float32); its inputs and outputs stay float16")
     if result.opset_upgraded_from:
         print(f"note: upgraded from opset {result.opset_upgraded_from} to 13 for per-channel QDQ")
     print(report.before_after_table(result.before, result.after))

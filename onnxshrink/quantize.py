@@ -2,7 +2,9 @@
 
 Steps, in order:
 
-1. the lossless passes (the ``default`` preset) to a fixed point, so BatchNorm is folded into Conv,
+1. a model that computes in float16 is made to compute in float32 (``passes/upcast``: its inputs and
+   outputs stay float16; QDQ and ONNX Runtime's integer kernels start from float32), then
+   the lossless passes (the ``default`` preset) to a fixed point, so BatchNorm is folded into Conv,
    Conv+bias and Gemm patterns are formed and dead code is gone before ranges are measured;
 2. an opset below 13 is upgraded with ``onnx.version_converter`` (per-channel DequantizeLinear needs 13);
    unnamed nodes get names (exclusions, ``explain`` and bias correction address nodes by name);
@@ -118,6 +120,7 @@ class QuantizeResult:
     recovery: dict = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
     speedup: float | None = None  # float ms / this model's ms, 1 thread, on a calibration feed (when tuned)
+    upcast_float16: int = 0  # float16 values made float32 before quantizing (0: the model was float32)
 
     @property
     def skipped(self) -> list[str]:
@@ -148,6 +151,7 @@ class QuantizeResult:
             "method": self.method,
             "options": self.options.to_dict(),
             "opset_upgraded_from": self.opset_upgraded_from,
+            "upcast_float16": self.upcast_float16,
             "tuning": self.tuning.to_dict() if self.tuning else None,
             "mode": self.mode,
             "placement": self.placement.to_dict(),
@@ -273,6 +277,7 @@ def quantize(
         qmodel, final, table, report, before, stats.summarize(qmodel, out_path, dims=dims),
         time.perf_counter() - t0, opts, method, out_path, upgraded, tuning, mode, placement,
         builder.quantized_names(qmodel)[1], notes, _speed_warnings(speedup, notes), speedup,
+        sum(r.stats.counts.get("values_upcast", 0) for r in report.records if r.name == "upcast_float16"),
     )
 
 
@@ -304,9 +309,13 @@ def _calibrate_and_tune(ir_model, opts, mode, method, feed, tune_runs, calibrate
 
 def _prepare(ir_model: ir.Model, data, report, lossless: bool, check: bool, equalize: bool, smoothquant,
              providers) -> tuple[ir.Model, int | None]:
-    """Steps 1-4 of the module docstring: lossless passes, opset upgrade, names, shapes, float rewrites."""
+    """Steps 1-4 of the module docstring: float16 upcast, lossless passes, opset upgrade, names, shapes,
+    float rewrites."""
     from onnxshrink import recovery as rec
+    from onnxshrink.passes.upcast import has_float16
 
+    if has_float16(ir_model):  # float16 compute: quantized from float32, the interface stays float16
+        _merge(report, _run(ir_model, [pipeline.make_pass("upcast_float16")], check))
     if lossless:
         _merge(report, _run(ir_model, pipeline.lossless_steps(), check))
     ir_model, upgraded = upgrade_opset(ir_model)

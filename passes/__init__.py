@@ -23,6 +23,7 @@ from onnxshrink.passes import (
     qdq,
     scales,
     smoothquant,
+    upcast,
 )
 
 from onnxshrink.pass_infra import ShrinkPass
@@ -43,6 +44,7 @@ REGISTRY: dict[str, type[ShrinkPass]] = {
     equalize.CrossLayerEqualizationPass.name: equalize.CrossLayerEqualizationPass,
     smoothquant.SmoothQuantPass.name: smoothquant.SmoothQuantPass,
     prune_channels.PruneChannelsPass.name: prune_channels.PruneChannelsPass,
+    upcast.UpcastFloat16Pass.name: upcast.UpcastFloat16Pass,
 }
 
 __all__ = ["REGISTRY"]
