@@ -171,6 +171,8 @@ def _print_groups(plan) -> None:
             print(f"  group {g.id} ({', '.join(g.producers) or 'no weights'}) not pruned: {g.stops[0]}")
         elif g.status in ("protected", "too narrow"):
             print(f"  group {g.id} ({', '.join(g.producers)}) not pruned: {g.status}")
+        elif g.status == "unchanged" and g.stops:
+            print(f"  group {g.id} ({', '.join(g.producers)}) not pruned: {g.stops[0]}")
 
 
 def _quantize_pruned(args, model) -> int:

@@ -94,6 +94,8 @@ class Stop:
     reason: str
 
     def __str__(self) -> str:
+        if self.op_type == "graph":  # stopped at the value itself (a graph input/output, a dynamic dim)
+            return f"value {self.value!r}: {self.reason}"
         return f"{self.op_type} {self.node!r} (via {self.value!r}): {self.reason}"
 
 

@@ -198,11 +198,15 @@ def plan_pruning(
         keeps = [_local_keep(gp, _ratio_for(g, ratio, layer_ratios), round_to, min_width) for g, gp, _ in live]
     est = [cost.describe([gp.atoms for _, gp, _ in live]), cost.describe(keeps)]
     estimate.update({k: [est[0][k], est[1][k]] for k in ("latency_us", "macs")})
+    local = target == "channels" and not (scope == "global" and not layer_ratios)
     for (g, gp, scores), keep in zip(live, keeps):
         order = np.argsort(scores, kind="stable")
         gp.remove = sorted(int(i) for i in order[: gp.atoms - keep])
         gp.status = "pruned" if gp.remove else "unchanged"
         gp.scores = [round(float(s), 6) for s in scores]
+        r = _ratio_for(g, ratio, layer_ratios)
+        if local and not gp.remove and r > 0:
+            gp.stops = [_kept_whole(gp, r, round_to, min_width)]
     settings = {"ratio": ratio, "criterion": getattr(crit, "name", str(criterion)), "scope": scope,
                 "round_to": round_to, "min_width": min_width, "max_ratio": max_ratio,
                 "protect": list(protect), "layer_ratios": dict(layer_ratios or {}), "grouped": grouped,
@@ -298,6 +302,17 @@ def _ratio_for(g, ratio, layer_ratios) -> float:
         if any(fnmatch.fnmatchcase(n, pattern) for n in g.producers):
             return float(r)
     return float(ratio)
+
+
+def _kept_whole(gp: GroupPlan, ratio: float, round_to: int, min_width: int) -> str:
+    """Why ``ratio`` of this group removed nothing: its width rounds back up, or the minimum width."""
+    width, cpa = gp.atoms * gp.channels_per_atom, gp.channels_per_atom
+    left = gp.atoms * (1.0 - ratio) * cpa
+    step = _step(gp, round_to) * cpa
+    if math.ceil(left / step - 1e-9) * step >= width:
+        return (f"{ratio:.0%} of its {width} channels leaves {left:g}, rounded up to a multiple of {step}: "
+                f"{width} (a smaller --round-to, or a larger ratio, prunes it)")
+    return f"{ratio:.0%} of its {width} channels would go below --min-width {min_width}"
 
 
 def _step(gp: GroupPlan, round_to: int) -> int:

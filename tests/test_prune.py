@@ -213,6 +213,23 @@ def test_cli_prune(tmp_path, capsys):
     assert main(["optimize", str(src), "--prune", "0.3", "--prune-criterion", "activation"]) == 2
 
 
+def test_groups_kept_whole_by_rounding_say_why(tmp_path, capsys):
+    """30% of a 16-wide group leaves 11.2 channels, which round back up to 16: the run removed nothing
+    and used to say only '0 channels removed'. The plan and the summary now name each such group."""
+    from onnxshrink.cli import main
+
+    src = zoo.save("plain_cnn", tmp_path)
+    plan = plan_pruning(model_io.load(src), 0.3, round_to=16)
+    whole = [g for g in plan.groups if g.status == "unchanged"]
+    assert whole and all("rounded up to a multiple of 16" in g.stops[0] for g in whole), whole
+    assert not [g for g in plan_pruning(model_io.load(src), 0.3, round_to=8).groups
+                if g.status == "unchanged" and g.stops]  # rounding to 8 prunes what 16 kept whole
+    assert main(["optimize", str(src), "-o", str(tmp_path / "p.onnx"), "--prune", "0.3", "--round-to", "16"]) == 0
+    text = capsys.readouterr().out
+    assert f"not pruned: {whole[0].stops[0]}" in text
+    assert "value 'logits': graph inputs and outputs never change" in text
+
+
 def test_cli_prune_reports_drift_and_max_drift_fails(tmp_path, capsys):
     """Data-free pruning can break a trained model without a word (PP-OCR's detector at 0.3,
     prune_real.md); the CLI measures the pruned outputs against the input's, warns, and fails on --max-drift."""
