@@ -198,6 +198,7 @@ def plan_pruning(
         keeps = [_local_keep(gp, _ratio_for(g, ratio, layer_ratios), round_to, min_width) for g, gp, _ in live]
     est = [cost.describe([gp.atoms for _, gp, _ in live]), cost.describe(keeps)]
     estimate.update({k: [est[0][k], est[1][k]] for k in ("latency_us", "macs")})
+    _warn_if_slower(estimate, round_to)
     local = target == "channels" and not (scope == "global" and not layer_ratios)
     for (g, gp, scores), keep in zip(live, keeps):
         order = np.argsort(scores, kind="stable")
@@ -302,6 +303,18 @@ def _ratio_for(g, ratio, layer_ratios) -> float:
         if any(fnmatch.fnmatchcase(n, pattern) for n in g.producers):
             return float(r)
     return float(ratio)
+
+
+def _warn_if_slower(estimate: dict, round_to: int) -> None:
+    """The plan is kept (the user asked for it), but an estimate above unpruned is said, with the way out."""
+    lat = estimate.get("latency_us")
+    if lat and lat[0] and lat[1] > 1.02 * lat[0]:
+        logger.warning("pruning: the kernel table (%s) estimates the pruned model SLOWER than the unpruned one "
+                       "(%.0f%% of its latency at batch %s): ONNX Runtime runs channel counts that are not a "
+                       "multiple of its conv block in padded or slower kernels (--round-to %s here). Use "
+                       "--prune-target latency (widths chosen by estimated latency) or a larger --round-to; "
+                       "--prune-measure times the result", estimate.get("kernels"), 100 * lat[1] / lat[0],
+                       estimate.get("batch", 1), round_to)
 
 
 def _kept_whole(gp: GroupPlan, ratio: float, round_to: int, min_width: int) -> str:

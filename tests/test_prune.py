@@ -230,6 +230,22 @@ def test_groups_kept_whole_by_rounding_say_why(tmp_path, capsys):
     assert "value 'logits': graph inputs and outputs never change" in text
 
 
+def test_a_plan_estimated_slower_than_unpruned_is_warned(caplog):
+    """Unrounded widths (--round-to 0) of resnet at 0.1: the kernel table prices them above the unpruned
+    model (ORT's padded conv blocks); the plan stands, with a warning that names the way out."""
+    model = zoo.build("resnet")
+    with caplog.at_level("WARNING", logger="onnxshrink.prune_plan"):
+        plan = plan_pruning(model_io.load(model), 0.1, round_to=0)
+    lat = plan.settings["estimate"]["latency_us"]
+    assert lat[1] > lat[0] and plan.pruned
+    assert "SLOWER than the unpruned one" in caplog.text and "--prune-target latency" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="onnxshrink.prune_plan"):
+        plan = plan_pruning(model_io.load(model), 0.5, round_to=16)
+    lat = plan.settings["estimate"]["latency_us"]
+    assert lat[1] < lat[0] and "SLOWER" not in caplog.text
+
+
 def test_cli_prune_reports_drift_and_max_drift_fails(tmp_path, capsys):
     """Data-free pruning can break a trained model without a word (PP-OCR's detector at 0.3,
     prune_real.md); the CLI measures the pruned outputs against the input's, warns, and fails on --max-drift."""
