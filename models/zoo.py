@@ -45,29 +45,36 @@ def save(name: str, folder: str | Path) -> Path:
 def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
     """A float16 copy of ``model`` as half-precision exporters write them: every float32 initializer,
     Constant, graph input/output and value type becomes float16 (inputs and outputs included), and Casts to
-    float32 cast to float16. For the zoo's conv and MLP models (no subgraphs, no float attributes)."""
+    float32 cast to float16, in If/Loop bodies too (Constant value_float becomes a float16 value)."""
     import numpy as np
     from onnx import TensorProto, numpy_helper
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    g = out.graph
 
     def half(t: TensorProto) -> None:
         if t.data_type == TensorProto.FLOAT:
             t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
 
-    for t in g.initializer:
-        half(t)
-    for vi in (*g.input, *g.output, *g.value_info):
-        if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
-            vi.type.tensor_type.elem_type = TensorProto.FLOAT16
-    for node in g.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                half(a.t)
-            elif node.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
-                a.i = TensorProto.FLOAT16
+    def convert(g: onnx.GraphProto) -> None:
+        for t in g.initializer:
+            half(t)
+        for vi in (*g.input, *g.output, *g.value_info):
+            if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
+                vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+        for node in g.node:
+            if node.op_type == "Constant" and node.attribute[0].name == "value_float":
+                node.attribute[0].CopyFrom(onnx.helper.make_attribute(
+                    "value", numpy_helper.from_array(np.array(node.attribute[0].f, np.float16))))
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    half(a.t)
+                elif a.type == onnx.AttributeProto.GRAPH:
+                    convert(a.g)
+                elif node.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
+                    a.i = TensorProto.FLOAT16
+
+    convert(out.graph)
     return out
 
 

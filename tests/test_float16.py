@@ -93,7 +93,7 @@ def test_structural_check_judges_the_input_once(tmp_path):
     assert check.run_checker and check.run_shapes and not check.input_problems
 
 
-@pytest.mark.parametrize("name", ["resnet", "transformer", "lossless_patterns"])
+@pytest.mark.parametrize("name", ["resnet", "transformer", "lossless_patterns", "control_flow"])
 def test_upcast_computes_in_float32_behind_a_float16_interface(name, tmp_path, make_feeds, ort_run):
     src = _half(name, tmp_path)
     model = model_io.load(src)
