@@ -233,6 +233,37 @@ def _check_writable(out: Path, protected, overwrite_input: bool) -> None:
                     f"{out}: this is the input model; choose another output path or pass "
                     "--overwrite-input (overwrite_input=True)"
                 )
+    _check_input_data(out, protected, overwrite_input)
+
+
+def _check_input_data(out: Path, protected, overwrite_input: bool) -> None:
+    """Refuse an output, or the ``.data`` file written beside it, that is an input's external-data file:
+    rewriting it would silently change what the input model computes."""
+    ours = [f for f in (out, out.parent / (out.name + ".data")) if f.exists()]
+    if not ours:
+        return
+    for p in protected:
+        if p is None or not Path(p).is_file():
+            continue
+        if overwrite_input and out.exists() and os.path.samefile(out, p):
+            continue  # the input itself, replaced as asked: its data file goes with it
+        for data in external_data_files(p):
+            hit = next((f for f in ours if os.path.samefile(f, data)), None)
+            if hit is not None:
+                raise OutputError(f"{out}: writing it would overwrite {hit}, the external-data file of the input "
+                                  f"model {p}; choose another output name")
+
+
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """The external-data files the model at ``path`` references (that exist)."""
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a readable model: it has no data files to protect
+        return []
+    found = {path.parent / e.value for t in _all_proto_tensors(proto.graph)
+             if t.data_location == onnx.TensorProto.EXTERNAL for e in t.external_data if e.key == "location"}
+    return [f for f in found if f.exists()]
 
 
 def to_bytes(model: ir.Model) -> bytes:

@@ -146,6 +146,26 @@ def test_never_overwrites_input_unless_asked(tmp_path):
     assert model_io.load(p).graph.node(0).op_type == "MatMul"
 
 
+def test_never_overwrites_the_inputs_external_data(tmp_path):
+    """Output 'weights.onnx' writes 'weights.onnx.data': when that is the input's data file, the input
+    used to keep loading but compute with the output's weights (exit 0). Naming the data file itself is
+    refused too; replacing the input as asked still works."""
+    p = tmp_path / "model.onnx"
+    onnx.save(_model(), p, save_as_external_data=True, location="weights.onnx.data", size_threshold=0)
+    data = tmp_path / "weights.onnx.data"
+    before = data.read_bytes()
+    m = model_io.load(p)
+    for out in ("weights.onnx", "weights.onnx.data"):
+        with pytest.raises(OutputError, match="external-data file of the input"):
+            model_io.check_output(tmp_path / out, protected=(p,))
+        with pytest.raises(OutputError, match="external-data file of the input"):
+            model_io.save(m, tmp_path / out, protected=(p,), external_data=True)
+    assert data.read_bytes() == before
+    model_io.save(m, tmp_path / "other.onnx", protected=(p,), external_data=True)
+    model_io.save(model_io.load(p), p, protected=(p,), overwrite_input=True)
+    assert model_io.load(p).graph.node(0).op_type == "MatMul"
+
+
 def test_unwritable_output(tmp_path):
     m = model_io.load(_model())
     with pytest.raises(OutputError, match="does not exist"):
