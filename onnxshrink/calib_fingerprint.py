@@ -80,4 +80,9 @@ def _tensor(h, tensor) -> None:
         h.update(tensor.tobytes())
         return
     array = np.ascontiguousarray(array)
-    h.update(memoryview(array).cast("B") if array.size else b"")
+    if not array.size:
+        return
+    try:
+        h.update(memoryview(array).cast("B"))
+    except (ValueError, TypeError):  # ml_dtypes (bfloat16, int4, float8) have no buffer format: their bytes
+        h.update(array.view(np.uint8).reshape(-1))

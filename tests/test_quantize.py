@@ -154,6 +154,24 @@ def test_nothing_to_quantize_finishes_with_a_warning(tmp_path, caplog):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_int4_weight_only_model_is_quantized_around_its_blocked_weights(tmp_path):
+    """A weight-only int4 model (blocked DequantizeLinear, opset 21) crashed hashing the model for the
+    calibration cache: numpy cannot buffer ml_dtypes arrays (int4, bfloat16, float8)."""
+    rng = np.random.default_rng(0)
+    wq = helper.make_tensor("Wq", onnx.TensorProto.INT4, (64, 32), rng.integers(-8, 7, 64 * 32).tolist())
+    scale = numpy_helper.from_array((rng.random((4, 32)) * 0.05 + 0.01).astype(np.float32), "S")
+    nodes = [helper.make_node("DequantizeLinear", ["Wq", "S"], ["W"], axis=0, block_size=16),
+             helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Relu", ["m"], ["y"])]
+    graph = helper.make_graph(nodes, "int4", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 32])], [wq, scale])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    feeds = [{"x": rng.standard_normal((2, 64)).astype(np.float32)} for _ in range(4)]
+    result = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", cache_dir=tmp_path / "cache", tune=False)
+    assert result.output.exists()
+    for got, ref in zip(ort_run(result.output, feeds[0]), ort_run(proto, feeds[0]), strict=True):
+        assert cosine(ref, got) > 0.99
+
+
 def test_if_bodies_are_quantized(tmp_path):
     proto = _if_model()
     feeds = feeds_for(proto, n=8)
