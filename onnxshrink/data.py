@@ -299,7 +299,7 @@ def _stacked_source(path: Path, specs) -> FeedSource:
     def gen():
         for i in range(n):
             yield f"{path}[{i}]", {
-                k: (a[i] if per_sample_axis[k] else a[i : i + 1]) for k, a in arrays.items()
+                k: (np.asarray(a[i]) if per_sample_axis[k] else a[i : i + 1]) for k, a in arrays.items()
             }
 
     st = path.stat()

@@ -214,3 +214,20 @@ def test_flat_drift_treats_an_all_zero_candidate_as_fully_drifted():
     assert flat_drift(ref, np.zeros(3)) == 1.0  # a broken model that outputs zeros is not "exact"
     assert flat_drift(np.zeros(3), np.zeros(3)) == 0.0
     assert flat_drift(ref, -ref) == pytest.approx(2.0)
+
+
+def test_stacked_npz_feeds_a_scalar_input(tmp_path):
+    """A rank-0 input from a stacked .npz: slicing the sample axis gave a numpy scalar, refused as 'a
+    float32, expected a numpy array'; each sample is now a 0-d array."""
+    from onnx import numpy_helper, parser
+
+    from onnxshrink import data, model_io
+
+    proto = parser.parse_model('<ir_version: 8, opset_import: ["" : 17]>\n'
+                               'g (float[N,3] x, float s) => (float[N,4] y) { m = MatMul(x, W) y = Mul(m, s) }')
+    proto.graph.initializer.append(numpy_helper.from_array(np.ones((3, 4), np.float32), "W"))
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.ones((5, 1, 3), np.float32), s=np.arange(5, dtype=np.float32))
+    feeds = list(data.feeds(str(path), model_io.load(proto)))
+    assert len(feeds) == 5 and feeds[2]["s"].shape == () and float(feeds[2]["s"]) == 2.0
+    assert isinstance(feeds[2]["s"], np.ndarray)
