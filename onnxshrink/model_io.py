@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
@@ -42,7 +43,7 @@ def load(source: ModelSource, *, check_support: bool = True) -> ir.Model:
         model = source
     elif isinstance(source, onnx.ModelProto):
         _check_proto_sane(source, "<ModelProto>")
-        model = ir.serde.deserialize_model(source)
+        model = ir.serde.deserialize_model(_densified(source, "<ModelProto>"))
     elif isinstance(source, (bytes, bytearray, memoryview)):
         model = _load_bytes(bytes(source))
     elif isinstance(source, (str, os.PathLike)):
@@ -65,7 +66,7 @@ def _load_bytes(data: bytes) -> ir.Model:
             f"the bytes given are not an ONNX model or are truncated ({len(data)} bytes): {e}"
         ) from e
     _check_proto_sane(proto, "<bytes>")
-    return ir.serde.deserialize_model(proto)
+    return ir.serde.deserialize_model(_densified(proto, "<bytes>"))
 
 
 def _load_path(path: Path) -> ir.Model:
@@ -83,7 +84,7 @@ def _load_path(path: Path) -> ir.Model:
             "Re-export the model or check the copy."
         ) from e
     _check_proto_sane(proto, str(path))
-    model = ir.serde.deserialize_model(proto)
+    model = ir.serde.deserialize_model(_densified(proto, str(path)))
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     _check_external_data(model, path)
     return model
@@ -98,6 +99,35 @@ def _check_proto_sane(proto: onnx.ModelProto, where: str) -> None:
         )
     if len(proto.graph.output) == 0:
         raise ModelLoadError(f"{where}: the graph has no outputs; the file may be truncated")
+
+
+def _densified(proto: onnx.ModelProto, where: str) -> onnx.ModelProto:
+    """``proto`` with its sparse initializers stored dense (a copy; the IR drops sparse initializers, and
+    a model written without them does not load). Sparse initializers in subgraphs are refused."""
+    if any(len(g.sparse_initializer) for g in _subgraphs(proto.graph)):
+        raise UnsupportedModelError(f"{where}: sparse initializers inside If/Loop/Scan bodies are not supported")
+    if not proto.graph.sparse_initializer:
+        return proto
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    for sp in out.graph.sparse_initializer:
+        values, idx = onnx.numpy_helper.to_array(sp.values), onnx.numpy_helper.to_array(sp.indices)
+        dims = tuple(sp.dims)
+        dense = np.zeros(int(np.prod(dims)), values.dtype)
+        dense[idx if idx.ndim == 1 else np.ravel_multi_index(tuple(idx.T), dims)] = values
+        out.graph.initializer.append(onnx.numpy_helper.from_array(dense.reshape(dims), sp.values.name))
+    logger.warning("%s: %d sparse initializers stored dense (%s)", where, len(out.graph.sparse_initializer),
+                   ", ".join(sp.values.name for sp in out.graph.sparse_initializer[:5]))
+    del out.graph.sparse_initializer[:]
+    return out
+
+
+def _subgraphs(graph: onnx.GraphProto):
+    for node in graph.node:
+        for attr in node.attribute:
+            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
+                yield g
+                yield from _subgraphs(g)
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:

@@ -249,3 +249,31 @@ def test_quantize_and_prune_a_model_with_external_data(tmp_path, monkeypatch):
                          calibration=calib, reconstruct=True)
     for out in (q.output, p.output):
         assert digits.accuracy(runtime.make_session(out, threads=1).run(None, {"input": x})[0], y) > 0.95
+
+
+def test_sparse_initializers_are_stored_dense(tmp_path, caplog):
+    """The IR drops sparse initializers: a model was written without its weight (ONNX Runtime refused
+    it, exit 0) or the cleanup crashed. They are now loaded as dense initializers, with a warning."""
+    import onnxruntime as ort
+
+    w = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    w[w < 0.5] = 0
+    flat = np.flatnonzero(w).astype(np.int64)
+    coords = np.stack(np.unravel_index(flat, w.shape), axis=1).astype(np.int64)
+    for indices in (flat, coords):  # linear and [NNZ, rank] coordinate indices
+        sp = helper.make_sparse_tensor(numpy_helper.from_array(w.ravel()[flat], "w"),
+                                       numpy_helper.from_array(indices, "w_idx"), list(w.shape))
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])], sparse_initializer=[sp])
+        p = tmp_path / "sparse.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), p)
+        with caplog.at_level("WARNING", logger="onnxshrink.model_io"):
+            m = model_io.load(p)
+        assert "1 sparse initializers stored dense" in caplog.text
+        np.testing.assert_array_equal(m.graph.initializers["w"].const_value.numpy(), w)
+        out = model_io.save(m, tmp_path / "dense.onnx")
+        x = np.ones((2, 8), np.float32)
+        got = ort.InferenceSession(str(out)).run(None, {"x": x})[0]
+        np.testing.assert_allclose(got, x @ w, rtol=1e-6)
