@@ -211,6 +211,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Options that name a file the command writes besides its model: checked before any work.
+REPORT_PATHS = ("report", "json_out", "junit", "markdown", "plan_out")
+
+
+def _check_report_paths(args) -> None:
+    from onnxshrink import model_io
+
+    protected = [getattr(args, k, None) for k in ("input", "model", "model2", "reference", "candidate")]
+    for key in REPORT_PATHS:
+        path = getattr(args, key, None)
+        if isinstance(path, str) and path:
+            model_io.check_output(path, protected=[p for p in protected if isinstance(p, str)])
+
+
 def main(argv: list[str] | None = None) -> int:
     from onnxshrink.errors import ShrinkError
 
@@ -222,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _check_report_paths(args)
         return int(args.func(args) or 0)
     except ShrinkError as e:
         print(f"onnxshrink: error: {e}", file=sys.stderr)

@@ -77,6 +77,8 @@ class PruningPlan:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> PruningPlan:
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"not a pruning plan (a JSON {type(d).__name__}, expected an object)")
         if d.get("format") != FORMAT:
             raise ConfigError(f"not a pruning plan (format {d.get('format')!r}, expected {FORMAT!r})")
         try:
@@ -97,8 +99,10 @@ class PruningPlan:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except FileNotFoundError as e:
             raise ConfigError(f"pruning plan {path}: no such file") from e
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"pruning plan {path}: not JSON: {e}") from e
+        except OSError as e:
+            raise ConfigError(f"pruning plan {path}: cannot be read: {e}") from e
 
     @property
     def pruned(self) -> list[GroupPlan]:

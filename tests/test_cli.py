@@ -152,3 +152,30 @@ def test_help_everywhere(capsys, sub):
         cli.main([*sub, "--help"])
     assert exc.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_report_paths_are_checked_before_any_work(tmp_path, capsys):
+    """--report/--json/--junit/--markdown/--plan-out into a missing folder ended in a traceback (exit 1,
+    which a CI gate reads as 'budget failed'), after the model was written; a --plan-in that is not a
+    JSON object did too. All are now bad input (exit 2), found before any work."""
+    from models import zoo
+    from onnxshrink.cli import main
+
+    src = str(zoo.save("mlp", tmp_path))
+    out = tmp_path / "o.onnx"
+    missing = str(tmp_path / "nowhere" / "r.json")
+    runs = [["optimize", src, "-o", str(out), "--report", missing],
+            ["inspect", src, "--json", missing],
+            ["validate", src, src, "--json", missing],
+            ["check", src, src, "--junit", missing],
+            ["optimize", src, "-o", str(out), "--prune", "0.5", "--plan-out", missing],
+            ["optimize", src, "-o", str(out), "--report", src]]
+    for argv in runs:
+        assert main(argv) == 2, argv
+        assert "onnxshrink: error:" in capsys.readouterr().err
+        assert not out.exists()
+    for content in (b"[1, 2]", b"\x89\xf6\x00 not text"):
+        plan = tmp_path / "plan.json"
+        plan.write_bytes(content)
+        assert main(["optimize", src, "-o", str(out), "--plan-in", str(plan)]) == 2
+        assert "pruning plan" in capsys.readouterr().err
