@@ -178,9 +178,9 @@ def _pair_graphs(g1: ir.Graph, g2: ir.Graph, out: dict) -> None:
 
 def _infer_types(model: ir.Model) -> None:
     """Fill in missing dtypes/shapes with onnx shape inference (large initializers lifted out)."""
-    from onnx_ir.passes.common import ShapeInferencePass
+    from onnxshrink.graph_utils import infer_shapes
 
-    ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(model)
+    infer_shapes(model)
 
 
 def _why_not(value: ir.Value, owners: dict, main: ir.Graph, lift_loops: bool) -> str | None:

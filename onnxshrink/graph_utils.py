@@ -188,3 +188,24 @@ def drop_node(node: ir.Node, *, safe: bool = True) -> None:
 def iter_nodes_safe(graph):
     """Snapshot of a graph's nodes, so passes may remove nodes while iterating."""
     return list(graph)
+
+
+#: Default-domain ops whose output is a sequence / an optional (onnx_ir's ShapeInferencePass, 1.1, records
+#: their inferred element type as a plain tensor type; ONNX Runtime then refuses the model).
+_SEQUENCE_OPS = frozenset({"SequenceConstruct", "SequenceEmpty", "SequenceInsert", "SequenceErase",
+                           "SplitToSequence"})
+_OPTIONAL_OPS = frozenset({"Optional"})
+
+
+def infer_shapes(model: ir.Model, *, data_prop: bool = False) -> None:
+    """onnx shape inference into ``model`` (in place, non-strict), keeping sequence and optional outputs
+    sequence and optional: the pass retyped them as tensors."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    ShapeInferencePass(check_type=False, strict_mode=False, data_prop=data_prop)(model)
+    for node in model.graph.all_nodes():
+        kind = (ir.SequenceType if node.op_type in _SEQUENCE_OPS else ir.OptionalType
+                if node.op_type in _OPTIONAL_OPS else None) if is_default_domain(node) else None
+        out = node.outputs[0] if node.outputs else None
+        if kind is not None and isinstance(out.type, ir.TensorType):
+            out.type, out.shape = kind(out.type), None

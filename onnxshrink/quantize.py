@@ -56,11 +56,11 @@ from typing import Any
 
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxshrink import data as data_mod
 from onnxshrink import model_io, pipeline, qdq_tune, stats
 from onnxshrink.errors import ConfigError, DataError, UnsupportedModelError
+from onnxshrink.graph_utils import infer_shapes
 from onnxshrink.instruments import StructuralCheck
 from onnxshrink.passes.equalize import CrossLayerEqualizationPass
 from onnxshrink.passes.qdq import MIN_OPSET
@@ -320,7 +320,7 @@ def _prepare(ir_model: ir.Model, data, report, lossless: bool, check: bool, equa
         _merge(report, _run(ir_model, pipeline.lossless_steps(), check))
     ir_model, upgraded = upgrade_opset(ir_model)
     rec.name_nodes(ir_model)
-    ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(ir_model)
+    infer_shapes(ir_model, data_prop=True)
     pre = [CrossLayerEqualizationPass()] if equalize else []
     if smoothquant is not None:
         pre.append(rec.smoothquant_pass(ir_model, data, smoothquant, providers))

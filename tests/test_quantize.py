@@ -172,6 +172,28 @@ def test_int4_weight_only_model_is_quantized_around_its_blocked_weights(tmp_path
         assert cosine(ref, got) > 0.99
 
 
+def test_sequence_values_keep_their_type(tmp_path):
+    """onnx_ir's shape inference retyped a SequenceConstruct output as a tensor; ONNX Runtime then
+    refused the model and the error read as if the input were broken."""
+    proto = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 18]>
+        g (float[N,16] x) => (float[M,8] y) {
+            m = MatMul(x, W)
+            r = Relu(m)
+            sq = SequenceConstruct(r, m)
+            y = ConcatFromSequence<axis=0>(sq)
+        }""")
+    proto.graph.initializer.append(numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32), "W"))
+    feeds = feeds_for(proto, n=4, batch=2)
+    result = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", cache_dir=False, tune=False)
+    assert result.plan.summary()["quantized_nodes"] >= 1
+    out = onnx.load(str(tmp_path / "q.onnx"))
+    assert any(vi.type.HasField("sequence_type") for vi in out.graph.value_info if vi.name == "sq") or \
+        not any(vi.name == "sq" for vi in out.graph.value_info)
+    got, ref = ort_run(out, feeds[0])[0], ort_run(proto, feeds[0])[0]
+    assert cosine(ref, got) > 0.99
+
+
 def test_if_bodies_are_quantized(tmp_path):
     proto = _if_model()
     feeds = feeds_for(proto, n=8)
