@@ -306,10 +306,15 @@ def decide(budgets: Mapping, measurements: Mapping) -> GateResult:
 
 def _builtin_checks(drift: Mapping) -> list[Check]:
     outputs = drift.get("outputs") or {}
-    bad = {n: o.get("nonfinite", 0) for n, o in outputs.items() if o.get("nonfinite")}
+    bad = {n: o.get("nonfinite", 0) + o.get("nonfinite_mismatch", 0) for n, o in outputs.items()
+           if o.get("nonfinite") or o.get("nonfinite_mismatch")}
+    ref_bad = sum(o.get("reference_nonfinite", 0) for o in outputs.values())
+    ok_text = ("no NaN/Inf in the candidate's outputs" if not ref_bad else
+               f"no NaN/Inf in the candidate where the reference is finite; the reference's {ref_bad} NaN/Inf "
+               "values are the same in the candidate")
     finite = Check("finite_outputs", 0.0, float(sum(bad.values())), not bad,
-                   "no NaN/Inf in the candidate's outputs" if not bad else
-                   "NaN/Inf in the candidate: " + ", ".join(f"{n!r} ({k} values)" for n, k in bad.items()))
+                   ok_text if not bad else "NaN/Inf in the candidate (or values differing where the reference is "
+                   "NaN/Inf): " + ", ".join(f"{n!r} ({k} values)" for n, k in bad.items()))
     problems = list(drift.get("problems") or [])
     if not outputs and not problems:
         problems.append("no output was compared")

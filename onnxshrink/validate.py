@@ -69,10 +69,11 @@ class OutputDrift:
     rows: int = 0
     nonfinite: int = 0
     reference_nonfinite: int = 0
+    nonfinite_mismatch: int = 0  # where the reference is NaN/Inf, candidate values that are not the same
     problems: list[str] = dataclasses.field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return self.nonfinite == 0 and not self.problems and self.elements > 0
+        return self.nonfinite == 0 and self.nonfinite_mismatch == 0 and not self.problems and self.elements > 0
 
     def to_dict(self) -> dict:
         return {**_jsonable(dataclasses.asdict(self)), "ok": bool(self)}
@@ -100,6 +101,9 @@ class _Accumulator:
         fin_r, fin_c = np.isfinite(r), np.isfinite(c)
         o.reference_nonfinite += int((~fin_r).sum())
         o.nonfinite += int((fin_r & ~fin_c).sum())
+        if not fin_r.all():
+            rn, cn = r[~fin_r], c[~fin_r]
+            o.nonfinite_mismatch += int((~((np.isnan(rn) & np.isnan(cn)) | (rn == cn))).sum())
         both = fin_r & fin_c
         if not both.all():
             r, c = r[both], c[both]
@@ -218,6 +222,9 @@ class DriftReport:
         for o in self.outputs.values():
             if o.nonfinite:
                 lines.append(f"output {o.name!r}: {o.nonfinite} NaN/Inf values in the candidate")
+            if o.nonfinite_mismatch:
+                lines.append(f"output {o.name!r}: {o.nonfinite_mismatch} values differ where the reference "
+                             "is NaN/Inf")
             lines.extend(f"output {o.name!r}: {p}" for p in o.problems[:3])
             if not o.elements and not o.problems:
                 lines.append(f"output {o.name!r}: no finite values to compare")

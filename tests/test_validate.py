@@ -89,6 +89,23 @@ def test_nan_in_candidate_is_a_failure():
     assert rep.outputs["y"].elements == 7
 
 
+def test_nan_where_the_reference_has_nan_is_compared_and_said():
+    """Where the reference itself is NaN, the candidate was not compared at all and the gate said 'no
+    NaN/Inf in the candidate's outputs'. The same NaN passes, with that said; another value fails."""
+    from onnxshrink import gate
+
+    sqrt = unary_model("Sqrt", 4)  # sqrt(-1) = NaN in the reference
+    same = validate.compare(sqrt, unary_model("Sqrt", 4), FEEDS, threads=1)
+    assert same and same.outputs["y"].reference_nonfinite == 1 and same.outputs["y"].nonfinite_mismatch == 0
+    finite = next(c for c in gate.decide({}, {"drift": same.to_dict()}).checks if c.name == "finite_outputs")
+    assert finite.passed and "the reference's 1 NaN/Inf values are the same" in finite.message
+    other = validate.compare(sqrt, REF, FEEDS, threads=1)  # Identity: -1 where the reference has NaN
+    assert not other and other.outputs["y"].nonfinite_mismatch == 1
+    assert any("differ where the reference is NaN/Inf" in line for line in other.failures())
+    finite = next(c for c in gate.decide({}, {"drift": other.to_dict()}).checks if c.name == "finite_outputs")
+    assert not finite.passed
+
+
 def test_missing_output_and_changed_shape_fail():
     rep = validate.compare(REF, unary_model("Identity", 4, out="z"), FEEDS, threads=1)
     assert not rep and "no output 'y'" in rep.problems[0]
