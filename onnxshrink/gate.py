@@ -8,7 +8,8 @@ over a ``pyproject.toml`` in the same folder). Unknown keys are an error. Comman
 ``decide(budgets, measurements)`` is pure (no ONNX Runtime, no files): it takes plain dicts, as
 ``DriftReport.to_dict()`` and ``BenchReport.to_dict()`` give them, and returns a ``GateResult`` whose
 ``bool()`` says whether every budget holds. A budget that could not be measured fails. When drift was
-measured, two checks always run: no NaN/Inf in the candidate (``finite_outputs``), and the same
+measured, two checks always run: no NaN/Inf in the candidate where the reference is finite, and the
+reference's own NaN/Inf unchanged (``finite_outputs``), and the same
 outputs and shapes as the reference (``outputs_match``).
 """
 
