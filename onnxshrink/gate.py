@@ -44,6 +44,15 @@ BUDGETS: dict[str, tuple[str, str]] = {
     "max_latency_ms": ("max", "candidate median latency in ms, per provider"),
     "max_size_mb": ("max", "candidate file size in MB (10^6 bytes), external data included"),
 }
+#: The values a budget can take (lowest, highest, whether the lowest is allowed): a limit outside them
+#: can never hold (or always holds) and is a typo, refused before any work.
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "min_cosine": (-1.0, 1.0, True), "min_worst_feed_cosine": (-1.0, 1.0, True),
+    "min_top1_agreement": (0.0, 1.0, True), "min_top5_agreement": (0.0, 1.0, True),
+    "max_abs_error": (0.0, math.inf, True), "max_mean_abs_error": (0.0, math.inf, True),
+    "max_rel_error": (0.0, math.inf, True), "min_speedup": (0.0, math.inf, True),
+    "max_latency_ms": (0.0, math.inf, False), "max_size_mb": (0.0, math.inf, False),
+}
 #: Budgets that may be given per provider, as a table ``{cpu = 5.0, cuda = 1.0}``.
 PER_PROVIDER = {"min_speedup", "max_latency_ms"}
 #: Non-budget settings the config may hold (the command line wins).
@@ -144,6 +153,10 @@ def _budget_value(key: str, value, where: str):
 def _number(key: str, value, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+    lo, hi, lo_ok = RANGES.get(key.split(".")[0], (-math.inf, math.inf, True))
+    if not (lo <= value <= hi) or (value == lo and not lo_ok):
+        span = f"{'[' if lo_ok else '('}{lo:g}, {hi:g}]"
+        raise ConfigError(f"{where}: {key} = {value!r} is outside {span}; no measurement can meet it")
     return float(value)
 
 

@@ -220,3 +220,17 @@ def test_check_with_a_speed_budget_and_a_metric_on_labeled_data(models, tmp_path
     doc = json.loads(out.read_text())
     assert doc["measurements"]["drift"]["metric"]["drop"] == 0
     assert doc["measurements"]["bench"]["feed"] == {"input": [1, 3, 32, 32]}
+
+
+@pytest.mark.parametrize("key,value", [("min_worst_feed_cosine", 1.1), ("min_cosine", -2), ("max_rel_error", -1),
+                                       ("min_top1_agreement", 1.5), ("max_latency_ms", 0)])
+def test_budgets_no_measurement_can_meet_are_refused(key, value, tmp_path):
+    """A limit outside what the measurement can take (a cosine above 1, a negative error) was accepted
+    and the gate failed with exit 1, the code for 'the model broke the budget'; it is a config error."""
+    with pytest.raises(ConfigError, match="is outside"):
+        gate.split_config({key: value})
+    cfg = tmp_path / "gate.toml"
+    cfg.write_text(f"[gate]\n{key} = {value}\n")
+    with pytest.raises(ConfigError, match=key):
+        gate.load_config(cfg)
+    gate.split_config({key: 0.5 if "agreement" in key or "cosine" in key else 1.0})  # in range: accepted
