@@ -105,6 +105,7 @@ class ShrinkPass(ir.passes.InPlacePass):
         if config is not None and options:
             raise ConfigError(f"pass {self.name!r}: give either a config object or options, not both")
         if config is None:
+            _check_option_types(self.name, self.Config, options)
             try:
                 config = self.Config(**options)
             except TypeError as e:
@@ -129,6 +130,24 @@ class ShrinkPass(ir.passes.InPlacePass):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
+
+
+def _check_option_types(name: str, config_cls, options: dict) -> None:
+    """A string given where the config wants a collection (``keep_ops = "Conv"`` in a recipe) would be
+    read letter by letter; numbers where it wants a number of another kind are refused too."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    for key, value in options.items():
+        f = fields.get(key)
+        if f is None:
+            continue
+        kind = str(f.type)
+        collection = kind.startswith(("tuple", "list", "frozenset", "set", "Sequence"))
+        if collection and isinstance(value, (str, bytes)):
+            raise ConfigError(f"pass {name!r}: option {key!r} takes a list (e.g. [{value!r}]), not a string")
+        if kind in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"pass {name!r}: option {key!r} takes a number, not {value!r}")
+        if kind == "bool" and not isinstance(value, bool):
+            raise ConfigError(f"pass {name!r}: option {key!r} takes true or false, not {value!r}")
 
 
 def iter_graphs(model: ir.Model):

@@ -211,3 +211,16 @@ def test_structural_check_tolerates_a_check_the_input_already_fails():
     check = StructuralCheck()
     pipeline.Pipeline([RemoveOneRelu()], [check]).run(model)
     assert check.input_problems and "shape inference" in check.input_problems[0]
+
+
+@pytest.mark.parametrize("line,match", [('keep_ops = "Conv"', "takes a list"),
+                                        ('max_output_bytes = "5"', "takes a number"),
+                                        ("inline_if = 1", "takes true or false")])
+def test_recipe_options_of_the_wrong_kind_are_refused(tmp_path, line, match):
+    """``keep_ops = "Conv"`` was accepted and read letter by letter (('C', 'o', 'n', 'v'))."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[[step]]\npass = "fold_constants"\n{line}\n')
+    with pytest.raises(ConfigError, match=match):
+        pipeline.load_recipe(recipe)
+    recipe.write_text('[[step]]\npass = "fold_constants"\nkeep_ops = ["Conv"]\n')
+    assert pipeline.load_recipe(recipe)[0].config.keep_ops == ("Conv",)
