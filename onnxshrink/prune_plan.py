@@ -85,6 +85,11 @@ class PruningPlan:
             groups = [GroupPlan(**g) for g in d["groups"]]
         except (KeyError, TypeError) as e:
             raise ConfigError(f"pruning plan: malformed group entry: {e}") from e
+        for g in groups:
+            if not isinstance(g.remove, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                         for i in g.remove):
+                raise ConfigError(f"pruning plan group {g.id}: remove must be distinct atom indices (a list "
+                                  f"of integers); got {g.remove!r}")
         return cls(dict(d.get("settings", {})), groups)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -391,8 +396,10 @@ def match_groups(plan: PruningPlan, dg: depgraph.DepGraph) -> list[tuple[depgrap
             )
         if g.blocked:
             raise ConfigError(f"pruning plan group {gp.id} is blocked in this model: {g.stops[0]}")
-        bad = [i for i in gp.remove if not 0 <= i < g.width]
-        if bad or len(set(gp.remove)) >= g.width:
+        remove = gp.remove if isinstance(gp.remove, list) else None
+        ints = remove is not None and all(isinstance(i, int) and not isinstance(i, bool) for i in remove)
+        bad = [i for i in remove if not 0 <= i < g.width] if ints else [gp.remove]
+        if bad or len(set(remove)) != len(remove) or len(remove) >= g.width:
             raise ConfigError(f"pruning plan group {gp.id}: remove must be distinct atom indices in "
                               f"[0, {g.width}) leaving at least one; got {gp.remove}")
         pairs.append((g, gp))

@@ -152,6 +152,19 @@ def test_plan_roundtrip_and_hand_edit(tmp_path, ort_run, assert_close, make_feed
     assert_close(ort_run(pruned, feed), ort_run(reference, feed), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("remove", [[1, 1, 1], None, [1.5], [True], "0,1"])
+def test_hand_edited_remove_lists_are_checked(remove, tmp_path):
+    """A repeated index was accepted (the message said 'distinct'); null, floats or a string ended in
+    'pass prune_channels failed: TypeError'."""
+    plan = plan_pruning(model_io.load(zoo.build("resnet")), 0.3)
+    data = plan.to_dict()
+    next(g for g in data["groups"] if "conv_0" in g["producers"])["remove"] = remove
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="remove must be distinct atom indices"):
+        PruneChannelsPass(plan=str(path))(model_io.load(zoo.build("resnet")))
+
+
 def test_plan_for_another_model_is_refused():
     plan = plan_pruning(model_io.load(zoo.build("resnet")), 0.3)
     with pytest.raises(ConfigError, match="does not match this model"):
