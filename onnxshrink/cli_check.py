@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from onnxshrink.errors import DataError, RuntimeFailure
+from onnxshrink.errors import ConfigError, DataError, RuntimeFailure
 
 EXIT_BUDGET_FAILED = 1
 
@@ -293,6 +293,9 @@ def _measure_for_gate(args, config) -> dict:
     dims = runtime.parse_dims(args.shape or _as_list(config.settings.get("shape")))
     data = _setting(args, config, "data", None)
     _refuse_count_with_data(args.count, data)
+    if "max_metric_drop" in config.budgets and not _setting(args, config, "metric", None):
+        raise ConfigError("max_metric_drop needs a task metric: pass --metric (e.g. accuracy) or set "
+                          "metric in the gate config; without one it can only fail as 'not measured'")
     providers = _check_providers(args, config)
     drift = validate.compare(
         args.reference, args.candidate, data, providers=providers[:1],

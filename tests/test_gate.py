@@ -234,3 +234,13 @@ def test_budgets_no_measurement_can_meet_are_refused(key, value, tmp_path):
     with pytest.raises(ConfigError, match=key):
         gate.load_config(cfg)
     gate.split_config({key: 0.5 if "agreement" in key or "cosine" in key else 1.0})  # in range: accepted
+
+
+def test_metric_budget_without_a_metric_is_a_config_error(tmp_path, capsys):
+    """--max-metric-drop with no metric could only fail as 'not measured' (exit 1: 'the model broke the
+    budget'); it is bad input (exit 2), said before anything runs."""
+    from models import zoo
+
+    src = str(zoo.save("mlp", tmp_path))
+    assert main(["check", src, src, "--max-metric-drop", "0.1"]) == 2
+    assert "max_metric_drop needs a task metric" in capsys.readouterr().err
