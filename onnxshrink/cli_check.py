@@ -31,8 +31,6 @@ def _add_data_args(p, *, count: bool = True) -> None:
 
 def _refuse_count_with_data(count, data) -> None:
     """``--count`` sizes random feeds only; with ``--data`` it was ignored without a word."""
-    from onnxshrink.errors import ConfigError
-
     if count is not None and data:
         raise ConfigError("--count sets how many random feeds are made; with --data every feed in it is used")
 

@@ -66,7 +66,8 @@ def run_prune(args) -> int:
         raise ConfigError("--prune needs an input model")
     ratio = 0.3 if args.prune is None else args.prune
     quantize_next = bool(getattr(args, "quantize", None))
-    model_io.check_output(args.output, protected=(args.input,), overwrite_input=args.overwrite_input)
+    if quantize_next:  # prune() writes nothing then, and quantize sees only the pruned temp copy as input
+        model_io.check_output(args.output, protected=(args.input,), overwrite_input=args.overwrite_input)
     result = pruning.prune(
         args.input, ratio, None if quantize_next else args.output,
         criterion=args.prune_criterion, calibration=args.calibration, reconstruct=args.reconstruct or False,

@@ -190,11 +190,14 @@ def iter_nodes_safe(graph):
     return list(graph)
 
 
-#: Default-domain ops whose output is a sequence / an optional (onnx_ir's ShapeInferencePass, 1.1, records
-#: their inferred element type as a plain tensor type; ONNX Runtime then refuses the model).
-_SEQUENCE_OPS = frozenset({"SequenceConstruct", "SequenceEmpty", "SequenceInsert", "SequenceErase",
-                           "SplitToSequence"})
-_OPTIONAL_OPS = frozenset({"Optional"})
+#: Default-domain ops whose output is a sequence / an optional, and that type's class: onnx_ir's
+#: ShapeInferencePass (1.1) records their inferred element type as a plain tensor type, which ONNX
+#: Runtime refuses.
+_CONTAINER_OUTPUTS = {
+    **dict.fromkeys(("SequenceConstruct", "SequenceEmpty", "SequenceInsert", "SequenceErase", "SplitToSequence"),
+                    ir.SequenceType),
+    "Optional": ir.OptionalType,
+}
 
 
 def infer_shapes(model: ir.Model, *, data_prop: bool = False) -> None:
@@ -204,8 +207,7 @@ def infer_shapes(model: ir.Model, *, data_prop: bool = False) -> None:
 
     ShapeInferencePass(check_type=False, strict_mode=False, data_prop=data_prop)(model)
     for node in model.graph.all_nodes():
-        kind = (ir.SequenceType if node.op_type in _SEQUENCE_OPS else ir.OptionalType
-                if node.op_type in _OPTIONAL_OPS else None) if is_default_domain(node) else None
-        out = node.outputs[0] if node.outputs else None
-        if kind is not None and isinstance(out.type, ir.TensorType):
+        kind = _CONTAINER_OUTPUTS.get(node.op_type) if is_default_domain(node) else None
+        if kind is not None and node.outputs and isinstance(node.outputs[0].type, ir.TensorType):
+            out = node.outputs[0]
             out.type, out.shape = kind(out.type), None

@@ -104,7 +104,7 @@ def _check_proto_sane(proto: onnx.ModelProto, where: str) -> None:
 def _densified(proto: onnx.ModelProto, where: str) -> onnx.ModelProto:
     """``proto`` with its sparse initializers stored dense (a copy; the IR drops sparse initializers, and
     a model written without them does not load). Sparse initializers in subgraphs are refused."""
-    if any(len(g.sparse_initializer) for g in _subgraphs(proto.graph)):
+    if any(len(g.sparse_initializer) for g in proto_graphs(proto.graph) if g is not proto.graph):
         raise UnsupportedModelError(f"{where}: sparse initializers inside If/Loop/Scan bodies are not supported")
     if not proto.graph.sparse_initializer:
         return proto
@@ -120,14 +120,6 @@ def _densified(proto: onnx.ModelProto, where: str) -> onnx.ModelProto:
                    ", ".join(sp.values.name for sp in out.graph.sparse_initializer[:5]))
     del out.graph.sparse_initializer[:]
     return out
-
-
-def _subgraphs(graph: onnx.GraphProto):
-    for node in graph.node:
-        for attr in node.attribute:
-            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
-                yield g
-                yield from _subgraphs(g)
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:
@@ -304,26 +296,18 @@ def to_bytes(model: ir.Model) -> bytes:
 def file_size(path: str | os.PathLike) -> int:
     """Size on disk of a model file plus the external data files it references."""
     path = Path(path)
-    total = path.stat().st_size
-    proto = onnx.load(str(path), load_external_data=False)
-    seen = set()
-    for t in _all_proto_tensors(proto.graph):
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            loc = next((e.value for e in t.external_data if e.key == "location"), None)
-            if loc and loc not in seen:
-                seen.add(loc)
-                f = path.parent / loc
-                if f.exists():
-                    total += f.stat().st_size
-    return total
+    return path.stat().st_size + sum(f.stat().st_size for f in external_data_files(path))
+
+
+def proto_graphs(graph: onnx.GraphProto):
+    """``graph`` and every subgraph (If/Loop/Scan bodies) inside it, depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
+                yield from proto_graphs(g)
 
 
 def _all_proto_tensors(graph: onnx.GraphProto):
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_proto_tensors(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _all_proto_tensors(g)
+    for g in proto_graphs(graph):
+        yield from g.initializer

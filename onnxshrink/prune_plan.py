@@ -86,8 +86,7 @@ class PruningPlan:
         except (KeyError, TypeError) as e:
             raise ConfigError(f"pruning plan: malformed group entry: {e}") from e
         for g in groups:
-            if not isinstance(g.remove, list) or not all(isinstance(i, int) and not isinstance(i, bool)
-                                                         for i in g.remove):
+            if not _int_list(g.remove):
                 raise ConfigError(f"pruning plan group {g.id}: remove must be distinct atom indices (a list "
                                   f"of integers); got {g.remove!r}")
         return cls(dict(d.get("settings", {})), groups)
@@ -293,6 +292,10 @@ def _matches(g: depgraph.Group, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
 
 
+def _int_list(remove) -> bool:
+    return isinstance(remove, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in remove)
+
+
 def _warn_unmatched(dg: depgraph.DepGraph, protect: Sequence[str], layer_ratios) -> None:
     """A ``protect`` or ``layer_ratios`` pattern that names no layer would change nothing: say so
     (a misspelt layer name otherwise prunes the layer the user meant to keep)."""
@@ -396,10 +399,8 @@ def match_groups(plan: PruningPlan, dg: depgraph.DepGraph) -> list[tuple[depgrap
             )
         if g.blocked:
             raise ConfigError(f"pruning plan group {gp.id} is blocked in this model: {g.stops[0]}")
-        remove = gp.remove if isinstance(gp.remove, list) else None
-        ints = remove is not None and all(isinstance(i, int) and not isinstance(i, bool) for i in remove)
-        bad = [i for i in remove if not 0 <= i < g.width] if ints else [gp.remove]
-        if bad or len(set(remove)) != len(remove) or len(remove) >= g.width:
+        r = gp.remove
+        if not (_int_list(r) and all(0 <= i < g.width for i in r) and len(set(r)) == len(r) < g.width):
             raise ConfigError(f"pruning plan group {gp.id}: remove must be distinct atom indices in "
                               f"[0, {g.width}) leaving at least one; got {gp.remove}")
         pairs.append((g, gp))

@@ -57,9 +57,8 @@ def _float_type(node: ir.Node, old: ir.Value | None) -> np.dtype:
     """The element type the refit constant must keep: the one it replaces, else the layer's weight's
     (a float16 model's refit weights stay float16; float32 arithmetic, one rounding at the end)."""
     for v in (old, node.inputs[1] if len(node.inputs) > 1 else None):
-        arr = const_array(v) if v is not None else None
-        if arr is not None and np.issubdtype(arr.dtype, np.floating):
-            return arr.dtype
+        if v is not None and v.dtype is not None and v.dtype.is_floating_point():
+            return v.dtype.numpy()  # the declared type: no weight is read to learn it
     return np.dtype(np.float32)
 
 

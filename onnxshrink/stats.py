@@ -120,15 +120,11 @@ def _pin_input_dims(graph: onnx.GraphProto, model: ir.Model, dims: dict[str, int
 def _clear_negative_dims(graph: onnx.GraphProto) -> None:
     """Paddle exports write -1 for a dynamic dim; a -1 left in a value's shape (a pruned model keeps the
     input's) contradicts the pinned size, and inference then keeps the stale dims. Make them unknown."""
-    for vi in [*graph.input, *graph.output, *graph.value_info]:
-        if vi.type.tensor_type.HasField("shape"):
+    for g in model_io.proto_graphs(graph):
+        for vi in [*g.input, *g.output, *g.value_info]:
             for d in vi.type.tensor_type.shape.dim:
                 if d.HasField("dim_value") and d.dim_value < 0:
                     d.ClearField("dim_value")
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                _clear_negative_dims(sub)
 
 
 def _collect_shapes(graph: onnx.GraphProto, dims: dict[str, int], shapes: Shapes, inputs: set[str]) -> None:

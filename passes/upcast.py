@@ -1,9 +1,11 @@
 """``upcast_float16``: a float16 model computed in float32, its inputs and outputs kept float16.
 
-Half-precision exports (``model.half()``, onnxconverter-common's ``convert_float_to_float16``) run slowly
-on CPUs, which have few float16 kernels, and int8 quantization has nothing to start from: QDQ, ONNX
-Runtime's integer kernels and its quantization tool all want float32 (ORT's ``quantize_static`` and
-``quantize_dynamic`` refuse or ignore float16 models). This pass makes the computation float32 again;
+Half-precision exports (``model.half()``, onnxconverter-common's ``convert_float_to_float16``) can run
+slower on CPUs, which have few float16 kernels (the float32 digits MobileNet ran 1.95x faster than its
+float16 twin; the other seven models about as fast), and int8 quantization has nothing to start from: QDQ, ONNX
+Runtime's integer kernels and its quantization tool all want float32 (given float16 models, ORT's
+``quantize_static`` and ``quantize_dynamic`` write models ONNX Runtime refuses to load, or fail:
+``benchmarks/results/quantize_fp16.md``). This pass makes the computation float32 again;
 ``onnxshrink.quantize`` runs it on a model that computes in float16 before planning QDQ.
 
 Rules (every graph: the main graph, If/Loop/Scan bodies and model-local functions):
@@ -49,7 +51,7 @@ class UpcastFloat16Pass(ShrinkPass):
     name = "upcast_float16"
     Config = UpcastConfig
     changes = Changes.TOPOLOGY | Changes.WEIGHTS | Changes.DTYPES | Changes.NUMERICS
-    lossy = True  # float16 rounding goes: outputs move by about 1e-3 relative
+    lossy = True  # float16 rounding of intermediate values goes: outputs move by that rounding
 
     def apply(self, model: ir.Model, stats: PassStats) -> None:
         if not has_float16(model):
@@ -61,9 +63,10 @@ class UpcastFloat16Pass(ShrinkPass):
         graph = model.graph
         interface_in = [v for v in graph.inputs if v.dtype == F16]
         interface_out = [(i, v) for i, v in enumerate(graph.outputs) if v.dtype == F16 and not v.is_graph_input()]
+        keep = set(interface_in)
         for g in iter_graphs(model):
             for v in _values(g):
-                if v.dtype == F16 and v not in interface_in:
+                if v.dtype == F16 and v not in keep:
                     _upcast_value(v)
                     stats.add("values_upcast")
             for node in g:
@@ -134,13 +137,12 @@ def _cast_input(graph: ir.Graph, v: ir.Value, names: NameGen) -> None:
 
 
 def _cast_output(graph: ir.Graph, v: ir.Value, names: NameGen) -> ir.Value:
-    name = v.name
-    if v.is_initializer():
+    name, registered = v.name, v.is_initializer()
+    if registered:  # initializers are keyed by name: out under the old one, back in under the new
         graph.initializers.pop(name)
-        v.name = names(f"{name}_float32")
+    v.name = names(f"{name}_float32")
+    if registered:
         graph.register_initializer(v)
-    else:
-        v.name = names(f"{name}_float32")
     cast = ir.node("Cast", [v], {"to": int(F16)}, name=names(f"{name}_to_float16"))
     out = cast.outputs[0]
     out.name, out.type, out.shape = name, ir.TensorType(F16), v.shape
