@@ -35,8 +35,10 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor, not per channel")
     g.add_argument("--activations", choices=["auto", "uint8", "int8"], default="auto",
                    help="activation type (default auto: the faster for this CPU, uint8 on x86)")
-    g.add_argument("--reduce-range", action="store_true",
-                   help="7-bit weights, for CPUs whose u8s8 kernels saturate (AVX2 without VNNI)")
+    g.add_argument("--reduce-range", nargs="?", choices=["auto", "all", "off"], const="all", default="auto",
+                   help="7-bit weights: for every layer (all; the flag alone), none (off), or auto (default): "
+                        "for the ops whose int8 kernels saturate 8-bit weights on this CPU (MatMul/Gemm "
+                        "with AVX2 and no VNNI); quantizing for another CPU than this one, give all")
     g.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="PATTERN",
                    help="keep nodes whose name matches float (fnmatch, or re:REGEX)")
     g.add_argument("--exclude-op", nargs="+", action="extend", default=[], metavar="OP",
@@ -70,6 +72,12 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--drift-data", metavar="DATA", help="held-out feeds for --max-drift (default: --calibration)")
 
 
+def _seven_bit(opts) -> str:
+    if opts.reduce_range:
+        return ", 7-bit weights"
+    return f", 7-bit weights for {'/'.join(opts.reduce_range_ops)}" if opts.reduce_range_ops else ""
+
+
 def recovery_hooks(args) -> list:
     """Accuracy-recovery hooks from the command line (none yet: ``--max-drift`` plugs in here)."""
     return []
@@ -92,7 +100,7 @@ def run_quantize(args) -> int:
         max_drift=args.max_drift, max_metric_drop=args.max_metric_drop, metric=args.metric,
         drift_data=args.drift_data,
         method=args.calib_method, activations=args.activations, per_channel=not args.per_tensor,
-        reduce_range=args.reduce_range, exclude=args.exclude, exclude_ops=args.exclude_op,
+        reduce_range={"all": True, "off": False}.get(args.reduce_range, "auto"), exclude=args.exclude, exclude_ops=args.exclude_op,
         keep_first=args.keep_first, keep_last=args.keep_last, conv_transpose=args.conv_transpose,
         tune=not args.no_tune,
         check=not args.no_check, overwrite_input=args.overwrite_input, recovery=recovery_hooks(args),
@@ -101,7 +109,7 @@ def run_quantize(args) -> int:
     plan = result.plan.summary()
     print(f"onnxshrink optimize --quantize {args.quantize or 'int8'}: {args.input} -> "
           f"{args.output or '(not written)'}  [{result.seconds:.2f} s, {result.method}, "
-          f"{result.options.activations} activations]")
+          f"{result.options.activations} activations{_seven_bit(result.options)}]")
     for line in result.warnings:
         print(f"WARNING: {line}")
     if result.tuning is not None:

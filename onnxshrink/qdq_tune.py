@@ -263,7 +263,8 @@ def steps(model: ir.Model, plan: QDQPlan, table, opts: PlanOptions, placement: P
         out.append(QDQPass(plan=dataclasses.replace(plan, options=qopts), table=table))
     if placement.linear == "dynamic":
         exclude = (*opts.exclude, *exact_names(keep_float), *exact_names(user_kept(model, opts)))
-        out.append(DynamicQuantPass(per_channel=opts.per_channel, reduce_range=opts.reduce_range, exclude=exclude))
+        out.append(DynamicQuantPass(per_channel=opts.per_channel, reduce_range=opts.narrow("MatMulInteger"),
+                                    exclude=exclude))
     if out:
         out.append(FuseActivationsPass())
     return out

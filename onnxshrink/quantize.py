@@ -176,7 +176,7 @@ def quantize(
     method: str = "auto",
     activations: str = "auto",
     per_channel: bool = True,
-    reduce_range: bool = False,
+    reduce_range: bool | str = "auto",
     exclude: Sequence[str] = (),
     exclude_ops: Sequence[str] = (),
     keep_first: int = 0,
@@ -211,7 +211,9 @@ def quantize(
     whichever gives the lowest drift on calibration feeds: ``calib_select``), ``minmax``, ``ema``,
     ``percentile``, ``entropy`` or ``mse`` (``observer_opts`` go to the observer, e.g.
     ``percentile=99.99``; not with ``auto``). ``activations``: ``uint8``,
-    ``int8`` or ``auto`` (the faster for this CPU). ``tune``: time a few placements on ONNX Runtime
+    ``int8`` or ``auto`` (the faster for this CPU). ``reduce_range``: 7-bit weights for every layer (``True``),
+    none (``False``) or ``auto``: for the op types whose int8 kernels saturate 8-bit weights on this machine
+    (``ort_int8.saturating_ops``: MatMul/Gemm on x86 CPUs with AVX2 and no VNNI). ``tune``: time a few placements on ONNX Runtime
     and keep the fastest (``qdq_tune``; off: every quantizable node is quantized). Accuracy recovery:
     ``equalize``, ``smoothquant`` (alpha), ``bias_correction`` (None: chosen by ``auto``, else off),
     ``max_drift`` (1 - cosine) and
@@ -227,9 +229,10 @@ def quantize(
     budget = None
     if max_drift is not None or max_metric_drop is not None:
         budget = mixed_precision.Budget(max_drift, max_metric_drop, metric)
+    activations = default_activations() if activations == "auto" else activations
     opts = PlanOptions(
-        activations=default_activations() if activations == "auto" else activations,
-        per_channel=per_channel, reduce_range=reduce_range, exclude=tuple(exclude),
+        activations=activations, per_channel=per_channel, reduce_range=reduce_range is True,
+        reduce_range_ops=_narrowed_ops(reduce_range, activations, providers), exclude=tuple(exclude),
         exclude_ops=tuple(exclude_ops), keep_first=keep_first, keep_last=keep_last,
         conv_transpose=conv_transpose,
     )
@@ -279,6 +282,22 @@ def quantize(
         builder.quantized_names(qmodel)[1], notes, _speed_warnings(speedup, notes), speedup,
         sum(r.stats.counts.get("values_upcast", 0) for r in report.records if r.name == "upcast_float16"),
     )
+
+
+def _narrowed_ops(reduce_range, activations: str, providers) -> tuple[str, ...]:
+    """The op types whose weights get 7 bits under ``reduce_range="auto"``: those whose int8 kernels
+    saturate 8-bit weights on this machine (asked of ONNX Runtime, ``ort_int8``); none otherwise."""
+    from onnxshrink import ort_int8, runtime
+
+    if reduce_range is True or reduce_range is False:
+        return ()
+    if reduce_range != "auto":
+        raise ConfigError(f"reduce_range must be True, False or 'auto', not {reduce_range!r}")
+    ops = tuple(sorted(ort_int8.saturating_ops(activations, tuple(runtime.resolve_providers(providers)))))
+    if ops:
+        logger.info("7-bit weights for %s: ONNX Runtime's int8 kernels on this CPU saturate 8-bit ones "
+                    "(AVX2 without VNNI); reduce_range=False keeps 8 bits", ", ".join(ops))
+    return ops
 
 
 def _check_args(mode: str, method: str, observer_opts: dict, have_data: bool) -> None:

@@ -40,8 +40,10 @@ OPS = ("MatMul", "Gemm")
 
 @dataclasses.dataclass(frozen=True)
 class DynamicQuantConfig:
-    """``per_channel``: one weight scale per output column; ``reduce_range``: 7-bit weights (AVX2 without
-    VNNI); ``exclude``: node-name patterns kept float (fnmatch, or ``re:REGEX``)."""
+    """``per_channel``: one weight scale per output column; ``reduce_range``: 7-bit weights, for CPUs whose
+    MatMulInteger saturates 8-bit ones (AVX2 without VNNI; ``quantize`` sets it from
+    ``onnxshrink.ort_int8.saturating_ops``, the pass opens no session); ``exclude``: node-name patterns
+    kept float (fnmatch, or ``re:REGEX``)."""
 
     per_channel: bool = True
     reduce_range: bool = False

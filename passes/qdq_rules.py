@@ -268,7 +268,10 @@ class PlanOptions:
 
     activations: str = "uint8"  # "uint8" (asymmetric) or "int8" (symmetric)
     per_channel: bool = True
-    reduce_range: bool = False  # 7-bit weights ([-64, 64]) for CPUs whose u8s8 kernels saturate
+    reduce_range: bool = False  # 7-bit weights ([-64, 64]) for every layer
+    # 7-bit weights for these op types only: those whose int8 kernels saturate 8-bit weights on the machine
+    # (onnxshrink.ort_int8; "MatMulInteger" stands for linear layers the tuner runs dynamic)
+    reduce_range_ops: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()  # node-name patterns: fnmatch, or "re:REGEX"
     exclude_ops: tuple[str, ...] = ()
     keep_first: int = 0  # leave the first N quantizable compute layers float
@@ -289,6 +292,8 @@ class PlanOptions:
             raise ConfigError(f"activations must be 'uint8' or 'int8', not {self.activations!r}")
         if self.conv_transpose not in ("weights", "qdq", "float"):
             raise ConfigError(f"conv_transpose must be 'weights', 'qdq' or 'float', not {self.conv_transpose!r}")
+        if isinstance(self.reduce_range_ops, str) or not all(isinstance(o, str) for o in self.reduce_range_ops):
+            raise ConfigError(f"reduce_range_ops must be a tuple of op types, not {self.reduce_range_ops!r}")
         if self.keep_first < 0 or self.keep_last < 0 or self.min_conv_macs < 0:
             raise ConfigError("keep_first / keep_last / min_conv_macs must be >= 0")
         unknown = [op for op in self.exclude_ops if op not in RULES]
@@ -303,6 +308,10 @@ class PlanOptions:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def narrow(self, op_type: str) -> bool:
+        """Whether ``op_type``'s weights are quantized to 7 bits."""
+        return self.reduce_range or op_type in self.reduce_range_ops
 
 
 @dataclasses.dataclass(frozen=True)

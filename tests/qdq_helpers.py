@@ -12,7 +12,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 from onnxshrink.passes.qdq import QDQPass
 from onnxshrink.passes.qdq_rules import PlanOptions, plan_qdq
 
-from onnxshrink import checks, model_io
+from onnxshrink import checks, model_io, ort_int8
 from onnxshrink.calibration import calibrate
 
 RNG = np.random.default_rng(0)
@@ -50,10 +50,19 @@ def prepare(proto) -> ir.Model:
     return m
 
 
+def machine_options(**options) -> PlanOptions:
+    """``PlanOptions`` as ``quantize`` sets them on this machine: 7-bit weights for the ops whose int8
+    kernels saturate 8-bit ones here (``reduce_range="auto"``), unless a test names ``reduce_range_ops``."""
+    options.setdefault("reduce_range_ops", tuple(sorted(ort_int8.saturating_ops(options.get("activations",
+                                                                                            "uint8")))))
+    return PlanOptions(**options)
+
+
 def run_qdq(proto, feeds, *, table=None, **options):
-    """Plan, calibrate (minmax) and run the qdq pass. Returns ``(ir_model, pass_result, table)``."""
+    """Plan, calibrate (minmax) and run the qdq pass with ``machine_options``. Returns ``(ir_model,
+    pass_result, table)``."""
     m = prepare(proto)
-    plan = plan_qdq(m, PlanOptions(**options))
+    plan = plan_qdq(m, machine_options(**options))
     if table is None:
         table = calibrate(m, feeds, plan.calibration_values(), cache_dir=False, progress=False)
     result = QDQPass(plan=plan, table=table)(m)

@@ -216,7 +216,7 @@ def test_bias_correction_removes_the_mean_output_shift(tmp_path):
     shifts = {}
     for bc in (False, True):
         res = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", per_channel=False, tune=False,
-                                  cache_dir=False, bias_correction=bc)
+                                  cache_dir=False, bias_correction=bc, reduce_range=False)  # the 8-bit grid
         shifts[bc] = np.abs(_channel_shift(proto, res.model, held))
     assert shifts[False].mean() > 0.05  # the deliberate bias is there
     assert shifts[True].mean() < shifts[False].mean() / 5, shifts
@@ -246,7 +246,8 @@ def _fragile_chain() -> onnx.ModelProto:
 def test_mixed_precision_meets_a_budget_plain_int8_misses(tmp_path):
     proto = _fragile_chain()
     feeds = feeds_for(proto, n=6)
-    kw = {"per_channel": False, "tune": False, "cache_dir": False, "method": "minmax"}  # plain int8
+    kw = {"per_channel": False, "tune": False, "cache_dir": False, "method": "minmax",
+          "reduce_range": False}  # plain 8-bit int8
     plain = onnxshrink.quantize(proto, feeds, tmp_path / "p.onnx", **kw)
     plain_drift = 1 - validate.compare(proto, plain.output, feeds).overall["cosine"]
     budget = plain_drift / 10
