@@ -50,8 +50,13 @@ def _cpu_flags() -> set[str]:
 
 
 def _ort_static(src: Path, out: Path, feeds: list[dict], reduce_range: bool) -> None:
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -90,12 +95,12 @@ def to_markdown(cpu: dict, rows: list[dict]) -> str:
     keys = [*OURS, *ORT]
     lines = [
         "# 8-bit vs 7-bit weights on this CPU (`benchmarks/bench_qdq_reduce_range.py`)", "",
-        f"CPU: {cpu['machine']}, AVX2 {cpu['avx2']}, AVX-512 {cpu['avx512f']}, VNNI {cpu['vnni']}; ONNX Runtime "
+        (f"CPU: {cpu['machine']}, AVX2 {cpu['avx2']}, AVX-512 {cpu['avx512f']}, VNNI {cpu['vnni']}; ONNX Runtime "
         f"{cpu['ort']}. The probe (`onnxshrink.ort_int8`) finds these int8 kernels clipping 8-bit weights: "
-        f"{', '.join(cpu['saturating_ops']) or 'none'}.", "",
-        "Digits test accuracy (%) and drift (1 - cosine of the logits, all test samples) of each int8 model. "
+        f"{', '.join(cpu['saturating_ops']) or 'none'}."), "",
+        ("Digits test accuracy (%) and drift (1 - cosine of the logits, all test samples) of each int8 model. "
         "onnxshrink: `reduce_range=False` (8-bit), `True` (7-bit) and the default `auto`; ORT: "
-        "`quantize_static` QDQ U8S8 per channel MinMax, `reduce_range` False (its default) and True.", "",
+        "`quantize_static` QDQ U8S8 per channel MinMax, `reduce_range` False (its default) and True."), "",
         "| model | float | " + " | ".join(keys) + " | drift " + " | drift ".join(keys) + " |",
         "|---|---|" + "---|" * (2 * len(keys)),
     ]
