@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -38,15 +37,6 @@ from onnxshrink.validate import flat_drift
 
 OURS = {"8bit": False, "7bit": True, "auto": "auto"}
 ORT = {"ort_8bit": False, "ort_7bit": True}
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
 
 
 def _ort_static(src: Path, out: Path, feeds: list[dict], reduce_range: bool) -> None:
@@ -117,10 +107,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
-    flags = _cpu_flags()
-    cpu = {"machine": platform.machine(), "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
-           "vnni": bool({"avx512_vnni", "avx_vnni"} & flags), "ort": onnxruntime.__version__,
-           "saturating_ops": sorted(ort_int8.saturating_ops("uint8"))}
+    cpu = {**ort_int8.describe_cpu(), "ort": onnxruntime.__version__}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in digits.TRAINED:

@@ -362,7 +362,10 @@ COLS = ["model", "tool", "config", "metric", "drift", "speedup", "h2h", "size", 
 
 
 def to_markdown(rows: list[dict], probe: dict | None, meta: dict) -> str:
-    machine = (f"Machine: {meta['machine']}; onnxruntime {meta['ort']}; load average (1 min) at start "
+    cpu = meta.get("cpu", {})
+    isa = (f" (AVX2 {cpu['avx2']}, AVX-512 {cpu['avx512f']}, VNNI {cpu['vnni']}; int8 kernels that clip 8-bit "
+           f"weights here: {', '.join(cpu['saturating_ops']) or 'none'})") if cpu else ""
+    machine = (f"Machine: {meta['machine']}{isa}; onnxruntime {meta['ort']}; load average (1 min) at start "
                f"{meta['load_start']}, end {meta['load_end']} (2 cores shared with other engineers; per-model "
                "load in the `load` column). Latency: 1 thread, float and quantized interleaved, median ratio.")
     lines = [f"# onnxshrink vs ONNX Runtime quantization ({meta['date']})", "", machine, "",
@@ -421,6 +424,9 @@ def main(argv=None) -> int:
 
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
             "ort": onnxruntime.__version__, "load_start": _load()}
+    from onnxshrink import ort_int8
+
+    meta["cpu"] = ort_int8.describe_cpu()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-q-") as tmp:
         for spec in args.models:

@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 #: ``MatMulInteger`` (its key for MatMul/Gemm layers quantized dynamically).
 PROBED = ("Conv", "ConvTranspose", "MatMul", "Gemm", "MatMulInteger")
 
+#: Flags of instructions that accumulate u8 x s8 products in int32 (no saturation).
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
 _K = 16  # input channels: with a 3x3 kernel, 72 saturating pairs per output
 _OUT_SHAPES = ([1, 16, 6, 6], [1, 16, 8, 8], [1, 16], [1, 16], [1, 16])  # of PROBED, in order
 _CODE = 100  # the exact output's quantized code, within int8 and uint8 (a clipped sum lands far below it)
@@ -115,12 +118,24 @@ def probe_model(activations: str):
     return model, feeds, exact
 
 
-def _cpuinfo_saturates() -> bool:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
+        return set()
+    return set(next((ln for ln in text.splitlines() if ln.startswith("flags")), "").partition(":")[2].split())
+
+
+def describe_cpu(activations: str = "uint8") -> dict:
+    """What decides int8 speed and exactness here, for benchmark headers: ISA flags and the probe's answer."""
+    flags = cpu_flags()
+    return {"machine": platform.machine(), "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
+            "vnni": bool(flags & VNNI_FLAGS), "saturating_ops": sorted(saturating_ops(activations))}
+
+
+def _cpuinfo_saturates() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    flags = set(next((ln for ln in text.splitlines() if ln.startswith("flags")), "").split())
-    return "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
+    flags = cpu_flags()
+    return "avx2" in flags and not flags & VNNI_FLAGS
