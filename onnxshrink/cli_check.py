@@ -90,9 +90,25 @@ def run_validate(args) -> int:
     )
     _clear_progress(args)
     _print_drift(drift)
+    clipped = _clipped_note(args.candidate, args.providers)
     if args.json_out:
-        report.write_json(args.json_out, drift.to_dict())
+        report.write_json(args.json_out, {**drift.to_dict(), "int8_clipped_layers": clipped})
     return 0 if drift else EXIT_BUDGET_FAILED
+
+
+def _clipped_note(candidate, providers) -> list[str]:
+    """Layers of an int8 candidate whose 8-bit weights ONNX Runtime's kernels saturate on this CPU
+    (``ort_int8.clipped_layers``), printed as a note: drift that shows here and not on VNNI CPUs."""
+    from onnxshrink import model_io, ort_int8, runtime
+
+    layers = ort_int8.clipped_layers(model_io.load(candidate), runtime.resolve_providers(providers)[:1])
+    if layers:
+        more = f" and {len(layers) - 3} more" if len(layers) > 3 else ""
+        print(f"note: {len(layers)} int8 layers hold 8-bit weights that ONNX Runtime's int8 kernels on this CPU "
+              f"saturate (AVX2 without VNNI): {', '.join(layers[:3])}{more}; their sums are clipped here, not on "
+              "CPUs with VNNI. For such CPUs quantize with 7-bit weights (onnxshrink optimize --quantize int8 "
+              "does where it runs; --reduce-range all for a model built elsewhere)")
+    return layers
 
 
 def _print_drift(drift) -> None:
@@ -281,6 +297,7 @@ def run_check(args) -> int:
     print(report.format_table(["check", "limit", "measured", "result", "detail"], rows))
     print(f"{'PASSED' if result else 'FAILED'}: {len(result.checks) - len(result.failures)} of "
           f"{len(result.checks)} checks hold")
+    measurements["int8_clipped_layers"] = _clipped_note(args.candidate, _check_providers(args, config))
     _write_gate_outputs(args, config, result, measurements)
     return 0 if result else EXIT_BUDGET_FAILED
 

@@ -118,6 +118,71 @@ def probe_model(activations: str):
     return model, feeds, exact
 
 
+#: Ops holding an int8 weight: op -> (the ``PROBED`` op whose kernel computes it, weight input index,
+#: activation input index). QDQ ops read both through DequantizeLinear; QOperator ops hold them directly.
+_WEIGHTED = {
+    "Conv": ("Conv", 1, 0), "ConvTranspose": ("ConvTranspose", 1, 0), "MatMul": ("MatMul", 1, 0),
+    "Gemm": ("Gemm", 1, 0), "QLinearConv": ("Conv", 3, 0), "QLinearMatMul": ("MatMul", 3, 0),
+    "MatMulInteger": ("MatMulInteger", 1, 0),
+}
+
+
+def clipped_layers(model, providers=None) -> list[str]:
+    """Layers of int8 ``model`` (an ``ir.Model``; QDQ or QOperator form, any graph) whose weights use all 8
+    bits (a code beyond +-64) in an op whose int8 kernel saturates them on this machine, as
+    ``"Conv 'name'"``: what explains drift that shows only on some CPUs (requantize with 7-bit weights)."""
+    from onnxshrink import runtime
+
+    provs = tuple(runtime.resolve_providers(providers))
+    out = []
+    for graph in model.graphs():
+        for node in graph:
+            probed, w_index, x_index = _WEIGHTED.get(node.op_type, (None, 0, 0))
+            if probed is None or node.domain not in ("", "ai.onnx") or len(node.inputs) <= w_index:
+                continue
+            weight, activations = _int8_weight(node, w_index), _activation_type(node, x_index)
+            if weight is None or activations is None or weight.dtype != np.int8:
+                continue
+            if probed in saturating_ops(activations, provs) and int(np.abs(weight.astype(np.int16)).max()) > 64:
+                out.append(f"{node.op_type} {node.name!r}")
+    return out
+
+
+def _integer_value(node, index: int):
+    """The integer value behind input ``index``: the input itself (QOperator ops) or the input of the
+    DequantizeLinear feeding it (QDQ ops; None without one)."""
+    value = node.inputs[index] if index < len(node.inputs) else None
+    if value is not None and node.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm"):
+        producer = value.producer()
+        value = producer.inputs[0] if producer is not None and producer.op_type == "DequantizeLinear" else None
+    return value
+
+
+def _int8_weight(node, index: int):
+    from onnxshrink.graph_utils import const_array
+
+    value = _integer_value(node, index)
+    return None if value is None else const_array(value)
+
+
+def _activation_type(node, index: int) -> str | None:
+    """``uint8``/``int8`` of the integer activation behind input ``index``, from its declared type or its
+    producer (DynamicQuantizeLinear: uint8; QuantizeLinear: its zero point's type)."""
+    from onnxshrink.graph_utils import const_array
+
+    value = _integer_value(node, index)
+    if value is None:
+        return None
+    dtype = value.dtype.numpy() if value.dtype is not None else None
+    producer = value.producer()
+    if dtype is None and producer is not None and producer.op_type == "DynamicQuantizeLinear":
+        dtype = np.dtype(np.uint8)
+    elif dtype is None and producer is not None and producer.op_type == "QuantizeLinear":
+        zp = const_array(producer.inputs[2]) if len(producer.inputs) > 2 else None
+        dtype = np.dtype(np.uint8) if zp is None else zp.dtype  # no zero point: uint8 (the ONNX default)
+    return {np.dtype(np.uint8): "uint8", np.dtype(np.int8): "int8"}.get(None if dtype is None else np.dtype(dtype))
+
+
 def cpu_flags() -> set[str]:
     """This CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
     try:

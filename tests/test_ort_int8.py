@@ -115,3 +115,48 @@ def test_cli_reduce_range(tmp_path, monkeypatch, flag, want):
     rc = cli.main(["optimize", str(src), "-o", str(tmp_path / "q.onnx"), "--quantize", "int8",
                    "--calibration", str(tmp_path / "calib.npz"), *flag])
     assert rc == 2 and seen["reduce_range"] == want
+
+
+def _quantized(tmp_path, reduce_range) -> tuple[onnx.ModelProto, object]:
+    rng = np.random.default_rng(4)
+    proto = _positive_net(rng)
+    feeds = [{"inp": rng.uniform(0.5, 1, (1, 16, 8, 8)).astype(np.float32)} for _ in range(4)]
+    out = tmp_path / f"q{int(reduce_range)}.onnx"
+    onnxshrink.quantize(proto, feeds, out, cache_dir=False, tune=False, reduce_range=reduce_range)
+    return proto, out
+
+
+def test_clipped_layers_names_8bit_weights_in_saturating_ops(tmp_path, monkeypatch):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxshrink import model_io
+
+    monkeypatch.setattr(ort_int8, "saturating_ops", lambda *a, **k: frozenset({"Gemm", "MatMulInteger"}))
+    _, q8 = _quantized(tmp_path, False)
+    _, q7 = _quantized(tmp_path, True)
+    assert [x.split()[0] for x in ort_int8.clipped_layers(model_io.load(q8))] == ["Gemm"]
+    assert ort_int8.clipped_layers(model_io.load(q7)) == []
+    # QOperator form (what ORT's quantize_dynamic writes): the int8 weight is MatMulInteger's own input
+    for top, flagged in ((100, True), (64, False)):
+        w = numpy_helper.from_array(np.full((8, 4), top, np.int8), "w")
+        g = helper.make_graph(
+            [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+             helper.make_node("MatMulInteger", ["xq", "w", "xz"], ["y"], name="mmi")], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+            [helper.make_tensor_value_info("y", TensorProto.INT32, [1, 4])], [w])
+        m = model_io.load(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]))
+        assert ort_int8.clipped_layers(m) == (["MatMulInteger 'mmi'"] if flagged else []), top
+
+
+def test_validate_notes_clipped_layers(tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.setattr(ort_int8, "saturating_ops", lambda *a, **k: frozenset({"Conv", "Gemm"}))
+    proto, q8 = _quantized(tmp_path, False)
+    src = tmp_path / "m.onnx"
+    onnx.save(proto, src)
+    report = tmp_path / "v.json"
+    cli.main(["validate", str(src), str(q8), "--json", str(report)])
+    out = capsys.readouterr().out
+    assert "note: 2 int8 layers hold 8-bit weights" in out and "--reduce-range all" in out
+    assert [x.split()[0] for x in json.loads(report.read_text())["int8_clipped_layers"]] == ["Conv", "Gemm"]
