@@ -112,3 +112,25 @@ def test_tuner_tries_region_placements_on_a_transformer(tmp_path):
     assert static.placement == qdq_tune.Placement() and not static.dynamic_nodes
     assert qdq_tune.transformer_like(model_io.load(proto))
     assert not qdq_tune.transformer_like(model_io.load(zoo.build("resnet")))
+
+
+def test_cli_dynamic_with_a_custom_op_is_written_and_says_fusion_was_not_checked(tmp_path, capsys):
+    """ONNX Runtime has no kernel for my.ops.Foo here, and dynamic mode needs no session: the model is
+    written (valid ONNX for a runtime that registers the op), and the fusion report says it was not run."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxshrink.cli import main
+
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Foo", ["m"], ["y"], domain="my.ops")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 12])], [numpy_helper.from_array(weights(16, 12), "W")])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("my.ops", 1)])
+    src, out = tmp_path / "custom.onnx", tmp_path / "custom.dyn.onnx"
+    onnx.save(proto, src)
+    assert main(["optimize", str(src), "-o", str(out), "--quantize", "dynamic"]) == 0
+    text = capsys.readouterr().out
+    assert out.exists() and "ONNX Runtime CPU fusion: not checked" in text and "my.ops:Foo" in text
+    assert "quantized 1 nodes: dynamic linear layers 1" in text
+    assert [n.op_type for n in onnx.load(out).graph.node if n.op_type in ("MatMulInteger", "Foo")] == \
+        ["MatMulInteger", "Foo"]
