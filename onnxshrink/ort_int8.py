@@ -2,12 +2,13 @@
 
 On x86 CPUs with AVX2 but without VNNI, MLAS multiplies u8 activations by s8 weights with VPMADDUBSW,
 which adds two u8 x s8 products into a saturating int16: 255 * 127 * 2 = 64770 overflows it, so a layer
-whose weights use all 8 bits computes a clipped sum. ONNX Runtime re-encodes Conv and ConvTranspose
-weights as u8 at session load for such CPUs (its ``Avx2WeightS8ToU8Transformer``), but in 1.32 not the
-weights of QLinearMatMul, QGemm or MatMulInteger. Weights of 7 bits (``|q| <= 64``) keep every pair
-within int16 (255 * 64 * 2 = 32640) at the price of one bit (``benchmarks/results/qdq_reduce_range.json``:
-digits inception 100% -> 90% accuracy with 8-bit weights on an AVX2 EPYC, 100% with 7-bit ones). VNNI
-(VPDPBUSD) accumulates in int32 and never saturates.
+whose weights use all 8 bits computes a clipped sum. ONNX Runtime means to re-encode such weights as u8
+at session load (its ``Avx2WeightS8ToU8Transformer``), but on the AVX2 EPYC this was measured on,
+ONNX Runtime 1.32 still clipped the sums of a QDQ Conv (run as its NHWC QLinearConv), Gemm, MatMul and
+of MatMulInteger; only ConvTranspose (not fused) was exact. Weights of 7 bits (``|q| <= 64``) keep
+every pair within int16 (255 * 64 * 2 = 32640) at the price of one bit
+(``benchmarks/results/qdq_reduce_range.md``: digits inception 100% -> 90% accuracy with 8-bit weights
+on that CPU, 100% with 7-bit ones). VNNI (VPDPBUSD) accumulates in int32 and never saturates.
 
 ``saturating_ops(activations, providers)`` asks ONNX Runtime instead of reading CPU flags: one probe
 model holds a QDQ Conv, ConvTranspose, MatMul and Gemm and a dynamic MatMulInteger, each fed the largest
