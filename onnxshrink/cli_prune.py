@@ -31,8 +31,8 @@ def add_prune_args(p: argparse.ArgumentParser) -> None:
                         "model's latency estimated from kernel throughput by width, widths chosen per group "
                         "to keep the most importance) or macs (of its MACs, the same way)")
     g.add_argument("--kernel-table", default=None, metavar="default|measure|JSON",
-                   help="kernel throughput by width for latency estimates: default (built-in curves, "
-                        "deterministic), measure (time ONNX Runtime's kernels here once at the model's map "
+                   help="kernel throughput by width for latency estimates: default (built-in curves, with "
+                        "this CPU's NCHWc block), measure (time ONNX Runtime's kernels here once at the model's map "
                         "sizes and planning batch, --shape INPUT:0=N, default 1; cached under "
                         "~/.cache/onnxshrink/kernels) or a saved table")
     g.add_argument("--prune-measure", action="store_true",

@@ -6,7 +6,8 @@ microseconds. Kinds: ``conv`` (k x k, k > 1, one group), ``conv1x1``, ``depthwis
 group) and ``gemm`` (Gemm, MatMul). Between measured widths throughput is interpolated linearly; it is
 taken as never falling with width (a running maximum), which also smooths timing noise.
 
-:data:`DEFAULT` is the deterministic fallback used unless a measured table is asked for: the curves
+:data:`DEFAULT` is the fallback used unless a measured table is asked for (with this CPU's NCHWc block,
+:func:`default_here`): the curves
 ``benchmarks/bench_prune_kernels.py`` measured on a 2-core AVX-512 Xeon (ONNX Runtime 1.32, 1 thread,
 16x16, batch 32; ``benchmarks/results/prune_kernels.md``, "Conv kernel throughput by width"): 3x3
 convs ~86 GMAC/s from 64 output channels, 72 at 32, 47 at 16 (row ``3x3 cin=64``); 1x1 82/70/52;
@@ -26,6 +27,7 @@ nanoseconds per input element (:data:`MEMORY_NS`; measured tables take these def
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -151,13 +153,26 @@ DEFAULT = KernelTable(
 )
 
 
+@functools.cache
+def default_here() -> KernelTable:
+    """:data:`DEFAULT`'s curves with this CPU's NCHWc block (asked of ONNX Runtime: 8 with AVX2, 1 where
+    there is no NCHWc layout): which widths ONNX Runtime pads and which inputs fall off its blocked
+    kernels is the machine's, not the curves'. :data:`DEFAULT` itself where the block is 16 or unknown."""
+    from onnxshrink import ort_blocks
+
+    block = ort_blocks.nchwc_block_size()
+    if block in (0, DEFAULT.block):
+        return DEFAULT
+    return dataclasses.replace(DEFAULT, block=block, source=f"default (NCHWc block {block} here)")
+
+
 def load(spec: str | os.PathLike | KernelTable | None = None, *, hws=(16,), batch: int | None = None) -> KernelTable:
-    """``None``/``"default"``: :data:`DEFAULT`; ``"measure"``: measured here (cached on disk) at
+    """``None``/``"default"``: :func:`default_here`; ``"measure"``: measured here (cached on disk) at
     ``batch`` (see :func:`measure`); a path: a saved table; a table: itself."""
     if isinstance(spec, KernelTable):
         return spec
     if spec is None or spec == "default":
-        return DEFAULT
+        return default_here()
     if spec == "measure":
         return cached(hws, batch)
     path = Path(spec)

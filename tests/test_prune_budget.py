@@ -10,7 +10,7 @@ import pytest
 from onnxshrink.passes.prune_channels import PruneChannelsPass
 
 from models import zoo
-from onnxshrink import checks, depgraph, kernel_table, model_io, prune_alloc, prune_cost, stats
+from onnxshrink import checks, depgraph, kernel_table, model_io, ort_blocks, prune_alloc, prune_cost, stats
 from onnxshrink.errors import ConfigError
 from onnxshrink.importance import _cumulative
 from onnxshrink.prune_plan import PruningPlan, plan_pruning
@@ -126,7 +126,9 @@ def test_kernel_table_roundtrip_and_cache(tmp_path, monkeypatch):
     path = kernel_table.DEFAULT.save(tmp_path / "table.json")
     loaded = kernel_table.load(path)
     assert loaded.gmacs("conv", 64, 32, 16) == pytest.approx(kernel_table.DEFAULT.gmacs("conv", 64, 32, 16))
-    assert kernel_table.load("default") is kernel_table.DEFAULT
+    here = kernel_table.load("default")
+    assert here is kernel_table.load(None) and here.curves == kernel_table.DEFAULT.curves
+    assert here.block == (ort_blocks.nchwc_block_size() or kernel_table.DEFAULT.block)
     assert kernel_table.DEFAULT.gmacs("conv", 64, 16, 16) < kernel_table.DEFAULT.gmacs("conv", 64, 128, 16)
     with pytest.raises(ConfigError, match="no such file"):
         kernel_table.load(tmp_path / "missing.json")
