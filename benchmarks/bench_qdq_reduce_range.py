@@ -29,6 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_quantize_vs_ort import ort_static
 from models import digits
 from onnxshrink import ort_int8
 from onnxshrink.quantize import quantize
@@ -37,27 +38,6 @@ from onnxshrink.validate import flat_drift
 
 OURS = {"8bit": False, "7bit": True, "auto": "auto"}
 ORT = {"ort_8bit": False, "ort_7bit": True}
-
-
-def _ort_static(src: Path, out: Path, feeds: list[dict], reduce_range: bool) -> None:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(feeds)
-
-        def get_next(self):
-            return next(self.it, None)
-
-    quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
 
 
 def bench_model(name: str, tmp: Path) -> dict:
@@ -73,7 +53,7 @@ def bench_model(name: str, tmp: Path) -> dict:
             row["auto_7bit_ops"] = list(res.options.reduce_range_ops)
     for key, rr in ORT.items():
         paths[key] = tmp / f"{name}_{key}.onnx"
-        _ort_static(digits.trained_path(name), paths[key], calib, rr)
+        ort_static(digits.trained_path(name), paths[key], calib, reduce_range=rr)
     for key, path in paths.items():
         got = make_session(str(path), threads=1).run(None, {"input": x})[0]
         row[f"{key}_acc"] = round(digits.accuracy(got, y), 4)

@@ -142,7 +142,9 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _ort_static(job: dict) -> None:
+def ort_static(src, out, feeds, method: str = "MinMax", activations: str = "QUInt8", reduce_range: bool = False):
+    """ONNX Runtime's ``quantize_static`` (QDQ, int8 weights per channel) calibrated on ``feeds`` (an
+    iterable of feed dicts)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -152,19 +154,26 @@ def _ort_static(job: dict) -> None:
     )
 
     class Reader(CalibrationDataReader):
-        def __init__(self, folder):
-            self.files = sorted(Path(folder).glob("*.npz"))
+        def __init__(self):
+            self.it = iter(feeds)
 
         def get_next(self):
-            if not self.files:
-                return None
-            with np.load(self.files.pop(0)) as z:
-                return {k: z[k] for k in z.files}
+            return next(self.it, None)
 
+    quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    reduce_range=reduce_range, activation_type=getattr(QuantType, activations),
+                    weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, method))
+
+
+def _npz_feeds(folder):
+    for path in sorted(Path(folder).glob("*.npz")):
+        with np.load(path) as z:
+            yield {k: z[k] for k in z.files}
+
+
+def _ort_static(job: dict) -> None:
     o = job["options"]
-    quantize_static(job["src"], job["out"], Reader(job["calib_dir"]), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=getattr(QuantType, o["activations"]),
-                    weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, o["method"]))
+    ort_static(job["src"], job["out"], _npz_feeds(job["calib_dir"]), o["method"], o["activations"])
 
 
 def _ort_dynamic(job: dict) -> None:
