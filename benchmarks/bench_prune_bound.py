@@ -44,7 +44,8 @@ def plans(name: str, max_plans: int):
     pruning._run(model, pipeline.pre_prune_steps(), [], pipeline.PipelineReport())  # as prune() plans
     dg = depgraph.build(model)
     step = default_round_to()
-    live = [(g, gp) for g, gp in ((g, _group_plan(g)) for g in dg.groups)
+    conv_ops = {n.name for n in model.graph.all_nodes() if n.op_type in ("Conv", "ConvTranspose")}
+    live = [(g, gp) for g, gp in ((g, _group_plan(g, conv_ops)) for g in dg.groups)
             if not g.blocked and _min_keep(gp, step, 8) < gp.atoms]
     opts = [_options(gp, step, 8, 0.9) for _, gp in live]
     count = int(np.prod([len(o) for o in opts]))
@@ -99,9 +100,20 @@ def run_model(name: str, cuts, runs: int, max_plans: int) -> dict:
     return entry
 
 
+def _machine() -> str:
+    from onnxshrink import kernel_table, ort_blocks
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    return (f"Machine: {cpu}; ONNX Runtime NCHWc block {ort_blocks.nchwc_block_size()} (the rounding step); "
+            f"cost model: kernel table {kernel_table.load().source}.")
+
+
 def write_markdown(results: dict, path: Path) -> None:
     lines = [
         "# The most MAC-proportional width plan the cost model allows (default rounding)",
+        "",
+        _machine(),
         "",
         ("`python benchmarks/bench_prune_bound.py` (see its docstring). Per model and latency cut: among every "
         "combination of group widths a budgeted plan may choose, the one with the highest estimated "
