@@ -149,7 +149,7 @@ def add_inspect(sub) -> None:
 
 
 def run_inspect(args) -> int:
-    from onnxshrink import model_io, report, runtime, stats
+    from onnxshrink import model_io, ort_int8, report, runtime, stats
 
     model = model_io.load(args.model)
     summary = stats.summarize(model, args.model, dims=runtime.parse_dims(args.shape))
@@ -161,6 +161,7 @@ def run_inspect(args) -> int:
         **sig,
         **summary,
         "external_data_files": stats.external_files(model),
+        "int8_clipped_layers": ort_int8.clipped_layers(model),
     }
     print(f"{args.model}")
     print(f"  IR version {info['ir_version']}, opsets "
@@ -178,6 +179,9 @@ def run_inspect(args) -> int:
         print("  external data: " + ", ".join(info["external_data_files"]))
     rows = sorted(summary["ops"].items(), key=lambda kv: (-kv[1], kv[0]))
     print(report.format_table(["op", "count"], rows))
+    note = ort_int8.clipped_note(info["int8_clipped_layers"])
+    if note:
+        print(note)
     if args.json_out:
         report.write_json(args.json_out, info)
     return 0

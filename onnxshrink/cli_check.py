@@ -102,12 +102,9 @@ def _clipped_note(candidate, providers) -> list[str]:
     from onnxshrink import model_io, ort_int8, runtime
 
     layers = ort_int8.clipped_layers(model_io.load(candidate), runtime.resolve_providers(providers)[:1])
-    if layers:
-        more = f" and {len(layers) - 3} more" if len(layers) > 3 else ""
-        print(f"note: {len(layers)} int8 layers hold 8-bit weights that ONNX Runtime's int8 kernels on this CPU "
-              f"saturate (AVX2 without VNNI): {', '.join(layers[:3])}{more}; their sums are clipped here, not on "
-              "CPUs with VNNI. For such CPUs quantize with 7-bit weights (onnxshrink optimize --quantize int8 "
-              "does where it runs; --reduce-range all for a model built elsewhere)")
+    note = ort_int8.clipped_note(layers)
+    if note:
+        print(note)
     return layers
 
 

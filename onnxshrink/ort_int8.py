@@ -149,6 +149,17 @@ def clipped_layers(model, providers=None) -> list[str]:
     return out
 
 
+def clipped_note(layers: list[str]) -> str | None:
+    """One line for users about ``clipped_layers``' answer (None when there are none)."""
+    if not layers:
+        return None
+    more = f" and {len(layers) - 3} more" if len(layers) > 3 else ""
+    return (f"note: {len(layers)} int8 layers hold 8-bit weights that ONNX Runtime's int8 kernels on this CPU "
+            f"saturate (AVX2 without VNNI): {', '.join(layers[:3])}{more}; their sums are clipped here, not on "
+            "CPUs with VNNI. For such CPUs quantize with 7-bit weights (onnxshrink optimize --quantize int8 "
+            "does where it runs; --reduce-range all for a model built elsewhere)")
+
+
 def _integer_value(node, index: int):
     """The integer value behind input ``index``: the input itself (QOperator ops) or the input of the
     DequantizeLinear feeding it (QDQ ops; None without one)."""

@@ -160,3 +160,17 @@ def test_validate_notes_clipped_layers(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "note: 2 int8 layers hold 8-bit weights" in out and "--reduce-range all" in out
     assert [x.split()[0] for x in json.loads(report.read_text())["int8_clipped_layers"]] == ["Conv", "Gemm"]
+
+
+def test_inspect_notes_clipped_layers(tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.setattr(ort_int8, "saturating_ops", lambda *a, **k: frozenset({"Gemm"}))
+    _, q8 = _quantized(tmp_path, False)
+    info = tmp_path / "i.json"
+    assert cli.main(["inspect", str(q8), "--json", str(info)]) == 0
+    assert "note: 1 int8 layers hold 8-bit weights" in capsys.readouterr().out
+    assert [x.split()[0] for x in json.loads(info.read_text())["int8_clipped_layers"]] == ["Gemm"]
+    _, q7 = _quantized(tmp_path, True)
+    assert cli.main(["inspect", str(q7)]) == 0
+    assert "int8 layers hold" not in capsys.readouterr().out
