@@ -141,10 +141,11 @@ def clipped_layers(model, providers=None) -> list[str]:
             probed, w_index, x_index = _WEIGHTED.get(node.op_type, (None, 0, 0))
             if probed is None or node.domain not in ("", "ai.onnx") or len(node.inputs) <= w_index:
                 continue
-            weight, activations = _int8_weight(node, w_index), _activation_type(node, x_index)
-            if weight is None or activations is None or weight.dtype != np.int8:
-                continue
-            if probed in saturating_ops(activations, provs) and int(np.abs(weight.astype(np.int16)).max()) > 64:
+            activations = _activation_type(node, x_index)
+            if activations is None or probed not in saturating_ops(activations, provs):
+                continue  # the weight is read only where this machine's kernel saturates
+            weight = _int8_weight(node, w_index)
+            if weight is not None and weight.dtype == np.int8 and int(np.abs(weight.astype(np.int16)).max()) > 64:
                 out.append(f"{node.op_type} {node.name!r}")
     return out
 
