@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -179,3 +180,16 @@ def test_report_paths_are_checked_before_any_work(tmp_path, capsys):
         plan.write_bytes(content)
         assert main(["optimize", src, "-o", str(out), "--plan-in", str(plan)]) == 2
         assert "pruning plan" in capsys.readouterr().err
+
+
+def test_every_mode_option_is_refused_without_its_mode():
+    """``cli.ONLY_WITH`` is kept by hand: an option added to the quantization, recovery or pruning groups
+    and not listed there would be ignored without a word when its mode is off. The mode switches
+    themselves and ``--shape`` (it sizes every mode's MACs) are the only exceptions."""
+    parser = cli.build_parser()
+    optimize = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["optimize"]
+    titles = ("int8 quantization", "accuracy recovery", "structured channel pruning")
+    dests = {a.dest for g in optimize._action_groups if (g.title or "").startswith(titles) for a in g._group_actions}
+    listed = {d for ds in cli.ONLY_WITH.values() for d in ds}
+    assert dests - {"quantize", "prune", "plan_in", "shape"} <= listed, sorted(dests - listed)
+    assert len(dests) > 25  # the groups were found
