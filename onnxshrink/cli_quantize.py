@@ -37,7 +37,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="activation type (default auto: the faster for this CPU, uint8 on x86)")
     g.add_argument("--reduce-range", nargs="?", choices=["auto", "all", "off"], const="all", default="auto",
                    help="7-bit weights: for every layer (all; the flag alone), none (off), or auto (default): "
-                        "for the ops whose int8 kernels saturate 8-bit weights on this CPU (MatMul/Gemm "
+                        "for the ops whose int8 kernels saturate 8-bit weights on this CPU (Conv/MatMul/Gemm "
                         "with AVX2 and no VNNI); quantizing for another CPU than this one, give all")
     g.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="PATTERN",
                    help="keep nodes whose name matches float (fnmatch, or re:REGEX)")
@@ -104,7 +104,8 @@ def run_quantize(args) -> int:
         max_drift=args.max_drift, max_metric_drop=args.max_metric_drop, metric=args.metric,
         drift_data=args.drift_data,
         method=args.calib_method, activations=args.activations, per_channel=not args.per_tensor,
-        reduce_range={"all": True, "off": False}.get(args.reduce_range, "auto"), exclude=args.exclude, exclude_ops=args.exclude_op,
+        reduce_range={"all": True, "off": False}.get(args.reduce_range, "auto"), exclude=args.exclude,
+        exclude_ops=args.exclude_op,
         keep_first=args.keep_first, keep_last=args.keep_last, conv_transpose=args.conv_transpose,
         tune=not args.no_tune,
         check=not args.no_check, overwrite_input=args.overwrite_input, recovery=recovery_hooks(args),
