@@ -215,8 +215,8 @@ def quantize(
     (``True``), none (``False``) or ``auto``: for the op types whose int8 kernels saturate 8-bit weights on
     this machine (``ort_int8.saturating_ops``: Conv/MatMul/Gemm on x86 CPUs with AVX2 and no VNNI).
     ``tune``: time a few placements on ONNX Runtime and keep the fastest (``qdq_tune``; off: every
-    quantizable node is quantized). Accuracy recovery: ``equalize``, ``smoothquant`` (alpha), ``bias_correction`` (None: chosen by ``auto``, else off),
-    ``max_drift`` (1 - cosine) and
+    quantizable node is quantized). Accuracy recovery: ``equalize``, ``smoothquant`` (alpha),
+    ``bias_correction`` (None: chosen by ``auto``, else off), ``max_drift`` (1 - cosine) and
     ``max_metric_drop`` with ``metric`` (measured on ``drift_data``, default ``data``); see the module
     docstring. ``dims``: input dims the summary's MACs are counted at (dim name or ``input:axis``).
     Other options: see ``PlanOptions``.
