@@ -10,6 +10,7 @@ and Mul-by-one nodes, duplicated small initializers. Input ``x`` [N,4096] -> out
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -87,6 +88,13 @@ def big_feeds(seed: int = 0) -> list[dict]:
     return [{"x": np.random.default_rng(seed).standard_normal((2, D)).astype(np.float32)}]
 
 
-if __name__ == "__main__":
-    out = build_big(Path(sys.argv[1]))
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", help="the .onnx to write (its weights go to OUT.onnx.data, 2.4 GB)")
+    out = build_big(Path(ap.parse_args(argv).out))
     print(out, sum(p.stat().st_size for p in out.parent.glob(out.name + "*")) / 2**30, "GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

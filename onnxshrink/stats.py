@@ -76,12 +76,31 @@ def inferred_shapes(model: ir.Model, dims: dict[str, int] | None = None, *, fold
 
         data.check_dims(data.input_specs(model), dims)
     shapes = _infer(model, dims or {})
-    if fold and any(_unresolved(n, shapes) for n in model.graph.all_nodes() if n.op_type in MAC_OPS):
+    unresolved = [n for n in model.graph.all_nodes() if n.op_type in MAC_OPS and _unresolved(n, shapes)]
+    if fold and unresolved:
         folded = _folded_copy(model, dims)
         if folded is not None:
             more = _infer(folded, dims or {})
             shapes.update({k: v for k, v in more.items() if k not in shapes or k in shapes.unresolved})
+            _through_nodes(unresolved, folded, more, shapes)
     return shapes
+
+
+def _through_nodes(nodes, folded: ir.Model, more: Shapes, shapes: Shapes) -> None:
+    """Folding may remove the value that feeds a weight op (a ``Mul`` by 1 between ``Reshape`` and
+    ``MatMul``): take the first input's and output's shapes from the folded copy's node of the same
+    name and op instead, where it has them resolved."""
+    by_name = {n.name: n for n in folded.graph.all_nodes() if n.name}
+    for node in nodes:
+        twin = by_name.get(node.name)
+        if twin is None or twin.op_type != node.op_type:
+            continue
+        for mine, theirs in ((node.inputs[:1], twin.inputs[:1]), (node.outputs[:1], twin.outputs[:1])):
+            for v, t in zip(mine, theirs):
+                if v is not None and t is not None and t.name in more and t.name not in more.unresolved \
+                        and (v.name not in shapes or v.name in shapes.unresolved):
+                    shapes[v.name] = more[t.name]
+                    shapes.unresolved.discard(v.name)
 
 
 def _infer(model: ir.Model, dims: dict[str, int]) -> Shapes:

@@ -140,3 +140,23 @@ def test_shapes_only_the_model_knows_survive_the_folded_copy():
     model = ir.serde.deserialize_model(proto)
     assert stats.macs(model, fold=False) != 8 * 4  # inference alone does not reach the MatMul's length
     assert stats.macs(model) == 8 * 4  # one row (the width counts as 1), 8 inputs, 4 outputs
+
+
+def test_a_weight_op_fed_through_a_value_folding_removes_is_counted():
+    """The bundled demo's head: Reshape(g, [Shape(g)[0], -1]) -> Mul by 1 -> MatMul 32 -> 10. Inference
+    leaves the MatMul's input [batch, unk]; the folded copy resolves it but drops the Mul's output, so the
+    count goes through the MatMul of the same name: 320 MACs at batch 1 (it counted 10)."""
+    one = numpy_helper.from_array(np.array(1.0, np.float32), "one")
+    w = numpy_helper.from_array(np.ones((32, 10), np.float32), "w")
+    zero = numpy_helper.from_array(np.array([0], np.int64), "zero")
+    minus = numpy_helper.from_array(np.array([-1], np.int64), "minus")
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+             helper.make_node("Concat", ["n", "minus"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["x", "shape"], ["flat"]), helper.make_node("Mul", ["flat", "one"], ["f1"]),
+             helper.make_node("MatMul", ["f1", "w"], ["y"], name="fc")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32, 1, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], [one, w, zero, minus])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert stats.macs(model) == 320 and stats.macs(model, {"N": 4}) == 1280
+    result = onnxshrink.optimize(model)
+    assert result.before["macs"] == result.after["macs"] == 320
