@@ -103,8 +103,7 @@ def run_model(name: str, cuts, runs: int, max_plans: int) -> dict:
 def _machine() -> str:
     from onnxshrink import kernel_table, ort_blocks
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    cpu = ort_blocks.cpu_name()
     return (f"Machine: {cpu}; ONNX Runtime NCHWc block {ort_blocks.nchwc_block_size()} (the rounding step); "
             f"cost model: kernel table {kernel_table.load().source}.")
 

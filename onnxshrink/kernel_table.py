@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import tempfile
 from pathlib import Path
 
@@ -194,12 +193,7 @@ def cache_dir() -> Path:
 def fingerprint(hws, widths=WIDTHS, batch: int | None = None) -> str:
     from onnxshrink import ort_blocks, runtime
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = ort_blocks.cpu_name()
     key = [runtime.ort().__version__, cpu, ort_blocks.nchwc_block_size(), sorted(hws), list(widths)]
     key = json.dumps(key if batch is None else [*key, int(batch)])  # tables cached without a batch stay valid
     return hashlib.sha1(key.encode()).hexdigest()[:16]

@@ -83,8 +83,24 @@ def default_round_to() -> int:
 def _cpuinfo_guess() -> int:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return FALLBACK
+    return 16 if "avx512f" in cpu_flags() else FALLBACK
+
+
+def _cpuinfo_field(name: str) -> str | None:
+    """The first ``name : value`` line's value in ``/proc/cpuinfo`` (None where there is none)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return FALLBACK
-    return 16 if " avx512f" in flags else FALLBACK
+        return None
+    return next((ln.partition(":")[2].strip() for ln in text.splitlines() if ln.split(":")[0].strip() == name),
+                None)
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (``/proc/cpuinfo``; empty where there is none)."""
+    return set((_cpuinfo_field("flags") or "").split())
+
+
+def cpu_name() -> str:
+    """This CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()

@@ -23,9 +23,10 @@ from __future__ import annotations
 import functools
 import logging
 import platform
-from pathlib import Path
 
 import numpy as np
+
+from onnxshrink import ort_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -196,18 +197,9 @@ def _activation_type(node, index: int) -> str | None:
     return {np.dtype(np.uint8): "uint8", np.dtype(np.int8): "int8"}.get(None if dtype is None else np.dtype(dtype))
 
 
-def cpu_flags() -> set[str]:
-    """This CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return set(next((ln for ln in text.splitlines() if ln.startswith("flags")), "").partition(":")[2].split())
-
-
 def describe_cpu(activations: str = "uint8") -> dict:
     """What decides int8 speed and exactness here, for benchmark headers: ISA flags and the probe's answer."""
-    flags = cpu_flags()
+    flags = ort_blocks.cpu_flags()
     return {"machine": platform.machine(), "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
             "vnni": bool(flags & VNNI_FLAGS), "saturating_ops": sorted(saturating_ops(activations))}
 
@@ -215,5 +207,5 @@ def describe_cpu(activations: str = "uint8") -> dict:
 def _cpuinfo_saturates() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    flags = cpu_flags()
+    flags = ort_blocks.cpu_flags()
     return "avx2" in flags and not flags & VNNI_FLAGS
