@@ -48,7 +48,10 @@ class Rewriter:
     def replace(self, node: ir.Node, new: ir.Value, key: str, dead: ir.Node | None = None) -> bool:
         """Route ``node``'s users to ``new``, drop ``node`` (and ``dead`` once unused), count ``key``.
 
-        A ``new`` made by ``new_node`` takes over the replaced output's name.
+        ``new`` takes over the replaced output's name, whether ``new_node`` made it or a producer was
+        changed in place (a Conv that absorbed the BatchNorm after it): a name then keeps meaning the
+        same values in the original and the rewritten model (``explain`` maps tensors by name), and
+        the value ``new`` held before (the Conv's output before the BatchNorm) no longer exists.
         """
         old, fresh = node.outputs[0], new.producer() is not None and not new.uses()
         reason = bypass(node, old, new)
@@ -57,7 +60,7 @@ class Rewriter:
             if fresh:
                 new.producer().graph.remove(new.producer(), safe=True)
             return False
-        if fresh and old.name and new.name != old.name:
+        if old.name and new.name != old.name:
             name, old.name = old.name, None
             new.name = name
         if dead is not None and dead.graph is not None and not used(dead):

@@ -22,7 +22,8 @@ too; every other channel keeps ``s = 1`` (counted as ``channels_pinned_by_clip``
 Refuses (``stats.skip``): an activation that is not positively homogeneous (HardSwish, Sigmoid, Add, a
 Clip with a non-zero lower bound), an intermediate tensor with other users or that is a graph output,
 weights that are not float32 constants or that another node shares, mismatched channel counts, and
-``Gemm`` with ``transA = 1``. Changes weights only; names, shapes and topology stay.
+``Gemm`` with ``transA = 1``. Changes weights, and renames the tensors between a rescaled pair (they hold
+``x / s`` now); shapes and topology stay.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class _Layer:
         self.group = _int(node, "group", 1) if self.conv else 1
         self.trans_b = bool(_int(node, "transB", 0)) if not self.conv else False
         self.changed = False
+        self.out_scaled = False  # its output (and the activation after it) now holds x / s
 
     @property
     def n_out(self) -> int:
@@ -101,7 +103,7 @@ class _Layer:
             self.w = self.w / s.reshape(1, -1)
         if self.b is not None:
             self.b = self.b / (s if self.conv else s.reshape(*([1] * max(self.b.ndim - 1, 0)), -1))
-        self.changed = True
+        self.changed = self.out_scaled = True
 
     def scale_in(self, s: np.ndarray) -> None:
         """Multiply input channel ``c`` by ``s[c]``."""
@@ -156,6 +158,7 @@ class CrossLayerEqualizationPass(ShrinkPass):
                 if layer.changed:
                     _write_back(graph, layer, names)
                     stats.add("layers_rescaled")
+            _rename_rescaled(pairs, names)
             stats.add("pairs_equalized", len(pairs))
 
     def _sweep(self, pairs: list[_Pair], stats: PassStats) -> None:
@@ -202,6 +205,16 @@ class CrossLayerEqualizationPass(ShrinkPass):
             stats.skip(node, f"channel counts differ ({layers[first].n_out} vs {layers[node].n_in})")
             return None
         return _Pair(layers[first], layers[node], clip_upper, _input_bounds(first))
+
+
+def _rename_rescaled(pairs: list[_Pair], names: NameGen) -> None:
+    """The tensors between a rescaled pair hold ``x / s`` now: new names, so that no name means other
+    values than in the original model (``explain`` maps tensors by name)."""
+    for pair in pairs:
+        if pair.first.out_scaled:
+            for v in dict.fromkeys((pair.first.node.outputs[0], pair.second.node.inputs[0])):
+                if v.name:
+                    v.name = names(f"{v.name}_equalized")
 
 
 def _scales(pair: _Pair) -> tuple[np.ndarray, int]:

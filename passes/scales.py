@@ -47,6 +47,7 @@ class FoldScalarScalesConfig:
 class _Plan:
     tensors: list[tuple[ir.Node, int]]  # (node, input index) of constants to scale
     gemm: ir.Node | None = None
+    scaled: list[ir.Value] = dataclasses.field(default_factory=list)  # values on the path, now scaled
 
 
 def _scalar(node: ir.Node) -> tuple[ir.Value, float] | None:
@@ -69,7 +70,14 @@ class _Finder:
         self.config = config
 
     def plan(self, y: ir.Value, user: ir.Node, depth: int = 0) -> _Plan | None:
-        """Where the scale of ``y`` (read only by ``user``) can go, or None."""
+        """Where the scale of ``y`` (read only by ``user``) can go, or None; ``scaled`` lists ``y`` and
+        the values between it and the constant, whose values the fold multiplies by the scale."""
+        found = self._at(y, user, depth)
+        if found is not None:
+            found.scaled.append(y)
+        return found
+
+    def _at(self, y: ir.Value, user: ir.Node, depth: int) -> _Plan | None:
         node = y.producer()
         if (depth >= self.config.max_depth or node is None or not is_default_domain(node)
                 or node.graph is not user.graph or not sole_user(y, user) or y is not node.outputs[0]):
@@ -126,8 +134,13 @@ class _Finder:
 
 
 def _apply(rw: Rewriter, root: ir.Node, plan: _Plan, y: ir.Value, k: float) -> bool:
+    """Fold: ``y`` takes the root's output name (it now holds ``y * c``); the values before it on the path
+    hold scaled values too and get new names, so no name means other values than in the original."""
     if not rw.replace(root, y, "scales_folded"):
         return False
+    for v in plan.scaled:
+        if v is not y and v.name:
+            v.name = rw.names(f"{v.name}_scaled")
     if plan.gemm is not None:
         for name in ("alpha", "beta"):
             value = plan.gemm.attributes.get_float(name, 1.0) * k

@@ -179,11 +179,16 @@ class SmoothQuantPass(ShrinkPass):
         edits = _fold_edits(kind, p, s)
         if isinstance(edits, str):
             return edits
+        divided = list(dict.fromkeys(node for node, _, _ in edits))  # their outputs now hold x / s
         for n, w in zip(readers, ws):
             scaled = w * s[:, None]
             edits.append((n, 1, scaled.T if n.op_type == "Gemm" and _int(n, "transB", 0) else scaled))
         for node, index, array in edits:
             replace_const(node.graph, node, index, array.astype(np.float32), names, "sq")
+        for node in divided:  # new names: no name means other values than in the original (explain)
+            out = node.outputs[0]
+            if out.name:
+                out.name = names(f"{out.name}_smoothed")
         return None
 
 

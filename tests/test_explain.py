@@ -156,3 +156,28 @@ def test_a_quantized_graph_output_maps_to_its_float_source():
     assert [n.node for n in report.nodes] == ["mm"]
     assert 20 < report.nodes[0].sqnr_db < 30  # its 5% weight error, measured on the float source v
     assert "v" not in report.unmatched
+
+
+@pytest.mark.parametrize("name", ["demo", *sorted(__import__("models.zoo", fromlist=["ZOO"]).ZOO)])
+def test_names_keep_their_meaning_through_the_lossless_passes(name):
+    """Every tensor name the optimized model shares with the original holds the same values there, so
+    ``explain original.onnx optimized-or-int8.onnx`` compares like with like. A fusion into an existing
+    node (BatchNorm into its Conv) used to leave the Conv's own output name on the post-BatchNorm values:
+    PP-OCR rec's first conv then read -15 dB against the original's pre-BatchNorm tensor."""
+    import importlib.resources
+
+    import onnxshrink
+    from models import zoo
+
+    if name == "demo":
+        proto = onnx.load(str(importlib.resources.files("onnxshrink") / "bundled" / "demo.onnx"))
+    else:
+        proto = zoo.build(name)
+    from onnxshrink import data, model_io
+
+    optimized = onnxshrink.optimize(proto).model
+    dims = {d: 2 for s in data.input_specs(model_io.load(proto)) for d in s.dims if isinstance(d, str)}
+    report = explain.explain(proto, optimized, None, threads=1, batches=2, dims=dims or None)
+    worst = min(report.tensors.values(), key=lambda t: t.sqnr_db)
+    assert len(report.tensors) > 0
+    assert worst.sqnr_db > 80, (worst.candidate, worst.sqnr_db)

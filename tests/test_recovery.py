@@ -62,6 +62,18 @@ def test_cle_is_exact_and_balances_channel_ranges(act):
     assert _range_ratio(const_array(conv1.inputs[1])) < before / 5
 
 
+def test_cle_renames_the_rescaled_tensors_so_explain_maps_only_like_with_like():
+    from onnxshrink import explain
+
+    proto = _imbalanced_convs()
+    m, _ = _equalize(proto)
+    conv1, relu = (next(n for n in m.graph if n.op_type == op) for op in ("Conv", "Relu"))
+    assert conv1.outputs[0].name.startswith("x_equalized") and relu.outputs[0].name.startswith("a_equalized")
+    report = explain.explain(proto, m, feeds_for(proto, n=2), threads=1, batches=2)
+    assert {"x_equalized", "a_equalized"} <= {n.split("_equalized")[0] + "_equalized" for n in report.unmatched}
+    assert min(t.sqnr_db for t in report.tensors.values()) > 80  # what still maps holds the same values
+
+
 def test_cle_depthwise_and_gemm_chains_are_exact():
     proto = model("""g (float[1,4,8,8] inp) => (float[1,3] out) {
         x = Conv <pads=[1,1,1,1]> (inp, W1, B1)
@@ -158,7 +170,9 @@ def test_smoothquant_is_exact_in_float_and_shrinks_the_activation_range():
     feed = feeds_for(proto, n=1)[0]
     check_close(run_ort(m, feed), run_ort(proto, feed))
     x_before = run_ort(_with_output(proto, "x"), feed)["x"]
-    x_after = run_ort(_with_output(ir.serde.serialize_model(m), "x"), feed)["x"]
+    smoothed = next(n for n in m.graph if n.op_type == "MatMul").inputs[0].name
+    assert smoothed.startswith("x_smoothed")  # it holds x / s now: renamed, so explain does not map it to x
+    x_after = run_ort(_with_output(ir.serde.serialize_model(m), smoothed), feed)[smoothed]
     assert np.abs(x_after).max() < np.abs(x_before).max() / 4
     assert np.abs(x_after).max(axis=(0, 1)).std() < np.abs(x_before).max(axis=(0, 1)).std() / 4
 
