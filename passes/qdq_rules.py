@@ -294,6 +294,7 @@ class PlanOptions:
             raise ConfigError(f"conv_transpose must be 'weights', 'qdq' or 'float', not {self.conv_transpose!r}")
         if isinstance(self.reduce_range_ops, str) or not all(isinstance(o, str) for o in self.reduce_range_ops):
             raise ConfigError(f"reduce_range_ops must be a tuple of op types, not {self.reduce_range_ops!r}")
+        object.__setattr__(self, "reduce_range_ops", tuple(self.reduce_range_ops))
         if self.keep_first < 0 or self.keep_last < 0 or self.min_conv_macs < 0:
             raise ConfigError("keep_first / keep_last / min_conv_macs must be >= 0")
         unknown = [op for op in self.exclude_ops if op not in RULES]
