@@ -111,6 +111,16 @@ class NameGen:
         return name
 
 
+def rename_changed(values, names: NameGen, tag: str) -> None:
+    """Give ``values``, which a rewrite made hold other numbers than before (a tensor rescaled by
+    equalization, SmoothQuant or a folded scale), fresh names ``<name>_<tag>``: a name the rewritten model
+    shares with its input then always means the same values (``explain`` maps tensors by name). Graph
+    outputs keep theirs: the interface never changes."""
+    for v in dict.fromkeys(values):
+        if v is not None and v.name and not v.is_graph_output():
+            v.name = names(f"{v.name}_{tag}")
+
+
 def add_initializer(graph, array: np.ndarray, name: str) -> ir.Value:
     """Register ``array`` as an initializer of ``graph`` (a Function gets a Constant node instead)."""
     tensor = ir.tensor(np.require(array, requirements="C"), name=name)

@@ -34,7 +34,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from onnxshrink.graph_utils import NameGen, add_initializer, const_array, is_default_domain
+from onnxshrink.graph_utils import NameGen, add_initializer, const_array, is_default_domain, rename_changed
 from onnxshrink.pass_infra import Changes, PassStats, ShrinkPass
 
 HOMOGENEOUS = ("Relu", "LeakyRelu", "PRelu")
@@ -158,7 +158,8 @@ class CrossLayerEqualizationPass(ShrinkPass):
                 if layer.changed:
                     _write_back(graph, layer, names)
                     stats.add("layers_rescaled")
-            _rename_rescaled(pairs, names)
+            rename_changed([v for p in pairs if p.first.out_scaled  # these hold x / s now
+                            for v in (p.first.node.outputs[0], p.second.node.inputs[0])], names, "equalized")
             stats.add("pairs_equalized", len(pairs))
 
     def _sweep(self, pairs: list[_Pair], stats: PassStats) -> None:
@@ -205,16 +206,6 @@ class CrossLayerEqualizationPass(ShrinkPass):
             stats.skip(node, f"channel counts differ ({layers[first].n_out} vs {layers[node].n_in})")
             return None
         return _Pair(layers[first], layers[node], clip_upper, _input_bounds(first))
-
-
-def _rename_rescaled(pairs: list[_Pair], names: NameGen) -> None:
-    """The tensors between a rescaled pair hold ``x / s`` now: new names, so that no name means other
-    values than in the original model (``explain`` maps tensors by name)."""
-    for pair in pairs:
-        if pair.first.out_scaled:
-            for v in dict.fromkeys((pair.first.node.outputs[0], pair.second.node.inputs[0])):
-                if v.name:
-                    v.name = names(f"{v.name}_equalized")
 
 
 def _scales(pair: _Pair) -> tuple[np.ndarray, int]:

@@ -26,7 +26,7 @@ import onnx_ir as ir
 from onnxshrink.passes import _value_facts as vf
 from onnxshrink.passes._fusion_base import Rewriter, run, set_input, sole_user
 
-from onnxshrink.graph_utils import const_array, is_default_domain
+from onnxshrink.graph_utils import const_array, is_default_domain, rename_changed
 from onnxshrink.pass_infra import Changes, PassStats, ShrinkPass
 
 _MOVERS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
@@ -138,9 +138,7 @@ def _apply(rw: Rewriter, root: ir.Node, plan: _Plan, y: ir.Value, k: float) -> b
     hold scaled values too and get new names, so no name means other values than in the original."""
     if not rw.replace(root, y, "scales_folded"):
         return False
-    for v in plan.scaled:
-        if v is not y and v.name:
-            v.name = rw.names(f"{v.name}_scaled")
+    rename_changed([v for v in plan.scaled if v is not y], rw.names, "scaled")
     if plan.gemm is not None:
         for name in ("alpha", "beta"):
             value = plan.gemm.attributes.get_float(name, 1.0) * k

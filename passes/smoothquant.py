@@ -32,7 +32,7 @@ import onnx_ir as ir
 from onnxshrink.passes.equalize import replace_const
 
 from onnxshrink.errors import ConfigError
-from onnxshrink.graph_utils import NameGen, const_array, is_default_domain
+from onnxshrink.graph_utils import NameGen, const_array, is_default_domain, rename_changed
 from onnxshrink.pass_infra import Changes, PassStats, ShrinkPass
 
 MAX_SCALE = 1e5
@@ -179,16 +179,13 @@ class SmoothQuantPass(ShrinkPass):
         edits = _fold_edits(kind, p, s)
         if isinstance(edits, str):
             return edits
-        divided = list(dict.fromkeys(node for node, _, _ in edits))  # their outputs now hold x / s
+        divided = [node for node, _, _ in edits]  # their outputs now hold x / s
         for n, w in zip(readers, ws):
             scaled = w * s[:, None]
             edits.append((n, 1, scaled.T if n.op_type == "Gemm" and _int(n, "transB", 0) else scaled))
         for node, index, array in edits:
             replace_const(node.graph, node, index, array.astype(np.float32), names, "sq")
-        for node in divided:  # new names: no name means other values than in the original (explain)
-            out = node.outputs[0]
-            if out.name:
-                out.name = names(f"{out.name}_smoothed")
+        rename_changed([node.outputs[0] for node in divided], names, "smoothed")
         return None
 
 
