@@ -90,7 +90,7 @@ def run_validate(args) -> int:
     )
     _clear_progress(args)
     _print_drift(drift)
-    clipped = _clipped_note(args.candidate, args.providers)
+    clipped = _clipped_note(args.candidate, drift.providers)
     if args.json_out:
         report.write_json(args.json_out, {**drift.to_dict(), "int8_clipped_layers": clipped})
     return 0 if drift else EXIT_BUDGET_FAILED
@@ -294,7 +294,7 @@ def run_check(args) -> int:
     print(report.format_table(["check", "limit", "measured", "result", "detail"], rows))
     print(f"{'PASSED' if result else 'FAILED'}: {len(result.checks) - len(result.failures)} of "
           f"{len(result.checks)} checks hold")
-    measurements["int8_clipped_layers"] = _clipped_note(args.candidate, _check_providers(args, config))
+    measurements["int8_clipped_layers"] = _clipped_note(args.candidate, measurements["drift"]["providers"])
     _write_gate_outputs(args, config, result, measurements)
     return 0 if result else EXIT_BUDGET_FAILED
 

@@ -72,12 +72,13 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--drift-data", metavar="DATA", help="held-out feeds for --max-drift (default: --calibration)")
 
 
-def _seven_bit(result) -> str:
-    """Which quantized ops got 7-bit weights: all, or those of ``reduce_range_ops`` the model has."""
+def _seven_bit(result, plan: dict) -> str:
+    """Which quantized ops got 7-bit weights: all, or those of ``reduce_range_ops`` the model has
+    (``plan``: ``result.plan.summary()``)."""
     opts = result.options
     if opts.reduce_range:
         return ", 7-bit weights"
-    present = set(result.plan.summary()["quantized_ops"]) | ({"MatMulInteger"} if result.dynamic_nodes else set())
+    present = set(plan["quantized_ops"]) | ({"MatMulInteger"} if result.dynamic_nodes else set())
     narrowed = [op for op in opts.reduce_range_ops if op in present]
     return f", 7-bit weights for {'/'.join(narrowed)} (their 8-bit kernels saturate here)" if narrowed else ""
 
@@ -114,7 +115,7 @@ def run_quantize(args) -> int:
     plan = result.plan.summary()
     print(f"onnxshrink optimize --quantize {args.quantize or 'int8'}: {args.input} -> "
           f"{args.output or '(not written)'}  [{result.seconds:.2f} s, {result.method}, "
-          f"{result.options.activations} activations{_seven_bit(result)}]")
+          f"{result.options.activations} activations{_seven_bit(result, plan)}]")
     for line in result.warnings:
         print(f"WARNING: {line}")
     if result.tuning is not None:

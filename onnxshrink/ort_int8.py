@@ -4,8 +4,8 @@ On x86 CPUs with AVX2 but without VNNI, MLAS multiplies u8 activations by s8 wei
 which adds two u8 x s8 products into a saturating int16: 255 * 127 * 2 = 64770 overflows it, so a layer
 whose weights use all 8 bits computes a clipped sum. ONNX Runtime means to re-encode such weights as u8
 at session load (its ``Avx2WeightS8ToU8Transformer``), but on the AVX2 EPYC this was measured on,
-ONNX Runtime 1.32 still clipped the sums of a QDQ Conv (run as its NHWC QLinearConv), Gemm, MatMul and
-of MatMulInteger; only ConvTranspose (not fused) was exact. Weights of 7 bits (``|q| <= 64``) keep
+ONNX Runtime 1.32 still clipped Conv, Gemm, MatMul and MatMulInteger, and not ConvTranspose (the probe's
+answer heads ``benchmarks/results/qdq_reduce_range.md``). Weights of 7 bits (``|q| <= 64``) keep
 every pair within int16 (255 * 64 * 2 = 32640) at the price of one bit
 (``benchmarks/results/qdq_reduce_range.md``: digits inception 100% -> 90% accuracy with 8-bit weights
 on that CPU, 100% with 7-bit ones). VNNI (VPDPBUSD) accumulates in int32 and never saturates.
@@ -120,12 +120,11 @@ def probe_model(activations: str):
     return model, feeds, exact
 
 
-#: Ops holding an int8 weight: op -> (the ``PROBED`` op whose kernel computes it, weight input index,
-#: activation input index). QDQ ops read both through DequantizeLinear; QOperator ops hold them directly.
+#: Ops holding an int8 weight: op -> (the ``PROBED`` op whose kernel computes it, weight input index); the
+#: activation is input 0. QDQ ops read both through DequantizeLinear; QOperator ops hold them directly.
 _WEIGHTED = {
-    "Conv": ("Conv", 1, 0), "ConvTranspose": ("ConvTranspose", 1, 0), "MatMul": ("MatMul", 1, 0),
-    "Gemm": ("Gemm", 1, 0), "QLinearConv": ("Conv", 3, 0), "QLinearMatMul": ("MatMul", 3, 0),
-    "MatMulInteger": ("MatMulInteger", 1, 0),
+    "Conv": ("Conv", 1), "ConvTranspose": ("ConvTranspose", 1), "MatMul": ("MatMul", 1), "Gemm": ("Gemm", 1),
+    "QLinearConv": ("Conv", 3), "QLinearMatMul": ("MatMul", 3), "MatMulInteger": ("MatMulInteger", 1),
 }
 
 
@@ -139,10 +138,10 @@ def clipped_layers(model, providers=None) -> list[str]:
     out = []
     for graph in model.graphs():
         for node in graph:
-            probed, w_index, x_index = _WEIGHTED.get(node.op_type, (None, 0, 0))
+            probed, w_index = _WEIGHTED.get(node.op_type, (None, 0))
             if probed is None or node.domain not in ("", "ai.onnx") or len(node.inputs) <= w_index:
                 continue
-            activations = _activation_type(node, x_index)
+            activations = _activation_type(node, 0)
             if activations is None or probed not in saturating_ops(activations, provs):
                 continue  # the weight is read only where this machine's kernel saturates
             weight = _int8_weight(node, w_index)
@@ -157,8 +156,8 @@ def clipped_note(layers: list[str]) -> str | None:
         return None
     more = f" and {len(layers) - 3} more" if len(layers) > 3 else ""
     return (f"note: {len(layers)} int8 layers hold 8-bit weights that ONNX Runtime's int8 kernels on this CPU "
-            f"saturate (AVX2 without VNNI): {', '.join(layers[:3])}{more}; their sums are clipped here, not on "
-            "CPUs with VNNI. For such CPUs quantize with 7-bit weights (onnxshrink optimize --quantize int8 "
+            f"saturate (as on x86 CPUs with AVX2 and no VNNI): {', '.join(layers[:3])}{more}; their sums are "
+            "clipped here, not on CPUs whose kernels are exact. For such CPUs quantize with 7-bit weights (onnxshrink optimize --quantize int8 "
             "does where it runs; --reduce-range all for a model built elsewhere)")
 
 

@@ -295,8 +295,8 @@ def _narrowed_ops(reduce_range, activations: str, providers) -> tuple[str, ...]:
         raise ConfigError(f"reduce_range must be True, False or 'auto', not {reduce_range!r}")
     ops = tuple(sorted(ort_int8.saturating_ops(activations, tuple(runtime.resolve_providers(providers)))))
     if ops:
-        logger.info("7-bit weights for %s: ONNX Runtime's int8 kernels on this CPU saturate 8-bit ones "
-                    "(AVX2 without VNNI); reduce_range=False keeps 8 bits", ", ".join(ops))
+        logger.info("7-bit weights for %s: ONNX Runtime's int8 kernels on this CPU saturate 8-bit ones; "
+                    "reduce_range=False keeps 8 bits", ", ".join(ops))
     return ops
 
 
