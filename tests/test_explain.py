@@ -162,8 +162,8 @@ def test_a_quantized_graph_output_maps_to_its_float_source():
 def test_names_keep_their_meaning_through_the_lossless_passes(name):
     """Every tensor name the optimized model shares with the original holds the same values there, so
     ``explain original.onnx optimized-or-int8.onnx`` compares like with like. A fusion into an existing
-    node (BatchNorm into its Conv) used to leave the Conv's own output name on the post-BatchNorm values:
-    PP-OCR rec's first conv then read -15 dB against the original's pre-BatchNorm tensor."""
+    node (BatchNorm into its Conv) used to leave the Conv's own output name on the post-BatchNorm values,
+    which explain then compared with the original's pre-BatchNorm tensor of that name."""
     import importlib.resources
 
     import onnxshrink
