@@ -116,6 +116,7 @@ def prune(
     report = pipeline.PipelineReport()
     insts = [StructuralCheck()] if check else []
     _run(ir_model, pipeline.pre_prune_steps(), insts, report)
+    dg = None
     if plan is None:
         dg = depgraph.build(ir_model, grouped=grouped)
         act = importance.collect(ir_model, dg, calibration, crit, progress=progress)
@@ -129,7 +130,7 @@ def prune(
         plan.save(plan_out)
     original = clone_model(ir_model) if method else None
     rows_before = layer_rows(ir_model, dims)
-    prune_pass = pipeline.make_pass("prune_channels", plan=plan)
+    prune_pass = pipeline.make_pass("prune_channels", plan=plan, graph=dg)  # built once, above
     _run(ir_model, [prune_pass], insts, report)
     kept = next((r.stats.notes.get("kept") for r in report.records if r.name == "prune_channels"), {})
     recon = None

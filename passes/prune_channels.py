@@ -49,6 +49,9 @@ class PruneConfig:
     grouped: str = "auto"
     #: apply this plan (a PruningPlan, or the path of its JSON) instead of planning
     plan: object = None
+    #: the dependency graph the caller built of this model for planning (used only when its ``model``
+    #: is the model this pass runs on; else, or with None, the pass builds its own)
+    graph: object = None
 
 
 class PruneChannelsPass(ShrinkPass):
@@ -65,7 +68,9 @@ class PruneChannelsPass(ShrinkPass):
         if isinstance(plan, (str, bytes)) or hasattr(plan, "__fspath__"):
             plan = PruningPlan.load(plan)
         grouped = plan.settings.get("grouped", "auto") if plan is not None else cfg.grouped
-        dg = depgraph.build(model, grouped=grouped)
+        dg = cfg.graph
+        if dg is None or dg.model is not model or dg.ctx.grouped != grouped:
+            dg = depgraph.build(model, grouped=grouped)
         if plan is None:
             plan = plan_pruning(model, cfg.ratio, criterion=cfg.criterion, scope=cfg.scope,
                                 round_to=cfg.round_to, min_width=cfg.min_width, protect=cfg.protect,
