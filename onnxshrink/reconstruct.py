@@ -114,13 +114,18 @@ class _Sums:
         """Accumulate rows (float32 products, float64 sums); ``x`` already has its ones column."""
         if not len(x):
             return
-        xtx, xty = (x.T @ x.copy()).astype(np.float64), (x.T @ y).astype(np.float64)  # gemm, not syrk
+        with np.errstate(over="ignore", invalid="ignore"):
+            xtx, xty = (x.T @ x.copy()).astype(np.float64), (x.T @ y).astype(np.float64)  # gemm, not syrk
+            if not (np.isfinite(xtx).all() and np.isfinite(xty).all()):  # float32 products overflowed?
+                x64, y64 = x.astype(np.float64), y.astype(np.float64)
+                xtx, xty = x64.T @ x64, x64.T @ y64  # still not finite: an Inf or NaN activation
         if self.xtx is None:
             self.xtx, self.xty = xtx, xty
         else:
             self.xtx += xtx
             self.xty += xty
-        self.yty += float((y.astype(np.float64) ** 2).sum())
+        with np.errstate(over="ignore", invalid="ignore"):
+            self.yty += float((y.astype(np.float64) ** 2).sum())
         self.rows += len(x)
 
     def __add__(self, other: _Sums) -> _Sums:
@@ -178,6 +183,12 @@ class _Normal:
             half.add(x[start::2], y[start::2])
         self.rows += len(x)
 
+    def finite(self) -> bool:
+        """Whether every accumulated sum is finite (an activation that overflowed to Inf, or a NaN,
+        makes them not, and no solution is then worth writing)."""
+        return all(h.xtx is None or (np.isfinite(h.xtx).all() and np.isfinite(h.xty).all()
+                                     and np.isfinite(h.yty)) for h in self.halves)
+
     def solve(self, ridge: float, w0: np.ndarray, fit_bias: bool = True) -> tuple[np.ndarray, float, float]:
         """The weights to use (``w0`` when no ridge beats it on held-out rows) and the mean squared
         errors of ``w0`` and of them on all rows."""
@@ -220,6 +231,10 @@ def _refit_stage(original, pruned, stage: list[Layer], kept, source, ridge, max_
     report.passes += 1
     names = NameGen(pruned)
     for (layer, _), ne in zip(ok, normals):
+        if not ne.finite():
+            report.skipped.append(f"{layer.name}: its input or original output is not finite (Inf or NaN) "
+                                  "on the calibration data; weights kept")
+            continue
         w, before, after = ne.solve(ridge, layer.current_solution(), layer.fit_bias)
         if ne.ridge is not None and after <= before:
             layer.write(pruned, w, names)
@@ -311,6 +326,10 @@ def _bn_stage(pruned: ir.Model, stage: list[Layer], kept, was: dict, source, rep
     names = NameGen(pruned)
     for layer, m in zip(stage, now):
         mean, var = _corrected(layer, kept, m, was.get(layer.node))
+        if not (np.isfinite(mean).all() and np.isfinite(var).all()):
+            report.skipped.append(f"{layer.name}: its input is not finite (Inf or NaN) on the calibration "
+                                  "data; BatchNorm statistics kept")
+            continue
         for idx, arr in ((3, mean), (4, var)):
             replace_const(pruned, layer.node, idx, arr, names)
         report.bn.append(layer.name)

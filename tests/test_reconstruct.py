@@ -201,3 +201,38 @@ def test_bn_reestimation_keeps_trained_statistics_where_pruning_changed_nothing(
     want = runtime.make_session(proto.SerializeToString()).run(None, feed)[0]
     got = runtime.make_session(res.model).run(None, feed)[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _scaled_mlp_calibration(scale: float) -> list[dict]:
+    calib = digits.feeds("mlp", "calib", batch=64, limit=128)
+    top = float(np.finfo(np.float32).max)
+    return [{k: np.clip(v.astype(np.float64) * scale, -top, top).astype(np.float32) for k, v in f.items()}
+            for f in calib]
+
+
+def test_refit_of_activations_whose_squares_overflow_float32():
+    """Activations near 1e20 are finite, but their Gram products overflow float32: the sums are then
+    taken in float64 and the refit still lowers every layer's error (it reported NaN and refit
+    nothing before)."""
+    result = pruning.prune(str(digits.trained_path("mlp")), 0.5, round_to=8,
+                           calibration=_scaled_mlp_calibration(3e19), reconstruct=True)
+    refit = result.reconstruction["refit"]
+    assert len(refit) == 2 and not result.reconstruction["skipped"]
+    for row in refit:
+        assert np.isfinite(row["mse_before"]) and row["mse_after"] < 0.1 * row["mse_before"], row
+
+
+def test_refit_skips_layers_whose_activations_are_not_finite():
+    """Inputs at float32's largest value overflow to Inf inside the model: each layer is skipped by
+    name, its weights kept (the least-squares solve of non-finite sums failed with 'SVD did not
+    converge' on a deep net)."""
+    calib = _scaled_mlp_calibration(1e39)
+    result = pruning.prune(str(digits.trained_path("mlp")), 0.5, round_to=8, calibration=calib, reconstruct=True)
+    plain = pruning.prune(str(digits.trained_path("mlp")), 0.5, round_to=8)
+    recon = result.reconstruction
+    assert not recon["refit"] and len(recon["skipped"]) == 2
+    assert all("not finite" in s and "weights kept" in s for s in recon["skipped"])
+    x, _ = digits.model_input("mlp", "test")
+    ours = runtime.make_session(result.model, threads=1).run(None, {"input": x})[0]
+    ref = runtime.make_session(plain.model, threads=1).run(None, {"input": x})[0]
+    np.testing.assert_array_equal(ours, ref)
