@@ -43,7 +43,8 @@ class ActivationStats:
     grams: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # consumer input Grams
 
     def var(self, label: str) -> np.ndarray:
-        return np.maximum(self.sq_mean[label] - self.mean[label] ** 2, 0.0)
+        with np.errstate(invalid="ignore", over="ignore"):  # Inf activations: NaN, and callers check
+            return np.maximum(self.sq_mean[label] - self.mean[label] ** 2, 0.0)
 
 
 class Importance(Protocol):
@@ -173,7 +174,7 @@ class Reconstruction:
             if x.label() not in stats.sq_mean:
                 continue
             var, norms = stats.var(x.label()), cell_norms(w, 2)
-            if len(var) == len(norms):
+            if len(var) == len(norms) and np.isfinite(var).all():  # Inf/NaN activations tell nothing
                 parts.append(_per_atom(group, x, var * norms))
         return _cumulative(_normalized_sum(parts, group.width) if parts else Magnitude(2, "l2")(group))
 

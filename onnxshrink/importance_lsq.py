@@ -78,9 +78,26 @@ def collect_grams(model: ir.Model, dg: DepGraph, feeds, *, max_rows: int = 1024,
                     f = f[rng.choice(len(f), max_rows, replace=False)]
                 f = np.concatenate([f, np.ones((len(f), 1), f.dtype)], axis=1).astype(np.float32)
                 acc = grams.setdefault(layer_key(layer.node), [0.0, 0])
-                acc[0] = acc[0] + (f.T @ f.copy()).astype(np.float64)
+                acc[0] = acc[0] + _gram(f)
                 acc[1] += len(f)
-    return {k: g / max(n, 1) for k, (g, n) in grams.items()}
+    out = {}
+    for k, (g, n) in grams.items():
+        if np.isfinite(g).all():
+            out[k] = g / max(n, 1)
+        else:
+            logger.warning("reconstruction criterion: the input of %s is not finite (Inf or NaN) on the "
+                           "calibration data; its groups are scored without it", k)
+    return out
+
+
+def _gram(f: np.ndarray) -> np.ndarray:
+    """``f^T f`` in float64: float32 products (fast), or float64 ones where those overflowed."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        g = (f.T @ f.copy()).astype(np.float64)
+        if not np.isfinite(g).all():
+            f64 = f.astype(np.float64)
+            g = f64.T @ f64
+    return g
 
 
 def _features_of(node: ir.Node, x_slot: Slot, cells: np.ndarray) -> np.ndarray:

@@ -214,8 +214,10 @@ def test_refit_of_activations_whose_squares_overflow_float32():
     """Activations near 1e20 are finite, but their Gram products overflow float32: the sums are then
     taken in float64 and the refit still lowers every layer's error (it reported NaN and refit
     nothing before)."""
-    result = pruning.prune(str(digits.trained_path("mlp")), 0.5, round_to=8,
+    result = pruning.prune(str(digits.trained_path("mlp")), 0.5, round_to=8, criterion="reconstruction",
                            calibration=_scaled_mlp_calibration(3e19), reconstruct=True)
+    scores = [s for g in result.plan.groups if g.scores for s in g.scores]
+    assert scores and np.isfinite(scores).all()
     refit = result.reconstruction["refit"]
     assert len(refit) == 2 and not result.reconstruction["skipped"]
     for row in refit:
@@ -224,11 +226,16 @@ def test_refit_of_activations_whose_squares_overflow_float32():
 
 def test_refit_skips_layers_whose_activations_are_not_finite():
     """Inputs at float32's largest value overflow to Inf inside the model: each layer is skipped by
-    name, its weights kept (the least-squares solve of non-finite sums failed with 'SVD did not
-    converge' on a deep net)."""
+    name, its weights kept, and the reconstruction criterion falls back to weight magnitude (its
+    solve of non-finite Gram matrices failed with 'SVD did not converge' on a deep net)."""
     calib = _scaled_mlp_calibration(1e39)
     result = pruning.prune(str(digits.trained_path("mlp")), 0.5, round_to=8, calibration=calib, reconstruct=True)
     plain = pruning.prune(str(digits.trained_path("mlp")), 0.5, round_to=8)
+    # the reconstruction criterion scores by magnitude then (its Gram solve raised LinAlgError)
+    by_data = pruning.prune(str(digits.trained_path("mlp")), 0.5, round_to=8, calibration=calib,
+                            criterion="reconstruction")
+    assert [g.remove for g in by_data.plan.groups] == \
+        [g.remove for g in pruning.prune(str(digits.trained_path("mlp")), 0.5, round_to=8, criterion="l2").plan.groups]
     recon = result.reconstruction
     assert not recon["refit"] and len(recon["skipped"]) == 2
     assert all("not finite" in s and "weights kept" in s for s in recon["skipped"])
