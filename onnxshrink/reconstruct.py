@@ -8,8 +8,10 @@ only). Layers are refit in topological stages, so each stage sees inputs already
 Where a layer has few rows per input feature (a squeeze-excite layer sees one row per image), its
 ridge is chosen by 2-fold cross-validation over alternate rows (the given ridge times 1, 10, 100 or
 1000); every layer keeps its weights when the refit does not predict held-out rows better.
-Memory stays bounded: batches stream through ONNX Runtime (tapped outputs, ``onnxshrink.calib_taps``)
-and only ``X^T X`` and ``X^T Y`` are accumulated per layer, never the activations.
+Memory stays bounded: batches stream through ONNX Runtime and only ``X^T X`` and ``X^T Y`` are
+accumulated per layer, never the activations. Each stage runs only the nodes no earlier stage ran
+(``onnxshrink.segments``; the values later nodes still need wait on disk, one feed at a time), so the
+work over all stages is linear in depth, not stages x depth.
 
 ``reestimate_bn``: BatchNormalization nodes downstream of pruning get their statistics corrected by
 the change pruning made to their input (stage by stage), measured on the calibration data in the
@@ -32,6 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshrink import data as data_mod
+from onnxshrink import segments
 from onnxshrink.errors import ConfigError
 from onnxshrink.graph_utils import NameGen, const_array
 from onnxshrink.importance import TapReader
@@ -78,12 +81,15 @@ def reconstruct(original: ir.Model, pruned: ir.Model, kept: dict, feeds, *, meth
     passes = len(refits) + len(bn_stages) + bool(bn_layers)
     bar = make_progress(progress, passes * source.count if source.count else None, "reconstructing", unit="feeds")
     source = source.ticking(bar.update)
+    job = _Job(pruned, kept, source, report, NameGen(pruned), _twins(original))
     try:
-        for stage in refits:
-            _refit_stage(original, pruned, stage, kept, source, ridge, max_rows, seed, report)
-        was = _original_moments(original, bn_layers, source, report)
-        for stage in bn_stages:
-            _bn_stage(pruned, stage, kept, was, source, report)
+        with segments.reader(pruned) as now, segments.reader(original) as then:
+            for stage in refits:
+                _refit_stage(job, now, then, stage, ridge, max_rows, seed)
+        was = _original_moments(original, bn_layers, job.twins, source, report)
+        with segments.reader(pruned) as now:
+            for stage in bn_stages:
+                _bn_stage(job, now, stage, was)
     finally:
         bar.close()
     return report
@@ -208,8 +214,24 @@ class _Normal:
         return w, before, total.mse(w)
 
 
-def _refit_stage(original, pruned, stage: list[Layer], kept, source, ridge, max_rows, seed, report) -> None:
-    targets = [_twin(original, layer.target) for layer in stage]
+@dataclasses.dataclass
+class _Job:
+    """What the stages of one reconstruction share (one name generator: scanning the model's names
+    per stage made the stages quadratic in the model's size)."""
+
+    pruned: ir.Model
+    kept: dict
+    source: object
+    report: ReconstructReport
+    names: NameGen
+    twins: dict[str, ir.Value]
+
+
+def _refit_stage(job: _Job, now, then, stage: list[Layer], ridge, max_rows, seed) -> None:
+    """Refit the layers of ``stage``: their inputs read in the pruned model (``now``), their targets in
+    the original (``then``), one pass over the data."""
+    report, kept = job.report, job.kept
+    targets = [job.twins.get(layer.target.name) for layer in stage]
     ok = [(layer, t) for layer, t in zip(stage, targets) if t is not None]
     for layer, t in zip(stage, targets):
         if t is None:
@@ -220,7 +242,9 @@ def _refit_stage(original, pruned, stage: list[Layer], kept, source, ridge, max_
     normals = [_Normal() for _ in ok]
     x_vals = [layer.x for layer, _ in ok]
     y_vals = [t for _, t in ok]
-    for xs, ys in _paired_taps(pruned, x_vals, original, y_vals, source):
+    read_x, read_y = now.begin(x_vals), then.begin(y_vals)
+    for i, feed in enumerate(job.source):
+        xs, ys = read_x(i, feed), read_y(i, feed)
         with _one_blas_thread():
             for (layer, _), ne, x, y in zip(ok, normals, xs, ys):
                 feats, rows = layer.features(x), layer.targets(y, kept)
@@ -228,8 +252,9 @@ def _refit_stage(original, pruned, stage: list[Layer], kept, source, ridge, max_
                     pick = rng.choice(len(rows), max_rows, replace=False)
                     feats, rows = feats[pick], rows[pick]
                 ne.add(np.ascontiguousarray(feats, np.float32), np.ascontiguousarray(rows, np.float32))
+    read_x.finish()
+    read_y.finish()
     report.passes += 1
-    names = NameGen(pruned)
     for (layer, _), ne in zip(ok, normals):
         if not ne.finite():
             report.skipped.append(f"{layer.name}: its input or original output is not finite (Inf or NaN) "
@@ -237,24 +262,14 @@ def _refit_stage(original, pruned, stage: list[Layer], kept, source, ridge, max_
             continue
         w, before, after = ne.solve(ridge, layer.current_solution(), layer.fit_bias)
         if ne.ridge is not None and after <= before:
-            layer.write(pruned, w, names)
+            layer.write(job.pruned, w, job.names)
         report.refit.append({"layer": layer.name, "rows": ne.rows, "mse_before": before,
                              "mse_after": min(after, before), "ridge": ne.ridge})
 
 
-def _twin(original: ir.Model, value: ir.Value) -> ir.Value | None:
-    for node in original.graph:
-        for out in node.outputs:
-            if out.name == value.name:
-                return out
-    return None
-
-
-def _paired_taps(model_a, values_a, model_b, values_b, source):
-    """Yield, per feed, the arrays of ``values_a`` in ``model_a`` and of ``values_b`` in ``model_b``."""
-    reader_a, reader_b = TapReader(model_a, values_a), TapReader(model_b, values_b)
-    for feed in source:
-        yield reader_a(feed), reader_b(feed)
+def _twins(original: ir.Model) -> dict[str, ir.Value]:
+    """Node output name -> the value of that name in the original model (a layer's twin)."""
+    return {out.name: out for node in original.graph for out in node.outputs if out.name}
 
 
 # ---------------------------------------------------------------- BatchNorm re-estimation
@@ -301,10 +316,10 @@ class _Moments:
         return mean, np.maximum(self.sq / max(self.n, 1) - mean**2, 0.0)
 
 
-def _original_moments(original: ir.Model, layers: list[Layer], source, report) -> dict:
+def _original_moments(original: ir.Model, layers: list[Layer], names: dict, source, report) -> dict:
     """BN node -> moments of the twin of its input in the original model (one pass for all BNs; the
     original does not change), or None where the original has no such value."""
-    twins = {layer.node: _twin(original, layer.x) for layer in layers}
+    twins = {layer.node: names.get(layer.x.name) for layer in layers}
     have = [(node, t) for node, t in twins.items() if t is not None]
     moments = {node: _Moments() for node, _ in have}
     if have:
@@ -316,22 +331,23 @@ def _original_moments(original: ir.Model, layers: list[Layer], source, report) -
     return {node: moments.get(node) for node in twins}
 
 
-def _bn_stage(pruned: ir.Model, stage: list[Layer], kept, was: dict, source, report) -> None:
-    read = TapReader(pruned, [layer.x for layer in stage])
+def _bn_stage(job: _Job, reader, stage: list[Layer], was: dict) -> None:
+    read = reader.begin([layer.x for layer in stage])
     now = [_Moments() for _ in stage]
-    for feed in source:
-        for m, x in zip(now, read(feed)):
+    for i, feed in enumerate(job.source):
+        for m, x in zip(now, read(i, feed)):
             m.add(x)
+    read.finish()
+    report = job.report
     report.passes += 1
-    names = NameGen(pruned)
     for layer, m in zip(stage, now):
-        mean, var = _corrected(layer, kept, m, was.get(layer.node))
+        mean, var = _corrected(layer, job.kept, m, was.get(layer.node))
         if not (np.isfinite(mean).all() and np.isfinite(var).all()):
             report.skipped.append(f"{layer.name}: its input is not finite (Inf or NaN) on the calibration "
                                   "data; BatchNorm statistics kept")
             continue
         for idx, arr in ((3, mean), (4, var)):
-            replace_const(pruned, layer.node, idx, arr, names)
+            replace_const(job.pruned, layer.node, idx, arr, job.names)
         report.bn.append(layer.name)
 
 
