@@ -217,33 +217,27 @@ def _make(node, x) -> Layer:
 
 
 def stages(model: ir.Model, layers: list[Layer]) -> list[list[Layer]]:
-    """Split ``layers`` (any order) into consecutive stages, none depending on another of its stage."""
+    """Split ``layers`` (any order) into consecutive stages, none depending on another of its stage.
+
+    One sweep in graph order marks every node with the last layer (in layer order) it depends on; a
+    layer opens a new stage when its input depends on a layer of the current one. (Walking each
+    layer's ancestors instead was quadratic in depth.)"""
     order = {n: i for i, n in enumerate(model.graph)}
     todo = sorted(layers, key=lambda layer: order.get(layer.node, 0))
+    index = {layer.node: j for j, layer in enumerate(todo)}
+    last: dict[ir.Node, int] = {}
+    for node in model.graph:
+        ups = [last.get(v.producer(), -1) for v in node.inputs if v is not None and v.producer() is not None]
+        last[node] = max([index.get(node, -1), *ups])
     out: list[list[Layer]] = []
     current: list[Layer] = []
-    for layer in todo:
-        ups = _ancestors(layer.x)
-        if any(other.node in ups or other.target in _values_of(ups) for other in current):
+    start = 0
+    for j, layer in enumerate(todo):
+        producer = layer.x.producer()
+        if current and producer is not None and last.get(producer, -1) >= start:
             out.append(current)
-            current = []
+            current, start = [], j
         current.append(layer)
     if current:
         out.append(current)
     return out
-
-
-def _ancestors(value: ir.Value) -> set:
-    seen, todo = set(), [value]
-    while todo:
-        v = todo.pop()
-        node = v.producer() if v is not None else None
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        todo.extend(i for i in node.inputs if i is not None)
-    return seen
-
-
-def _values_of(nodes: set) -> set:
-    return {o for n in nodes for o in n.outputs}
