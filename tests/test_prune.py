@@ -188,6 +188,41 @@ def test_attention_head_count_constant_is_rewritten(ort_run, make_feeds):
     assert out["output"].shape == (2, 16, 64)
 
 
+def _picked_row_net():
+    """fc1 -> Relu -> Reshape to [N, 3, 16] -> Gather row 2 -> fc2: rows 0 and 1 feed nothing."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((32, 48)).astype(np.float32), "w1"),
+             numpy_helper.from_array(np.array([0, 3, 16], np.int64), "shp"),
+             numpy_helper.from_array(np.array(2, np.int64), "idx"),
+             numpy_helper.from_array(rng.standard_normal((16, 10)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Reshape", ["r", "shp"], ["rs"], name="split3"),
+             helper.make_node("Gather", ["rs", "idx"], ["g"], axis=1, name="pick"),
+             helper.make_node("MatMul", ["g", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "pick", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_gathered_index_follows_the_rows_removed_before_it(ort_run, make_feeds):
+    """Rows 0 and 1 of the reshaped features feed nothing and form one group; removing either moves
+    the Gather's scalar index from 2 to 1 (left at 2 it would read past the 2 rows left)."""
+    proto = _picked_row_net()
+    feed = make_feeds(proto, batch=3, n=1)[0]
+    want = ort_run(proto, feed)["y"]
+    result = pruning.prune(proto, 0.5, round_to=1, min_width=1)
+    dead = [g for g in result.plan.groups if g.atoms == 2 and g.consumers == []]
+    assert len(dead) == 1 and len(dead[0].remove) == 1
+    gather = next(n for n in result.model.graph if n.op_type == "Gather")
+    reshape = next(n for n in result.model.graph if n.op_type == "Reshape")
+    assert int(const_array(gather.inputs[1])) == 1
+    assert const_array(reshape.inputs[1]).tolist() == [0, 2, 16]
+    assert result.after["parameters"] == result.before["parameters"] - 32 * 16
+    np.testing.assert_allclose(ort_run(result.model, feed)["y"], want, rtol=1e-5, atol=1e-5)
+
+
 def test_blocked_groups_stay_whole():
     model = model_io.load(zoo.build("control_flow"))
     plan = plan_pruning(model, 0.5)
