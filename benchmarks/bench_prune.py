@@ -18,7 +18,7 @@ Params and MACs: onnxshrink's counters on the ONNX models (Torch-Pruning's own c
 Latency targets are estimated with the default kernel table (``onnxshrink.kernel_table.DEFAULT``) unless
 ``--kernel-table measure``.
 Accuracy variants use widths rounded to 8 (25-30% of each group at ratio 0.3); the best variant is also
-run with the default rounding (ONNX Runtime's NCHWc block, 16 with AVX-512). Latency: ONNX Runtime CPU,
+run with the default rounding (ONNX Runtime's NCHWc block: 16 with AVX-512, else 8). Latency: ONNX Runtime CPU,
 1 thread, batch 1 and batch 32; per model and ratio, every candidate (widths rounded to the default, to 8
 and not rounded; Torch-Pruning's model exported with ``torch.onnx.export``) and two references (the
 unpruned model as trained, and the same after onnxshrink's cleanup and lossless passes, i.e. ``prune``
@@ -257,11 +257,23 @@ def _x(pair) -> float:
     return pair[0] / max(pair[1], 1)
 
 
+def _machine() -> dict:
+    from onnxshrink import ort_blocks
+
+    return {"cpu": ort_blocks.cpu_name(), "nchwc_block": ort_blocks.nchwc_block_size()}
+
+
 def write_markdown(results: dict, path: Path) -> None:
     reading = _hand_written(path)
+    machine = results.get(MACHINE_KEY)
+    results = {k: v for k, v in results.items() if k != MACHINE_KEY}
+    block = (f"{machine['nchwc_block']} on this CPU" if machine
+             else "16 on the AVX-512 Xeon these figures come from")
     lines = [
         "# Structured pruning on the trained digits classifiers (no training)",
         "",
+        *([(f"Machine: {machine['cpu']}; ONNX Runtime NCHWc block {machine['nchwc_block']} (the default "
+           "rounding step)."), ""] if machine else []),
         ("`python benchmarks/bench_prune.py` (see its docstring). Accuracy (%) on the 360-sample test split; "
         "calibration: 512 unlabeled `calib` samples. `resnet_wide` and `mobilenet_wide` are compute-bound "
         "variants (32x32 inputs, 135M and 105M MACs per image; see `models/digits/README.md`)."),
@@ -270,7 +282,7 @@ def write_markdown(results: dict, path: Path) -> None:
         "",
         ("onnxshrink columns: widths rounded to 8, so `ratio` 0.3 removes 25-30% of each group's channels. "
         "`recon+lsq` = `--prune-criterion reconstruction --reconstruct`; `default` = the same with the "
-        "default rounding (ONNX Runtime's NCHWc block, 16 on this AVX-512 CPU, rounded up, so narrow groups "
+        f"default rounding (ONNX Runtime's NCHWc block, {block}, rounded up, so narrow groups "
         "may stay whole). TP = Torch-Pruning 1.6.1 MagnitudePruner (L1, round_to=8) on the same trained "
         "torch module."),
         "",
@@ -288,7 +300,7 @@ def write_markdown(results: dict, path: Path) -> None:
             lines.append(
                 f"| {name} | {ratio} | {100 * per['base_acc']:.1f} | {acc} | {pct(r8['params'])} | "
                 f"{pct(r8['macs'])} | {100 * o['acc_default_rounding']:.1f} | {pct(rd['macs'])} | {tp_cells} |")
-    lines += _goal_table(results) + _targets_table(results) + _latency_table(results)
+    lines += _goal_table(results) + _targets_table(results) + _latency_table(results, block)
     path.write_text("\n".join(lines) + "\n" + reading)
 
 
@@ -383,13 +395,13 @@ def _ms(v: float) -> str:
     return f"{1000 * v:.0f} us" if v < 1 else f"{v:.3g} ms"
 
 
-def _latency_table(results: dict) -> list[str]:
+def _latency_table(results: dict, block: str) -> list[str]:
     lines = [
         "",
         "## Latency by rounding",
         "",
         ("Speed-up over the unpruned model as trained (same runs as above). Rounding: default (ONNX Runtime's "
-        "NCHWc block, 16 here), 8, and none (1). TP: Torch-Pruning's model (round_to=8), on the `8` row."),
+        f"NCHWc block, {block}), 8, and none (1). TP: Torch-Pruning's model (round_to=8), on the `8` row."),
         "",
         "| model | ratio | round | -MACs | x MACs | speedup b1 | speedup b32 | TP speedup b1 | TP speedup b32 |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -400,7 +412,8 @@ def _latency_table(results: dict) -> list[str]:
             for label, rr in r["ours"]["rounding"].items():
                 tp_cells = ("| " if "error" in t or label != "8"
                             else f"{t['speedup'][1]:.2f}x | {t['speedup'][32]:.2f}x")
-                lines.append(f"| {name} | {ratio} | {rr['round_to']} | {pct(rr['macs'])} | {_x(rr['macs']):.2f}x | "
+                shown = f"{rr['round_to']} (default)" if label == "default" else rr["round_to"]
+                lines.append(f"| {name} | {ratio} | {shown} | {pct(rr['macs'])} | {_x(rr['macs']):.2f}x | "
                              f"{rr['speedup'][1]:.2f}x | {rr['speedup'][32]:.2f}x | {tp_cells} |")
     return lines
 
@@ -413,6 +426,10 @@ def _hand_written(path: Path) -> str:
 
 
 BATCH_KEYED = ("speedup", "speedup_vs_cleaned", "cleanup_speedup", "median_ms")
+
+
+#: Key of the machine record (CPU, NCHWc block) in prune.json, beside the models.
+MACHINE_KEY = "_machine"
 
 
 def _int_keys(obj):
@@ -437,6 +454,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.render:
+        out.mkdir(parents=True, exist_ok=True)
         write_markdown(_int_keys(json.loads(Path(args.render).read_text())), out / "prune.md")
         return 0
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -445,8 +463,10 @@ def main(argv=None) -> int:
     old = out / "prune.json"
     if args.merge and old.exists():
         kept = _int_keys(json.loads(old.read_text()))
+        kept.pop(MACHINE_KEY, None)
         results = {name: results.get(name, kept.get(name)) for name in [*MODELS, *results, *kept]
                    if name in results or name in kept}
+    results[MACHINE_KEY] = _machine()
     out.mkdir(parents=True, exist_ok=True)
     (out / "prune.json").write_text(json.dumps(results, indent=1, default=float))
     write_markdown(results, out / "prune.md")
