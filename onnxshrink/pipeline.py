@@ -177,12 +177,14 @@ FLOAT_FUSION_PASSES = ("fuse_activations", "fold_scalar_scales")
 
 
 def default_steps() -> list[Step]:
-    """The ``default`` preset: the lossless loop plus ``FLOAT_FUSION_PASSES``, to a fixed point."""
+    """The ``default`` preset: the lossless loop plus ``FLOAT_FUSION_PASSES``, to a fixed point; weights
+    the model stores as float16 behind a Cast stay so (``fold_constants``' ``keep_float16_storage``)."""
     from onnxshrink.passes import REGISTRY
 
     at = LOSSLESS_PASSES.index("fuse_gemm") + 1
     names = (*LOSSLESS_PASSES[:at], *FLOAT_FUSION_PASSES, *LOSSLESS_PASSES[at:])
-    return [FixedPoint([make_pass(n) for n in names if n in REGISTRY])]
+    options = {"fold_constants": {"keep_float16_storage": True}}
+    return [FixedPoint([make_pass(n, **options.get(n, {})) for n in names if n in REGISTRY])]
 
 
 def int8_steps() -> list[Step]:

@@ -19,8 +19,10 @@ Refused, with the reason in ``stats.skip``: non-deterministic ops, non-default d
 subgraphs, Q/DQ nodes (``keep_ops``: folding them would undo quantization), outputs over
 ``max_output_bytes``, outputs over ``small_output_bytes`` that are more than ``max_growth`` times the
 input bytes they free (Expand/Tile/ConstantOfShape blowing up, or a weight shared elsewhere being
-copied), inputs over ``max_input_bytes``, results whose dtype or shape disagree with the graph, and an
-``If`` branch whose names clash with the enclosing scopes. Nodes it orphans are left to ``dead_code``.
+copied), inputs over ``max_input_bytes``, results whose dtype or shape disagree with the graph, an
+``If`` branch whose names clash with the enclosing scopes, and with ``keep_float16_storage`` a
+``Cast(float16 constant -> FLOAT)`` whose output would pass ``small_output_bytes``. Nodes it orphans
+are left to ``dead_code``.
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ class FoldConstantsConfig:
     constants_to_initializers: bool = True
     #: Dims with the same ``dim_param`` name are the same size (the ONNX convention); see _shape_values.
     trust_dim_params: bool = True
+    #: Leave ``Cast(float16 constant -> FLOAT)`` over ``small_output_bytes`` unfolded: the model keeps
+    #: the weights it stores as float16 (folding doubles their bytes; ONNX Runtime folds the Cast, and
+    #: fuses what follows, when it loads the model). The ``default`` preset sets it; quantization and
+    #: pruning, which need the weights as constants, do not.
+    keep_float16_storage: bool = False
 
     def __post_init__(self) -> None:
         if self.evaluator not in const_eval.EVALUATORS:
@@ -152,7 +159,7 @@ class _Folder:
     # ------------------------------------------------------------ rule 1: evaluate
     def _fold_node(self, node: ir.Node, graph, opsets: dict[str, int]) -> None:
         in_bytes = sum(_constant_nbytes(v) for v in node.inputs if v is not None)
-        reason = refusal(node, self.config.keep_ops)
+        reason = refusal(node, self.config.keep_ops) or self._storage_refusal(node)
         if reason is None and in_bytes > self.config.max_input_bytes:
             reason = f"its inputs hold {in_bytes} bytes > max_input_bytes={self.config.max_input_bytes}"
         if reason is not None:
@@ -182,6 +189,18 @@ class _Folder:
                 self._materialize(graph, node, old, array)
         self._remove(node)
         self.stats.add("nodes_folded")
+
+    def _storage_refusal(self, node: ir.Node) -> str | None:
+        cfg = self.config
+        if not (cfg.keep_float16_storage and node.op_type == "Cast" and is_default_domain(node)):
+            return None
+        x, to = node.inputs[0], node.attributes.get("to")
+        if x is None or x.dtype != ir.DataType.FLOAT16 or to is None or to.as_int() != ir.DataType.FLOAT:
+            return None
+        if 2 * _constant_nbytes(x) <= cfg.small_output_bytes:  # the float32 copy folding would make
+            return None
+        return ("the model stores this weight as float16 (keep_float16_storage): folding the Cast would "
+                "double its bytes; ONNX Runtime folds it when it loads the model")
 
     def _size_refusal(self, node: ir.Node, arrays: list, out_bytes: int | None) -> str | None:
         cfg = self.config
