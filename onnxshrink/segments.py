@@ -8,7 +8,8 @@ builds a *segment*: the ancestors of the values it asks for that no earlier stag
 whose inputs are the graph inputs and the values earlier segments computed for nodes not yet run (the
 frontier). Each feed's frontier waits on disk between stages (one ``.npy`` per value, in a temporary
 folder), so memory holds one feed's arrays at a time, whatever the number of feeds; the work and the
-model building over all stages are linear in the model's size.
+model building over all stages are linear in the model's size. The disk it takes is bounded
+(``max_bytes``: 2 GiB, or a quarter of the free space): past it, the later stages read with tap models.
 
 The caller may change the constant inputs of nodes not yet run between stages (that is what a refit
 does); a node that has run must not change. Feeds must come in the same order at every stage. A model
@@ -19,6 +20,7 @@ tap model per stage instead (:func:`reader`).
 from __future__ import annotations
 
 import itertools
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,6 +30,8 @@ import onnx_ir as ir
 
 from onnxshrink.errors import PassFailure
 from onnxshrink.graph_utils import subgraphs_of
+
+logger = logging.getLogger(__name__)
 
 
 def reader(model: ir.Model, providers=None):
@@ -73,7 +77,7 @@ class SegmentedReader:
     """Stage-by-stage reader of ``model``'s values (see the module doc). Use as a context manager (the
     frontier's folder is removed on exit), ``begin(values)`` per stage."""
 
-    def __init__(self, model: ir.Model, providers=None, threads: int = 1) -> None:
+    def __init__(self, model: ir.Model, providers=None, threads: int = 1, max_bytes: int | None = None) -> None:
         self.model, self.providers, self.threads = model, providers, threads
         self.done: set[ir.Node] = set()
         self.frontier: dict[ir.Value, int] = {}  # cached value -> file id
@@ -81,6 +85,9 @@ class SegmentedReader:
         self._ids = itertools.count()
         self._feeds = 0
         self._dir = Path(tempfile.mkdtemp(prefix="onnxshrink-frontier-"))
+        self.max_bytes = _default_budget(self._dir) if max_bytes is None else max_bytes
+        self._sizes: dict[int, int] = {}  # file id -> bytes on disk over all feeds
+        self._fallback: TapStages | None = None  # once the frontier outgrew max_bytes
 
     def close(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)
@@ -105,6 +112,8 @@ class SegmentedReader:
         return [n for n in self.model.graph if n in need]
 
     def begin(self, values: list[ir.Value]) -> _Stage:
+        if self._fallback is not None:
+            return self._fallback.begin(values)
         nodes = self._segment_nodes(values)
         ran = self.done | set(nodes)
         made = [v for n in nodes for v in n.outputs]
@@ -119,16 +128,20 @@ class SegmentedReader:
         session = self._session(nodes, reads, outputs) if outputs else None
         ids = {v: self.frontier.get(v) for v in [*cached_in, *wanted_cached]}
         new_ids = {v: next(self._ids) for v in new}
-        seen = [0]
+        seen, over = [0], [False]
 
         def run(i: int, feed: dict) -> list[np.ndarray]:
             env: dict[ir.Value, np.ndarray] = {v: np.load(self._file(i, ids[v])) for v in ids}
             if session is not None:
                 inputs = {v.name: env[v] if v in env else feed[v.name] for v in reads}
                 env.update(zip(outputs, session.run([v.name for v in outputs], inputs)))
+            size = sum(env[v].nbytes for v in new_ids)
+            over[0] = over[0] or sum(self._sizes.values()) + size > self.max_bytes
             for v, k in new_ids.items():
-                np.save(self._file(i, k), env[v])
                 self.dtypes[v] = env[v].dtype
+                if not over[0]:  # over budget: this stage still returns its values, and is the last saved
+                    np.save(self._file(i, k), env[v])
+                    self._sizes[k] = self._sizes.get(k, 0) + env[v].nbytes
             seen[0] = max(seen[0], i + 1)
             missing = [v.name for v in values if v not in env and v.name not in feed]
             if missing:
@@ -138,14 +151,29 @@ class SegmentedReader:
 
         def finish() -> None:
             self._feeds = max(self._feeds, seen[0])
+            if over[0]:
+                self._overflow()
+                return
             self.done |= set(nodes)
             for v, k in self.frontier.items():
                 if v not in keep:
                     for i in range(self._feeds):
                         self._file(i, k).unlink(missing_ok=True)
+                    self._sizes.pop(k, None)
             self.frontier = {v: self.frontier.get(v, new_ids.get(v)) for v in keep}
 
         return _Stage(run, finish)
+
+    def _overflow(self) -> None:
+        """The frontier outgrew ``max_bytes``: drop it; later stages read with tap models (each runs the
+        model from its inputs up to the stage: quadratic in depth again, with bounded disk)."""
+        logger.info("the values kept between stages would pass %d bytes on disk; later stages run the model "
+                    "from its inputs", self.max_bytes)
+        for path in self._dir.iterdir():
+            path.unlink(missing_ok=True)
+        self._sizes.clear()
+        self.frontier.clear()
+        self._fallback = TapStages(self.model, self.providers)
 
     def _file(self, i: int, k: int) -> Path:
         return self._dir / f"{i}_{k}.npy"
@@ -185,6 +213,15 @@ class SegmentedReader:
         rt = runtime.ort()
         so = runtime.session_options(self.threads, level=rt.GraphOptimizationLevel.ORT_ENABLE_BASIC)
         return runtime.make_session(segment, self.providers, options=so)
+
+
+def _default_budget(folder: Path) -> int:
+    """Disk the frontier may take: 2 GiB, or a quarter of the free space where that is less."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:  # pragma: no cover - a folder just made
+        free = 8 << 30
+    return min(2 << 30, free // 4)
 
 
 def _constant(node: ir.Node | None) -> bool:

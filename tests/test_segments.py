@@ -127,3 +127,20 @@ def test_reconstruction_builds_each_node_into_a_segment_once(monkeypatch):
     assert len(refit) == 40 and result.reconstruction["passes"] == 40  # one stage per block's second conv
     assert all(r["mse_after"] <= r["mse_before"] for r in refit)
     assert 0 < _Counting.built <= 2 * len(proto.graph.node), (_Counting.built, len(proto.graph.node))
+
+
+def test_a_frontier_over_its_disk_budget_falls_back_to_tap_models():
+    """Past ``max_bytes`` the saved values go and later stages run the model from its inputs: the
+    same values, and no more disk."""
+    model = _load("resnet")
+    feeds = random_feeds(model, batch=2, n=3)
+    with segments.SegmentedReader(model, max_bytes=20_000) as reader:
+        for stage in _stages_of(model, 3):
+            read = reader.begin(stage)
+            got = [read(i, feed) for i, feed in enumerate(feeds)]
+            read.finish()
+            tap = TapReader(model, stage)
+            for feed, arrays in zip(feeds, got):
+                check_close(arrays, tap(feed), rtol=1e-5, atol=1e-5)
+            assert sum(f.stat().st_size for f in reader._dir.iterdir()) <= 20_000 + 1024 * len(feeds)
+        assert reader._fallback is not None and not any(reader._dir.iterdir())
