@@ -138,3 +138,14 @@ def split_branches() -> onnx.ModelProto:
     z = b.op("Add", [b.conv_bn(lo, 32, 32, 3, act=None), hi])
     z = b.conv_bn(b.op("Relu", [z]), 32, 48, 1)
     return _finish(b, b.head(z, 48))
+
+
+def deep_resnet(blocks: int, width: int = 16, size: int = 8) -> onnx.ModelProto:
+    """``blocks`` identity residual blocks of ``width`` channels on ``size`` x ``size`` maps (not in the
+    zoo: a depth knob for scaling checks, ``tests/test_segments.py`` and ``bench_reconstruct.py``)."""
+    b = GraphBuilder(f"deep_resnet_{blocks}", seed=7)
+    x = b.conv_bn("input", 3, width)
+    for _ in range(blocks):
+        x = _basic_block(b, x, width, width, 1)
+    b.set_output(b.head(x, width), "logits")
+    return b.model([("input", FLOAT, ["N", 3, size, size])], LOGITS)
