@@ -88,6 +88,7 @@ class SegmentedReader:
         self.max_bytes = _default_budget(self._dir) if max_bytes is None else max_bytes
         self._sizes: dict[int, int] = {}  # file id -> bytes on disk over all feeds
         self._fallback: TapStages | None = None  # once the frontier outgrew max_bytes
+        self._order = {n: i for i, n in enumerate(model.graph)}
 
     def close(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)
@@ -109,7 +110,10 @@ class SegmentedReader:
                 continue
             need.add(node)
             todo.extend(v.producer() for v in node.inputs if v is not None)
-        return [n for n in self.model.graph if n in need]
+        if all(n in self._order for n in need):  # sorting the few, not scanning the graph per stage
+            return sorted(need, key=self._order.__getitem__)
+        self._order = {n: i for i, n in enumerate(self.model.graph)}  # nodes were added since
+        return sorted(need, key=self._order.__getitem__)
 
     def begin(self, values: list[ir.Value]) -> _Stage:
         if self._fallback is not None:
