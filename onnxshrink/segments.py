@@ -38,7 +38,12 @@ def reader(model: ir.Model, providers=None):
     """A :class:`SegmentedReader` for ``model``, or a :class:`TapStages` where segments cannot serve."""
     if any(subgraphs_of(node) for node in model.graph):
         return TapStages(model, providers)
-    return SegmentedReader(model, providers)
+    try:
+        return SegmentedReader(model, providers)
+    except OSError as e:  # no writable temp folder: recompute instead of keeping values on disk
+        logger.info("no temporary folder for the values kept between stages (%s); every stage runs the "
+                    "model from its inputs", e)
+        return TapStages(model, providers)
 
 
 class TapStages:

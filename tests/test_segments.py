@@ -120,3 +120,12 @@ def test_a_frontier_over_its_disk_budget_falls_back_to_tap_models():
                 check_close(arrays, tap(feed), rtol=1e-5, atol=1e-5)
             assert sum(f.stat().st_size for f in reader._dir.iterdir()) <= 20_000 + 1024 * len(feeds)
         assert reader._fallback is not None and not any(reader._dir.iterdir())
+
+
+def test_no_writable_temp_folder_reads_with_tap_models(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(segments.tempfile, "mkdtemp", refuse)
+    model = _load("resnet")
+    assert isinstance(segments.reader(model), segments.TapStages)
