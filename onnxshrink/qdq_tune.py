@@ -213,21 +213,22 @@ def _tune_regions(model, plan, opts, table, judge, best_sess, best_drift, tried)
 
 
 def linear_layers(model: ir.Model) -> list[ir.Node]:
-    """Main-graph MatMul/Gemm nodes that dynamic quantization accepts (constant 2-D weights)."""
-    return [n for n in model.graph if n.op_type in ("MatMul", "Gemm") and n.domain in ("", "ai.onnx")
+    """Main-graph MatMul/Gemm nodes that dynamic quantization accepts (constant 2-D weights), and LSTMs
+    it accepts (constant weights; they run dynamic or float, never QDQ)."""
+    return [n for n in model.graph if n.op_type in ("MatMul", "Gemm", "LSTM") and n.domain in ("", "ai.onnx")
             and dynamic_refusal(n) is None]
 
 
 def transformer_like(model: ir.Model) -> bool:
-    """Whether linear layers hold at least ``TRANSFORMER_SHARE`` of the Conv/MatMul/Gemm MACs (unknown
-    dims count as 1)."""
+    """Whether linear layers (LSTMs included) hold at least ``TRANSFORMER_SHARE`` of the
+    Conv/MatMul/Gemm/LSTM MACs (unknown dims count as 1)."""
     lin = set(linear_layers(model))
     if not lin:
         return False
     shapes = stats.inferred_shapes(model)
     total = linear = 0
     for n in model.graph:
-        if n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm"):
+        if n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM"):
             m = stats.node_macs(n, shapes)
             total += m
             linear += m if n in lin else 0

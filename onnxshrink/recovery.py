@@ -112,5 +112,6 @@ class Builder:
         dynamic = []
         if self.placement.linear == "dynamic":
             float_lin = {n.name for n in qdq_tune.linear_layers(self.float_model)}
-            dynamic = [n.name for n in model.graph if n.name in float_lin and n.op_type in ("Mul", "Add")]
+            dynamic = [n.name for n in model.graph if n.name in float_lin
+                       and n.op_type in ("Mul", "Add", "DynamicQuantizeLSTM")]
         return static, dynamic

@@ -174,7 +174,8 @@ def _prod(shape) -> int:
 
 
 def node_macs(node: ir.Node, shapes: dict[str, tuple]) -> int:
-    """Multiply-accumulates of one Conv/ConvTranspose/MatMul/Gemm-like node (0 if unknown)."""
+    """Multiply-accumulates of one Conv/ConvTranspose/MatMul/Gemm-like or recurrent (LSTM, GRU, RNN)
+    node (0 if unknown)."""
     def shp(i):
         v = node.inputs[i] if i < len(node.inputs) else None
         return shapes.get(v.name) if v is not None else None
@@ -194,7 +195,17 @@ def node_macs(node: ir.Node, shapes: dict[str, tuple]) -> int:
         if a and out:
             k = a[0] if (op == "Gemm" and _attr_int(node, "transA")) else a[-1]
             return _prod(out) * k
+    elif op in _RECURRENT:
+        x, hidden = shp(0), _attr_int(node, "hidden_size")
+        if x and len(x) == 3 and hidden:
+            direction = node.attributes.get("direction")
+            dirs = 2 if direction is not None and direction.as_string() == "bidirectional" else 1
+            return dirs * x[0] * x[1] * _RECURRENT[op] * hidden * (x[2] + hidden)  # [T, B, I] or [B, T, I]
     return 0
+
+
+#: Recurrent ops: gates per step (each a [I + H] x H product per direction, step and sequence).
+_RECURRENT = {"LSTM": 4, "DynamicQuantizeLSTM": 4, "GRU": 3, "RNN": 1}
 
 
 def _attr_int(node: ir.Node, name: str, default: int = 0) -> int:
@@ -203,8 +214,8 @@ def _attr_int(node: ir.Node, name: str, default: int = 0) -> int:
 
 
 def macs(model: ir.Model, dims: dict[str, int] | None = None, *, fold: bool = True) -> int:
-    """Estimated multiply-accumulates of one run (Conv, ConvTranspose, MatMul, Gemm and their
-    quantized forms); dims not fixed by the model or ``dims`` count as 1. Shapes as
+    """Estimated multiply-accumulates of one run (Conv, ConvTranspose, MatMul, Gemm, LSTM/GRU/RNN and
+    their quantized forms); dims not fixed by the model or ``dims`` count as 1. Shapes as
     :func:`inferred_shapes` gives them (``fold``), so an input model and its optimized output are
     counted alike."""
     shapes = inferred_shapes(model, dims, fold=fold)
@@ -212,7 +223,7 @@ def macs(model: ir.Model, dims: dict[str, int] | None = None, *, fold: bool = Tr
 
 
 MAC_OPS = frozenset({"Conv", "ConvInteger", "QLinearConv", "ConvTranspose", "MatMul", "MatMulInteger",
-                     "QLinearMatMul", "Gemm"})
+                     "QLinearMatMul", "Gemm", *_RECURRENT})
 
 
 def _unresolved(node: ir.Node, shapes: Shapes) -> bool:

@@ -1,4 +1,4 @@
-"""The ``dynamic_quantize`` pass: int8 weights for MatMul/Gemm, activations quantized at run time.
+"""The ``dynamic_quantize`` pass: int8 weights for MatMul/Gemm (and LSTM), activations quantized at run time.
 
 Rule: a ``MatMul(x, W)`` with a constant float32 2-D ``W`` [K, N], or a ``Gemm(x, W, C)`` with
 ``transA = 0`` (``alpha`` and ``transB`` folded into ``W``, ``beta`` into ``C``), becomes standard ONNX:
@@ -19,6 +19,9 @@ The last node of each rewrite takes the original node's name and its output the 
 so ``explain`` and exclusions keep addressing the layer. Refuses (``stats.skip``): a non-constant or
 non-2-D weight, ``transA = 1``, NaN/Inf weights, a non-float32 input, and nodes matched by ``exclude``
 (fnmatch patterns or ``re:REGEX`` on node names). Needs opset >= 11.
+
+An ``LSTM`` with constant weights becomes ONNX Runtime's ``com.microsoft.DynamicQuantizeLSTM`` (int8
+weights, input and state quantized at run time; see ``_dynamic_lstm``) unless ``lstm=False``.
 """
 
 from __future__ import annotations
@@ -29,13 +32,14 @@ import re
 
 import numpy as np
 import onnx_ir as ir
+from onnxshrink.passes import _dynamic_lstm
 
 from onnxshrink import model_io
 from onnxshrink.errors import ConfigError, UnsupportedModelError
 from onnxshrink.graph_utils import NameGen, add_initializer, bypass, const_array, is_default_domain
 from onnxshrink.pass_infra import Changes, PassStats, ShrinkPass
 
-OPS = ("MatMul", "Gemm")
+OPS = ("MatMul", "Gemm", "LSTM")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +52,8 @@ class DynamicQuantConfig:
     per_channel: bool = True
     reduce_range: bool = False
     exclude: tuple[str, ...] = ()
+    #: LSTMs become ``com.microsoft.DynamicQuantizeLSTM`` (``_dynamic_lstm``; ONNX Runtime only)
+    lstm: bool = True
 
     def __post_init__(self) -> None:
         for pat in self.exclude:
@@ -80,9 +86,16 @@ class DynamicQuantPass(ShrinkPass):
             for node in list(graph):
                 if node.op_type not in OPS or not is_default_domain(node):
                     continue
+                if node.op_type == "LSTM" and not self.config.lstm:
+                    continue
                 reason = self._refusal(node)
                 if reason:
                     stats.skip(node, reason)
+                    continue
+                if node.op_type == "LSTM":
+                    _dynamic_lstm.rewrite(node, graph, model, names, self.config.per_channel,
+                                          self.config.reduce_range)
+                    stats.add("lstm_layers_dynamic")
                     continue
                 _Rewrite(node, graph, names, self.config).run()
                 stats.add("linear_layers_dynamic")
@@ -94,7 +107,9 @@ class DynamicQuantPass(ShrinkPass):
 
 
 def refusal(node: ir.Node) -> str | None:
-    """Why ``node`` (MatMul or Gemm) cannot be quantized dynamically, or None."""
+    """Why ``node`` (MatMul, Gemm or LSTM) cannot be quantized dynamically, or None."""
+    if node.op_type == "LSTM":
+        return _dynamic_lstm.refusal(node)
     w = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
     if const_array(node.inputs[0]) is not None:
         return "its first operand is constant"
