@@ -42,7 +42,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="PATTERN",
                    help="keep nodes whose name matches float (fnmatch, or re:REGEX)")
     g.add_argument("--exclude-op", nargs="+", action="extend", default=[], metavar="OP",
-                   help="keep every node of these op types float")
+                   help="keep every node of these op types float (LSTM: keeps LSTMs standard ONNX instead of "
+                        "ONNX Runtime's contrib DynamicQuantizeLSTM)")
     g.add_argument("--keep-first", type=int, default=0, metavar="N",
                    help="keep the first N quantizable compute layers float")
     g.add_argument("--keep-last", type=int, default=0, metavar="N",

@@ -265,7 +265,7 @@ def steps(model: ir.Model, plan: QDQPlan, table, opts: PlanOptions, placement: P
     if placement.linear == "dynamic":
         exclude = (*opts.exclude, *exact_names(keep_float), *exact_names(user_kept(model, opts)))
         out.append(DynamicQuantPass(per_channel=opts.per_channel, reduce_range=opts.narrow("MatMulInteger"),
-                                    exclude=exclude))
+                                    exclude=exclude, lstm="LSTM" not in opts.exclude_ops))
     if out:
         out.append(FuseActivationsPass())
     return out

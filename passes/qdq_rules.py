@@ -262,6 +262,10 @@ def clip_bounds(node: ir.Node) -> tuple[float, float]:
 # ---------------------------------------------------------------- options and plan
 
 
+#: Ops only ``dynamic_quantize`` makes int8 (``exclude_ops`` keeps them float there too).
+DYNAMIC_ONLY_OPS = ("LSTM",)
+
+
 @dataclasses.dataclass(frozen=True)
 class PlanOptions:
     """What to quantize and how. Validated on creation (``ConfigError``)."""
@@ -297,7 +301,7 @@ class PlanOptions:
         object.__setattr__(self, "reduce_range_ops", tuple(self.reduce_range_ops))
         if self.keep_first < 0 or self.keep_last < 0 or self.min_conv_macs < 0:
             raise ConfigError("keep_first / keep_last / min_conv_macs must be >= 0")
-        unknown = [op for op in self.exclude_ops if op not in RULES]
+        unknown = [op for op in self.exclude_ops if op not in RULES and op not in DYNAMIC_ONLY_OPS]
         if unknown:
             raise ConfigError(f"exclude_ops {unknown} are never quantized; quantizable ops: {sorted(RULES)}")
         for pat in self.exclude:

@@ -113,3 +113,14 @@ def test_ddddocr_recognizer_lstm_runs_int8(tmp_path):
             assert np.mean(ref[k].argmax(-1) == got[k].argmax(-1)) >= 0.95, k
     if NARROW:
         assert errors[True] < errors[False], errors
+
+
+def test_exclude_op_lstm_keeps_standard_onnx(tmp_path):
+    """``exclude_ops=("LSTM",)`` (``--exclude-op LSTM``) leaves LSTMs float: only standard ops are written."""
+    proto = _lstm()
+    onnx.save(proto, tmp_path / "lstm.onnx")
+    onnxshrink.quantize(tmp_path / "lstm.onnx", None, tmp_path / "q.onnx", mode="dynamic", exclude_ops=("LSTM",))
+    ops = [n.op_type for n in onnx.load(tmp_path / "q.onnx").graph.node]
+    assert "LSTM" in ops and "DynamicQuantizeLSTM" not in ops
+    onnxshrink.quantize(tmp_path / "lstm.onnx", None, tmp_path / "q2.onnx", mode="dynamic")
+    assert "DynamicQuantizeLSTM" in [n.op_type for n in onnx.load(tmp_path / "q2.onnx").graph.node]
