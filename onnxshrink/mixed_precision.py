@@ -214,7 +214,10 @@ def rank(float_model: ir.Model, model: ir.Model, data, candidates: Sequence[str]
 
 
 def _dynamic_input(last: ir.Node) -> ir.Value | None:
-    """The float input of a dynamically quantized layer, found from its last node upwards."""
+    """The float input of a dynamically quantized layer, found from its last node upwards (an int8 LSTM
+    is one node reading it)."""
+    if last.op_type == "DynamicQuantizeLSTM":
+        return last.inputs[0]
     todo, seen = [last], set()
     while todo:
         n = todo.pop()

@@ -124,3 +124,14 @@ def test_exclude_op_lstm_keeps_standard_onnx(tmp_path):
     assert "LSTM" in ops and "DynamicQuantizeLSTM" not in ops
     onnxshrink.quantize(tmp_path / "lstm.onnx", None, tmp_path / "q2.onnx", mode="dynamic")
     assert "DynamicQuantizeLSTM" in [n.op_type for n in onnx.load(tmp_path / "q2.onnx").graph.node]
+
+
+def test_drift_budget_ranks_an_int8_lstm_by_its_own_input():
+    """Mixed precision re-measures a dynamic layer from its float input; an int8 LSTM is one node that
+    reads it (it found none, and charged the LSTM with every upstream layer's noise)."""
+    from onnxshrink.mixed_precision import _dynamic_input
+
+    m = model_io.load(_lstm())
+    DynamicQuantPass()(m)
+    q = nodes(m, "DynamicQuantizeLSTM")[0]
+    assert _dynamic_input(q) is q.inputs[0] and q.inputs[0].name == "x"
