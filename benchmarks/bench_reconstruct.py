@@ -3,15 +3,15 @@ ran, ``onnxshrink.segments``) against one tap model per stage (every node up to 
 reconstruction did before: ``segments.TapStages``), in the same run.
 
 Cases: ``deep_resnet`` (``models.zoo_conv``; identity residual blocks, 16 channels, 8x8 maps) at 10,
-25, 50 and 100 blocks on 4 random calibration feeds of batch 4, and the real PP-OCR det and rec
-(``rapidocr-onnxruntime`` wheel) on their bench_prune_real calibration feeds. Each case prunes (0.5 on
-the 16-channel chains, where 0.3 rounds back to 16; 0.3 on the real models; ``l1`` criterion, so
-planning reads no data) with ``--reconstruct``, once per strategy, the order
+25, 50 and 100 blocks on 4 random calibration feeds of batch 4, and the real PP-OCR cls, det and rec
+(``rapidocr-onnxruntime`` wheel) and NudeNet (``nudenet`` wheel) on their bench_prune_real calibration
+feeds. Each case prunes (0.5 on the 16-channel chains, where 0.3 rounds back to 16; 0.3 on the real
+models; ``l1`` criterion, so planning reads no data) with ``--reconstruct``, once per strategy, the order
 alternating by case; ``s`` is the whole ``prune()`` call. ``same``: largest difference of the two
 pruned models' outputs on one feed, relative to the largest output (the strategies compute the same
 thing, up to float rounding that the least-squares refits pass on).
 
-    python benchmarks/bench_reconstruct.py [--blocks 10,25,50,100] [--real ppocr_det,ppocr_rec]
+    python benchmarks/bench_reconstruct.py [--blocks 10,25,50,100] [--real ppocr_cls,ppocr_det,...]
         [--out benchmarks/results]
 """
 
@@ -108,7 +108,7 @@ def write(rows: list[dict], out: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", default="10,25,50,100")
-    ap.add_argument("--real", default="ppocr_det,ppocr_rec")
+    ap.add_argument("--real", default="ppocr_cls,ppocr_det,ppocr_rec,nudenet_320n")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     cases = [f"deep_resnet_{b}" for b in args.blocks.split(",") if b] + [r for r in args.real.split(",") if r]
