@@ -2,8 +2,9 @@
 
 Least-squares reconstruction refits layers in topological stages: stage k's inputs must come from the
 model with the stages before it already refit. A tap model per stage that runs every node up to the
-stage (``importance.TapReader``) costs stages x depth, quadratic in depth: a 100-block residual chain
-took 96 s, nearly all of it cloning, serializing and loading one tap model per stage. Here a stage
+stage (``importance.TapReader``) costs stages x depth, quadratic in depth: 80 s for 100 residual blocks
+against 5 s here (``benchmarks/results/reconstruct_scale.md``), the time going to cloning, serializing
+and loading one tap model per stage. Here a stage
 builds a *segment*: the ancestors of the values it asks for that no earlier stage ran, as a small model
 whose inputs are the graph inputs and the values earlier segments computed for nodes not yet run (the
 frontier). Each feed's frontier waits on disk between stages (one ``.npy`` per value, in a temporary
