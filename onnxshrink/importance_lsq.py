@@ -59,7 +59,7 @@ def layer_key(node: ir.Node) -> str:
 def collect_grams(model: ir.Model, dg: DepGraph, feeds, *, max_rows: int = 1024, seed: int = 0) -> dict:
     """Gram matrices (mean of [x, 1]^T [x, 1]) of the inputs of every consumer of an unblocked group."""
     from onnxshrink.importance import TapReader
-    from onnxshrink.reconstruct import _one_blas_thread
+    from onnxshrink.reconstruct import _one_blas_thread, products
     from onnxshrink.reconstruct_layers import _make
 
     nodes = list(dict.fromkeys(n for g in dg.groups if not g.blocked for n, _ in consumer_layers(g)))
@@ -78,7 +78,7 @@ def collect_grams(model: ir.Model, dg: DepGraph, feeds, *, max_rows: int = 1024,
                     f = f[rng.choice(len(f), max_rows, replace=False)]
                 f = np.concatenate([f, np.ones((len(f), 1), f.dtype)], axis=1).astype(np.float32)
                 acc = grams.setdefault(layer_key(layer.node), [0.0, 0])
-                acc[0] = acc[0] + _gram(f)
+                acc[0] = acc[0] + products(f)
                 acc[1] += len(f)
     out = {}
     for k, (g, n) in grams.items():
@@ -89,15 +89,6 @@ def collect_grams(model: ir.Model, dg: DepGraph, feeds, *, max_rows: int = 1024,
                            "calibration data; its groups are scored without it", k)
     return out
 
-
-def _gram(f: np.ndarray) -> np.ndarray:
-    """``f^T f`` in float64: float32 products (fast), or float64 ones where those overflowed."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        g = (f.T @ f.copy()).astype(np.float64)
-        if not np.isfinite(g).all():
-            f64 = f.astype(np.float64)
-            g = f64.T @ f64
-    return g
 
 
 def _features_of(node: ir.Node, x_slot: Slot, cells: np.ndarray) -> np.ndarray:

@@ -108,6 +108,17 @@ def _one_blas_thread():
     return threadpool_limits(1)
 
 
+def products(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    """``a^T b`` (``a^T a`` without ``b``) in float64: float32 products (fast), or float64 ones where
+    those overflowed (activations near 1e20); still not finite means an Inf or NaN input."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = (a.T @ (a.copy() if b is None else b)).astype(np.float64)  # a copy: gemm, not syrk
+        if not np.isfinite(out).all():
+            a64 = a.astype(np.float64)
+            out = a64.T @ (a64 if b is None else b.astype(np.float64))
+    return out
+
+
 class _Sums:
     """Streaming normal equations: X^T X, X^T Y and Y^T Y (float64) of the rows added."""
 
@@ -120,11 +131,7 @@ class _Sums:
         """Accumulate rows (float32 products, float64 sums); ``x`` already has its ones column."""
         if not len(x):
             return
-        with np.errstate(over="ignore", invalid="ignore"):
-            xtx, xty = (x.T @ x.copy()).astype(np.float64), (x.T @ y).astype(np.float64)  # gemm, not syrk
-            if not (np.isfinite(xtx).all() and np.isfinite(xty).all()):  # float32 products overflowed?
-                x64, y64 = x.astype(np.float64), y.astype(np.float64)
-                xtx, xty = x64.T @ x64, x64.T @ y64  # still not finite: an Inf or NaN activation
+        xtx, xty = products(x), products(x, y)
         if self.xtx is None:
             self.xtx, self.xty = xtx, xty
         else:
