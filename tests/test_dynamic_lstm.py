@@ -11,7 +11,7 @@ from onnxshrink.passes.dynamic_quant import DynamicQuantPass
 
 import onnxshrink
 from onnxshrink import checks, model_io, ort_int8, stats
-from tests.conftest import run_ort
+from tests.conftest import fetch_or_skip, run_ort
 from tests.qdq_helpers import cosine, nodes
 
 T, B, I, H = 7, 2, 24, 16
@@ -83,20 +83,14 @@ def test_lstm_macs():
     assert stats.macs(m) == 2 * T * B * 4 * H * (I + H)  # the int8 LSTM counts the same
 
 
-def _ddddocr():
-    from models import fetch_real
-
-    try:
-        return str(fetch_real.fetch("ddddocr_ocr")), fetch_real
-    except fetch_real.FetchError as e:
-        pytest.skip(f"cannot fetch ddddocr_ocr: {e}")
-
-
+@pytest.mark.realmodel
 def test_ddddocr_recognizer_lstm_runs_int8(tmp_path):
     """ddddocr's recognizer (a bidirectional LSTM of 512 over a conv front end): ``--quantize dynamic``
     turns its LSTM int8 and keeps every character step's arg-max on the evaluation lines. Where the
     probe finds the u8 x s8 GEMM saturating 8-bit weights, 7-bit LSTM weights are the more accurate."""
-    src, fetch_real = _ddddocr()
+    from models import fetch_real
+
+    src = str(fetch_or_skip("ddddocr_ocr"))
     evals = fetch_real.example_feeds("ddddocr_ocr", n=6, seed=1)
     result = onnxshrink.quantize(src, None, tmp_path / "q.onnx", mode="dynamic")
     assert "LSTM_79" in result.dynamic_nodes

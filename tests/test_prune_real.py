@@ -14,6 +14,7 @@ import pytest
 from models import fetch_real
 from onnxshrink import checks, data, model_io, pruning, stats
 from onnxshrink.runtime import make_session
+from tests.conftest import fetch_or_skip
 
 pytestmark = pytest.mark.realmodel
 
@@ -24,11 +25,7 @@ pytestmark = pytest.mark.realmodel
 AGREEMENT_FLOOR = 0.7
 
 
-def _fetch(name: str):
-    try:
-        return fetch_real.fetch(name)
-    except fetch_real.FetchError as e:
-        pytest.skip(f"cannot fetch real model {name}: {e}")
+_fetch = fetch_or_skip
 
 
 def test_ppocr_cls_pruned_with_reconstruction_is_valid_smaller_and_agrees():

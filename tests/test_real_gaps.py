@@ -16,13 +16,9 @@ from models import fetch_real
 from onnxshrink import model_io
 from onnxshrink.graph_utils import const_array
 from onnxshrink.pipeline import Pipeline, preset_steps
+from tests.conftest import fetch_or_skip
 
-
-def _fetch(name: str):
-    try:
-        return fetch_real.fetch(name)
-    except fetch_real.FetchError as e:
-        pytest.skip(f"cannot fetch real model {name}: {e}")
+_fetch = fetch_or_skip
 
 
 def _optimized(name: str):

@@ -18,15 +18,12 @@ import pytest
 
 import onnxshrink
 from models import fetch_real
+from tests.conftest import fetch_or_skip
 
 pytestmark = pytest.mark.realmodel
 
 
-def _fetch(name: str):
-    try:
-        return fetch_real.fetch(name)
-    except fetch_real.FetchError as e:
-        pytest.skip(f"cannot fetch real model {name}: {e}")
+_fetch = fetch_or_skip
 
 
 def _interface(path) -> list[tuple]:

@@ -28,6 +28,19 @@ def _stages_of(model, size: int) -> list[list]:
     return [values[i:i + size] for i in range(0, len(values), size)]
 
 
+def _read_stages_as_taps_do(reader, model, feeds, after_stage=lambda: None) -> None:
+    """Read every stage of ``model`` (``_stages_of(model, 3)``) through ``reader`` and check each
+    feed's arrays against one tap model of the stage; ``after_stage`` runs after each."""
+    for stage in _stages_of(model, 3):
+        read = reader.begin(stage)
+        got = [read(i, feed) for i, feed in enumerate(feeds)]
+        read.finish()
+        tap = TapReader(model, stage)
+        for feed, arrays in zip(feeds, got):
+            check_close(arrays, tap(feed), rtol=1e-5, atol=1e-5)
+        after_stage()
+
+
 class _Counting(segments.SegmentedReader):
     built = 0
 
@@ -42,13 +55,7 @@ def test_segments_read_the_values_tap_models_read(name):
     feeds = random_feeds(model, batch=2, n=3)
     _Counting.built = 0
     with _Counting(model) as reader:
-        for stage in _stages_of(model, 3):
-            read = reader.begin(stage)
-            got = [read(i, feed) for i, feed in enumerate(feeds)]
-            read.finish()
-            tap = TapReader(model, stage)
-            for feed, arrays in zip(feeds, got):
-                check_close(arrays, tap(feed), rtol=1e-5, atol=1e-5)
+        _read_stages_as_taps_do(reader, model, feeds)
         folder = reader._dir
         assert folder.is_dir()
     assert not folder.exists()  # the frontier's files go with the reader
@@ -111,14 +118,10 @@ def test_a_frontier_over_its_disk_budget_falls_back_to_tap_models():
     model = _load("resnet")
     feeds = random_feeds(model, batch=2, n=3)
     with segments.SegmentedReader(model, max_bytes=20_000) as reader:
-        for stage in _stages_of(model, 3):
-            read = reader.begin(stage)
-            got = [read(i, feed) for i, feed in enumerate(feeds)]
-            read.finish()
-            tap = TapReader(model, stage)
-            for feed, arrays in zip(feeds, got):
-                check_close(arrays, tap(feed), rtol=1e-5, atol=1e-5)
+        def disk_within_budget():
             assert sum(f.stat().st_size for f in reader._dir.iterdir()) <= 20_000 + 1024 * len(feeds)
+
+        _read_stages_as_taps_do(reader, model, feeds, disk_within_budget)
         assert reader._fallback is not None and not any(reader._dir.iterdir())
 
 
