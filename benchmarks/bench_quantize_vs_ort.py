@@ -28,6 +28,9 @@ The machine is shared: the 1-minute load average before and after each model is 
 
     /work/venv/bin/python benchmarks/bench_quantize_vs_ort.py [--models digits:cnn real:ppocr_cls ...]
         [--runs 100] [--out benchmarks/results]
+    # rerun some models into earlier results (their rows replaced, the rerun noted):
+    /work/venv/bin/python benchmarks/bench_quantize_vs_ort.py --models real:ddddocr_ocr \
+        --merge benchmarks/results/quantize_vs_ort_avx2.json --why "..."
 """
 
 from __future__ import annotations
@@ -377,7 +380,11 @@ def to_markdown(rows: list[dict], probe: dict | None, meta: dict) -> str:
     machine = (f"Machine: {meta['machine']}{isa}; onnxruntime {meta['ort']}; load average (1 min) at start "
                f"{meta['load_start']}, end {meta['load_end']} (2 cores shared with other engineers; per-model "
                "load in the `load` column). Latency: 1 thread, float and quantized interleaved, median ratio.")
-    lines = [f"# onnxshrink vs ONNX Runtime quantization ({meta['date']})", "", machine, "",
+    reruns = meta.get("rerun", {})
+    rerun = [("Rerun alone later (`--merge`), each replacing its rows: "
+              + "; ".join(f"`{m}` on {v['date']} (load {v['load_start']} -> {v['load_end']})" for m, v in reruns.items())
+              + (f". {meta['rerun_why']}" if meta.get("rerun_why") else "") + "."), ""] if reruns else []
+    lines = [f"# onnxshrink vs ONNX Runtime quantization ({meta['date']})", "", machine, "", *rerun,
              "## Summary per model (onnxshrink default vs the best ONNX Runtime static/dynamic config)", "",
              *summary(rows), "", "## All rows", "",
              "| " + " | ".join(COLS) + " |", "|" + "---|" * len(COLS)]
@@ -419,12 +426,41 @@ def summary(rows: list[dict]) -> list[str]:
     return out
 
 
+def merge(path: Path, rows: list[dict], meta: dict, why: str = "") -> None:
+    """Replace the rows of the models in ``rows`` in the results at ``path`` (where their old rows
+    were; appended when new), note the rerun in its meta, and rewrite the JSON and the .md beside it."""
+    old = json.loads(path.read_text())
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    merged, placed = [], set()
+    for r in old["rows"]:
+        m = r.get("model")
+        if m in models:
+            if m not in placed:
+                merged += [x for x in rows if x["model"] == m]
+                placed.add(m)
+            continue
+        merged.append(r)
+    merged += [x for x in rows if x["model"] not in placed]
+    old["rows"] = merged
+    reruns = old["meta"].setdefault("rerun", {})
+    for m in models:
+        reruns[m] = {k: meta[k] for k in ("date", "load_start", "load_end")}
+    if why:
+        old["meta"]["rerun_why"] = why
+    path.write_text(json.dumps(old, indent=1) + "\n")
+    path.with_suffix(".md").write_text(to_markdown(old["rows"], old.get("int16_probe"), old["meta"]))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--merge", metavar="JSON",
+                    help="rerun only --models and put their rows into this earlier results JSON (its .md "
+                         "beside it is rewritten); the other rows stay as they were")
+    ap.add_argument("--why", default="", help="with --merge: why these models were rerun (goes in the .md)")
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -443,6 +479,10 @@ def main(argv=None) -> int:
                 rows += bench_model(spec, MODELS.get(spec, ("conv",)), args.runs, Path(tmp))
             except Exception as e:  # noqa: BLE001 - a model that cannot be fetched is reported, not fatal
                 rows.append({"model": spec, "tool": "-", "error": f"{type(e).__name__}: {str(e)[:160]}"})
+    if args.merge:
+        meta["load_end"] = _load()
+        merge(Path(args.merge), rows, meta, args.why)
+        return 0
     probe = int16_probe()
     meta["load_end"] = _load()
     out = Path(args.out)
