@@ -257,7 +257,8 @@ def _x(pair) -> float:
     return pair[0] / max(pair[1], 1)
 
 
-def _machine() -> dict:
+def machine() -> dict:
+    """This CPU's name and ONNX Runtime's NCHWc block (the default rounding step)."""
     from onnxshrink import ort_blocks
 
     return {"cpu": ort_blocks.cpu_name(), "nchwc_block": ort_blocks.nchwc_block_size()}
@@ -466,7 +467,7 @@ def main(argv=None) -> int:
         kept.pop(MACHINE_KEY, None)
         results = {name: results.get(name, kept.get(name)) for name in [*MODELS, *results, *kept]
                    if name in results or name in kept}
-    results[MACHINE_KEY] = _machine()
+    results[MACHINE_KEY] = machine()
     out.mkdir(parents=True, exist_ok=True)
     (out / "prune.json").write_text(json.dumps(results, indent=1, default=float))
     write_markdown(results, out / "prune.md")

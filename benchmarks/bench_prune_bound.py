@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_prune import interleaved
+from benchmarks.bench_prune import interleaved, machine
 from models import digits
 from onnxshrink import bench, depgraph, model_io, pipeline, prune_cost, pruning
 from onnxshrink.prune_plan import _group_plan, _min_keep, _options, default_round_to
@@ -101,10 +101,10 @@ def run_model(name: str, cuts, runs: int, max_plans: int) -> dict:
 
 
 def _machine() -> str:
-    from onnxshrink import kernel_table, ort_blocks
+    from onnxshrink import kernel_table
 
-    cpu = ort_blocks.cpu_name()
-    return (f"Machine: {cpu}; ONNX Runtime NCHWc block {ort_blocks.nchwc_block_size()} (the rounding step); "
+    m = machine()
+    return (f"Machine: {m['cpu']}; ONNX Runtime NCHWc block {m['nchwc_block']} (the rounding step); "
             f"cost model: kernel table {kernel_table.load().source}.")
 
 
