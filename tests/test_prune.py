@@ -353,8 +353,7 @@ def test_constant_node_weights_and_opset11_split_attribute(ort_run):
 
 
 def test_prune_builds_the_dependency_graph_once(monkeypatch):
-    """Planning and the pass share one dependency graph (building it was a quarter of a 400-block
-    prune, done twice)."""
+    """Planning and the pass share one dependency graph (the pass built it a second time)."""
     calls = []
     real = depgraph.build
     monkeypatch.setattr(depgraph, "build", lambda *a, **k: calls.append(1) or real(*a, **k))
