@@ -37,6 +37,9 @@ Rules, one ``_try_<rule>`` each (the stats key in brackets). Only default-domain
 16. ``Gather(Reshape(s, [-1]), 0)`` (or of ``Unsqueeze(s, 0)``) of a scalar s -> s [gathers_unwrapped].
 17. ``Slice(Slice(x))`` on disjoint axes, constant parameters -> one Slice, when every reader of the
     inner Slice is such a Slice (``_slices``) [slices_merged].
+18. ``LSTM``/``GRU``/``RNN`` initial states proven all zeros are dropped (the spec's default is 0;
+    ``_zero_states``), leaving the run-time zeros subgraph exporters build to ``dead_code``
+    [zero_states_dropped].
 
 Runs in every graph, subgraph and function. Bypassing keeps graph outputs' names, types and shapes
 (``graph_utils.bypass``); a node whose removal would need a graph output to become a graph input,
@@ -51,7 +54,7 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-from onnxshrink.passes import _cast_chains, _reduces, _shape_info, _slices
+from onnxshrink.passes import _cast_chains, _reduces, _shape_info, _slices, _zero_states
 from onnxshrink.passes import _value_facts as vf
 
 from onnxshrink.graph_utils import (
@@ -115,6 +118,7 @@ class _Eliminator:
             "Slice": (self._try_slice, self._try_slice_chain), "Concat": (self._try_concat,), "Split": (self._try_split,),
             "Gather": (self._try_gather_unwrap,),
             **{op: (self._try_neutral,) for op in _NEUTRAL},
+            **{op: (self._try_zero_state,) for op in _zero_states.STATE_INPUTS},
         }
 
     def run(self, container) -> None:
@@ -353,6 +357,13 @@ class _Eliminator:
         if len(node.outputs) != 1:
             return False
         return self._bypass(node, node.inputs[0], "split_removed")
+
+
+    def _try_zero_state(self, node: ir.Node) -> bool:
+        dropped = _zero_states.drop_zero_states(node)
+        if dropped:
+            self.stats.add("zero_states_dropped", dropped)
+        return bool(dropped)
 
 
 def _unused_value(value: ir.Value) -> bool:
