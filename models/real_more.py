@@ -1,0 +1,116 @@
+"""Plausible inputs for the real models of ``fetch_real`` that take more than an image or a chunk of audio.
+
+- openWakeWord (0.4.0) runs three models in a chain, and each model's feed here is what the package
+  gives it: int16-range audio (float32) -> ``oww_melspectrogram`` -> frames ``x / 10 + 2`` ->
+  ``oww_embedding`` on windows of 76 frames, every 8 frames -> ``oww_hey_mycroft`` on the last 16
+  embeddings. The feeds run the earlier models of the chain on ONNX Runtime.
+- ``magika`` (1.0.3, file-type detection): the first and last 1024 bytes of a file, as int32 tokens,
+  leading/trailing whitespace stripped, padded with token 256 (``beg_size``, ``end_size`` and
+  ``padding_token`` of the model's config). Files: source code, JSON, CSV, HTML, and binary containers
+  (PNG, ZIP, ELF headers over random bytes), generated from the seed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+WINDOW, STEP, EMBEDDINGS = 76, 8, 16  # openWakeWord: frames per embedding, hop, embeddings per decision
+_MAGIKA_SIDE, _MAGIKA_PAD = 1024, 256
+
+
+def _session(name: str):
+    import onnxruntime as ort
+
+    from models import fetch_real
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(str(fetch_real.fetch(name)), so, providers=["CPUExecutionProvider"])
+
+
+def _audio(rng: np.random.Generator, seconds: float) -> np.ndarray:
+    from models import fetch_real
+
+    speech = fetch_real._speech(rng, int(16000 * seconds))
+    return np.clip(speech * 32767 / max(1e-6, float(np.abs(speech).max())) * rng.uniform(0.2, 0.8),
+                   -32768, 32767).astype(np.float32)[None]
+
+
+def _frames(rng: np.random.Generator, seconds: float) -> np.ndarray:
+    """Mel frames [T, 32] of speech-like audio, scaled as openWakeWord does."""
+    mel = _session("oww_melspectrogram").run(None, {"input": _audio(rng, seconds)})[0]
+    return np.squeeze(mel).astype(np.float32) / 10 + 2
+
+
+def _embeddings(rng: np.random.Generator) -> np.ndarray:
+    frames = _frames(rng, 2.0)
+    windows = np.stack([frames[i : i + WINDOW] for i in range(0, len(frames) - WINDOW + 1, STEP)])
+    out = _session("oww_embedding").run(None, {"input_1": windows[..., None]})[0]
+    return out.reshape(len(windows), -1)[-EMBEDDINGS:][None].astype(np.float32)
+
+
+def _code(rng) -> bytes:
+    names = ["value", "items", "result", "count", "node", "path", "data", "index"]
+    lines = ["import os", "import sys", ""]
+    for f in range(int(rng.integers(3, 8))):
+        a, b = rng.choice(names, 2, replace=False)
+        lines += [f"def {a}_{f}({a}, {b}=None):", f"    \"\"\"Return the {a} of {b}.\"\"\"",
+                  f"    if {b} is None:", f"        {b} = []", f"    for i in range({int(rng.integers(2, 99))}):",
+                  f"        {a} = {a} + i * {int(rng.integers(1, 9))}", f"    return {a}, {b}", ""]
+    return "\n".join(lines).encode()
+
+
+def _json(rng) -> bytes:
+    rows = [f'  {{"id": {i}, "name": "item{int(rng.integers(1e6))}", "score": {rng.uniform(0, 1):.4f}, '
+            f'"tags": ["a", "b{i % 7}"]}}' for i in range(int(rng.integers(10, 60)))]
+    return ("[\n" + ",\n".join(rows) + "\n]\n").encode()
+
+
+def _csv(rng) -> bytes:
+    rows = ["date,city,temperature,humidity"] + [
+        f"2024-{int(rng.integers(1, 13)):02d}-{int(rng.integers(1, 29)):02d},city{int(rng.integers(50))},"
+        f"{rng.normal(15, 8):.1f},{int(rng.integers(10, 100))}" for _ in range(int(rng.integers(20, 120)))]
+    return "\n".join(rows).encode()
+
+
+def _html(rng) -> bytes:
+    body = "".join(f"<p class=\"c{i}\">Paragraph {i} with <a href=\"/p/{int(rng.integers(1e4))}\">a link</a>.</p>\n"
+                   for i in range(int(rng.integers(5, 40))))
+    return f"<!DOCTYPE html>\n<html><head><title>Page</title></head>\n<body>\n{body}</body></html>\n".encode()
+
+
+def _binary(rng) -> bytes:
+    magic = [b"\x89PNG\r\n\x1a\nIHDR", b"PK\x03\x04\x14\x00\x00\x00\x08\x00", b"\x7fELF\x02\x01\x01\x00"]
+    payload = rng.integers(0, 256, int(rng.integers(3000, 9000)), dtype=np.uint8).tobytes()
+    return magic[int(rng.integers(len(magic)))] + payload
+
+
+_FILES = (_code, _json, _csv, _html, _binary)
+
+
+def magika_tokens(content: bytes) -> np.ndarray:
+    """The model's [2048] int32 input for one file (first and last 1024 bytes, stripped, padded)."""
+    beg = content.lstrip()[:_MAGIKA_SIDE]
+    end = content.rstrip()[-_MAGIKA_SIDE:]
+    out = np.full(2 * _MAGIKA_SIDE, _MAGIKA_PAD, np.int32)
+    out[: len(beg)] = np.frombuffer(beg, np.uint8)
+    out[2 * _MAGIKA_SIDE - len(end):] = np.frombuffer(end, np.uint8)
+    return out
+
+
+def feed(name: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One plausible feed of ``name`` (a key of :data:`NAMES`)."""
+    if name == "oww_melspectrogram":
+        return {"input": _audio(rng, 1.0)}
+    if name == "oww_embedding":
+        frames = _frames(rng, 1.0)
+        starts = rng.integers(0, len(frames) - WINDOW + 1, 2)
+        return {"input_1": np.stack([frames[s : s + WINDOW] for s in starts])[..., None]}
+    if name == "oww_hey_mycroft":
+        return {"input_1": _embeddings(rng)}
+    if name == "magika":
+        return {"bytes": np.stack([magika_tokens(f(rng)) for f in _FILES])}
+    raise KeyError(name)
+
+
+NAMES = ("oww_melspectrogram", "oww_embedding", "oww_hey_mycroft", "magika")
