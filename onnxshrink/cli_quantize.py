@@ -131,6 +131,10 @@ def run_quantize(args) -> int:
           + (f"; {len(result.dynamic_nodes)} linear layers dynamic" if result.dynamic_nodes else "")
           + (f"; {result.speedup}x float speed on this CPU (1 thread)" if result.speedup else ""))
     _print_recovery(result.recovery)
+    measured = result.recovery.get("drift", {})
+    if measured.get("drift") is not None:
+        print(f"drift against float: 1 - cosine {measured['drift']:.3g} (worst output, {measured['feeds']} "
+              "calibration feeds)")
     if result.upcast_float16:
         print(f"note: float16 model: quantized from a float32 copy ({result.upcast_float16} float16 values made "
               "float32); its inputs and outputs stay float16")

@@ -129,6 +129,13 @@ class _Evaluator:
         return Measure(kept, drift, drop)
 
 
+def drift(float_model: ir.Model, model: ir.Model, data, providers=None, max_feeds: int = 4) -> tuple[float, int]:
+    """``1 - cosine`` (worst output) of ``model`` against ``float_model`` on the first ``max_feeds`` feeds
+    of ``data``, the measure ``max_drift`` bounds; returns it and the number of feeds."""
+    evaluate = _Evaluator(float_model, data, Budget(max_drift=2.0), providers, max_feeds)
+    return evaluate(model, 0).drift, len(evaluate.feeds)
+
+
 def search(float_model: ir.Model, build: Build, candidates: Sequence[str], data, budget: Budget, *,
            dynamic: Sequence[str] = (), providers=None, max_feeds: int = 64, explain_batches: int = 8
            ) -> tuple[ir.Model, MixedReport]:

@@ -269,6 +269,8 @@ def quantize(
     if selection is not None:
         notes["calibration"] = selection.to_dict()
         method = f"auto: {selection.method}" + (" + bias correction" if selection.bias_correction else "")
+    if budget is None and data is not None:
+        notes["drift"] = _drift(builder.float_model, qmodel, data, providers)
     speedup = tuning.speedup if tuning is not None else None
     if feed is not None and (qmodel is not builder.first or tuning is None):  # re-time what changed
         speedup = qdq_tune.speedup(ir_model, qmodel, feed, tune_runs)
@@ -279,7 +281,7 @@ def quantize(
     return QuantizeResult(
         qmodel, final, table, report, before, stats.summarize(qmodel, out_path, dims=dims),
         time.perf_counter() - t0, opts, method, out_path, upgraded, tuning, mode, placement,
-        builder.quantized_names(qmodel)[1], notes, _speed_warnings(speedup, notes), speedup,
+        builder.quantized_names(qmodel)[1], notes, _warnings(speedup, notes), speedup,
         sum(r.stats.counts.get("values_upcast", 0) for r in report.records if r.name == "upcast_float16"),
     )
 
@@ -414,7 +416,23 @@ def _notes(builder, report: pipeline.PipelineReport) -> dict:
     return notes
 
 
-def _speed_warnings(speedup: float | None, notes: dict) -> list[str]:
+#: Without a drift budget, a quantized model whose drift on calibration feeds is above this is warned of.
+WARN_DRIFT = 0.01
+
+
+def _drift(float_model: ir.Model, qmodel: ir.Model, data, providers) -> dict:
+    """The quantized model's ``1 - cosine`` against the float one on up to 4 calibration feeds."""
+    from onnxshrink import mixed_precision
+    from onnxshrink.errors import ShrinkError
+
+    try:
+        value, feeds = mixed_precision.drift(float_model, qmodel, data, providers)
+    except ShrinkError as e:  # e.g. a custom op with no kernel here: the model is written, not measured
+        return {"drift": None, "why": str(e)}
+    return {"drift": value, "feeds": feeds}
+
+
+def _warnings(speedup: float | None, notes: dict) -> list[str]:
     out = []
     pre = notes.get("already_quantized")
     if pre:
@@ -425,6 +443,11 @@ def _speed_warnings(speedup: float | None, notes: dict) -> list[str]:
     if speedup is not None and speedup < 1 - qdq_tune.MIN_GAIN:
         out.append(f"the quantized model is SLOWER than float on this CPU: {speedup:.2f}x float speed "
                    "(1 thread, timed on a calibration feed)")
+    drift = notes.get("drift", {}).get("drift")
+    if drift is not None and drift > WARN_DRIFT:
+        out.append(f"int8 changed the outputs a lot: 1 - cosine {drift:.3g} (worst output) on "
+                   f"{notes['drift']['feeds']} calibration feeds, over {WARN_DRIFT}; check accuracy before "
+                   f"deploying, or give --max-drift {WARN_DRIFT} to keep the noisiest nodes float")
     kept = notes.get("mixed_precision", {})
     if kept and not kept.get("met"):
         out.append("the drift budget is NOT met even with every quantized node float")
