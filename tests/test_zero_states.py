@@ -70,10 +70,11 @@ def test_lstm_tf2onnx_zero_states_dropped_and_chain_left_to_dead_code():
 def test_gru_constant_of_shape_and_rnn_constant_zeros():
     zeros = [helper.make_node("ConstantOfShape", ["h_shape"], ["h0"])]  # no value: float 0
     inits = [_init("h_shape", np.array([1, 3, HIDDEN], np.int64))]
-    model, stats = _run(_recurrent("GRU", zeros, ["h0"], inits))
+    _, stats = _run(_recurrent("GRU", zeros, ["h0"], inits))
     assert stats.counts["zero_states_dropped"] == 1
     model, stats = _run(_recurrent("RNN", [], ["h0"], [_init("h0", np.zeros((1, 3, HIDDEN), np.float32))]))
     assert stats.counts["zero_states_dropped"] == 1
+    assert len(next(n for n in model.graph if n.op_type == "RNN").inputs) == 4
 
 
 @pytest.mark.parametrize("case", ["graph_input", "nonzero", "arithmetic", "nan"])
