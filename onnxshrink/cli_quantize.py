@@ -74,14 +74,16 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
 
 
 def _seven_bit(result, plan: dict) -> str:
-    """Which quantized ops got 7-bit weights: all, or those of ``reduce_range_ops`` the model has
-    (``plan``: ``result.plan.summary()``)."""
+    """Which quantized ops got 7-bit weights (all, or those of ``reduce_range_ops`` the model has;
+    ``plan``: ``result.plan.summary()``), and whether the dynamic layers got pair-safe ones."""
     opts = result.options
+    pair_safe = ", pair-safe weights for the dynamic layers" if result.dynamic_nodes and (
+        opts.reduce_range or "MatMulInteger" in opts.reduce_range_ops) else ""
     if opts.reduce_range:
-        return ", 7-bit weights"
-    present = set(plan["quantized_ops"]) | ({"MatMulInteger"} if result.dynamic_nodes else set())
-    narrowed = [op for op in opts.reduce_range_ops if op in present]
-    return f", 7-bit weights for {'/'.join(narrowed)} (their 8-bit kernels saturate here)" if narrowed else ""
+        return (", 7-bit weights" if plan["quantized_ops"] else "") + pair_safe
+    narrowed = [op for op in opts.reduce_range_ops if op in plan["quantized_ops"]]
+    seven = f", 7-bit weights for {'/'.join(narrowed)}" if narrowed else ""
+    return f"{seven}{pair_safe} (their 8-bit kernels saturate here)" if seven or pair_safe else ""
 
 
 def recovery_hooks(args) -> list:

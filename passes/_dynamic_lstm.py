@@ -8,10 +8,11 @@ kernel reads them; ``B``, ``sequence_lens``, the initial states and ``P`` pass t
 but ``layout`` (0) is kept. The new node takes the LSTM's name and outputs. The model then runs on
 ONNX Runtime only (a contrib op).
 
-With ``reduce_range`` the weights use [-64, 64]: the kernel multiplies through the same u8 x s8 GEMM as
-``MatMulInteger``, which CPUs without VNNI saturate with 8-bit weights (``tests/test_dynamic_lstm.py``
-checks that 7-bit weights are the more accurate on ddddocr's recognizer wherever the probe reports
-``MatMulInteger`` clipping).
+The kernel multiplies through the same u8 x s8 GEMM as ``MatMulInteger``, which CPUs without VNNI
+saturate with 8-bit weights. ``narrow`` (set from the pass's ``reduce_range``): ``pair_safe`` scales
+(``_qdq_math``: no two neighbouring weights along the input axis sum past 128, so the GEMM cannot
+clip), as fast as 7-bit weights (``7bit``) and more exact (``benchmarks/results/dynamic_weights_avx2.md``;
+``tests/test_dynamic_lstm.py``); None: 8 bits.
 
 Refused: non-constant, non-3-D, non-float32 or non-finite ``W``/``R``; ``layout`` = 1; a non-float32
 input.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnxshrink.passes._qdq_math import symmetric_scale
 
 from onnxshrink.graph_utils import NameGen, add_initializer, const_array
 
@@ -46,24 +48,23 @@ def refusal(node: ir.Node) -> str | None:
     return None
 
 
-def _quantized(w: np.ndarray, per_channel: bool, reduce_range: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 weight transposed to [D, K, 4H], scales [D, 4H] or [D]) of a [D, 4H, K] weight."""
-    qmax = 64 if reduce_range else 127
-    absmax = np.abs(w).max(axis=2) if per_channel else np.abs(w).max(axis=(1, 2))
-    scale = np.where(absmax > 0, absmax / qmax, 1.0).astype(np.float32)
+def _quantized(w: np.ndarray, per_channel: bool, narrow: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 weight transposed to [D, K, 4H], scales [D, 4H] or [D]) of a [D, 4H, K] weight, narrowed
+    along K as ``narrow`` says (``_qdq_math.symmetric_scale``)."""
+    scale = symmetric_scale(w, 2, 2 if per_channel else (1, 2), narrow)
     s = scale[:, :, None] if per_channel else scale[:, None, None]
-    wq = np.clip(np.rint(w / s), -qmax, qmax).astype(np.int8)
+    wq = np.clip(np.rint(w / s), -127, 127).astype(np.int8)
     return np.ascontiguousarray(np.transpose(wq, (0, 2, 1))), scale
 
 
 def rewrite(node: ir.Node, graph: ir.Graph, model: ir.Model, names: NameGen, per_channel: bool,
-            reduce_range: bool) -> ir.Node:
+            narrow: str | None) -> ir.Node:
     """Replace ``node`` with a ``DynamicQuantizeLSTM`` (see the module doc); returns the new node."""
     base = node.name or node.outputs[0].name or "lstm"
     ins = [*node.inputs, *[None] * (8 - len(node.inputs))]
     quant = []
     for v, tag in ((ins[1], "w"), (ins[2], "r")):
-        wq, scale = _quantized(const_array(v).astype(np.float32), per_channel, reduce_range)
+        wq, scale = _quantized(const_array(v).astype(np.float32), per_channel, narrow)
         quant.append([add_initializer(graph, wq, names(f"{base}_{tag}q")),
                       add_initializer(graph, scale, names(f"{base}_{tag}_scale")),
                       add_initializer(graph, np.zeros(scale.shape, np.int8), names(f"{base}_{tag}_zero_point"))])

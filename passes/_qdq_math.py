@@ -78,6 +78,38 @@ def weight_params(w: np.ndarray, axis: int | None, reduce_range: bool = False) -
     return QParams(scale, np.zeros(scale.shape, np.int8), axis)
 
 
+#: Largest sum of two neighbouring int8 weight magnitudes that ONNX Runtime's u8 x s8 GEMM on CPUs
+#: without VNNI (``vpmaddubsw``: two u8 x s8 products added into int16) takes without clipping for any
+#: uint8 input: 255 x 128 = 32640 <= 32767.
+PAIR_LIMIT = 128
+
+
+def pair_safe_scale(w: np.ndarray, k_axis: int, reduce_axes) -> np.ndarray:
+    """Symmetric int8 scales of ``w`` (reduced over ``reduce_axes``, which include ``k_axis``, the
+    GEMM's reduction axis) under which no two neighbours along ``k_axis`` round to magnitudes summing
+    past ``PAIR_LIMIT``: ``max(|w|, |w_k| + |w_k+1|) / 127``. Rounding adds at most 1 to a pair's
+    127, so the GEMM never clips, and a row whose large weights sit apart keeps nearly 8 bits where
+    ``reduce_range``'s 7 bits (``[-64, 64]``) would give every row 7. A zero range gets scale 1."""
+    a = np.abs(np.asarray(w, np.float32))
+    top = a.max(axis=reduce_axes)
+    n = a.shape[k_axis]
+    if n > 1:
+        pairs = np.take(a, range(n - 1), axis=k_axis) + np.take(a, range(1, n), axis=k_axis)
+        top = np.maximum(top, pairs.max(axis=reduce_axes))
+    return np.where(top > 0, np.maximum(top / 127, MIN_SCALE), 1.0).astype(np.float32)
+
+
+def symmetric_scale(w: np.ndarray, k_axis: int, reduce_axes, narrow: str | None) -> np.ndarray:
+    """Symmetric int8 scales of ``w`` reduced over ``reduce_axes``: 8 bits (``narrow`` None), 7 bits
+    (``"7bit"``: ``[-64, 64]``) or pair-safe along ``k_axis`` (``"pair_safe"``, ``pair_safe_scale``)."""
+    if narrow == "pair_safe":
+        return pair_safe_scale(w, k_axis, reduce_axes)
+    if narrow not in (None, "7bit"):
+        raise ValueError(f"narrow must be None, '7bit' or 'pair_safe', not {narrow!r}")
+    top = np.abs(np.asarray(w, np.float32)).max(axis=reduce_axes)
+    return np.where(top > 0, top / (64 if narrow else 127), 1.0).astype(np.float32)
+
+
 def quantize_weight(w: np.ndarray, params: QParams, reduce_range: bool = False) -> np.ndarray:
     """``w`` as int8 with ``params`` (scales broadcast along ``params.axis``)."""
     qmax = 64 if reduce_range else 127

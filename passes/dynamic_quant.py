@@ -33,6 +33,7 @@ import re
 import numpy as np
 import onnx_ir as ir
 from onnxshrink.passes import _dynamic_lstm
+from onnxshrink.passes._qdq_math import symmetric_scale
 
 from onnxshrink import model_io
 from onnxshrink.errors import ConfigError, UnsupportedModelError
@@ -44,18 +45,25 @@ OPS = ("MatMul", "Gemm", "LSTM")
 
 @dataclasses.dataclass(frozen=True)
 class DynamicQuantConfig:
-    """``per_channel``: one weight scale per output column; ``reduce_range``: 7-bit weights, for CPUs whose
-    MatMulInteger saturates 8-bit ones (AVX2 without VNNI; ``quantize`` sets it from
-    ``onnxshrink.ort_int8.saturating_ops``, the pass opens no session); ``exclude``: node-name patterns
-    kept float (fnmatch, or ``re:REGEX``)."""
+    """``per_channel``: one weight scale per output column; ``reduce_range``: weights the GEMM cannot
+    clip, for CPUs whose MatMulInteger saturates 8-bit ones (AVX2 without VNNI; ``quantize`` sets it
+    from ``onnxshrink.ort_int8.saturating_ops``, the pass opens no session): pair-safe scales
+    (``_qdq_math.pair_safe_scale``), as fast as 7-bit weights and at least as exact
+    (``benchmarks/results/dynamic_weights_avx2.md``); ``exclude``: node-name patterns kept float
+    (fnmatch, or ``re:REGEX``)."""
 
     per_channel: bool = True
     reduce_range: bool = False
+    #: How ``reduce_range`` narrows: ``pair_safe`` (the default) or ``7bit`` (``[-64, 64]``, the rule
+    #: before pair-safe scales, kept for ``benchmarks/bench_dynamic_weights.py``).
+    narrow: str = "pair_safe"
     exclude: tuple[str, ...] = ()
     #: LSTMs become ``com.microsoft.DynamicQuantizeLSTM`` (``_dynamic_lstm``; ONNX Runtime only)
     lstm: bool = True
 
     def __post_init__(self) -> None:
+        if self.narrow not in ("pair_safe", "7bit"):
+            raise ConfigError(f"narrow must be 'pair_safe' or '7bit', not {self.narrow!r}")
         for pat in self.exclude:
             if pat.startswith("re:"):
                 try:
@@ -94,7 +102,7 @@ class DynamicQuantPass(ShrinkPass):
                     continue
                 if node.op_type == "LSTM":
                     _dynamic_lstm.rewrite(node, graph, model, names, self.config.per_channel,
-                                          self.config.reduce_range)
+                                          self.config.narrow if self.config.reduce_range else None)
                     stats.add("lstm_layers_dynamic")
                     continue
                 _Rewrite(node, graph, names, self.config).run()
@@ -138,12 +146,13 @@ def _float_attr(node: ir.Node, name: str, default: float) -> float:
     return node.attributes[name].as_float() if name in node.attributes else default
 
 
-def weight_scales(w: np.ndarray, per_channel: bool, reduce_range: bool) -> tuple[np.ndarray, np.ndarray]:
-    """``(Wq int8, scale float32)`` of a [K, N] weight, symmetric, per column or per tensor."""
-    qmax = 64 if reduce_range else 127
-    absmax = np.abs(w).max(axis=0) if per_channel else np.array(np.abs(w).max())
-    scale = np.where(absmax > 0, absmax / qmax, 1.0).astype(np.float32)
-    wq = np.clip(np.rint(w / scale), -qmax, qmax).astype(np.int8)
+def weight_scales(w: np.ndarray, per_channel: bool, reduce_range: bool,
+                  narrow: str = "pair_safe") -> tuple[np.ndarray, np.ndarray]:
+    """``(Wq int8, scale float32)`` of a [K, N] weight, symmetric, per column or per tensor; with
+    ``reduce_range``, narrowed as ``narrow`` says (``_qdq_math.symmetric_scale``; pair-safe: neighbours
+    along K never sum past 128)."""
+    scale = symmetric_scale(w, 0, 0 if per_channel else (0, 1), narrow if reduce_range else None)
+    wq = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
     return wq, scale
 
 
@@ -171,7 +180,7 @@ class _Rewrite:
     def run(self) -> None:
         node = self.node
         w, bias = self._weight_and_bias()
-        wq, ws = weight_scales(w, self.cfg.per_channel, self.cfg.reduce_range)
+        wq, ws = weight_scales(w, self.cfg.per_channel, self.cfg.reduce_range, self.cfg.narrow)
         dql = self._new("DynamicQuantizeLinear", [node.inputs[0]], "dql")
         dql.outputs[0].dtype, dql.outputs[1].dtype, dql.outputs[2].dtype = (
             ir.DataType.UINT8, ir.DataType.FLOAT, ir.DataType.UINT8)

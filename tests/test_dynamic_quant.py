@@ -59,7 +59,46 @@ def test_weight_scales_per_column_and_per_tensor():
     assert s[3] == 1.0 and not wq[:, 3].any() and np.abs(wq).max() == 127
     np.testing.assert_allclose(wq * s, w, atol=s.max() / 2 + 1e-7)
     wq1, s1 = weight_scales(w, per_channel=False, reduce_range=True)
-    assert s1.shape == () and np.abs(wq1).max() == 64
+    pairs = np.abs(wq1[:-1].astype(np.int32)) + np.abs(wq1[1:].astype(np.int32))
+    assert s1.shape == () and pairs.max() <= 128 and np.abs(wq1).max() > 64
+    wq7, _ = weight_scales(w, per_channel=False, reduce_range=True, narrow="7bit")
+    assert np.abs(wq7).max() == 64
+    with pytest.raises(onnxshrink.errors.ConfigError, match="narrow"):
+        DynamicQuantPass(narrow="6bit")
+
+
+def test_pair_safe_scales_keep_more_bits_than_seven_and_never_clip():
+    """``pair_safe_scale``: neighbours along K never sum past 128 after rounding, the scale is never
+    coarser than 7-bit's (absmax / 64), and a column whose large weights sit apart keeps 8 bits."""
+    from onnxshrink.passes._qdq_math import pair_safe_scale
+
+    rng = np.random.default_rng(3)
+    w = (rng.standard_t(2, (256, 64)) * rng.uniform(0.01, 1, 64)).astype(np.float32)
+    s = pair_safe_scale(w, 0, 0)
+    q = np.clip(np.rint(w / s), -127, 127).astype(np.int32)
+    assert (np.abs(q[:-1]) + np.abs(q[1:])).max() <= 128
+    assert np.all(s <= np.abs(w).max(axis=0) / 64 * (1 + 1e-6))
+    apart = np.zeros((8, 1), np.float32)
+    apart[[0, 4]] = [[1.0], [-0.5]]  # large weights with small neighbours: the full 8 bits
+    assert pair_safe_scale(apart, 0, 0)[0] == np.float32(1 / 127)
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_pair_safe_weights_are_exact_in_onnxruntimes_int8_gemm(safe):
+    """MatMulInteger with the largest uint8 input (255) and weights whose neighbours sum to 128
+    (pair-safe) equals the exact integer product on this CPU; neighbours summing to 254 (8-bit
+    weights at full scale) clip where ``ort_int8`` reports the GEMM saturating."""
+    k, n = 64, 16
+    wq = np.zeros((k, n), np.int8)
+    wq[0::2], wq[1::2] = (64, 64) if safe else (127, 127)
+    proto = model("""g (uint8[4,64] a) => (int32[4,16] y) { y = MatMulInteger(a, W) }""", {"W": wq})
+    a = np.full((4, k), 255, np.uint8)
+    got = run_ort(proto, {"a": a})["y"]
+    exact = a.astype(np.int64) @ wq.astype(np.int64)
+    if safe or "MatMulInteger" not in ort_int8.saturating_ops():
+        np.testing.assert_array_equal(got, exact)
+    else:
+        assert np.abs(got - exact).max() > 0
 
 
 def test_ort_fuses_the_standard_pattern(tmp_path):
