@@ -110,10 +110,6 @@ def run_prune(args) -> int:
     return 0
 
 
-#: A pruned model whose outputs drift more than this (1 - cosine, worst output) gets a warning.
-WARN_DRIFT = 0.01
-
-
 def _drift(args, result) -> dict | None:
     """Outputs of the pruned model against the input's, on --drift-data, else --calibration (what a
     reconstruction was fit on: an optimistic reading), else random feeds; printed and returned."""
@@ -146,10 +142,10 @@ def _drift(args, result) -> dict | None:
     else:
         print(f"  output drift against the unpruned model on {where}: 1 - cosine {drift:.4g} (worst output), "
               f"max rel error {rep.overall['max_rel_error']:.3g}")
-        if drift > WARN_DRIFT and args.max_drift is None:
+        if drift > validate.WARN_DRIFT and args.max_drift is None:
             hint = ("" if args.reconstruct and args.prune_criterion == "reconstruction" else
                     "; with calibration data, --prune-criterion reconstruction --reconstruct recovers most of it")
-            print(f"  warning: pruning changed the outputs a lot (1 - cosine {drift:.3g} > {WARN_DRIFT}){hint}; "
+            print(f"  warning: pruning changed the outputs a lot (1 - cosine {drift:.3g} > {validate.WARN_DRIFT}){hint}; "
                   "check accuracy before deploying (--max-drift X makes this an error)")
     return {"drift": drift, "data": rep.data, "random_data": rep.random_data, "feeds": rep.feeds,
             "overall": rep.overall}

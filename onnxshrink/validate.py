@@ -50,6 +50,8 @@ from onnxshrink.task_metrics import (  # noqa: F401 - accuracy and load_metric a
 logger = logging.getLogger(__name__)
 
 REL_FLOOR = 1e-6
+#: ``1 - cosine`` above which a lossy rewrite (pruning, int8) is warned of when no budget was given.
+WARN_DRIFT = 0.01
 
 
 @dataclasses.dataclass

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxshrink
 from models import zoo
 from onnxshrink import cli
-from onnxshrink.quantize import WARN_DRIFT
+from onnxshrink.validate import WARN_DRIFT
 from tests.conftest import fetch_or_skip
 from tests.qdq_helpers import feeds_for
 
