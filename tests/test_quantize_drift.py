@@ -73,3 +73,18 @@ def test_real_melspectrogram_is_warned_of(tmp_path):
                                  cache_dir=False)
     assert result.recovery["drift"]["drift"] > WARN_DRIFT
     assert any("int8 changed the outputs a lot" in w for w in result.warnings)
+
+
+def test_a_drift_measurement_that_fails_is_noted_not_raised(tmp_path, monkeypatch):
+    """ONNX Runtime's own errors (not ShrinkErrors) in the measurement leave the model written and the
+    reason in the note, with no warning."""
+    from onnxshrink import mixed_precision
+
+    def fail(*_args, **_kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : no kernel")
+
+    monkeypatch.setattr(mixed_precision, "drift", fail)
+    result = onnxshrink.quantize(_log_spectrum(), _audio_feeds(), tmp_path / "q.onnx", cache_dir=False, tune=False)
+    assert result.output.exists() and result.recovery["drift"]["drift"] is None
+    assert "no kernel" in result.recovery["drift"]["why"]
+    assert not any("changed the outputs" in w for w in result.warnings)
