@@ -1,4 +1,4 @@
-"""8-bit vs 7-bit (``reduce_range``) weights on this CPU: accuracy and drift, ours and ONNX Runtime's.
+"""8-bit, 7-bit and pair-safe (``reduce_range``) weights on this CPU: accuracy and drift, ours and ORT's.
 
 Why it matters: on x86 CPUs with AVX2 but without VNNI, ORT's u8 x s8 kernels multiply with
 VPMADDUBSW, which adds two u8*s8 products into a saturating int16; with 8-bit weights that sum can
@@ -8,8 +8,9 @@ overflow. ORT re-encodes some weights as u8 at session load (``Avx2WeightS8ToU8T
 avoid the issue everywhere at the price of one bit of weight precision.
 
 Per trained digits model: onnxshrink's quantize with 8-bit weights (``reduce_range=False``), 7-bit
-weights (``True``) and the default (``"auto"``: 7 bits for the op types ``ort_int8.saturating_ops``
-finds clipping on this machine), beside ONNX Runtime's ``quantize_static`` (QDQ, U8S8, per channel,
+weights (``True``), pair-safe weights (``True, pair_safe=True``: up to 8 bits, no two neighbours in the
+kernel's K order past 128, so nothing clips) and the default (``"auto"``: 7 bits for the op types
+``ort_int8.saturating_ops`` finds clipping on this machine), beside ONNX Runtime's ``quantize_static`` (QDQ, U8S8, per channel,
 MinMax) with its default ``reduce_range=False`` and with ``True``; digits test accuracy and drift
 (1 - cosine of the logits against float). The CPU's flags and the probe's answer head the results.
 
@@ -36,7 +37,8 @@ from onnxshrink.quantize import quantize
 from onnxshrink.runtime import make_session
 from onnxshrink.validate import flat_drift
 
-OURS = {"8bit": False, "7bit": True, "auto": "auto"}
+OURS = {"8bit": {"reduce_range": False}, "7bit": {"reduce_range": True},
+        "pair_safe": {"reduce_range": True, "pair_safe": True}, "auto": {}}
 ORT = {"ort_8bit": False, "ort_7bit": True}
 
 
@@ -46,9 +48,9 @@ def bench_model(name: str, tmp: Path) -> dict:
     row = {"model": name, "float_acc": round(digits.accuracy(ref, y), 4)}
     calib = digits.feeds(name, "calib", batch=32)
     paths = {}
-    for key, rr in OURS.items():
+    for key, opts in OURS.items():
         paths[key] = tmp / f"{name}_{key}.onnx"
-        res = quantize(digits.trained_path(name), calib, paths[key], reduce_range=rr, cache_dir=tmp / "calib")
+        res = quantize(digits.trained_path(name), calib, paths[key], cache_dir=tmp / "calib", **opts)
         if key == "auto":
             row["auto_7bit_ops"] = list(res.options.reduce_range_ops)
     for key, rr in ORT.items():
@@ -64,12 +66,13 @@ def bench_model(name: str, tmp: Path) -> dict:
 def to_markdown(cpu: dict, rows: list[dict]) -> str:
     keys = [*OURS, *ORT]
     lines = [
-        "# 8-bit vs 7-bit weights on this CPU (`benchmarks/bench_qdq_reduce_range.py`)", "",
+        "# 8-bit, 7-bit and pair-safe weights on this CPU (`benchmarks/bench_qdq_reduce_range.py`)", "",
         (f"CPU: {cpu['machine']}, AVX2 {cpu['avx2']}, AVX-512 {cpu['avx512f']}, VNNI {cpu['vnni']}; ONNX Runtime "
         f"{cpu['ort']}. The probe (`onnxshrink.ort_int8`) finds these int8 kernels clipping 8-bit weights: "
         f"{', '.join(cpu['saturating_ops']) or 'none'}."), "",
         ("Digits test accuracy (%) and drift (1 - cosine of the logits, all test samples) of each int8 model. "
-        "onnxshrink: `reduce_range=False` (8-bit), `True` (7-bit) and the default `auto`; ORT: "
+        "onnxshrink: `reduce_range=False` (8-bit), `True` (7-bit), `True, pair_safe=True` (pair-safe) and "
+        "the default `auto`; ORT: "
         "`quantize_static` QDQ U8S8 per channel MinMax, `reduce_range` False (its default) and True."), "",
         "| model | float | " + " | ".join(keys) + " | drift " + " | drift ".join(keys) + " |",
         "|---|---|" + "---|" * (2 * len(keys)),

@@ -129,9 +129,10 @@ _WEIGHTED = {
 
 
 def clipped_layers(model, providers=None) -> list[str]:
-    """Layers of int8 ``model`` (an ``ir.Model``; QDQ or QOperator form, any graph) whose weights use all 8
-    bits (a code beyond +-64) in an op whose int8 kernel saturates them on this machine, as
-    ``"Conv 'name'"``: what explains drift that shows only on some CPUs (requantize with 7-bit weights)."""
+    """Layers of int8 ``model`` (an ``ir.Model``; QDQ or QOperator form, any graph) whose weights can clip
+    (two neighbours past 128, ``_may_clip``) in an op whose int8 kernel saturates them on this machine, as
+    ``"Conv 'name'"``: what explains drift that shows only on some CPUs (requantize with pair-safe or
+    7-bit weights)."""
     from onnxshrink import runtime
 
     provs = tuple(runtime.resolve_providers(providers))
@@ -145,9 +146,22 @@ def clipped_layers(model, providers=None) -> list[str]:
             if activations is None or probed not in saturating_ops(activations, provs):
                 continue  # the weight is read only where this machine's kernel saturates
             weight = _int8_weight(node, w_index)
-            if weight is not None and weight.dtype == np.int8 and int(np.abs(weight.astype(np.int16)).max()) > 64:
+            if weight is not None and weight.dtype == np.int8 and _may_clip(weight, probed, node):
                 out.append(f"{node.op_type} {node.name!r}")
     return out
+
+
+def _may_clip(weight: np.ndarray, probed: str, node) -> bool:
+    """Whether int8 ``weight`` has two neighbours (in the K order the kernel pairs, ``kernel_rows``)
+    summing past 128 in magnitude; where that order is not known, whether any code is beyond +-64."""
+    from onnxshrink.passes._qdq_math import PAIR_LIMIT, kernel_rows
+
+    trans_b = node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].as_int() == 1
+    rows = kernel_rows(weight.astype(np.float32), "MatMul" if probed == "MatMulInteger" else probed, None, trans_b)
+    if rows is None:
+        return int(np.abs(weight.astype(np.int16)).max()) > 64
+    a = np.abs(rows)
+    return a.shape[1] > 1 and float((a[:, :-1] + a[:, 1:]).max()) > PAIR_LIMIT
 
 
 def clipped_note(layers: list[str]) -> str | None:
@@ -157,7 +171,7 @@ def clipped_note(layers: list[str]) -> str | None:
     more = f" and {len(layers) - 3} more" if len(layers) > 3 else ""
     return (f"note: {len(layers)} int8 layers hold 8-bit weights that ONNX Runtime's int8 kernels on this CPU "
             f"saturate (as on x86 CPUs with AVX2 and no VNNI): {', '.join(layers[:3])}{more}; their sums are "
-            "clipped here, not on CPUs whose kernels are exact. For such CPUs quantize with 7-bit weights (onnxshrink optimize --quantize int8 "
+            "clipped here, not on CPUs whose kernels are exact. For such CPUs quantize with narrowed weights (onnxshrink optimize --quantize int8 "
             "does where it runs; --reduce-range all for a model built elsewhere)")
 
 

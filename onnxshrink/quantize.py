@@ -178,6 +178,7 @@ def quantize(
     activations: str = "auto",
     per_channel: bool = True,
     reduce_range: bool | str = "auto",
+    pair_safe: bool = False,
     exclude: Sequence[str] = (),
     exclude_ops: Sequence[str] = (),
     keep_first: int = 0,
@@ -212,9 +213,12 @@ def quantize(
     whichever gives the lowest drift on calibration feeds: ``calib_select``), ``minmax``, ``ema``,
     ``percentile``, ``entropy`` or ``mse`` (``observer_opts`` go to the observer, e.g.
     ``percentile=99.99``; not with ``auto``). ``activations``: ``uint8``,
-    ``int8`` or ``auto`` (the faster for this CPU). ``reduce_range``: 7-bit weights for every layer
+    ``int8`` or ``auto`` (the faster for this CPU). ``reduce_range``: narrowed weights for every layer
     (``True``), none (``False``) or ``auto``: for the op types whose int8 kernels saturate 8-bit weights on
     this machine (``ort_int8.saturating_ops``: Conv/MatMul/Gemm on x86 CPUs with AVX2 and no VNNI).
+    Narrowed static weights are 7-bit, or with ``pair_safe`` pair-safe where the op's K order is known (up
+    to 8 bits, no two neighbours in the kernel's K order past 128; ``_qdq_math.kernel_rows``); dynamic
+    layers' narrowed weights are always pair-safe.
     ``tune``: time a few placements on ONNX Runtime and keep the fastest (``qdq_tune``; off: every
     quantizable node is quantized). Accuracy recovery: ``equalize``, ``smoothquant`` (alpha),
     ``bias_correction`` (None: chosen by ``auto``, else off), ``max_drift`` (1 - cosine) and
@@ -232,7 +236,7 @@ def quantize(
         budget = mixed_precision.Budget(max_drift, max_metric_drop, metric)
     activations = default_activations() if activations == "auto" else activations
     opts = PlanOptions(
-        activations=activations, per_channel=per_channel, reduce_range=reduce_range is True,
+        activations=activations, per_channel=per_channel, reduce_range=reduce_range is True, pair_safe=pair_safe,
         reduce_range_ops=_narrowed_ops(reduce_range, activations, providers), exclude=tuple(exclude),
         exclude_ops=tuple(exclude_ops), keep_first=keep_first, keep_last=keep_last,
         conv_transpose=conv_transpose,

@@ -6,8 +6,9 @@ Pure numpy, no graph. Conventions (those of ONNX ``QuantizeLinear``: ``q = sat(r
 - Activations, ``int8``: symmetric, ``[-127, 127]``, zero point 0; a range whose minimum is >= 0 (a folded
   Relu, a Sigmoid output) is asymmetric ``[-128, 127]`` instead, so the Relu is still exact and no code
   is wasted on negatives.
-- Weights: symmetric int8 ``[-127, 127]`` (``[-64, 64]`` with ``reduce_range``), zero point 0, one scale
-  per output channel or one per tensor.
+- Weights: symmetric int8 ``[-127, 127]``, zero point 0, one scale per output channel or one per
+  tensor. Narrowed (``reduce_range``, for CPUs whose int8 GEMM saturates): pair-safe where the GEMM's K
+  order is known (``kernel_rows``, ``pair_safe_scale``), else 7 bits (``[-64, 64]``).
 - Bias: int32, scale = input scale x weight scale (per channel), zero point 0.
 
 Every scale returned is a finite float32 > 0: a zero range (a tensor that is always 0) gets scale 1.0,
@@ -65,8 +66,14 @@ def activation_params(rmin: float, rmax: float, qtype: str) -> QParams:
     return QParams(np.array(scale, np.float32), np.array(zp, np_type))
 
 
-def weight_params(w: np.ndarray, axis: int | None, reduce_range: bool = False) -> QParams:
-    """Symmetric int8 parameters of a constant weight, per channel along ``axis`` or per tensor."""
+def weight_params(w: np.ndarray, axis: int | None, reduce_range: bool = False,
+                  rows: np.ndarray | None = None) -> QParams:
+    """Symmetric int8 parameters of a constant weight, per channel along ``axis`` or per tensor. With
+    ``reduce_range`` and ``rows`` (``kernel_rows``: the weight as the int8 GEMM reads it), pair-safe
+    scales (``pair_safe_scale``); with ``reduce_range`` alone, 7 bits."""
+    if reduce_range and rows is not None:
+        scale = pair_safe_scale(rows, 1, 1 if axis is not None else (0, 1))
+        return QParams(scale, np.zeros(scale.shape, np.int8), axis)
     qmax = 64 if reduce_range else 127
     w = np.asarray(w, np.float32)
     if axis is None:
@@ -82,6 +89,21 @@ def weight_params(w: np.ndarray, axis: int | None, reduce_range: bool = False) -
 #: without VNNI (``vpmaddubsw``: two u8 x s8 products added into int16) takes without clipping for any
 #: uint8 input: 255 x 128 = 32640 <= 32767.
 PAIR_LIMIT = 128
+
+
+def kernel_rows(w: np.ndarray, op_type: str, axis: int | None, trans_b: bool = False) -> np.ndarray | None:
+    """``w`` as [output channels, K] with K in the order ONNX Runtime's x86 int8 GEMM pairs it, or None
+    where that order is not known (ConvTranspose, weights of more than 2 dims for MatMul/Gemm). Conv:
+    kernel row, column, then input channel (an NHWC im2col: with 3 input channels, neighbours cross
+    taps); MatMul/Gemm: K. ``tests/test_qdq_pair_safe.py`` asks ONNX Runtime that these are the pairs."""
+    w = np.asarray(w, np.float32)
+    if op_type == "Conv" and w.ndim >= 3 and axis in (0, None):
+        return np.moveaxis(w, 1, -1).reshape(w.shape[0], -1)
+    if op_type in ("MatMul", "Gemm") and w.ndim == 2:
+        k_first = not (op_type == "Gemm" and trans_b)
+        if axis is None or axis == (1 if k_first else 0):
+            return w.T if k_first else w
+    return None
 
 
 def pair_safe_scale(w: np.ndarray, k_axis: int, reduce_axes) -> np.ndarray:

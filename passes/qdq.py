@@ -147,7 +147,9 @@ class _Rewriter:
             w = (w * np.float32(alpha)).astype(np.float32)
             node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
         narrow = self.opts.narrow(node.op_type)
-        wp = qm.weight_params(w, axis, narrow)
+        trans_b = node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].as_int() == 1
+        rows = qm.kernel_rows(w, node.op_type, axis, trans_b) if narrow and self.opts.pair_safe else None
+        wp = qm.weight_params(w, axis, narrow, rows)
         bias = self._bias_array(node) if node in self.quantized else None
         x_scale = self.params[node.inputs[0]].scale if bias is not None else None
         if bias is not None:
@@ -157,7 +159,7 @@ class _Rewriter:
                 wp = qm.QParams(_back_to_weight(fitted, wp.scale), wp.zero_point, axis)
                 self.stats.add("weight_scales_raised_for_bias")
         self._checked(wp, f"weight of {node.op_type} {node.name!r}")
-        self._replace_input(node, index, qm.quantize_weight(w, wp, narrow), wp, "w")
+        self._replace_input(node, index, qm.quantize_weight(w, wp, narrow and rows is None), wp, "w")
         self.stats.add("weights_quantized")
         if bias is not None:
             bscale = qm.bias_scale(x_scale, self._per_output(wp.scale, bias.size))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnxshrink.passes._qdq_math import kernel_rows
 
 import onnxshrink
 from onnxshrink import cli, ort_int8, runtime
@@ -82,6 +83,15 @@ def test_reduce_range_choices(tmp_path, monkeypatch, reduce_range, saturating, n
         top = int(np.abs(_weight_codes(result.model, op)).max())
         assert top == (64 if op in narrow else 127), (op, top)
     assert result.options.reduce_range is (reduce_range is True)
+    safe = onnxshrink.quantize(proto, feeds, None, cache_dir=False, tune=False, reduce_range=reduce_range,
+                               pair_safe=True)
+    for op in ("Conv", "Gemm"):  # pair-safe: no two neighbours in the kernel's K order past 128
+        codes = _weight_codes(safe.model, op)
+        trans_b = op == "Gemm" and any(a.name == "transB" and a.i == 1 for a in next(
+            n for n in proto.graph.node if n.op_type == "Gemm").attribute)
+        rows = np.abs(kernel_rows(codes.astype(np.float32), op, 0 if op == "Conv" or trans_b else 1, trans_b))
+        top, pairs = int(np.abs(codes).max()), int((rows[:, :-1] + rows[:, 1:]).max())
+        assert (pairs <= 128 and 64 <= top < 127) if op in narrow else top == 127, (op, top, pairs)
 
 
 def test_reduce_range_of_another_kind_is_refused():
