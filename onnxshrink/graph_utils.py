@@ -66,6 +66,12 @@ def _constant_node_array(node: ir.Node) -> np.ndarray | None:
     return None
 
 
+def int_attr(node: ir.Node, name: str, default: int) -> int:
+    """``node``'s integer attribute ``name``, or ``default`` when it has none."""
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.as_int()
+
+
 def is_constant(value: ir.Value | None) -> bool:
     return const_array(value) is not None
 

@@ -154,14 +154,14 @@ def clipped_layers(model, providers=None) -> list[str]:
 def _may_clip(weight: np.ndarray, probed: str, node) -> bool:
     """Whether int8 ``weight`` has two neighbours (in the K order the kernel pairs, ``kernel_rows``)
     summing past 128 in magnitude; where that order is not known, whether any code is beyond +-64."""
-    from onnxshrink.passes._qdq_math import PAIR_LIMIT, kernel_rows
+    from onnxshrink.graph_utils import int_attr
+    from onnxshrink.passes._qdq_math import PAIR_LIMIT, kernel_rows, neighbour_sums
 
-    trans_b = node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].as_int() == 1
+    trans_b = node.op_type == "Gemm" and int_attr(node, "transB", 0) == 1
     rows = kernel_rows(weight.astype(np.float32), "MatMul" if probed == "MatMulInteger" else probed, None, trans_b)
     if rows is None:
         return int(np.abs(weight.astype(np.int16)).max()) > 64
-    a = np.abs(rows)
-    return a.shape[1] > 1 and float((a[:, :-1] + a[:, 1:]).max()) > PAIR_LIMIT
+    return rows.shape[1] > 1 and float(neighbour_sums(rows, 1).max()) > PAIR_LIMIT
 
 
 def clipped_note(layers: list[str]) -> str | None:

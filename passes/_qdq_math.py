@@ -73,15 +73,11 @@ def weight_params(w: np.ndarray, axis: int | None, reduce_range: bool = False,
     scales (``pair_safe_scale``); with ``reduce_range`` alone, 7 bits."""
     if reduce_range and rows is not None:
         scale = pair_safe_scale(rows, 1, 1 if axis is not None else (0, 1))
-        return QParams(scale, np.zeros(scale.shape, np.int8), axis)
-    qmax = 64 if reduce_range else 127
-    w = np.asarray(w, np.float32)
-    if axis is None:
-        absmax = np.array(np.max(np.abs(w)) if w.size else 0.0, np.float64)
+    elif not np.asarray(w).size:
+        scale = np.ones(() if axis is None else np.asarray(w).shape[axis], np.float32)
     else:
-        axes = tuple(i for i in range(w.ndim) if i != axis)
-        absmax = np.max(np.abs(w), axis=axes).astype(np.float64) if w.size else np.zeros(w.shape[axis])
-    scale = np.where(absmax > 0, np.maximum(absmax / qmax, MIN_SCALE), 1.0).astype(np.float32)
+        axes = None if axis is None else tuple(i for i in range(np.ndim(w)) if i != axis)
+        scale = symmetric_scale(w, 0, axes, "7bit" if reduce_range else None)
     return QParams(scale, np.zeros(scale.shape, np.int8), axis)
 
 
@@ -106,19 +102,30 @@ def kernel_rows(w: np.ndarray, op_type: str, axis: int | None, trans_b: bool = F
     return None
 
 
+def neighbour_sums(w: np.ndarray, axis: int) -> np.ndarray:
+    """``|w_k| + |w_k+1|`` along ``axis`` (one element fewer there; empty for a single element), in
+    float64 so that int8 codes do not wrap."""
+    a = np.abs(np.asarray(w, np.float64))
+    n = a.shape[axis]
+    return np.take(a, range(n - 1), axis=axis) + np.take(a, range(1, n), axis=axis)
+
+
+def _scale(top: np.ndarray, qmax: int) -> np.ndarray:
+    """Scales mapping magnitude ``top`` to ``qmax`` (float64 division, float32 result; a zero range: 1)."""
+    top = np.asarray(top, np.float64)
+    return np.where(top > 0, np.maximum(top / qmax, MIN_SCALE), 1.0).astype(np.float32)
+
+
 def pair_safe_scale(w: np.ndarray, k_axis: int, reduce_axes) -> np.ndarray:
     """Symmetric int8 scales of ``w`` (reduced over ``reduce_axes``, which include ``k_axis``, the
     GEMM's reduction axis) under which no two neighbours along ``k_axis`` round to magnitudes summing
     past ``PAIR_LIMIT``: ``max(|w|, |w_k| + |w_k+1|) / 127``. Rounding adds at most 1 to a pair's
-    127, so the GEMM never clips, and a row whose large weights sit apart keeps nearly 8 bits where
-    ``reduce_range``'s 7 bits (``[-64, 64]``) would give every row 7. A zero range gets scale 1."""
-    a = np.abs(np.asarray(w, np.float32))
-    top = a.max(axis=reduce_axes)
-    n = a.shape[k_axis]
-    if n > 1:
-        pairs = np.take(a, range(n - 1), axis=k_axis) + np.take(a, range(1, n), axis=k_axis)
-        top = np.maximum(top, pairs.max(axis=reduce_axes))
-    return np.where(top > 0, np.maximum(top / 127, MIN_SCALE), 1.0).astype(np.float32)
+    127, so the GEMM never clips. A row whose large weights sit apart keeps up to 8 bits; the step is
+    at most ``2 max|w| / 127`` (two largest weights side by side), within 1% of 7 bits' ``max|w| / 64``."""
+    top = np.abs(np.asarray(w, np.float64)).max(axis=reduce_axes)
+    if np.shape(w)[k_axis] > 1:
+        top = np.maximum(top, neighbour_sums(w, k_axis).max(axis=reduce_axes))
+    return _scale(top, 127)
 
 
 def symmetric_scale(w: np.ndarray, k_axis: int, reduce_axes, narrow: str | None) -> np.ndarray:
@@ -128,8 +135,7 @@ def symmetric_scale(w: np.ndarray, k_axis: int, reduce_axes, narrow: str | None)
         return pair_safe_scale(w, k_axis, reduce_axes)
     if narrow not in (None, "7bit"):
         raise ValueError(f"narrow must be None, '7bit' or 'pair_safe', not {narrow!r}")
-    top = np.abs(np.asarray(w, np.float32)).max(axis=reduce_axes)
-    return np.where(top > 0, top / (64 if narrow else 127), 1.0).astype(np.float32)
+    return _scale(np.abs(np.asarray(w, np.float64)).max(axis=reduce_axes), 64 if narrow else 127)
 
 
 def quantize_weight(w: np.ndarray, params: QParams, reduce_range: bool = False) -> np.ndarray:

@@ -34,7 +34,7 @@ from onnxshrink.passes.qdq_rules import GraphPlan, QDQPlan, plan_qdq
 
 from onnxshrink import model_io
 from onnxshrink.errors import ConfigError, PassFailure, UnsupportedModelError
-from onnxshrink.graph_utils import NameGen, add_initializer, bypass, const_array
+from onnxshrink.graph_utils import NameGen, add_initializer, bypass, const_array, int_attr
 from onnxshrink.pass_infra import Changes, PassStats, ShrinkPass
 
 logger = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class _Rewriter:
             w = (w * np.float32(alpha)).astype(np.float32)
             node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
         narrow = self.opts.narrow(node.op_type)
-        trans_b = node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].as_int() == 1
+        trans_b = node.op_type == "Gemm" and int_attr(node, "transB", 0) == 1
         rows = qm.kernel_rows(w, node.op_type, axis, trans_b) if narrow and self.opts.pair_safe else None
         wp = qm.weight_params(w, axis, narrow, rows)
         bias = self._bias_array(node) if node in self.quantized else None
