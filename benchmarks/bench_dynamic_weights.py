@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from onnxshrink.passes.dynamic_quant import DynamicQuantPass
 
-from models import digits, fetch_real, zoo
-from onnxshrink import bench, data, model_io, ort_int8, validate
+from benchmarks.bench_quantize_vs_ort import model_and_feeds
+from onnxshrink import bench, model_io, ort_int8, validate
 
 MODELS = ("oww_hey_mycroft", "ddddocr_ocr", "digits:vit", "digits:mlp", "zoo:transformer")
 RUNS = {"ddddocr_ocr": 40}
@@ -49,17 +49,10 @@ def variants() -> dict[str, dict]:
 
 
 def feeds(name: str, tmp: Path) -> tuple[str, list[dict]]:
-    """The float model's path and held-out feeds."""
-    if name.startswith("digits:"):
-        n = name.split(":")[1]
-        x, _ = digits.model_input(n, "test")
-        return str(digits.trained_path(n)), [{"input": x[i:i + 60]} for i in range(0, len(x), 60)]
-    if name.startswith("zoo:"):
-        path = zoo.save(name.split(":")[1], tmp)
-        specs = data.input_specs(model_io.load(path))
-        dims = {d: 4 for s in specs for d in s.dims if isinstance(d, str)}
-        return str(path), [data.random_feed(specs, 1000 + i, dims) for i in range(8)]
-    return str(fetch_real.fetch(name)), fetch_real.example_feeds(name, FEEDS.get(name, 32), seed=1)
+    """The float model's path and held-out feeds (``bench_quantize_vs_ort.model_and_feeds``)."""
+    spec = name if ":" in name else f"real:{name}"
+    src, _, evals, _ = model_and_feeds(spec, tmp, n_calib=0, n_evals=FEEDS.get(name, 32))
+    return str(src), evals
 
 
 def run_model(name: str, runs: int, tmp: Path) -> dict:

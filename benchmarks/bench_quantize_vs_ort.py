@@ -91,31 +91,33 @@ TIMING_RUNS = {"real:ppocr_det": 30, "real:layout_cdla": 30}
 # ---------------------------------------------------------------- data
 
 
-def prepare(spec: str, tmp: Path) -> dict:
-    """Float model path, calibration feeds (saved as an .npz folder), evaluation feeds and labels."""
+def model_and_feeds(spec: str, tmp: Path, n_calib: int = 32, n_evals: int = 16) -> tuple:
+    """``(float model path, calibration feeds, held-out feeds, labels or None)`` of ``spec``
+    (``digits:NAME``, ``zoo:NAME`` or ``real:NAME``): the digits calib/test splits (test in feeds of 60),
+    random feeds of the zoo models (8 held out), ``fetch_real`` example feeds (held out: seed 1)."""
     kind, name = spec.split(":")
-    labels = None
-    n_calib = CALIB_FEEDS.get(spec, 32)
     if kind == "digits":
         from models import digits
 
-        src = digits.trained_path(name)
-        calib = digits.feeds(name, "calib", batch=32)
         x, labels = digits.model_input(name, "test")
-        evals = [{"input": x[i:i + 60]} for i in range(0, len(x), 60)]
-    elif kind == "zoo":
+        return (digits.trained_path(name), digits.feeds(name, "calib", batch=32),
+                [{"input": x[i:i + 60]} for i in range(0, len(x), 60)], labels)
+    if kind == "zoo":
         from models import zoo
         from onnxshrink import data, model_io
 
         src = zoo.save(name, tmp)
         specs = data.input_specs(model_io.load(src))
         dims = {d: 4 for s in specs for d in s.dims if isinstance(d, str)}
-        calib = [data.random_feed(specs, i, dims) for i in range(n_calib)]
-        evals = [data.random_feed(specs, 1000 + i, dims) for i in range(8)]
-    else:
-        src = fetch_real.fetch(name)
-        calib = fetch_real.example_feeds(name, n=n_calib, seed=0)
-        evals = fetch_real.example_feeds(name, n=16, seed=1)
+        return (src, [data.random_feed(specs, i, dims) for i in range(n_calib)],
+                [data.random_feed(specs, 1000 + i, dims) for i in range(8)], None)
+    return (fetch_real.fetch(name), fetch_real.example_feeds(name, n=n_calib, seed=0),
+            fetch_real.example_feeds(name, n=n_evals, seed=1), None)
+
+
+def prepare(spec: str, tmp: Path) -> dict:
+    """Float model path, calibration feeds (saved as an .npz folder), evaluation feeds and labels."""
+    src, calib, evals, labels = model_and_feeds(spec, tmp, CALIB_FEEDS.get(spec, 32))
     calib_dir = tmp / f"{spec.replace(':', '_')}_calib"
     calib_dir.mkdir()
     for i, feed in enumerate(calib):

@@ -12,20 +12,21 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 WINDOW, STEP, EMBEDDINGS = 76, 8, 16  # openWakeWord: frames per embedding, hop, embeddings per decision
 _MAGIKA_SIDE, _MAGIKA_PAD = 1024, 256
 
 
+@functools.cache
 def _session(name: str):
-    import onnxruntime as ort
-
+    """One session per chain model for the process (a feed of ``oww_hey_mycroft`` runs two models)."""
     from models import fetch_real
+    from onnxshrink import runtime
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    return ort.InferenceSession(str(fetch_real.fetch(name)), so, providers=["CPUExecutionProvider"])
+    return runtime.make_session(str(fetch_real.fetch(name)), threads=1)
 
 
 def _audio(rng: np.random.Generator, seconds: float) -> np.ndarray:
