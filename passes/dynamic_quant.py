@@ -48,8 +48,8 @@ class DynamicQuantConfig:
     """``per_channel``: one weight scale per output column; ``reduce_range``: weights the GEMM cannot
     clip, for CPUs whose MatMulInteger saturates 8-bit ones (AVX2 without VNNI; ``quantize`` sets it
     from ``onnxshrink.ort_int8.saturating_ops``, the pass opens no session): pair-safe scales
-    (``_qdq_math.pair_safe_scale``), as fast as 7-bit weights and at least as exact
-    (``benchmarks/results/dynamic_weights_avx2.md``); ``exclude``: node-name patterns kept float
+    (``_qdq_math.pair_safe_scale``), as fast as 7-bit weights and more exact on every model of
+    ``benchmarks/results/dynamic_weights_avx2.md``; ``exclude``: node-name patterns kept float
     (fnmatch, or ``re:REGEX``)."""
 
     per_channel: bool = True

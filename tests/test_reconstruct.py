@@ -82,8 +82,8 @@ def test_folds_keep_each_sample_whole_and_alternate_across_feeds():
 @pytest.mark.realmodel
 def test_refit_is_judged_on_held_out_samples_on_a_real_model():
     """openWakeWord's embedding model (even-width maps): with folds of alternate rows, 14 of its 16
-    refit layers kept their pruned weights, and held-out audio drifted 0.054; the refits cut every
-    layer's error and the held-out drift falls."""
+    refit layers kept their pruned weights and held-out audio drifted 0.054 (a one-off run before the
+    change); now every refit is taken, halves its layer's error, and the held-out drift is under 0.045."""
     from models import fetch_real
     from onnxshrink import validate
     from tests.conftest import fetch_or_skip
