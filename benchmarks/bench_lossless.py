@@ -438,7 +438,7 @@ def main() -> int:
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-lossless-") as tmp:
         tmp = Path(tmp)
-        startup = startup_seconds()
+        startup = {} if args.merge else startup_seconds()  # a merge keeps the first run's
         rows = {}
         for name, _kind, path, feeds in collect_models(tmp, only):
             rows[name] = bench_model(name, path, feeds, args.repeats, tmp)

@@ -73,7 +73,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--drift-data", metavar="DATA", help="held-out feeds for --max-drift (default: --calibration)")
 
 
-def _seven_bit(result, plan: dict) -> str:
+def _narrowed(result, plan: dict) -> str:
     """Which quantized ops got 7-bit weights (all, or those of ``reduce_range_ops`` the model has;
     ``plan``: ``result.plan.summary()``), and whether the dynamic layers got pair-safe ones."""
     opts = result.options
@@ -118,7 +118,7 @@ def run_quantize(args) -> int:
     plan = result.plan.summary()
     print(f"onnxshrink optimize --quantize {args.quantize or 'int8'}: {args.input} -> "
           f"{args.output or '(not written)'}  [{result.seconds:.2f} s, {result.method}, "
-          f"{result.options.activations} activations{_seven_bit(result, plan)}]")
+          f"{result.options.activations} activations{_narrowed(result, plan)}]")
     for line in result.warnings:
         print(f"WARNING: {line}")
     if result.tuning is not None:
