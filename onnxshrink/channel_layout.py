@@ -25,9 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxshrink import channel_rules as cr
 from onnxshrink.channel_rules import Barrier, Link, Result, label_links, operand
-from onnxshrink.graph_utils import const_array
+from onnxshrink.graph_utils import attr_value, const_array
 
 
 def segments(a: tuple, b: tuple) -> list[tuple[list[int], list[int]]] | None:
@@ -117,7 +116,7 @@ def _slot_segment(segs, side: int, live: list[int]):
 
 
 def _axis(node, rank, default=0) -> int:
-    a = int(cr._attr(node, "axis", default))
+    a = int(attr_value(node, "axis", default))
     return a + rank if a < 0 else a
 
 
@@ -332,8 +331,8 @@ def shape_op(node: ir.Node, port, axes, ctx) -> Result:
     if shape is None:
         return Barrier("Shape of a value with unknown rank")
     r = len(shape)
-    start = int(cr._attr(node, "start", 0))
-    end = cr._attr(node, "end", None)
+    start = int(attr_value(node, "start", 0))
+    end = attr_value(node, "end", None)
     start = start + r if start < 0 else start
     end = r if end is None else (int(end) + r if int(end) < 0 else min(int(end), r))
     read = _positions_read(node.outputs[0], end - start)
@@ -349,7 +348,7 @@ def _positions_read(value: ir.Value, n: int) -> set[int] | None:
     read: set[int] = set()
     for use in value.uses():
         user = use.node
-        if user.op_type == "Gather" and use.idx == 0 and int(cr._attr(user, "axis", 0)) == 0:
+        if user.op_type == "Gather" and use.idx == 0 and int(attr_value(user, "axis", 0)) == 0:
             idx = const_array(user.inputs[1])
             if idx is None:
                 return None

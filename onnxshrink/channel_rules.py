@@ -26,7 +26,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxshrink.checks import lifted_proto
-from onnxshrink.graph_utils import const_array
+from onnxshrink.graph_utils import attr_value, const_array
 
 logger = logging.getLogger(__name__)
 
@@ -114,11 +114,6 @@ def operand(node: ir.Node, port: Port) -> ir.Value | None:
     kind, i = port
     seq = node.inputs if kind == "in" else node.outputs
     return seq[i] if i < len(seq) else None
-
-
-def _attr(node: ir.Node, name: str, default=None):
-    a = node.attributes.get(name)
-    return default if a is None else a.value
 
 
 # ---------------------------------------------------------------- label mapping
@@ -278,7 +273,7 @@ def transpose(node, ctx):
     shape = ctx.shape(node.inputs[0])
     if shape is None:
         return None
-    perm = _attr(node, "perm") or list(reversed(range(len(shape))))
+    perm = attr_value(node, "perm") or list(reversed(range(len(shape))))
     own = tuple(f"t{i}" for i in range(len(shape)))
     return {("in", 0): own, ("out", 0): tuple(own[p] for p in perm)}
 
@@ -291,7 +286,7 @@ def softmax(node, ctx):
         return None
     r = len(shape)
     own = tuple(f"a{i}" for i in range(r))
-    axis = _attr(node, "axis", -1)
+    axis = attr_value(node, "axis", -1)
     axis = axis + r if axis < 0 else axis
     stop = own[axis:] if _opset(node) < 13 else (own[axis],)
     return {("in", 0): own, ("out", 0): own}, stop
@@ -312,17 +307,17 @@ def reduce(node, ctx):
     if shape is None:
         return None
     r = len(shape)
-    axes = _attr(node, "axes")
+    axes = attr_value(node, "axes")
     if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
         arr = const_array(node.inputs[1])
         if arr is None:
             return Barrier("Reduce axes computed at run time")
         axes = [int(a) for a in arr.reshape(-1)]
     if not axes:
-        axes = [] if _attr(node, "noop_with_empty_axes", 0) else list(range(r))
+        axes = [] if attr_value(node, "noop_with_empty_axes", 0) else list(range(r))
     axes = {a + r if a < 0 else a for a in axes}
     own = tuple(f"r{i}" for i in range(r))
-    keepdims = _attr(node, "keepdims", 1)
+    keepdims = attr_value(node, "keepdims", 1)
     out = tuple((f"k{i}" if i in axes else own[i]) for i in range(r) if keepdims or i not in axes)
     return {("in", 0): own, ("out", 0): out}, tuple(own[i] for i in axes)
 
@@ -341,7 +336,7 @@ def gather(node, port, axes, ctx) -> Result:
     ishape = ctx.shape(node.inputs[1]) if len(node.inputs) > 1 else None
     if port not in (("in", 0), ("out", 0)) or x is None or y is None or ishape is None:
         return Barrier("Gather: shapes unknown or a channel reaches its indices")
-    axis = int(_attr(node, "axis", 0))
+    axis = int(attr_value(node, "axis", 0))
     axis, q = axis + len(x) if axis < 0 else axis, len(ishape)
     idx = const_array(node.inputs[1])
     pick = idx is not None and idx.ndim == 0 and isinstance(x[axis], int)

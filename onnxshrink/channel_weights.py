@@ -15,11 +15,10 @@ from onnxshrink.channel_rules import (
     Link,
     Port,
     Result,
-    _attr,
     _broadcast_labels,
     label_links,
 )
-from onnxshrink.graph_utils import const_array
+from onnxshrink.graph_utils import const_array, int_attr
 
 
 def conv(node: ir.Node, port: Port, axes, ctx: Ctx) -> Result:
@@ -35,7 +34,7 @@ def conv(node: ir.Node, port: Port, axes, ctx: Ctx) -> Result:
     wshape = ctx.shape(w)
     if x is None or y is None or wshape is None or not isinstance(x[1], int):
         return Barrier("Conv shapes unknown")
-    g = int(_attr(node, "group", 1))
+    g = int_attr(node, "group", 1)
     sp = len(x) - 2
     labels = {
         ("in", 0): ("n", "ci" if g == 1 else "gi", *(f"x{i}" for i in range(sp))),
@@ -109,7 +108,7 @@ def _group_role(node, port, axes) -> str | None:
 def gemm(node, port, axes, ctx) -> Result:
     """Gemm: Y columns = B's output axis = C; A's inner axis = B's inner axis (contracted)."""
     b = node.inputs[1]
-    ta, tb = _attr(node, "transA", 0), _attr(node, "transB", 0)
+    ta, tb = int_attr(node, "transA", 0), int_attr(node, "transB", 0)
     out = ctx.shape(node.outputs[0])
     if out is None:
         return Barrier("Gemm shapes unknown")

@@ -28,7 +28,7 @@ from onnxshrink import channel_layout as layout
 from onnxshrink import channel_rules as cr
 from onnxshrink import channel_weights as weights
 from onnxshrink import depgraph_cells
-from onnxshrink.graph_utils import const_array
+from onnxshrink.graph_utils import const_array, int_attr
 
 logger = logging.getLogger(__name__)
 
@@ -355,8 +355,7 @@ def weight_axes(node: ir.Node, idx: int) -> tuple[int, int] | None:
     if node.op_type in ("Conv", "ConvTranspose") and idx == 1:
         return WEIGHT_AXES[node.op_type]
     if node.op_type == "Gemm" and idx == 1:
-        tb = node.attributes.get("transB")
-        return (0, 1) if tb is not None and tb.as_int() else (1, 0)
+        return (0, 1) if int_attr(node, "transB", 0) else (1, 0)
     if node.op_type == "MatMul" and idx == 1 and const_array(node.inputs[1]).ndim == 2:
         return (1, 0)
     return None

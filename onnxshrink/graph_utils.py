@@ -66,6 +66,12 @@ def _constant_node_array(node: ir.Node) -> np.ndarray | None:
     return None
 
 
+def attr_value(node: ir.Node, name: str, default=None):
+    """``node``'s attribute ``name`` as a Python value (int, float, list, ...), or ``default``."""
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
 def int_attr(node: ir.Node, name: str, default: int) -> int:
     """``node``'s integer attribute ``name``, or ``default`` when it has none."""
     attr = node.attributes.get(name)

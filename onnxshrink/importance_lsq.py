@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from onnxshrink import data as data_mod
 from onnxshrink.depgraph import DepGraph, Group, Slot, weight_axes
-from onnxshrink.graph_utils import const_array
+from onnxshrink.graph_utils import const_array, int_attr
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def consumer_layers(group: Group) -> list[tuple[ir.Node, Slot]]:
 def _refittable(node: ir.Node) -> bool:
     attr = node.attributes
     if node.op_type == "Conv":
-        return (attr["group"].as_int() if "group" in attr else 1) == 1 and len(node.inputs[1].shape or ()) == 4
+        return int_attr(node, "group", 1) == 1 and len(node.inputs[1].shape or ()) == 4
     if node.op_type == "Gemm":
         return not (attr["transA"].as_int() if "transA" in attr else 0)
     return node.op_type == "MatMul"

@@ -31,6 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshrink import depgraph, stats
+from onnxshrink.graph_utils import int_attr
 from onnxshrink.kernel_table import NCHWC_KINDS, OFF_BLOCK, WINDOW_NS, KernelTable
 
 #: Ops that move no data, or whose cost ``node_us`` covers (shape arithmetic, views).
@@ -278,8 +279,7 @@ def _layer(node: ir.Node, shapes, cells) -> LayerCost | None:
         return None
     w = node.inputs[1]
     wshape = shapes.get(w.name) or tuple(w.const_value.shape)
-    group = node.attributes.get("group")
-    group = group.as_int() if group is not None else 1
+    group = int_attr(node, "group", 1)
     conv = node.op_type in ("Conv", "ConvTranspose")
     cin = wshape[axes[1]] * (group if node.op_type == "Conv" else 1)
     cout = wshape[axes[0]] * (group if node.op_type == "ConvTranspose" else 1)

@@ -36,7 +36,7 @@ import onnx_ir as ir
 
 from onnxshrink import data, depgraph, importance, model_io, pipeline, stats
 from onnxshrink.errors import ConfigError
-from onnxshrink.graph_utils import clone_model
+from onnxshrink.graph_utils import clone_model, int_attr
 from onnxshrink.instruments import StructuralCheck
 from onnxshrink.prune_plan import PruningPlan, plan_pruning
 
@@ -189,8 +189,7 @@ def layer_rows(model: ir.Model, dims: Mapping[str, int] | None = None) -> dict[i
             continue
         w = node.inputs[1]
         wshape = shapes.get(w.name) or tuple(w.const_value.shape)
-        g = node.attributes.get("group")
-        g = g.as_int() if g is not None else 1
+        g = int_attr(node, "group", 1)
         cin = wshape[axes[1]] * (g if node.op_type == "Conv" else 1)
         cout = wshape[axes[0]] * (g if node.op_type == "ConvTranspose" else 1)
         params = sum(int(_numel(shapes.get(v.name))) for v in node.inputs[1:] if v is not None and v.name in shapes)

@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from onnxshrink.graph_utils import NameGen, add_initializer, const_array
+from onnxshrink.graph_utils import NameGen, add_initializer, attr_value, const_array, int_attr
 
 
 @dataclasses.dataclass
@@ -34,11 +34,6 @@ def kept_axis(kept: dict, value: ir.Value, axis: int):
     axes = kept.get(value.name) or {}
     idx = axes.get(axis, axes.get(str(axis)))
     return None if idx is None else np.asarray(idx, dtype=np.int64)
-
-
-def _attr(node, name, default):
-    a = node.attributes.get(name)
-    return default if a is None else a.value
 
 
 def replace_const(model, node: ir.Node, index: int, arr: np.ndarray, names: NameGen) -> None:
@@ -66,9 +61,9 @@ class ConvLayer(Layer):
     def _geometry(self):
         w = const_array(self.node.inputs[1])
         k = w.shape[2:]
-        strides = list(_attr(self.node, "strides", None) or [1] * len(k))
-        dil = list(_attr(self.node, "dilations", None) or [1] * len(k))
-        pads = list(_attr(self.node, "pads", None) or [0] * (2 * len(k)))
+        strides = list(attr_value(self.node, "strides", None) or [1] * len(k))
+        dil = list(attr_value(self.node, "dilations", None) or [1] * len(k))
+        pads = list(attr_value(self.node, "pads", None) or [0] * (2 * len(k)))
         return w, k, strides, dil, pads
 
     def features(self, x: np.ndarray) -> np.ndarray:
@@ -94,7 +89,7 @@ class ConvLayer(Layer):
 
 class GemmLayer(Layer):
     def features(self, x):
-        return x.T if _attr(self.node, "transA", 0) else x
+        return x.T if int_attr(self.node, "transA", 0) else x
 
     def targets(self, y, kept):
         idx = kept_axis(kept, self.target, 1)
@@ -102,9 +97,9 @@ class GemmLayer(Layer):
 
     def _parts(self):
         b = const_array(self.node.inputs[1])
-        b = b.T if _attr(self.node, "transB", 0) else b
+        b = b.T if int_attr(self.node, "transB", 0) else b
         c = const_array(self.node.inputs[2]) if len(self.node.inputs) > 2 and self.node.inputs[2] else None
-        return b, c, _attr(self.node, "alpha", 1.0), _attr(self.node, "beta", 1.0)
+        return b, c, attr_value(self.node, "alpha", 1.0), attr_value(self.node, "beta", 1.0)
 
     def current_solution(self):
         b, c, alpha, beta = self._parts()
@@ -114,7 +109,7 @@ class GemmLayer(Layer):
     def write(self, model, w_aug, names):
         _b, c, alpha, beta = self._parts()
         new_b = w_aug[:-1] / alpha
-        replace_const(model, self.node, 1, new_b.T if _attr(self.node, "transB", 0) else new_b, names)
+        replace_const(model, self.node, 1, new_b.T if int_attr(self.node, "transB", 0) else new_b, names)
         shape = c.shape if c is not None and c.size == w_aug.shape[1] else (w_aug.shape[1],)
         replace_const(model, self.node, 2, (w_aug[-1] / (beta if c is not None else 1.0)).reshape(shape),
                        names)
@@ -182,16 +177,16 @@ def _why_not(node, x, kept) -> str | None:
     shape = x.shape
     rank = len(shape) if shape is not None else None
     if node.op_type == "Conv":
-        if int(_attr(node, "group", 1)) != 1:
+        if int_attr(node, "group", 1) != 1:
             return "grouped conv is not refit (its kept outputs do not lose inputs)"
-        if rank != 4 or _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+        if rank != 4 or attr_value(node, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
             return "only 2-D convs with explicit pads are refit"
         return None if kept_axis(kept, x, 1) is not None else "its input channels were not pruned"
     if node.op_type == "Gemm":
         c = node.inputs[2] if len(node.inputs) > 2 else None
         if c is not None and (const_array(c) is None or const_array(c).ndim == 2 and const_array(c).shape[0] != 1):
             return "Gemm C is not a constant row"
-        return None if kept_axis(kept, x, 0 if _attr(node, "transA", 0) else 1) is not None \
+        return None if kept_axis(kept, x, 0 if int_attr(node, "transA", 0) else 1) is not None \
             else "its input features were not pruned"
     if const_array(node.inputs[1]).ndim != 2:
         return "MatMul weight is not 2-D"

@@ -37,7 +37,7 @@ from onnxshrink.passes._qdq_math import symmetric_scale
 
 from onnxshrink import model_io
 from onnxshrink.errors import ConfigError, UnsupportedModelError
-from onnxshrink.graph_utils import NameGen, add_initializer, bypass, const_array, is_default_domain
+from onnxshrink.graph_utils import NameGen, add_initializer, bypass, const_array, int_attr, is_default_domain
 from onnxshrink.pass_infra import Changes, PassStats, ShrinkPass
 
 OPS = ("MatMul", "Gemm", "LSTM")
@@ -129,17 +129,13 @@ def refusal(node: ir.Node) -> str | None:
     if x.dtype is not None and x.dtype != ir.DataType.FLOAT:
         return f"input {x.name!r} is {x.dtype}, not float32"
     if node.op_type == "Gemm":
-        if _int_attr(node, "transA", 0):
+        if int_attr(node, "transA", 0):
             return "Gemm with transA=1"
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             c = const_array(node.inputs[2])
             if c is None or c.dtype != np.float32:
                 return "the Gemm bias is not a float32 constant"
     return None
-
-
-def _int_attr(node: ir.Node, name: str, default: int) -> int:
-    return node.attributes[name].as_int() if name in node.attributes else default
 
 
 def _float_attr(node: ir.Node, name: str, default: float) -> float:
@@ -200,7 +196,7 @@ class _Rewrite:
         if node.op_type == "MatMul":
             self._bias_second()
             return w, None
-        if _int_attr(node, "transB", 0):
+        if int_attr(node, "transB", 0):
             w = w.T
         w = np.ascontiguousarray(w * np.float32(_float_attr(node, "alpha", 1.0)), dtype=np.float32)
         if len(node.inputs) < 3 or node.inputs[2] is None:

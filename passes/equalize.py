@@ -34,7 +34,14 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from onnxshrink.graph_utils import NameGen, add_initializer, const_array, is_default_domain, rename_changed
+from onnxshrink.graph_utils import (
+    NameGen,
+    add_initializer,
+    const_array,
+    int_attr,
+    is_default_domain,
+    rename_changed,
+)
 from onnxshrink.pass_infra import Changes, PassStats, ShrinkPass
 
 HOMOGENEOUS = ("Relu", "LeakyRelu", "PRelu")
@@ -58,8 +65,8 @@ class _Layer:
         b = node.inputs[2] if len(node.inputs) > 2 else None
         self.b = const_array(b).astype(np.float64) if b is not None else None
         self.conv = node.op_type == "Conv"
-        self.group = _int(node, "group", 1) if self.conv else 1
-        self.trans_b = bool(_int(node, "transB", 0)) if not self.conv else False
+        self.group = int_attr(node, "group", 1) if self.conv else 1
+        self.trans_b = bool(int_attr(node, "transB", 0)) if not self.conv else False
         self.changed = False
         self.out_scaled = False  # its output (and the activation after it) now holds x / s
 
@@ -238,7 +245,7 @@ def _layer_refusal(node: ir.Node) -> str | None:
     b = node.inputs[2] if len(node.inputs) > 2 else None
     if b is not None and (const_array(b) is None or len(b.uses()) > 1):
         return f"the bias of {node.op_type} {node.name!r} is not a constant of its own"
-    if node.op_type == "Gemm" and _int(node, "transA", 0):
+    if node.op_type == "Gemm" and int_attr(node, "transA", 0):
         return "Gemm with transA=1"
     return None
 
@@ -295,8 +302,6 @@ def _input_bounds(layer: ir.Node) -> tuple[float, float] | None:
     return lo, hi
 
 
-def _int(node: ir.Node, name: str, default: int) -> int:
-    return node.attributes[name].as_int() if name in node.attributes else default
 
 
 def _float(node: ir.Node, name: str, default: float) -> float:

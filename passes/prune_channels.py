@@ -29,7 +29,7 @@ import onnx_ir as ir
 from onnxshrink import depgraph
 from onnxshrink.channel_layout import shape_entries, slice_spec
 from onnxshrink.errors import PassFailure
-from onnxshrink.graph_utils import NameGen, add_initializer, const_array
+from onnxshrink.graph_utils import NameGen, add_initializer, const_array, int_attr
 from onnxshrink.pass_infra import Changes, PassStats, ShrinkPass
 from onnxshrink.prune_plan import PruningPlan, match_groups, plan_pruning
 
@@ -179,8 +179,7 @@ def _fix_nodes(model, nodes, kept, ctx, names, stats) -> None:
 
 
 def _fix_group(node, kept, ctx, stats) -> None:
-    attr = node.attributes.get("group")
-    g = attr.as_int() if attr is not None else 1
+    g = int_attr(node, "group", 1)
     x = node.inputs[0]
     if g == 1 or x not in kept or 1 not in kept[x]:
         return

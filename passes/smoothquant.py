@@ -32,7 +32,7 @@ import onnx_ir as ir
 from onnxshrink.passes.equalize import replace_const
 
 from onnxshrink.errors import ConfigError
-from onnxshrink.graph_utils import NameGen, const_array, is_default_domain, rename_changed
+from onnxshrink.graph_utils import NameGen, const_array, int_attr, is_default_domain, rename_changed
 from onnxshrink.pass_infra import Changes, PassStats, ShrinkPass
 
 MAX_SCALE = 1e5
@@ -64,7 +64,7 @@ def _linear_readers(x: ir.Value) -> list[ir.Node] | None:
         w = const_array(n.inputs[1])
         if w is None or w.dtype != np.float32 or w.ndim != 2 or len(n.inputs[1].uses()) > 1:
             return None
-        if n.op_type == "Gemm" and _int(n, "transA", 0):
+        if n.op_type == "Gemm" and int_attr(n, "transA", 0):
             return None
         readers.append(n)
     return readers
@@ -72,7 +72,7 @@ def _linear_readers(x: ir.Value) -> list[ir.Node] | None:
 
 def _in_rows(node: ir.Node, w: np.ndarray) -> np.ndarray:
     """The weight as [K, N]: row j reads input channel j."""
-    return w.T if node.op_type == "Gemm" and _int(node, "transB", 0) else w
+    return w.T if node.op_type == "Gemm" and int_attr(node, "transB", 0) else w
 
 
 def _fold_target(x: ir.Value) -> tuple[str, ir.Node] | str:
@@ -83,7 +83,7 @@ def _fold_target(x: ir.Value) -> tuple[str, ir.Node] | str:
     if len(p.outputs) != 1 and p.op_type != "LayerNormalization":
         return f"its producer {p.op_type} has several outputs"
     if p.op_type == "LayerNormalization":
-        axis = _int(p, "axis", -1)
+        axis = int_attr(p, "axis", -1)
         rank = len(x.shape) if x.shape is not None else None
         if axis != -1 and (rank is None or axis != rank - 1):
             return "LayerNormalization normalizes over more than the last axis"
@@ -131,7 +131,7 @@ def _is_linear_producer(p: ir.Node | None, out: ir.Value) -> bool:
     w = const_array(p.inputs[1]) if len(p.inputs) > 1 else None
     if w is None or w.ndim != 2 or w.dtype != np.float32 or len(out.uses()) != 1:
         return False
-    return not (p.op_type == "Gemm" and _int(p, "transA", 0))
+    return not (p.op_type == "Gemm" and int_attr(p, "transA", 0))
 
 
 def candidates(model: ir.Model) -> list[ir.Value]:
@@ -182,7 +182,7 @@ class SmoothQuantPass(ShrinkPass):
         divided = [node for node, _, _ in edits]  # their outputs now hold x / s
         for n, w in zip(readers, ws):
             scaled = w * s[:, None]
-            edits.append((n, 1, scaled.T if n.op_type == "Gemm" and _int(n, "transB", 0) else scaled))
+            edits.append((n, 1, scaled.T if n.op_type == "Gemm" and int_attr(n, "transB", 0) else scaled))
         for node, index, array in edits:
             replace_const(node.graph, node, index, array.astype(np.float32), names, "sq")
         rename_changed([node.outputs[0] for node in divided], names, "smoothed")
@@ -221,7 +221,7 @@ def _fold_edits(kind: str, p: ir.Node, s: np.ndarray) -> list[Edit] | str:
 
 def _column_edits(lin: ir.Node, s: np.ndarray) -> list[Edit] | str:
     w = const_array(lin.inputs[1]).astype(np.float64)
-    trans = lin.op_type == "Gemm" and _int(lin, "transB", 0)
+    trans = lin.op_type == "Gemm" and int_attr(lin, "transB", 0)
     cols = w.T if trans else w
     if cols.shape[1] != s.size:
         return f"{lin.op_type} {lin.name!r} has {cols.shape[1]} output channels, expected {s.size}"
@@ -232,5 +232,3 @@ def _column_edits(lin: ir.Node, s: np.ndarray) -> list[Edit] | str:
     return edits
 
 
-def _int(node: ir.Node, name: str, default: int) -> int:
-    return node.attributes[name].as_int() if name in node.attributes else default
