@@ -88,9 +88,10 @@ class MixedReport:
 
 
 class _Evaluator:
-    """Drift (and metric drop) of candidates against reference outputs computed once."""
+    """Drift (and, given a ``metric`` name, metric drop) of candidates against reference outputs
+    computed once."""
 
-    def __init__(self, reference: ir.Model, data, budget: Budget, providers, max_feeds: int) -> None:
+    def __init__(self, reference: ir.Model, data, metric: str | None, providers, max_feeds: int) -> None:
         source = data_mod.feeds(data, reference, extras=("labels",))
         self.feeds, self.labels = [], []
         for i, (feed, extra) in enumerate(source.labeled()):
@@ -99,7 +100,7 @@ class _Evaluator:
             self.feeds.append(feed)
             self.labels.append(extra.get("labels"))
         self.providers = providers
-        self.metric = load_metric(budget.metric) if budget.metric else None
+        self.metric = load_metric(metric) if metric else None
         sess = runtime.make_session(reference, providers)
         self.names = [o.name for o in sess.get_outputs()]
         self.ref = [sess.run(self.names, f) for f in self.feeds]
@@ -132,7 +133,7 @@ class _Evaluator:
 def drift(float_model: ir.Model, model: ir.Model, data, providers=None, max_feeds: int = 4) -> tuple[float, int]:
     """``1 - cosine`` (worst output) of ``model`` against ``float_model`` on the first ``max_feeds`` feeds
     of ``data``, the measure ``max_drift`` bounds; returns it and the number of feeds."""
-    evaluate = _Evaluator(float_model, data, Budget(max_drift=2.0), providers, max_feeds)
+    evaluate = _Evaluator(float_model, data, None, providers, max_feeds)
     return evaluate(model, 0).drift, len(evaluate.feeds)
 
 
@@ -146,7 +147,7 @@ def search(float_model: ir.Model, build: Build, candidates: Sequence[str], data,
     even every candidate float misses the budget, that model is returned and ``report.met`` is False.
     """
     t0 = time.perf_counter()
-    evaluate = _Evaluator(float_model, data, budget, providers, max_feeds)
+    evaluate = _Evaluator(float_model, data, budget.metric, providers, max_feeds)
     model = build(())
     first = evaluate(model, 0)
     evals = [first]
