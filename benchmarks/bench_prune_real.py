@@ -29,7 +29,7 @@ NudeNet 1 and 8.
 The 1-minute load average is recorded before and after each model's timing (2 shared cores).
 
     /work/venv/bin/python benchmarks/bench_prune_real.py [--models ppocr_cls,ppocr_rec,ppocr_det,nudenet_320n]
-        [--ratios 0.1,0.3,0.5] [--runs-scale 1.0] [--out benchmarks/results] [--merge]
+        [--ratios 0.1,0.3,0.5] [--runs-scale 1.0] [--out benchmarks/results] [--stem prune_real] [--merge]
     /work/venv/bin/python benchmarks/bench_prune_real.py --render benchmarks/results/prune_real.json
 """
 
@@ -166,7 +166,8 @@ def run_model(name: str, ratios, runs_scale: float) -> dict:
     calib = fetch_real.example_feeds(name, n=spec.calib, seed=0)
     evals = fetch_real.example_feeds(name, n=spec.evals, seed=1)
     ref_out = outputs(src, evals)
-    entry: dict = {"dims": spec.dims, "calib_feeds": spec.calib, "eval_feeds": spec.evals, "rows": []}
+    entry: dict = {"dims": spec.dims, "calib_feeds": spec.calib, "eval_feeds": spec.evals, "rows": [],
+                   "machine": _machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
     with tempfile.TemporaryDirectory(prefix="bench-prune-real-") as tmp:
         cleaned = str(Path(tmp) / "cleaned.onnx")
         base = pruning.prune(src, 0.0, cleaned, dims=spec.dims)
@@ -185,6 +186,16 @@ def run_model(name: str, ratios, runs_scale: float) -> dict:
     for row in entry["rows"]:
         row.pop("path", None)
     return entry
+
+
+def _machine() -> dict:
+    from onnxshrink import ort_blocks
+
+    return {"cpu": ort_blocks.cpu_name(), "nchwc_block": ort_blocks.nchwc_block_size()}
+
+
+#: What the first results (prune_real.json, before models carried their machine) were measured on.
+FIRST_MACHINE = {"cpu": "Intel Xeon (AVX-512)", "nchwc_block": 16}
 
 
 def _time_all(name: str, spec: Spec, evals, src: str, cleaned: str, entry: dict, runs_scale: float) -> None:
@@ -236,10 +247,11 @@ def _row(name: str, r: dict, batches) -> str:
 def _model_lines(name: str, e: dict) -> list[str]:
     batches = [int(b) for b in e["runs"]]
     cleanup = ", ".join(f"b{b} {e['cleanup'][b]['speedup']:.2f}x" for b in batches)
+    m = e.get("machine", FIRST_MACHINE)
     lines = [
         f"### {name}",
         "",
-        (f"Operating size {', '.join(f'{k}={v}' for k, v in e['dims'].items())}; {e['calib_feeds']} calibration / "
+        (f"{m['cpu']}{', ' + e['date'] if 'date' in e else ''}. Operating size {', '.join(f'{k}={v}' for k, v in e['dims'].items())}; {e['calib_feeds']} calibration / "
          f"{e['eval_feeds']} evaluation feeds; groups: "
          f"{', '.join(f'{n} {s}' for s, n in e['groups'].items())}. Cleanup and lossless passes alone (the "
          f"reference below) over the model as shipped: {cleanup}. Load {e['load'][0]}-{e['load'][1]}; "
@@ -259,11 +271,13 @@ def _model_lines(name: str, e: dict) -> list[str]:
 
 def write_markdown(results: dict, path: Path) -> None:
     reading = _hand_written(path)
+    machines = {(m["cpu"], m["nchwc_block"]) for m in (e.get("machine", FIRST_MACHINE) for e in results.values())}
+    where = "; ".join(f"{cpu}: NCHWc block {block}" for cpu, block in sorted(machines))
     lines = [
         "# Structured pruning on real trained models: PP-OCR cls, rec, det, NudeNet YOLOv8n (no training)",
         "",
         ("`python benchmarks/bench_prune_real.py` (see its docstring). Widths rounded to the default (ONNX "
-         "Runtime's NCHWc block, 16 on this AVX-512 CPU, rounded up: a narrow group may stay whole). Variants: "
+         f"Runtime's NCHWc block; {where}; rounded up: a narrow group may stay whole). Variants: "
          "`l1` data-free; `recon+lsq` = `--prune-criterion reconstruction --reconstruct` on the calibration feeds; "
          "`latency` = the same with `--prune-target latency` (RATIO of the estimated latency)."),
         "",
@@ -308,12 +322,14 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", default="0.1,0.3,0.5")
     ap.add_argument("--runs-scale", type=float, default=1.0, help="scale the timed rounds (0.2: a quick look)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--render", metavar="JSON", help="only rewrite prune_real.md from this prune_real.json")
-    ap.add_argument("--merge", action="store_true", help="keep the other models' results in prune_real.json")
+    ap.add_argument("--stem", default="prune_real", help="results file names, STEM.json and STEM.md "
+                    "(prune_real_avx2 for the AVX2 machine's)")
+    ap.add_argument("--render", metavar="JSON", help="only rewrite STEM.md from this JSON")
+    ap.add_argument("--merge", action="store_true", help="keep the other models' results in STEM.json")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.render:
-        write_markdown(_int_keys(json.loads(Path(args.render).read_text())), out / "prune_real.md")
+        write_markdown(_int_keys(json.loads(Path(args.render).read_text())), out / f"{args.stem}.md")
         return 0
     ratios = [float(r) for r in args.ratios.split(",")]
     results = {}
@@ -321,14 +337,14 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         results[name] = run_model(name, ratios, args.runs_scale)
         results[name]["bench_seconds"] = round(time.perf_counter() - t0)
-    old = out / "prune_real.json"
+    old = out / f"{args.stem}.json"
     if args.merge and old.exists():
         kept = _int_keys(json.loads(old.read_text()))
         results = {n: results.get(n, kept.get(n)) for n in MODELS if n in results or n in kept}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "prune_real.json").write_text(json.dumps(results, indent=1, default=float))
-    write_markdown(results, out / "prune_real.md")
-    print((out / "prune_real.md").read_text())
+    (out / f"{args.stem}.json").write_text(json.dumps(results, indent=1, default=float))
+    write_markdown(results, out / f"{args.stem}.md")
+    print((out / f"{args.stem}.md").read_text())
     return 0
 
 
