@@ -402,7 +402,7 @@ def to_markdown(rows: list[dict], probe: dict | None, meta: dict) -> str:
         groups.setdefault(v.get("why", meta.get("rerun_why", "")), []).append(
             f"`{m}` on {v['date']} (load {v['load_start']} -> {v['load_end']})")
     rerun = [("Rerun alone later (`--merge`), each replacing its rows: "
-              + " ".join("; ".join(runs) + (f". {why}." if why else ".") for why, runs in groups.items())), ""
+              + " ".join("; ".join(runs) + (f". {why.rstrip('.')}." if why else ".") for why, runs in groups.items())), ""
              ] if reruns else []
     lines = [f"# onnxshrink vs ONNX Runtime quantization ({meta['date']})", "", machine, "", *rerun,
              "## Summary per model (onnxshrink default vs the best ONNX Runtime static/dynamic config)", "",
