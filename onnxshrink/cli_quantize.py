@@ -137,6 +137,8 @@ def run_quantize(args) -> int:
     if measured.get("drift") is not None:
         print(f"drift against float: 1 - cosine {measured['drift']:.3g} (worst output, {measured['feeds']} "
               "calibration feeds)")
+    elif measured.get("why"):
+        print(f"drift against float: not measured ({measured['why']})")
     if result.upcast_float16:
         print(f"note: float16 model: quantized from a float32 copy ({result.upcast_float16} float16 values made "
               "float32); its inputs and outputs stay float16")

@@ -88,3 +88,36 @@ def test_a_drift_measurement_that_fails_is_noted_not_raised(tmp_path, monkeypatc
     assert result.output.exists() and result.recovery["drift"]["drift"] is None
     assert "no kernel" in result.recovery["drift"]["why"]
     assert not any("changed the outputs" in w for w in result.warnings)
+
+
+def test_a_failed_drift_run_is_a_note_not_an_error(tmp_path, monkeypatch):
+    """When the drift measurement cannot run (ONNX Runtime refusing the int8 model on some provider),
+    quantize still writes the model and records why the drift is missing, without a drift warning."""
+    from onnxshrink import mixed_precision
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation")
+
+    monkeypatch.setattr(mixed_precision, "drift", refuse)
+    out = tmp_path / "q.onnx"
+    result = onnxshrink.quantize(_log_spectrum(), _audio_feeds(), out, cache_dir=False, tune=False)
+    note = result.recovery["drift"]
+    assert note["drift"] is None and "NOT_IMPLEMENTED" in note["why"]
+    assert not any("changed the outputs" in w for w in result.warnings)
+    assert out.exists() and onnx.load(out).graph.node
+
+
+def test_the_cli_says_when_drift_was_not_measured(tmp_path, monkeypatch, capsys):
+    from onnxshrink import mixed_precision
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no kernel for this op")
+
+    monkeypatch.setattr(mixed_precision, "drift", refuse)
+    src, data = tmp_path / "m.onnx", tmp_path / "calib.npz"
+    onnx.save(_log_spectrum(), src)
+    feeds = _audio_feeds()
+    np.savez(data, **{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
+    assert cli.main(["optimize", str(src), "-o", str(tmp_path / "q.onnx"), "--quantize", "int8",
+                     "--calibration", str(data), "--no-tune"]) == 0
+    assert "drift against float: not measured (no kernel for this op)" in capsys.readouterr().out
