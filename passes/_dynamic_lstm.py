@@ -72,14 +72,7 @@ def rewrite(node: ir.Node, graph: ir.Graph, model: ir.Model, names: NameGen, per
     attrs = [a for a in node.attributes.values() if a.name != "layout"]
     new = ir.Node(DOMAIN, "DynamicQuantizeLSTM", inputs, attributes=attrs, num_outputs=len(node.outputs),
                   name=names(f"{base}_int8"))
-    graph.insert_before(node, new)
-    for old, out in zip(node.outputs, new.outputs):
-        out.type, out.shape = old.type, old.shape
-        old_name = old.name
-        old.replace_all_uses_with(out, replace_graph_outputs=True)
-        old.name = None
-        out.name = old_name
-    graph.remove(node, safe=True)
+    ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
     new.name = node.name or new.name
     if DOMAIN not in model.opset_imports:
         model.opset_imports[DOMAIN] = 1
