@@ -49,6 +49,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_prune import machine
 from models import fetch_real
 from onnxshrink import bench, pruning, runtime
 from onnxshrink.errors import ConfigError
@@ -167,7 +168,7 @@ def run_model(name: str, ratios, runs_scale: float) -> dict:
     evals = fetch_real.example_feeds(name, n=spec.evals, seed=1)
     ref_out = outputs(src, evals)
     entry: dict = {"dims": spec.dims, "calib_feeds": spec.calib, "eval_feeds": spec.evals, "rows": [],
-                   "machine": _machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
+                   "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
     with tempfile.TemporaryDirectory(prefix="bench-prune-real-") as tmp:
         cleaned = str(Path(tmp) / "cleaned.onnx")
         base = pruning.prune(src, 0.0, cleaned, dims=spec.dims)
@@ -186,12 +187,6 @@ def run_model(name: str, ratios, runs_scale: float) -> dict:
     for row in entry["rows"]:
         row.pop("path", None)
     return entry
-
-
-def _machine() -> dict:
-    from onnxshrink import ort_blocks
-
-    return {"cpu": ort_blocks.cpu_name(), "nchwc_block": ort_blocks.nchwc_block_size()}
 
 
 #: What the first results (prune_real.json, before models carried their machine) were measured on.
