@@ -78,6 +78,12 @@ def int_attr(node: ir.Node, name: str, default: int) -> int:
     return default if attr is None else attr.as_int()
 
 
+def float_attr(node: ir.Node, name: str, default: float) -> float:
+    """``node``'s float attribute ``name``, or ``default`` when it has none."""
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.as_float()
+
+
 def is_constant(value: ir.Value | None) -> bool:
     return const_array(value) is not None
 

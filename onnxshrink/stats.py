@@ -10,6 +10,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxshrink import checks, model_io
+from onnxshrink.graph_utils import int_attr
 
 logger = logging.getLogger(__name__)
 
@@ -193,10 +194,10 @@ def node_macs(node: ir.Node, shapes: dict[str, tuple]) -> int:
     elif op in ("MatMul", "MatMulInteger", "QLinearMatMul", "Gemm"):
         a = shp(0)
         if a and out:
-            k = a[0] if (op == "Gemm" and _attr_int(node, "transA")) else a[-1]
+            k = a[0] if (op == "Gemm" and int_attr(node, "transA", 0)) else a[-1]
             return _prod(out) * k
     elif op in _RECURRENT:
-        x, hidden = shp(0), _attr_int(node, "hidden_size")
+        x, hidden = shp(0), int_attr(node, "hidden_size", 0)
         if x and len(x) == 3 and hidden:
             direction = node.attributes.get("direction")
             dirs = 2 if direction is not None and direction.as_string() == "bidirectional" else 1
@@ -206,11 +207,6 @@ def node_macs(node: ir.Node, shapes: dict[str, tuple]) -> int:
 
 #: Recurrent ops: gates per step (each a [I + H] x H product per direction, step and sequence).
 _RECURRENT = {"LSTM": 4, "DynamicQuantizeLSTM": 4, "GRU": 3, "RNN": 1}
-
-
-def _attr_int(node: ir.Node, name: str, default: int = 0) -> int:
-    attr = node.attributes.get(name)
-    return attr.as_int() if attr is not None else default
 
 
 def macs(model: ir.Model, dims: dict[str, int] | None = None, *, fold: bool = True) -> int:

@@ -37,7 +37,15 @@ from onnxshrink.passes._qdq_math import symmetric_scale
 
 from onnxshrink import model_io
 from onnxshrink.errors import ConfigError, UnsupportedModelError
-from onnxshrink.graph_utils import NameGen, add_initializer, bypass, const_array, int_attr, is_default_domain
+from onnxshrink.graph_utils import (
+    NameGen,
+    add_initializer,
+    bypass,
+    const_array,
+    float_attr,
+    int_attr,
+    is_default_domain,
+)
 from onnxshrink.pass_infra import Changes, PassStats, ShrinkPass
 
 OPS = ("MatMul", "Gemm", "LSTM")
@@ -138,10 +146,6 @@ def refusal(node: ir.Node) -> str | None:
     return None
 
 
-def _float_attr(node: ir.Node, name: str, default: float) -> float:
-    return node.attributes[name].as_float() if name in node.attributes else default
-
-
 def weight_scales(w: np.ndarray, per_channel: bool, reduce_range: bool,
                   narrow: str = "pair_safe") -> tuple[np.ndarray, np.ndarray]:
     """``(Wq int8, scale float32)`` of a [K, N] weight, symmetric, per column or per tensor; with
@@ -198,10 +202,10 @@ class _Rewrite:
             return w, None
         if int_attr(node, "transB", 0):
             w = w.T
-        w = np.ascontiguousarray(w * np.float32(_float_attr(node, "alpha", 1.0)), dtype=np.float32)
+        w = np.ascontiguousarray(w * np.float32(float_attr(node, "alpha", 1.0)), dtype=np.float32)
         if len(node.inputs) < 3 or node.inputs[2] is None:
             return w, None
-        c = const_array(node.inputs[2]).astype(np.float32) * np.float32(_float_attr(node, "beta", 1.0))
+        c = const_array(node.inputs[2]).astype(np.float32) * np.float32(float_attr(node, "beta", 1.0))
         if c.size in (1, w.shape[1]) and c.ndim <= 2 and (c.ndim < 2 or c.shape[0] == 1):
             c = np.broadcast_to(c.reshape(-1), (w.shape[1],))
         return w, np.ascontiguousarray(c, dtype=np.float32)

@@ -38,6 +38,7 @@ from onnxshrink.graph_utils import (
     NameGen,
     add_initializer,
     const_array,
+    float_attr,
     int_attr,
     is_default_domain,
     rename_changed,
@@ -128,10 +129,10 @@ class _Layer:
         """Per output channel, the largest value this layer can produce for inputs in ``[lo, hi]``
         (zero padding included)."""
         w = self.out_major()
-        alpha = 1.0 if self.conv else _float(self.node, "alpha", 1.0)
+        alpha = 1.0 if self.conv else float_attr(self.node, "alpha", 1.0)
         top = np.maximum(np.maximum(w * lo, w * hi), 0.0).sum(axis=1) * alpha
         if self.b is not None:
-            beta = 1.0 if self.conv else _float(self.node, "beta", 1.0)
+            beta = 1.0 if self.conv else float_attr(self.node, "beta", 1.0)
             if self.b.size not in (1, top.size):
                 return np.full(top.shape, np.inf)
             top = top + np.broadcast_to(self.b.reshape(-1) * beta, top.shape)
@@ -304,8 +305,6 @@ def _input_bounds(layer: ir.Node) -> tuple[float, float] | None:
 
 
 
-def _float(node: ir.Node, name: str, default: float) -> float:
-    return node.attributes[name].as_float() if name in node.attributes else default
 
 
 def _write_back(graph, layer: _Layer, names: NameGen) -> None:
