@@ -173,7 +173,7 @@ def run_inspect(args) -> int:
         for v in info[kind]:
             print(f"    {v['name']}: {v['dtype']} {v['shape']}")
     print(f"  nodes {summary['nodes']:,}, parameters {summary['parameters']:,}, "
-          f"MACs {summary['macs']:,}, weights {report.human_bytes(summary['initializer_bytes'])}, "
+          f"{report.macs_label(summary['macs_dims_as_1'])} {summary['macs']:,}, weights {report.human_bytes(summary['initializer_bytes'])}, "
           f"file {report.human_bytes(summary['file_bytes'])}")
     if info["external_data_files"]:
         print("  external data: " + ", ".join(info["external_data_files"]))

@@ -68,7 +68,7 @@ def before_after_table(before: dict, after: dict) -> str:
         ("parameters", "parameters"),
         ("initializer_bytes", "weight bytes"),
         ("file_bytes", "file bytes"),
-        ("macs", "MACs"),
+        ("macs", macs_label(before.get("macs_dims_as_1") or after.get("macs_dims_as_1"))),
     ):
         if key in before or key in after:
             b, a = before.get(key), after.get(key)
@@ -78,6 +78,15 @@ def before_after_table(before: dict, after: dict) -> str:
         b, a = before["ops"].get(op, 0), after["ops"].get(op, 0)
         rows.append([f"  {op}", b, a, _delta(b, a)])
     return format_table(["", "before", "after", "change"], rows)
+
+
+def macs_label(dims_as_1: list[str] | None) -> str:
+    """``MACs``, naming the symbolic input dims the count took as 1 (a model with a dynamic height and
+    width otherwise shows a count thousands of times too small with nothing to say so)."""
+    if not dims_as_1:
+        return "MACs"
+    names = ", ".join(dims_as_1)
+    return f"MACs ({names} as 1)" if len(names) <= 24 else f"MACs ({len(dims_as_1)} symbolic dims as 1)"
 
 
 def _delta(b, a) -> str:

@@ -262,6 +262,21 @@ def _forget_symbolic_shapes(model: ir.Model) -> None:
                 v.shape = None
 
 
+def unset_dims(model: ir.Model, dims: dict[str, int] | None = None) -> list[str]:
+    """The inputs' symbolic dims that ``dims`` leaves unset, which MACs counts take as 1: a dim's name,
+    or ``input:axis`` for one without a name, each once."""
+    from onnxshrink import data
+
+    dims = dims or {}
+    out: list[str] = []
+    for spec in data.input_specs(model):
+        for axis, d in enumerate(spec.dims):
+            key = d if isinstance(d, str) else f"{spec.name}:{axis}"
+            if not isinstance(d, int) and key not in dims and f"{spec.name}:{axis}" not in dims and key not in out:
+                out.append(key)
+    return out
+
+
 def summarize(model: ir.Model, path=None, *, with_macs: bool = True, dims=None) -> dict:
     """A dict summary used by the before/after table and ``inspect``."""
     hist = op_histogram(model)
@@ -274,6 +289,7 @@ def summarize(model: ir.Model, path=None, *, with_macs: bool = True, dims=None) 
     }
     if with_macs:
         out["macs"] = macs(model, dims)
+        out["macs_dims_as_1"] = unset_dims(model, dims)
     if path is not None:
         out["file_bytes"] = model_io.file_size(path)
     return out
