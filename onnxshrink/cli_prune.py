@@ -139,6 +139,8 @@ def _drift(args, result) -> dict | None:
     where = f"{rep.feeds} {'random feeds' if rep.random_data else 'feeds of ' + rep.data}"
     if drift is None:
         print(f"  drift against the unpruned model not measured on {where}: {'; '.join(rep.failures())}")
+        print("  warning: the pruned model's outputs differ from the unpruned's in shape or finiteness (above): "
+              "check it before deploying, or prune less")
     else:
         print(f"  output drift against the unpruned model on {where}: 1 - cosine {drift:.4g} (worst output), "
               f"max rel error {rep.overall['max_rel_error']:.3g}")
