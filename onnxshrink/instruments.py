@@ -41,7 +41,10 @@ class StructuralCheck(Instrument):
     shape, with a warning, and listed in ``input_problems``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, warn_input: bool = True) -> None:
+        """``warn_input=False``: log the input's failed checks at INFO (a job that builds many candidates
+        from one input, which it has already checked and warned about once)."""
+        self.warn_input = warn_input
         self.run_checker = True
         self.run_shapes = True
         self.input_problems: list[str] = []
@@ -52,13 +55,16 @@ class StructuralCheck(Instrument):
             return
         self._begun = True
         report = checks.check_structure(model)
+        if report.shapes and not report.checker:
+            report = self._fix_subgraph_shapes(model, report)
         if report.checker:
             self.run_checker = False
         if report.shapes:
             self.run_shapes = False
         for p in (report.checker, report.shapes):
             if p:
-                logger.warning("the input model already fails a check, which is skipped: %s", p)
+                logger.log(logging.WARNING if self.warn_input else logging.INFO,
+                           "the input model already fails a check, which is skipped: %s", p)
                 self.input_problems.append(f"{p} (the input already fails this check; skipped for the passes)")
 
     def after_pass(self, pass_, model, result) -> None:
@@ -71,6 +77,23 @@ class StructuralCheck(Instrument):
             report = checks.check_structure(model, checker=self.run_checker, shapes=self.run_shapes)
         if not report:
             raise CheckFailure(f"{step} left an invalid model: " + "; ".join(report.problems[:5]))
+
+    def _fix_subgraph_shapes(self, model: ir.Model, report: checks.StructureReport) -> checks.StructureReport:
+        """The input fails strict shape inference: if dropping the shapes declared inside its subgraphs
+        mends that, they were wrong; keep them dropped, say so, and check the passes in full."""
+        dropped = checks.forget_subgraph_shapes(model)
+        if not dropped:
+            return report
+        fixed = checks.check_structure(model)
+        if fixed.shapes:
+            checks.restore_shapes(dropped)
+            return report
+        innermost = report.shapes.splitlines()[0].split("Inference error(s): ")[-1]
+        problem = (f"shapes declared inside its subgraphs contradict strict shape inference ({innermost}); "
+                   f"the {len(dropped)} declared there are dropped and inferred again")
+        logger.warning("the input model declares wrong shapes: %s", problem)
+        self.input_problems.append(problem)
+        return fixed
 
     def _fix_outputs(self, step: str, model: ir.Model) -> bool:
         conflicts = checks.output_shape_conflicts(model)

@@ -342,8 +342,8 @@ def _prepare(ir_model: ir.Model, data, report, lossless: bool, check: bool, equa
 
     if has_float16(ir_model):  # float16 compute: quantized from float32, the interface stays float16
         _merge(report, _run(ir_model, [pipeline.make_pass("upcast_float16")], check))
-    if lossless:
-        _merge(report, _run(ir_model, pipeline.lossless_steps(), check))
+    if lossless or check:  # no steps: the input's checks alone, warned about once here, not per candidate
+        _merge(report, _run(ir_model, pipeline.lossless_steps() if lossless else [], check))
     ir_model, upgraded = upgrade_opset(ir_model)
     rec.name_nodes(ir_model)
     infer_shapes(ir_model, data_prop=True)

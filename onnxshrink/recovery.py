@@ -81,7 +81,8 @@ class Builder:
         model = clone_model(self.float_model)
         steps = qdq_tune.steps(self.float_model, self.plan, self.table, self.options, self.placement, keep_float)
         steps.append(pipeline.make_pass("dead_code"))
-        report = pipeline.Pipeline(steps, [StructuralCheck()] if self.check else []).run(model)
+        # quantize's preparation has checked and warned about the float model once
+        report = pipeline.Pipeline(steps, [StructuralCheck(warn_input=False)] if self.check else []).run(model)
         if self.bias_correction and self.table is not None:
             self._correct(model)
         self.reports[id(model)] = report

