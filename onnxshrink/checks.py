@@ -13,6 +13,8 @@ import logging
 import onnx
 import onnx_ir as ir
 
+from onnxshrink.graph_utils import subgraphs_of
+
 logger = logging.getLogger(__name__)
 
 #: Initializers bigger than this are turned into graph inputs while onnx's C++ code looks at the model.
@@ -157,7 +159,7 @@ def forget_subgraph_shapes(model: ir.Model) -> dict[ir.Value, ir.Shape]:
 
     def walk(graph) -> None:
         for node in graph:
-            for sub in _subgraphs(node):
+            for sub in subgraphs_of(node):
                 for inner in sub:
                     if inner.domain not in ("", "ai.onnx"):
                         continue
@@ -173,12 +175,6 @@ def forget_subgraph_shapes(model: ir.Model) -> dict[ir.Value, ir.Shape]:
 def restore_shapes(dropped: dict[ir.Value, ir.Shape]) -> None:
     for v, shape in dropped.items():
         v.shape = shape
-
-
-def _subgraphs(node: ir.Node) -> list:
-    from onnxshrink.graph_utils import subgraphs_of
-
-    return subgraphs_of(node)
 
 
 @dataclasses.dataclass

@@ -155,6 +155,7 @@ def make_pass(name: str, **options) -> ShrinkPass:
 LOSSLESS_PASSES = (
     "fold_constants",
     "eliminate_identities",
+    "loop_invariants",
     "fuse_batchnorm",
     "fuse_conv_bias",
     "fuse_gemm",

@@ -28,6 +28,10 @@ _fetch = fetch_or_skip
 
 #: Models where no lossless rewrite removes a node (onnxslim and onnxsim remove none either).
 _NOTHING_TO_REMOVE = {"oww_embedding"}
+#: Models whose MACs count moves although nothing is computed more: a loop body counts once, at the
+#: shapes inference knows inside it. SLANet's feature projection, hoisted out of its decoder loop by
+#: ``loop_invariants``, is counted at its real size there ([1, 256, 96] x [96, 256], not [1, 1, 96]).
+_MACS_MOVE = {"slanet_plus"}
 
 
 def _interface(path) -> list[tuple]:
@@ -87,7 +91,8 @@ def test_real_model_default_preset_is_lossless(name, tmp_path, ort_run, assert_c
     onnx.checker.check_model(str(out), full_check=True)
     assert _interface(out) == _interface(src)
     assert result.after["nodes"] < result.before["nodes"] or name in _NOTHING_TO_REMOVE
-    assert result.after["macs"] == result.before["macs"] > 0  # lossless: the count cannot move
+    assert result.before["macs"] > 0
+    assert result.after["macs"] == result.before["macs"] or name in _MACS_MOVE  # lossless: the count stays
     for feed in _feeds(name):
         expected = ort_run(src, feed)
         assert all(np.isfinite(v).all() for v in expected.values())
