@@ -91,10 +91,10 @@ def quality(name: str, ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
         out["agree"] = fetch_real.detection_agreement(name, ref_outs, outs)
         scores = fetch_real.DETECTIONS[name][1]
         sr, sg = (np.concatenate([scores(o).ravel() for o in x]) for x in (ref_outs, outs))
-        out["fg"] = 1.0 - flat_drift(sr, sg)  # the cosine of the class scores alone
+        out["fg"] = 1.0 - flat_drift(flat_floats([sr]), flat_floats([sg]))  # the class scores' cosine alone
         return out
     if name == "ppocr_det":
-        tr, tg = flat_r > 0.3, flat_g > 0.3
+        tr, tg = flat_r.values > 0.3, flat_g.values > 0.3
         out["agree"] = float((tr == tg).mean())
         out["fg"] = float((tr & tg).sum() / max((tr | tg).sum(), 1))
         return out

@@ -25,8 +25,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -35,7 +33,7 @@ from models import digits
 from onnxshrink import ort_int8
 from onnxshrink.quantize import quantize
 from onnxshrink.runtime import make_session
-from onnxshrink.validate import flat_drift
+from onnxshrink.validate import flat_drift, flat_floats
 
 OURS = {"8bit": {"reduce_range": False}, "7bit": {"reduce_range": True},
         "pair_safe": {"reduce_range": True, "pair_safe": True}, "auto": {}}
@@ -59,7 +57,7 @@ def bench_model(name: str, tmp: Path) -> dict:
     for key, path in paths.items():
         got = make_session(str(path), threads=1).run(None, {"input": x})[0]
         row[f"{key}_acc"] = round(digits.accuracy(got, y), 4)
-        row[f"{key}_drift"] = float(f"{flat_drift(ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()):.3g}")
+        row[f"{key}_drift"] = float(f"{flat_drift(flat_floats([ref]), flat_floats([got])):.3g}")
     return row
 
 

@@ -97,7 +97,7 @@ def test_a_carried_value_that_changes_stays_carried():
     model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(1, np.float32), "zero"))
     m, row = _run(model)
     assert "carried_passthrough" not in row["counts"]
-    assert len([n for n in m.graph if n.op_type == "Loop"][0].inputs) == 4
+    assert len(next(n for n in m.graph if n.op_type == "Loop").inputs) == 4
     assert "nodes_hoisted" not in row["counts"]  # feats @ wt reads the carried wt
 
 
