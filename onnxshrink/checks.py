@@ -13,8 +13,6 @@ import logging
 import onnx
 import onnx_ir as ir
 
-from onnxshrink.graph_utils import subgraphs_of
-
 logger = logging.getLogger(__name__)
 
 #: Initializers bigger than this are turned into graph inputs while onnx's C++ code looks at the model.
@@ -156,19 +154,14 @@ def forget_subgraph_shapes(model: ir.Model) -> dict[ir.Value, ir.Shape]:
     scalar where its Cast gives [1], which fails strict inference, and ONNX Runtime warns at every
     decoding step. Inference derives them again; outputs of other domains' ops keep theirs."""
     dropped: dict[ir.Value, ir.Shape] = {}
-
-    def walk(graph) -> None:
+    for graph in model.graphs():  # the main graph first, then every subgraph at any depth
+        if graph is model.graph:
+            continue
         for node in graph:
-            for sub in subgraphs_of(node):
-                for inner in sub:
-                    if inner.domain not in ("", "ai.onnx"):
-                        continue
-                    for v in inner.outputs:
-                        if v.shape is not None:
-                            dropped[v], v.shape = v.shape, None
-                walk(sub)
-
-    walk(model.graph)
+            if node.domain in ("", "ai.onnx"):
+                for v in node.outputs:
+                    if v.shape is not None:
+                        dropped[v], v.shape = v.shape, None
     return dropped
 
 

@@ -83,7 +83,7 @@ def _drop_passthrough(loop: ir.Node, stats: PassStats) -> ir.Node | None:
 
 def _runs_once(loop: ir.Node) -> str | None:
     """None when ``loop`` provably runs at least once, else why not."""
-    trip, cond = loop.inputs[0], loop.inputs[1] if len(loop.inputs) > 1 else None
+    trip, cond = loop.inputs[0], loop.inputs[1] if len(loop.inputs) > 1 else None  # Loop(M) may omit cond
     if trip is not None:
         m = const_array(trip)
         if m is None or m.size != 1 or int(m.reshape(-1)[0]) <= 0:
