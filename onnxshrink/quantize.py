@@ -345,6 +345,8 @@ def _prepare(ir_model: ir.Model, data, report, lossless: bool, check: bool, equa
     if lossless or check:  # no steps: the input's checks alone, warned about once here, not per candidate
         _merge(report, _run(ir_model, pipeline.lossless_steps() if lossless else [], check))
     ir_model, upgraded = upgrade_opset(ir_model)
+    ir_model, for_gelu = _fuse_gelu(ir_model, report, check)
+    upgraded = upgraded or for_gelu
     rec.name_nodes(ir_model)
     infer_shapes(ir_model, data_prop=True)
     pre = [CrossLayerEqualizationPass()] if equalize else []
@@ -352,6 +354,27 @@ def _prepare(ir_model: ir.Model, data, report, lossless: bool, check: bool, equa
         pre.append(rec.smoothquant_pass(ir_model, data, smoothquant, providers))
     if pre:
         _merge(report, _run(ir_model, pre, check))
+    return ir_model, upgraded
+
+
+def _fuse_gelu(ir_model: ir.Model, report, check: bool) -> tuple[ir.Model, int | None]:
+    """Written-out GELUs -> ``Gelu`` before Q/DQ placement, the opset upgraded to 20 for it.
+
+    ONNX Runtime gives each reader of a DequantizeLinear its own copy, so a written-out GELU after a
+    quantized layer reads ``x`` as two values and ORT's GELU fusion no longer matches: five float ops
+    run where one would (``passes/activations``, rule 2). Returns ``(model, old opset or None)``; a
+    model onnx cannot convert keeps its GELUs as they are.
+    """
+    from onnxshrink.passes.activations import count_gelus
+
+    if not count_gelus(ir_model):
+        return ir_model, None
+    try:
+        ir_model, upgraded = upgrade_opset(ir_model, 20, "to fuse its written-out GELUs into Gelu")
+    except UnsupportedModelError as e:
+        logger.info("written-out GELUs stay as they are: %s", e)
+        return ir_model, None
+    _merge(report, _run(ir_model, [pipeline.make_pass("fuse_activations", hardswish=False)], check))
     return ir_model, upgraded
 
 
@@ -475,7 +498,8 @@ def _warn_if_empty(plan: QDQPlan) -> None:
     )
 
 
-def upgrade_opset(model: ir.Model, target: int = MIN_OPSET) -> tuple[ir.Model, int | None]:
+def upgrade_opset(model: ir.Model, target: int = MIN_OPSET, why: str = "for per-channel QDQ"
+                  ) -> tuple[ir.Model, int | None]:
     """``model`` converted to opset ``target`` when its default-domain opset is lower.
 
     Returns ``(model, old_opset)``; ``old_opset`` is None when nothing changed. Raises
@@ -491,7 +515,7 @@ def upgrade_opset(model: ir.Model, target: int = MIN_OPSET) -> tuple[ir.Model, i
             f"the model has opset {old}; int8 QDQ needs opset {target} and onnx.version_converter could "
             f"not convert it: {e}. Re-export the model with opset >= {target}"
         ) from e
-    logger.info("upgraded the model from opset %d to %d for per-channel QDQ", old, target)
+    logger.info("upgraded the model from opset %d to %d %s", old, target, why)
     upgraded = ir.serde.deserialize_model(proto)
     for g_old, g_new in zip(model.graphs(), upgraded.graphs()):
         base = None

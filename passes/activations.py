@@ -8,6 +8,10 @@ Rules (default-domain nodes, floating-point tensors; stats key in brackets):
    (opset >= 11) or attributes; and ``x * HardSigmoid(x, alpha=1/6, beta=0.5)`` ->
    ``HardSwish(x)`` (opset >= 14), or, below opset 14, ``x * HardSigmoid(x, alpha=1/6, beta=0.5)``
    (4 nodes -> 2) [hardswish_fused].
+2. GELU written out (erf form), as Paddle, PyTorch and TensorFlow exports do: the product of ``x``,
+   ``0.5`` and ``Erf(x / sqrt(2)) + 1`` (``/ sqrt(2)`` as ``Div`` or ``Mul(., 1/sqrt(2))``), the three
+   factors in any order and grouping of two ``Mul`` nodes -> ``Gelu(x)`` (opset >= 20; below, left as
+   it is: the ``gelu_needs_opset_20`` note says how many were left) [gelu_fused].
 
 Both compute ``x * max(0, min(1, x/6 + 1/2))``: the results differ from the written-out form by float
 rounding only (measured up to 2e-8 absolute on values of magnitude 10). The constants must be
@@ -17,7 +21,10 @@ graph outputs. Refused otherwise, silently (a pattern that is not complete is no
 
 Not in the ``lossless`` loop that quantization and pruning run (``pipeline.lossless_steps``): ORT has
 no int8 kernel for HardSigmoid or HardSwish, while the written-out form quantizes op by op. The
-``default`` preset runs it. On ONNX Runtime (CPU, 1 thread) the fused forms run in 0.68-0.72 of the
+``default`` preset runs it. Quantization runs rule 2 alone before it places Q/DQ, and upgrades the
+opset to 20 for it (``quantize._fuse_gelu``): ONNX Runtime gives each reader of a DequantizeLinear its
+own copy, so ``x`` then reaches the written-out GELU's ``Div`` and ``Mul`` as two values, its own GELU
+fusion no longer matches, and five float ops run where one would. On ONNX Runtime (CPU, 1 thread) the fused forms run in 0.68-0.72 of the
 time of the written-out one on a stack of six, and PP-OCR cls/det/rec in 0.62/0.87/0.78 of the time
 with ORT's optimizations on (``benchmarks/bench_fusions_ort.py``, ``results/fusions_ort.md``).
 """
@@ -35,6 +42,7 @@ from onnxshrink.graph_utils import const_array, drop_node, is_default_domain
 from onnxshrink.pass_infra import Changes, PassStats, ShrinkPass
 
 _SIXTH = 1.0 / 6.0
+_SQRT2 = float(np.sqrt(2.0))
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 
 
@@ -152,10 +160,81 @@ def _try_hardswish(rw: Rewriter, root: ir.Node, opset: int) -> bool:
     return True
 
 
+def _product_factors(root: ir.Node) -> tuple[list[ir.Value], list[ir.Node]] | None:
+    """The three factors of ``root = Mul(Mul(a, b), c)`` (either grouping) and the inner ``Mul``."""
+    if root.op_type != "Mul" or len(root.inputs) != 2:
+        return None
+    for i in (0, 1):
+        inner = _node(root.inputs[i], "Mul", root)
+        if inner is not None and len(inner.inputs) == 2:
+            return [*inner.inputs, root.inputs[1 - i]], [inner]
+    return None
+
+
+def _rtol(x: ir.Value) -> float:
+    """How close an irrational constant of ``x``'s dtype can be: 1e-6, or two ulps of float16."""
+    dtype = vf.known_dtype(x)
+    return 2e-3 if dtype == ir.DataType.FLOAT16 else 1e-6
+
+
+def _erf_gate(value: ir.Value, user: ir.Node) -> tuple[ir.Value, list[ir.Node]] | None:
+    """x and the nodes of ``Erf(x / sqrt(2)) + 1`` when ``value`` is its output, read only by ``user``."""
+    add = _node(value, "Add", user)
+    split = None if add is None else _split_const(add)
+    erf = None if split is None or split[1] != 1.0 else _node(split[0], "Erf", add)
+    if erf is None:
+        return None
+    for op, k in (("Div", _SQRT2), ("Mul", 1.0 / _SQRT2)):
+        scale = _node(erf.inputs[0], op, erf)
+        inner = None if scale is None else _split_const(scale)
+        if inner is not None and np.isclose(inner[1], k, rtol=_rtol(inner[0])):
+            return inner[0], [add, erf, scale]
+    return None
+
+
+def match_gelu(root: ir.Node) -> tuple[ir.Value, list[ir.Node]] | None:
+    """(x, the nodes to remove besides ``root``) when ``root`` ends a written-out (erf) GELU."""
+    found = _product_factors(root)
+    if found is None:
+        return None
+    factors, inner = found
+    for gi, half in ((g, h) for g in range(3) for h in range(3) if g != h):
+        gate = _erf_gate(factors[gi], inner[0] if gi < 2 else root)
+        x = factors[3 - gi - half]
+        k = _scalar(factors[half], x)
+        if gate is not None and gate[0] is x and k is not None and k == 0.5:
+            return x, [*inner, *gate[1]]
+    return None
+
+
+def _try_gelu(rw: Rewriter, root: ir.Node, opset: int) -> bool:
+    found = match_gelu(root)
+    if found is None or vf.known_dtype(found[0]) not in _FLOATS:
+        return False
+    if opset < 20:
+        rw.stats.notes["gelu_needs_opset_20"] = rw.stats.notes.get("gelu_needs_opset_20", 0) + 1
+        return False
+    x, inner = found
+    if not rw.replace(root, rw.new_node("Gelu", [x], root).outputs[0], "gelu_fused"):
+        return False
+    for node in inner:
+        if node.graph is not None and not any(o.uses() or o.is_graph_output() for o in node.outputs):
+            drop_node(node)
+    return True
+
+
+def count_gelus(model: ir.Model) -> int:
+    """How many written-out GELUs ``fuse_activations`` would fuse at opset 20 (main graph and subgraphs)."""
+    found = (match_gelu(n) for g in model.graphs() for n in g if n.op_type == "Mul" and is_default_domain(n))
+    return sum(1 for f in found if f is not None and vf.known_dtype(f[0]) in _FLOATS)
+
+
 @dataclasses.dataclass(frozen=True)
 class FuseActivationsConfig:
     #: Hard-swish written out -> HardSwish (opset >= 14) or x * HardSigmoid(x) (below).
     hardswish: bool = True
+    #: GELU written out (erf form) -> Gelu (opset >= 20).
+    gelu: bool = True
 
 
 class FuseActivationsPass(ShrinkPass):
@@ -166,7 +245,7 @@ class FuseActivationsPass(ShrinkPass):
     changes = Changes.TOPOLOGY
 
     def apply(self, model: ir.Model, stats: PassStats) -> None:
-        if not self.config.hardswish:
+        if not (self.config.hardswish or self.config.gelu):
             return
         default = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
 
@@ -175,6 +254,8 @@ class FuseActivationsPass(ShrinkPass):
             opset = default
             if isinstance(container, ir.Function):
                 opset = container.opset_imports.get("", default)
-            return _try_hardswish(rw, node, opset)
+            if self.config.gelu and node.op_type == "Mul" and _try_gelu(rw, node, opset):
+                return True
+            return self.config.hardswish and _try_hardswish(rw, node, opset)
 
         run(model, stats, ("Div", "Mul"), try_node)

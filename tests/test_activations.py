@@ -98,3 +98,59 @@ def test_default_preset_fuses_but_lossless_loop_does_not():
     pipeline.Pipeline(pipeline.lossless_steps()).run(plain)
     assert "HardSigmoid" in ops(fused) and "Clip" in ops(plain)
     onnx.checker.check_model(onnx.load_from_string(model_io.to_bytes(fused)))
+
+
+# ---------------------------------------------------------------- GELU (erf form) -> Gelu
+
+
+_GELU_CONSTS = {"sqrt2": np.array(np.sqrt(2.0), F32), "rsqrt2": np.array(1 / np.sqrt(2.0), F32),
+                "one": np.array(1.0, F32), "half": np.array(0.5, F32)}
+
+
+def _gelu(form: str, x: str = "x", out: str = "h") -> list:
+    """The written-out GELU of ``x`` as exporters write it (Paddle, PyTorch, TensorFlow groupings)."""
+    scale = (helper.make_node("Mul", [x, "rsqrt2"], ["g_s"]) if form == "rsqrt"
+             else helper.make_node("Div", [x, "sqrt2"], ["g_s"]))
+    gate = [scale, helper.make_node("Erf", ["g_s"], ["g_e"]),
+            helper.make_node("Add", ["one", "g_e"] if form == "half_first" else ["g_e", "one"], ["g_a"])]
+    if form == "half_first":  # (x * 0.5) * (1 + erf(x / sqrt2)): PyTorch's nn.GELU written out
+        return gate + [helper.make_node("Mul", [x, "half"], ["g_m"]), helper.make_node("Mul", ["g_m", "g_a"], [out])]
+    if form == "half_gate":  # x * (gate * 0.5)
+        return gate + [helper.make_node("Mul", ["g_a", "half"], ["g_m"]), helper.make_node("Mul", [x, "g_m"], [out])]
+    return gate + [helper.make_node("Mul", [x, "g_a"], ["g_m"]), helper.make_node("Mul", ["g_m", "half"], [out])]
+
+
+def _gelu_model(nodes, opset, dtype=F32, outputs=None, consts=None):
+    consts = {k: v.astype(dtype) for k, v in (consts or _GELU_CONSTS).items()}
+    shape = [2, 3, 4, 4]
+    return build([helper.make_node("Neg", ["in"], ["x"]), *nodes, helper.make_node("Neg", ["h"], ["y"])],
+                 [("in", dtype, shape)], outputs or [("y", dtype, shape)], consts, opset=opset)
+
+
+@pytest.mark.parametrize("form", ["paddle", "rsqrt", "half_first", "half_gate"])
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_gelu_forms_fused_at_opset_20(form, dtype):
+    model, stats = run_pass(_gelu_model(_gelu(form), 20, dtype), "fuse_activations", dtype)
+    assert stats.counts["gelu_fused"] == 1 and ops(model) == ["Neg", "Gelu", "Neg"]
+    gelu = next(n for n in model.graph if n.op_type == "Gelu")
+    assert gelu.attributes.get_string("approximate", "none") == "none"
+
+
+def test_gelu_left_below_opset_20_and_noted():
+    model, stats = run_pass(_gelu_model(_gelu("paddle"), 18), "fuse_activations")
+    assert not stats.counts and "Gelu" not in ops(model) and stats.notes["gelu_needs_opset_20"] == 1
+
+
+@pytest.mark.parametrize("case", ["half", "sqrt", "one", "other_x", "shared"])
+def test_not_gelu_kept(case):
+    consts, nodes, outputs = dict(_GELU_CONSTS), _gelu("paddle"), None
+    if case in ("half", "sqrt", "one"):  # x * 0.6 * ..., erf(x / 1.5), erf(.) + 2: other functions
+        consts[{"half": "half", "sqrt": "sqrt2", "one": "one"}[case]] = np.array(
+            {"half": 0.6, "sqrt": 1.5, "one": 2.0}[case], F32)
+    elif case == "other_x":  # in * (1 + erf(x / sqrt2)) * 0.5
+        nodes[3] = helper.make_node("Mul", ["in", "g_a"], ["g_m"])
+    elif case == "shared":  # the Erf output is read elsewhere too
+        nodes.append(helper.make_node("Relu", ["g_e"], ["z"]))
+        outputs = [("y", F32, [2, 3, 4, 4]), ("z", F32, [2, 3, 4, 4])]
+    model, stats = run_pass(_gelu_model(nodes, 20, outputs=outputs, consts=consts), "fuse_activations")
+    assert not stats.counts and "Gelu" not in ops(model)

@@ -66,6 +66,33 @@ def test_opset11_model_is_upgraded_and_per_channel(tmp_path):
     assert cosine(ort_run(proto, feeds[0])[0], ort_run(result.output, feeds[0])[0]) > 0.995
 
 
+def test_written_out_gelu_becomes_gelu_at_opset_20(tmp_path):
+    """Q/DQ would split GELU's x into two DequantizeLinear copies (ORT makes one per reader) and ORT's
+    GELU fusion would no longer match; quantize fuses it first, upgrading the opset to 20."""
+    proto = model("""g (float[1,4,8,8] inp) => (float[1,8,8] out) {
+        x = Conv <pads=[1,1,1,1]> (inp, W1, B1)
+        s = Div(x, sqrt2)
+        e = Erf(s)
+        a = Add(e, one)
+        m = Mul(x, a)
+        h = Mul(m, half)
+        c = Conv <pads=[1,1,1,1]> (h, W2, B2)
+        out = Squeeze <axes=[1]> (c)
+    }""", {"W1": weights(8, 4, 3, 3), "B1": weights(8), "W2": weights(1, 8, 3, 3), "B2": weights(1),
+           "sqrt2": np.array(np.sqrt(2), np.float32), "one": np.array(1, np.float32),
+           "half": np.array(0.5, np.float32)}, opset=11)
+    feeds = feeds_for(proto)
+    result = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", cache_dir=False, tune=False)
+    assert result.opset_upgraded_from == 11
+    saved = onnx.load(str(result.output))
+    onnx.checker.check_model(saved, full_check=True)
+    assert next(o.version for o in saved.opset_import if o.domain in ("", "ai.onnx")) == 20
+    op_types = [n.op_type for n in saved.graph.node]
+    assert op_types.count("Gelu") == 1 and "Erf" not in op_types
+    assert not any(op in fusion_report(result.output).ops for op in ("Conv", "Erf", "Div"))
+    assert cosine(ort_run(proto, feeds[0])[0], ort_run(result.output, feeds[0])[0]) > 0.995
+
+
 def test_dynamic_batch_model(tmp_path):
     proto = zoo.build("dynamic_batch")
     feeds = feeds_for(proto, n=4, batch=3)
