@@ -174,7 +174,7 @@ def lossless_steps() -> list[Step]:
 #: Passes only the ``default`` preset runs, in its loop after ``fuse_gemm``: fusions into ops that int8
 #: kernels lack (HardSwish, HardSigmoid) and scalar scales sunk into weights. Quantization and pruning
 #: run ``lossless_steps`` without them.
-FLOAT_FUSION_PASSES = ("fuse_activations", "fold_scalar_scales")
+FLOAT_FUSION_PASSES = ("fuse_activations", "fuse_layernorm", "fold_scalar_scales")
 
 
 def default_steps() -> list[Step]:

@@ -22,7 +22,7 @@ graph outputs. Refused otherwise, silently (a pattern that is not complete is no
 Not in the ``lossless`` loop that quantization and pruning run (``pipeline.lossless_steps``): ORT has
 no int8 kernel for HardSigmoid or HardSwish, while the written-out form quantizes op by op. The
 ``default`` preset runs it. Quantization runs rule 2 alone before it places Q/DQ, and upgrades the
-opset to 20 for it (``quantize._fuse_gelu``): ONNX Runtime gives each reader of a DequantizeLinear its
+opset to 20 for it (``quantize._fuse_for_qdq``): ONNX Runtime gives each reader of a DequantizeLinear its
 own copy, so ``x`` then reaches the written-out GELU's ``Div`` and ``Mul`` as two values, its own GELU
 fusion no longer matches, and five float ops run where one would. On ONNX Runtime (CPU, 1 thread) the fused forms run in 0.68-0.72 of the
 time of the written-out one on a stack of six, and PP-OCR cls/det/rec in 0.62/0.87/0.78 of the time
