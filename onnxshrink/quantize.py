@@ -371,6 +371,8 @@ def _fuse_for_qdq(ir_model: ir.Model, report, check: bool) -> tuple[ir.Model, in
     from onnxshrink.passes.activations import count_gelus
     from onnxshrink.passes.layernorm import count_layernorms
 
+    if not any(n.op_type in ("Erf", "Sqrt") for g in ir_model.graphs() for n in g):
+        return ir_model, None  # neither pattern: spare a shape inference
     infer_shapes(ir_model, data_prop=True)  # the rules need dtypes, the layer-norm rule x's shape
     upgraded = None
     if count_gelus(ir_model):

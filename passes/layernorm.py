@@ -92,7 +92,7 @@ def _core(div: ir.Node) -> tuple[ir.Value, tuple[int, ...], float, list[ir.Node]
     if mean is None or mean.inputs[0] is not x or not rank or d.is_graph_output():
         return None
     axes = _reduced_axes(mean, rank)
-    var = next((_only(v, ("ReduceMean",), add) for v in add.inputs if _only(v, ("ReduceMean",), add)), None)
+    var = next((n for n in (_only(v, ("ReduceMean",), add) for v in add.inputs) if n is not None), None)
     eps = None if var is None else _scalar(_other(add, var.outputs[0]))
     square = None if var is None else _only(var.inputs[0], ("Pow", "Mul"), var)
     if axes is None or eps is None or square is None or _reduced_axes(var, rank) != axes:
@@ -147,9 +147,7 @@ def match_layernorm(div: ir.Node) -> dict | None:
     shift = _affine(found["root"].outputs[0], "Add", div, norm_shape, rank)
     if shift is not None:
         found["beta"], found["inner"], found["root"] = shift[1], [found["root"], *found["inner"]], shift[0]
-    if found["root"].outputs[0].shape is not None and list(found["root"].outputs[0].shape) != list(x.shape):
-        return None
-    return found
+    return found  # gamma and beta broadcast to the normalized shape: the result has x's shape
 
 
 def _try_layernorm(rw: Rewriter, div: ir.Node, opset: int) -> bool:
