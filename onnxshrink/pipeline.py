@@ -60,7 +60,8 @@ class PipelineReport:
     iterations: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def per_pass(self) -> dict[str, dict]:
-        """Totals per pass name: runs, seconds, counts, skipped nodes."""
+        """Totals per pass name: runs, seconds, counts, skipped nodes; ``left``: the patterns a rule
+        found but could not rewrite at the model's opset (``gelu_needs_opset_20``), when any."""
         out: dict[str, dict] = {}
         for r in self.records:
             row = out.setdefault(
@@ -71,6 +72,9 @@ class PipelineReport:
             for k, v in r.stats.counts.items():
                 row["counts"][k] = row["counts"].get(k, 0) + v
             row["skipped"].extend(str(s) for s in r.stats.skipped)
+            left = {k: v for k, v in r.stats.notes.items() if "_needs_opset_" in k}
+            if left:  # the patterns a rule left for want of an opset: as the last run saw them
+                row["left"] = left
         for row in out.values():
             row["skipped"] = sorted(set(row["skipped"]))
         return out

@@ -103,6 +103,8 @@ def pass_table(per_pass: dict[str, dict]) -> str:
     rows = []
     for name, row in per_pass.items():
         counts = ", ".join(f"{k}={v}" for k, v in sorted(row["counts"].items())) or "-"
+        if row.get("left"):
+            counts += "; left: " + ", ".join(f"{k}={v}" for k, v in sorted(row["left"].items()))
         rows.append([name, row["runs"], row["seconds"] * 1000, len(row["skipped"]), counts])
     return format_table(["pass", "runs", "ms", "skipped", "changes"], rows)
 

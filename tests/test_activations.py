@@ -154,3 +154,14 @@ def test_not_gelu_kept(case):
         outputs = [("y", F32, [2, 3, 4, 4]), ("z", F32, [2, 3, 4, 4])]
     model, stats = run_pass(_gelu_model(nodes, 20, outputs=outputs, consts=consts), "fuse_activations")
     assert not stats.counts and "Gelu" not in ops(model)
+
+
+def test_gelus_left_below_opset_20_are_reported():
+    """The default preset on an opset-18 model says how many GELUs it left and why."""
+    from onnxshrink import report
+
+    model = model_io.load(_gelu_model(_gelu("paddle"), 18))
+    result = pipeline.Pipeline(pipeline.preset_steps("default")).run(model)
+    row = result.per_pass()["fuse_activations"]
+    assert row["left"] == {"gelu_needs_opset_20": 1} and not row["counts"]
+    assert "left: gelu_needs_opset_20=1" in report.pass_table(result.per_pass())
