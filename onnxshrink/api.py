@@ -27,6 +27,7 @@ class OptimizeResult:
     seconds: float
     output: Path | None = None
     input_problems: list[str] = dataclasses.field(default_factory=list)
+    opset_upgraded_from: int | None = None  # the input's opset when ``opset`` upgraded it
 
     def to_dict(self) -> dict:
         return {
@@ -35,6 +36,7 @@ class OptimizeResult:
             "before": self.before,
             "after": self.after,
             "input_problems": self.input_problems,
+            "opset_upgraded_from": self.opset_upgraded_from,
             **self.report.to_dict(),
         }
 
@@ -69,6 +71,7 @@ def optimize(
     overwrite_input: bool = False,
     progress=None,
     dims: Mapping[str, int] | None = None,
+    opset: int | None = None,
 ) -> OptimizeResult:
     """Run passes on ``model`` (a path, bytes, proto or ``ir.Model``, rewritten in place if an
     ``ir.Model``) and write it to ``output`` when given.
@@ -76,13 +79,22 @@ def optimize(
     ``check`` runs the structural check after each changing pass; ``check_each`` also compares ONNX
     Runtime outputs after each changing pass on a probe batch (``probe_feeds`` or random data).
     ``dims``: input dims (dim name or ``input:axis`` -> size) the MACs before and after are counted at;
-    symbolic dims not given count as 1.
+    symbolic dims not given count as 1. ``opset``: convert the model to this default-domain opset first
+    (``onnx.version_converter``; never down), so rules that need a newer op can fire: ``Gelu`` (20),
+    ``LayerNormalization`` (17), ``HardSwish`` (14).
     """
     t0 = time.perf_counter()
     in_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
     model_io.check_output(output, protected=(in_path,) if in_path else (), overwrite_input=overwrite_input)
     ir_model = model_io.load(model)
     before = stats.summarize(ir_model, in_path, dims=dims)
+    upgraded = None
+    if opset is not None:
+        current = model_io.default_opset(ir_model)
+        if current is not None and current > opset:
+            raise ConfigError(f"the model has opset {current}, above the {opset} asked: onnxshrink converts "
+                              "opsets up, never down")
+        ir_model, upgraded = model_io.upgrade_opset(ir_model, opset, "the opset asked (--opset)")
     if steps is None:
         steps = resolve_steps(preset, passes, recipe)
     insts: list[Instrument] = list(instruments)
@@ -106,4 +118,5 @@ def optimize(
         time.perf_counter() - t0,
         out_path,
         structural.input_problems if structural else [],
+        upgraded,
     )

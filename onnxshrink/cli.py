@@ -49,6 +49,9 @@ def add_optimize(sub) -> None:
                    help="compare ONNX Runtime outputs after every changing pass; name the pass that breaks them")
     p.add_argument("--no-check", action="store_true", help="skip the structural check after each pass")
     p.add_argument("--overwrite-input", action="store_true", help="allow -o to name the input file")
+    p.add_argument("--opset", type=int, metavar="N",
+                   help="convert the model to default-domain opset N first (up only), so fusions into newer "
+                        "ops fire: Gelu (20), LayerNormalization (17), HardSwish (14)")
     p.add_argument("--report", help="write the summary as JSON to this file")
     p.add_argument("--list-passes", action="store_true", help="list registered passes and presets, then exit")
     from onnxshrink.cli_quantize import add_quantize_args
@@ -121,10 +124,13 @@ def run_optimize(args) -> int:
         overwrite_input=args.overwrite_input,
         progress=_progress_printer(not args.quiet),
         dims=runtime.parse_dims(args.shape),
+        opset=args.opset,
     )
     if sys.stderr.isatty() and not args.quiet:
         sys.stderr.write("\r\033[K")
     print(f"onnxshrink optimize: {src} -> {args.output or '(not written)'}  [{result.seconds:.2f} s]")
+    if result.opset_upgraded_from is not None:
+        print(f"opset {result.opset_upgraded_from} -> {args.opset} (onnx.version_converter)")
     print(report.before_after_table(result.before, result.after))
     print()
     print(report.pass_table(result.report.per_pass()))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
@@ -167,6 +168,36 @@ def default_opset(model: ir.Model) -> int | None:
         if domain in model.opset_imports:
             return model.opset_imports[domain]
     return None
+
+
+def upgrade_opset(model: ir.Model, target: int, why: str) -> tuple[ir.Model, int | None]:
+    """``model`` converted to default-domain opset ``target`` by ``onnx.version_converter`` when its
+    opset is lower (``why``: what needs ``target``, for the log and the error).
+
+    Returns ``(model, old_opset)``; ``old_opset`` is None when nothing changed. External weights keep
+    their base directory. Raises ``UnsupportedModelError`` when the converter cannot convert the model.
+    """
+    old = default_opset(model)
+    if old is None or old >= target:
+        return model, None
+    try:
+        proto = onnx.version_converter.convert_version(ir.serde.serialize_model(model), target)
+    except Exception as e:
+        raise UnsupportedModelError(
+            f"the model has opset {old}; {why} needs opset {target} and onnx.version_converter could "
+            f"not convert it: {e}. Re-export the model with opset >= {target}"
+        ) from e
+    logger.info("upgraded the model from opset %d to %d for %s", old, target, why)
+    upgraded = ir.serde.deserialize_model(proto)
+    for g_old, g_new in zip(model.graphs(), upgraded.graphs()):
+        base = None
+        for t in g_old.initializers.values():
+            if isinstance(t.const_value, ir.ExternalTensor):
+                base = t.const_value.base_dir
+                break
+        if base:
+            ir.external_data.set_base_dir(g_new, base)
+    return upgraded, old
 
 
 def iter_initializer_tensors(model: ir.Model):

@@ -54,7 +54,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import onnx
 import onnx_ir as ir
 
 from onnxshrink import data as data_mod
@@ -377,7 +376,7 @@ def _fuse_for_qdq(ir_model: ir.Model, report, check: bool) -> tuple[ir.Model, in
     upgraded = None
     if count_gelus(ir_model):
         try:
-            ir_model, upgraded = upgrade_opset(ir_model, 20, "to fuse its written-out GELUs into Gelu")
+            ir_model, upgraded = upgrade_opset(ir_model, 20, "fusing its written-out GELUs into Gelu")
         except UnsupportedModelError as e:
             logger.info("written-out GELUs stay as they are: %s", e)
     opset = model_io.default_opset(ir_model) or 0
@@ -509,34 +508,10 @@ def _warn_if_empty(plan: QDQPlan) -> None:
     )
 
 
-def upgrade_opset(model: ir.Model, target: int = MIN_OPSET, why: str = "for per-channel QDQ"
+def upgrade_opset(model: ir.Model, target: int = MIN_OPSET, why: str = "per-channel QDQ"
                   ) -> tuple[ir.Model, int | None]:
-    """``model`` converted to opset ``target`` when its default-domain opset is lower.
-
-    Returns ``(model, old_opset)``; ``old_opset`` is None when nothing changed. Raises
-    ``UnsupportedModelError`` when onnx's version converter cannot convert the model.
-    """
-    old = model_io.default_opset(model)
-    if old is None or old >= target:
-        return model, None
-    try:
-        proto = onnx.version_converter.convert_version(ir.serde.serialize_model(model), target)
-    except Exception as e:
-        raise UnsupportedModelError(
-            f"the model has opset {old}; int8 QDQ needs opset {target} and onnx.version_converter could "
-            f"not convert it: {e}. Re-export the model with opset >= {target}"
-        ) from e
-    logger.info("upgraded the model from opset %d to %d %s", old, target, why)
-    upgraded = ir.serde.deserialize_model(proto)
-    for g_old, g_new in zip(model.graphs(), upgraded.graphs()):
-        base = None
-        for t in g_old.initializers.values():
-            if isinstance(t.const_value, ir.ExternalTensor):
-                base = t.const_value.base_dir
-                break
-        if base:
-            ir.external_data.set_base_dir(g_new, base)
-    return upgraded, old
+    """``model_io.upgrade_opset`` with per-channel QDQ's opset (13) as the default target."""
+    return model_io.upgrade_opset(model, target, why)
 
 
 class _CallableModule(types.ModuleType):

@@ -165,3 +165,24 @@ def test_gelus_left_below_opset_20_are_reported():
     row = result.per_pass()["fuse_activations"]
     assert row["left"] == {"gelu_needs_opset_20": 1} and not row["counts"]
     assert "left: gelu_needs_opset_20=1" in report.pass_table(result.per_pass())
+
+
+def test_optimize_opset_option_upgrades_so_gelu_fuses(tmp_path, capsys):
+    """``optimize --opset 20`` converts an opset-11 model first, so its written-out GELU becomes Gelu;
+    asking for an opset below the model's is refused (exit 2), never a downgrade."""
+    from onnxshrink import api, cli
+    from tests.lossless import ort_outputs
+
+    src = tmp_path / "gelu11.onnx"
+    proto = _gelu_model(_gelu("half_first"), 11)
+    onnx.save(proto, src)
+    result = api.optimize(src, tmp_path / "o.onnx", opset=20)
+    assert result.opset_upgraded_from == 11 and result.to_dict()["opset_upgraded_from"] == 11
+    saved = onnx.load(tmp_path / "o.onnx")
+    assert saved.opset_import[0].version == 20 and [n.op_type for n in saved.graph.node].count("Gelu") == 1
+    feed = {"in": np.random.default_rng(0).standard_normal((2, 3, 4, 4)).astype(F32)}
+    np.testing.assert_allclose(ort_outputs(saved, feed)[0], ort_outputs(proto, feed)[0], rtol=1e-5, atol=1e-6)
+    assert cli.main(["optimize", str(src), "-o", str(tmp_path / "c.onnx"), "--opset", "20"]) == 0
+    assert "opset 11 -> 20" in capsys.readouterr().out
+    assert cli.main(["optimize", str(src), "-o", str(tmp_path / "d.onnx"), "--opset", "9"]) == 2
+    assert "converts opsets up, never down" in capsys.readouterr().err
