@@ -1,8 +1,9 @@
-"""onnxshrink structured pruning on real trained models (PP-OCR cls, rec, det; NudeNet YOLOv8n), without
-training.
+"""onnxshrink structured pruning on real trained models (PP-OCR cls, rec, det; NudeNet YOLOv8n; PP-OCRv6
+rec and det), without training.
 
 For each model (``models/fetch_real.py``: the RapidOCR wheel's PP-OCR text-line orientation
-classifier, recognizer and DB detector; NudeNet's YOLOv8n detector) and ratio (0.1, 0.3, 0.5), with the default rounding
+classifier, recognizer and DB detector; NudeNet's YOLOv8n detector; rapidocr 3.10's PP-OCRv6 small
+recognizer and detector, fed and scored like their v4 namesakes) and ratio (0.1, 0.3, 0.5), with the default rounding
 (ONNX Runtime's NCHWc block):
 
 - ``l1``: data-free, ``--prune RATIO`` (the L1 criterion, no calibration, no reconstruction);
@@ -28,7 +29,7 @@ model. Batches: cls 1 and 32, rec 1 and 8 (one batch-32 run takes about 1 s here
 NudeNet 1 and 8.
 The 1-minute load average is recorded before and after each model's timing (2 shared cores).
 
-    /work/venv/bin/python benchmarks/bench_prune_real.py [--models ppocr_cls,ppocr_rec,ppocr_det,nudenet_320n]
+    /work/venv/bin/python benchmarks/bench_prune_real.py [--models ppocr_cls,ppocr_rec,ppocr_det,nudenet_320n,...]
         [--ratios 0.1,0.3,0.5] [--runs-scale 1.0] [--out benchmarks/results] [--stem prune_real] [--merge]
     /work/venv/bin/python benchmarks/bench_prune_real.py --render benchmarks/results/prune_real.json
 """
@@ -68,6 +69,8 @@ MODELS = {
     "ppocr_cls": Spec({"x:2": 48, "x:3": 192}, 16, 16, {1: 200, 32: 40}),  # 6 crops a feed
     "ppocr_rec": Spec({"x:2": 48, "x:3": 320}, 8, 32, {1: 60, 8: 20}),  # 2 crops a feed
     "ppocr_det": Spec({"x:2": 320, "x:3": 320}, 6, 6, {1: 40}),  # 1 page a feed, 3 page sizes
+    "ppocr6_rec": Spec({"x:2": 48, "x:3": 320}, 8, 32, {1: 60, 8: 20}),  # PP-OCRv6, fed as v4
+    "ppocr6_det": Spec({"x:2": 320, "x:3": 320}, 6, 6, {1: 40}),
     "nudenet_320n": Spec({"images:2": 320, "images:3": 320}, 8, 16, {1: 60, 8: 15}),  # 1 scene a feed
 }
 #: Detectors, scored by ``fetch_real.detection_agreement`` as ``bench_quantize_vs_ort`` scores them.
@@ -93,7 +96,7 @@ def quality(name: str, ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
         sr, sg = (np.concatenate([scores(o).ravel() for o in x]) for x in (ref_outs, outs))
         out["fg"] = 1.0 - flat_drift(flat_floats([sr]), flat_floats([sg]))  # the class scores' cosine alone
         return out
-    if name == "ppocr_det":
+    if name in ("ppocr_det", "ppocr6_det"):
         tr, tg = flat_r.values > 0.3, flat_g.values > 0.3
         out["agree"] = float((tr == tg).mean())
         out["fg"] = float((tr & tg).sum() / max((tr | tg).sum(), 1))
@@ -101,7 +104,7 @@ def quality(name: str, ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
     last = ref[0].shape[-1]
     ar, ag = (np.concatenate([o.reshape(-1, last) for o in x]).argmax(-1) for x in (ref, got))
     out["agree"] = float((ar == ag).mean())
-    if name == "ppocr_rec":
+    if name in ("ppocr_rec", "ppocr6_rec"):
         chars = ar != 0  # CTC blank is class 0
         out["fg"] = float((ar[chars] == ag[chars]).mean()) if chars.any() else None
         out["fg_steps"] = int(chars.sum())
@@ -121,7 +124,7 @@ def timing_feeds(name: str, spec: Spec, evals: list[dict]) -> dict[int, dict]:
     x = next(iter(evals[0]))  # the image input
     h, w = spec.dims[f"{x}:2"], spec.dims[f"{x}:3"]
     rows = np.concatenate([f[x] for f in evals if f[x].shape[2:] == (h, w)])
-    if name == "ppocr_det" and not len(rows):
+    if name in ("ppocr_det", "ppocr6_det") and not len(rows):
         rows = fetch_real.example_feeds(name, n=1, seed=0)[0][x]  # seed 0 starts at 320x320
     out = {}
     for b in spec.runs:
@@ -269,7 +272,8 @@ def write_markdown(results: dict, path: Path) -> None:
     machines = {(m["cpu"], m["nchwc_block"]) for m in (e.get("machine", FIRST_MACHINE) for e in results.values())}
     where = "; ".join(f"{cpu}: NCHWc block {block}" for cpu, block in sorted(machines))
     lines = [
-        "# Structured pruning on real trained models: PP-OCR cls, rec, det, NudeNet YOLOv8n (no training)",
+        "# Structured pruning on real trained models: PP-OCR cls, rec, det, NudeNet YOLOv8n, PP-OCRv6 rec, det "
+        "(no training)",
         "",
         ("`python benchmarks/bench_prune_real.py` (see its docstring). Widths rounded to the default (ONNX "
          f"Runtime's NCHWc block; {where}; rounded up: a narrow group may stay whole). Variants: "
