@@ -272,8 +272,8 @@ def write_markdown(results: dict, path: Path) -> None:
     machines = {(m["cpu"], m["nchwc_block"]) for m in (e.get("machine", FIRST_MACHINE) for e in results.values())}
     where = "; ".join(f"{cpu}: NCHWc block {block}" for cpu, block in sorted(machines))
     lines = [
-        "# Structured pruning on real trained models: PP-OCR cls, rec, det, NudeNet YOLOv8n, PP-OCRv6 rec, det "
-        "(no training)",
+        ("# Structured pruning on real trained models: PP-OCR cls, rec, det, NudeNet YOLOv8n, PP-OCRv6 rec, "
+         "det (no training)"),
         "",
         ("`python benchmarks/bench_prune_real.py` (see its docstring). Widths rounded to the default (ONNX "
          f"Runtime's NCHWc block; {where}; rounded up: a narrow group may stay whole). Variants: "
