@@ -81,7 +81,8 @@ def optimize(
     ``dims``: input dims (dim name or ``input:axis`` -> size) the MACs before and after are counted at;
     symbolic dims not given count as 1. ``opset``: convert the model to this default-domain opset first
     (``onnx.version_converter``; never down), so rules that need a newer op can fire: ``Gelu`` (20),
-    ``LayerNormalization`` (17), ``HardSwish`` (14).
+    ``LayerNormalization`` (17), ``HardSwish`` (14); an ``ir.Model`` given is then converted as a copy
+    and rewritten there (``result.model``), not in place.
     """
     t0 = time.perf_counter()
     in_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
