@@ -363,8 +363,8 @@ def _fuse_for_qdq(ir_model: ir.Model, report, check: bool) -> tuple[ir.Model, in
     ONNX Runtime gives each reader of a DequantizeLinear its own copy, so in a QDQ model the ``x`` that
     such a pattern reads twice arrives as two values and ORT's own fusion no longer matches: a GELU
     then runs as five float ops (``passes/activations`` rule 2; PP-OCRv6 det int8 1.06x -> 1.19x
-    float speed). Layer norms do not drive the upgrade: fused or not, PP-OCR rec v4 and v6 int8 ran
-    at the same speed and accuracy (one-off, ``passes/layernorm``). Returns ``(model, old opset or
+    float speed, ``results/quantize_vs_ort_avx2.md``). Layer norms do not drive the upgrade: no
+    measurement here shows int8 gaining from fusing them (PP-OCR rec v4 and v6 were tried). Returns ``(model, old opset or
     None)``; a model onnx cannot convert keeps its GELUs as they are.
     """
     from onnxshrink.passes.activations import count_gelus

@@ -14,6 +14,7 @@ from onnxshrink.graph_utils import (
     is_default_domain,
     own_type,
 )
+from onnxshrink.model_io import default_opset
 from onnxshrink.pass_infra import PassStats, iter_graphs
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
@@ -71,6 +72,24 @@ class Rewriter:
 
 def used(node: ir.Node) -> bool:
     return any(v.uses() or v.is_graph_output() for v in node.outputs)
+
+
+def drop_unused(nodes) -> None:
+    """Drop each of ``nodes`` (users before producers) that nothing reads any more."""
+    for node in nodes:
+        if node.graph is not None and not used(node):
+            drop_node(node)
+
+
+def container_opset(model: ir.Model, container) -> int:
+    """The default-domain opset a rule sees in ``container``: a function's own import, else the model's."""
+    opset = default_opset(model) or 1
+    return container.opset_imports.get("", opset) if isinstance(container, ir.Function) else opset
+
+
+def note_left(stats: PassStats, key: str) -> None:
+    """Count, in ``stats.notes[key]``, a pattern a rule found but left (``gelu_needs_opset_20``)."""
+    stats.notes[key] = stats.notes.get(key, 0) + 1
 
 
 def sole_user(value: ir.Value | None, node: ir.Node) -> bool:

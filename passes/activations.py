@@ -39,7 +39,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 from onnxshrink.passes import _value_facts as vf
-from onnxshrink.passes._fusion_base import Rewriter, run, sole_user
+from onnxshrink.passes._fusion_base import Rewriter, container_opset, drop_unused, note_left, run, sole_user
 
 from onnxshrink.graph_utils import const_array, drop_node, is_default_domain
 from onnxshrink.pass_infra import Changes, PassStats, ShrinkPass
@@ -157,9 +157,7 @@ def _try_hardswish(rw: Rewriter, root: ir.Node, opset: int) -> bool:
             if node is not None and node.graph is not None and not any(o.uses() for o in node.outputs):
                 drop_node(node)
         return False
-    for node in inner:  # the written-out nodes, now unread (first to last: producers after users)
-        if node.graph is not None and not any(o.uses() or o.is_graph_output() for o in node.outputs):
-            drop_node(node)
+    drop_unused(inner)  # the written-out nodes, now unread (first to last: producers after users)
     return True
 
 
@@ -215,14 +213,12 @@ def _try_gelu(rw: Rewriter, root: ir.Node, opset: int) -> bool:
     if found is None or vf.known_dtype(found[0]) not in _FLOATS:
         return False
     if opset < 20:
-        rw.stats.notes["gelu_needs_opset_20"] = rw.stats.notes.get("gelu_needs_opset_20", 0) + 1
+        note_left(rw.stats, "gelu_needs_opset_20")
         return False
     x, inner = found
     if not rw.replace(root, rw.new_node("Gelu", [x], root).outputs[0], "gelu_fused"):
         return False
-    for node in inner:
-        if node.graph is not None and not any(o.uses() or o.is_graph_output() for o in node.outputs):
-            drop_node(node)
+    drop_unused(inner)
     return True
 
 
@@ -250,13 +246,8 @@ class FuseActivationsPass(ShrinkPass):
     def apply(self, model: ir.Model, stats: PassStats) -> None:
         if not (self.config.hardswish or self.config.gelu):
             return
-        default = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
-
         def try_node(rw: Rewriter, node: ir.Node) -> bool:
-            container = rw.container
-            opset = default
-            if isinstance(container, ir.Function):
-                opset = container.opset_imports.get("", default)
+            opset = container_opset(model, rw.container)
             if self.config.gelu and node.op_type == "Mul" and _try_gelu(rw, node, opset):
                 return True
             return self.config.hardswish and _try_hardswish(rw, node, opset)

@@ -33,9 +33,17 @@ import numpy as np
 import onnx_ir as ir
 from onnxshrink.passes import _shape_info
 from onnxshrink.passes import _value_facts as vf
-from onnxshrink.passes._fusion_base import Rewriter, run, sole_user
+from onnxshrink.passes._fusion_base import (
+    Rewriter,
+    container_opset,
+    drop_unused,
+    note_left,
+    producer_of,
+    run,
+    sole_user,
+)
 
-from onnxshrink.graph_utils import const_array, drop_node, int_attr, is_default_domain
+from onnxshrink.graph_utils import const_array, int_attr, is_default_domain
 from onnxshrink.pass_infra import Changes, PassStats, ShrinkPass
 
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
@@ -43,10 +51,8 @@ _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataTy
 
 def _only(value: ir.Value | None, op_types: tuple[str, ...], user: ir.Node) -> ir.Node | None:
     """The producer of ``value`` (one of ``op_types``, in ``user``'s graph) when ``user`` alone reads it."""
-    node = None if value is None else value.producer()
-    if node is None or node.op_type not in op_types or not is_default_domain(node) or node.graph is not user.graph:
-        return None
-    return node if sole_user(value, user) else None
+    node = producer_of(value, op_types, user)
+    return node if node is not None and sole_user(value, user) else None
 
 
 def _reduced_axes(node: ir.Node, rank: int) -> tuple[int, ...] | None:
@@ -155,7 +161,7 @@ def _try_layernorm(rw: Rewriter, div: ir.Node, opset: int) -> bool:
     if found is None or vf.known_dtype(found["x"]) not in _FLOATS:
         return False
     if opset < 17:
-        rw.stats.notes["layernorm_needs_opset_17"] = rw.stats.notes.get("layernorm_needs_opset_17", 0) + 1
+        note_left(rw.stats, "layernorm_needs_opset_17")
         return False
     x, root = found["x"], found["root"]
     dtype = ir.DataType(vf.known_dtype(x)).numpy()
@@ -169,9 +175,7 @@ def _try_layernorm(rw: Rewriter, div: ir.Node, opset: int) -> bool:
     node.attributes["epsilon"] = ir.AttrFloat32("epsilon", found["eps"])
     if not rw.replace(root, node.outputs[0], "layernorm_fused"):
         return False
-    for n in found["inner"]:  # users before producers
-        if n.graph is not None and not any(o.uses() or o.is_graph_output() for o in n.outputs):
-            drop_node(n)
+    drop_unused(found["inner"])  # users before producers
     return True
 
 
@@ -199,12 +203,7 @@ class FuseLayerNormPass(ShrinkPass):
             wanted = [sub.inputs[0] for g in model.graphs() for n in g if n.op_type == "Div" and n.inputs
                       and (sub := n.inputs[0] and n.inputs[0].producer()) is not None and sub.op_type == "Sub"]
             _shape_info.fill_missing(model, wanted)
-        default = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
-
         def try_node(rw: Rewriter, node: ir.Node) -> bool:
-            opset = default
-            if isinstance(rw.container, ir.Function):
-                opset = rw.container.opset_imports.get("", default)
-            return _try_layernorm(rw, node, opset)
+            return _try_layernorm(rw, node, container_opset(model, rw.container))
 
         run(model, stats, ("Div",), try_node)
