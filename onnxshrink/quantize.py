@@ -344,10 +344,10 @@ def _prepare(ir_model: ir.Model, data, report, lossless: bool, check: bool, equa
     if lossless or check:  # no steps: the input's checks alone, warned about once here, not per candidate
         _merge(report, _run(ir_model, pipeline.lossless_steps() if lossless else [], check))
     ir_model, upgraded = upgrade_opset(ir_model)
-    ir_model, for_fusion = _fuse_for_qdq(ir_model, report, check)
-    upgraded = upgraded or for_fusion
     rec.name_nodes(ir_model)
     infer_shapes(ir_model, data_prop=True)
+    ir_model, for_fusion = _fuse_for_qdq(ir_model, report, check)  # infers again if it changed the model
+    upgraded = upgraded or for_fusion
     pre = [CrossLayerEqualizationPass()] if equalize else []
     if smoothquant is not None:
         pre.append(rec.smoothquant_pass(ir_model, data, smoothquant, providers))
@@ -364,15 +364,15 @@ def _fuse_for_qdq(ir_model: ir.Model, report, check: bool) -> tuple[ir.Model, in
     such a pattern reads twice arrives as two values and ORT's own fusion no longer matches: a GELU
     then runs as five float ops (``passes/activations`` rule 2; PP-OCRv6 det int8 1.06x -> 1.19x
     float speed, ``results/quantize_vs_ort_avx2.md``). Layer norms do not drive the upgrade: no
-    measurement here shows int8 gaining from fusing them (PP-OCR rec v4 and v6 were tried). Returns ``(model, old opset or
-    None)``; a model onnx cannot convert keeps its GELUs as they are.
+    measurement here shows int8 gaining from fusing them (PP-OCR rec v4 and v6 were tried).
+
+    Expects inferred shapes (the rules need dtypes, the layer-norm rule x's shape) and infers them
+    again when it changed the model. Returns ``(model, old opset or None)``; a model onnx cannot
+    convert keeps its GELUs as they are.
     """
     from onnxshrink.passes.activations import count_gelus
     from onnxshrink.passes.layernorm import count_layernorms
 
-    if not any(n.op_type in ("Erf", "Sqrt") for g in ir_model.graphs() for n in g):
-        return ir_model, None  # neither pattern: spare a shape inference
-    infer_shapes(ir_model, data_prop=True)  # the rules need dtypes, the layer-norm rule x's shape
     upgraded = None
     if count_gelus(ir_model):
         try:
@@ -383,8 +383,11 @@ def _fuse_for_qdq(ir_model: ir.Model, report, check: bool) -> tuple[ir.Model, in
     steps = [pipeline.make_pass("fuse_activations", hardswish=False)] if opset >= 20 else []
     if opset >= 17 and count_layernorms(ir_model):
         steps.append(pipeline.make_pass("fuse_layernorm"))
-    if steps:
-        _merge(report, _run(ir_model, steps, check))
+    fused = _run(ir_model, steps, check) if steps else None
+    if fused is not None:
+        _merge(report, fused)
+    if upgraded is not None or (fused is not None and fused.changed):  # fused nodes come named
+        infer_shapes(ir_model, data_prop=True)
     return ir_model, upgraded
 
 
