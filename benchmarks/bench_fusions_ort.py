@@ -1,14 +1,20 @@
 """Do the newer lossless fusions slow ONNX Runtime down? (CPU, 1 thread, interleaved, ratios)
 
 Each fusion is measured on the models it fires on: the model optimized by the ``default`` preset with
-the fusion against the same preset without it (``fuse_activations`` or ``fold_scalar_scales`` left
-out; ``fuse_conv_bias`` with ``scale=False``), plus a synthetic hard-swish stack. PP-OCR models for
-the first two, the zoo transformer and the trained digits ViT (batch 64) for the last. Both sessions run interleaved (A B A B ...) on the
-same feed; the report gives median latencies and the median of the paired ratios with/without
-(< 1: the fusion makes ORT faster). Both ORT levels: ``enable_all`` (what users run; ORT fuses
-Conv+Mul by itself there) and ``disable_all`` (what the graph alone costs).
+the fusion against the same preset without it (``fuse_activations``, ``fold_scalar_scales`` or
+``avoid_skip_layernorm`` left out; ``fuse_conv_bias`` with ``scale=False``), plus synthetic blocks:
+a hard-swish stack, and post-LN residual blocks (``Add -> LayerNormalization``, alone and after the
+projection's ``MatMul + bias``) at batch x tokens x hidden from 1x17x64 to 8x128x768, written as
+exported (ONNX Runtime fuses them into its ``SkipLayerNormalization``) and after ``avoid_skip_layernorm``.
+PP-OCR models for the first two, the zoo transformer and the trained digits ViT (batch 64) for the
+last two. Both sessions run interleaved (A B A B ...) on the same feed; the report gives median
+latencies and the median of the paired ratios with/without (< 1: the fusion makes ORT faster). Both
+ORT levels: ``enable_all`` (what users run; ORT fuses Conv+Mul by itself there) and ``disable_all``
+(what the graph alone costs).
 
-    python benchmarks/bench_fusions_ort.py [--rounds 30] [--only ppocr_det,...]
+    python benchmarks/bench_fusions_ort.py [--rounds 30] [--only ppocr_det,hardswish,skip_layernorm,...]
+    # rerun some cases into the earlier results (their rows replaced, the rerun noted):
+    python benchmarks/bench_fusions_ort.py --only skip_layernorm,digits_vit,transformer --merge
 
 Writes ``benchmarks/results/fusions_ort.md`` and prints the table.
 """
@@ -100,61 +106,132 @@ def synthetic_hardswish(opset: int, fused: bool) -> bytes:
     return model_io.to_bytes(model)
 
 
+#: (batch, tokens, hidden) of the synthetic post-LN blocks.
+BLOCK_SHAPES = ((1, 17, 64), (60, 17, 64), (1, 64, 256), (32, 64, 256), (1, 128, 768), (8, 128, 768))
+
+
+def synthetic_residual_ln(shape, projection: bool) -> bytes:
+    """``LayerNorm(r + t)`` on ``shape``, ``t = x @ W + b`` with ``projection`` (a BERT layer's tail), else x."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    hidden = shape[-1]
+    nodes = [helper.make_node("Add", ["r", "t"], ["s"]),
+             helper.make_node("LayerNormalization", ["s", "g", "be"], ["y"], axis=-1, epsilon=1e-5)]
+    inits = {"g": rng.uniform(0.5, 1.5, hidden), "be": rng.standard_normal(hidden)}
+    if projection:
+        nodes[:0] = [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Add", ["m", "b"], ["t"])]
+        inits.update(W=rng.standard_normal((hidden, hidden)) / np.sqrt(hidden), b=rng.standard_normal(hidden))
+    else:
+        nodes.insert(0, helper.make_node("Identity", ["x"], ["t"]))
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(shape)) for n in ("x", "r", "y")]
+    graph = helper.make_graph(nodes, "block", vi[:2], vi[2:],
+                              [numpy_helper.from_array(a.astype(np.float32), n) for n, a in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+
+
+def rewritten(data: bytes, pass_name: str) -> bytes:
+    model = model_io.load(data)
+    result = make_pass(pass_name)(model)
+    assert result.modified, f"{pass_name} did not fire"
+    return model_io.to_bytes(model)
+
+
 def cases(only):
-    """(label, fusion, without, with, feed) for every measured pair."""
+    """(label, fusion, without, with, feed) for every measured pair; ``only``: labels or groups
+    (``hardswish``, ``skip_layernorm``, model names)."""
+    want = (lambda *keys: True) if not only else (lambda *keys: bool(only & set(keys)))
     x = {"x": np.random.default_rng(0).standard_normal((1, 32, 80, 80)).astype(np.float32) * 4}
     for opset in (12, 14):
-        yield (f"synthetic x6 opset {opset}", "fuse_activations", synthetic_hardswish(opset, False),
-               synthetic_hardswish(opset, True), x)
+        if want("hardswish"):
+            yield (f"synthetic x6 opset {opset}", "fuse_activations", synthetic_hardswish(opset, False),
+                   synthetic_hardswish(opset, True), x)
+    for shape in BLOCK_SHAPES if want("skip_layernorm") else ():
+        rng = np.random.default_rng(1)
+        feed = {n: rng.standard_normal(shape).astype(np.float32) for n in ("x", "r")}
+        for projection in (False, True):
+            block = synthetic_residual_ln(shape, projection)
+            label = f"{'MatMul+bias+' if projection else ''}Add+LayerNorm {'x'.join(map(str, shape))}"
+            yield label, "avoid_skip_layernorm", block, rewritten(block, "avoid_skip_layernorm"), feed
     for name in fetch_real.REAL:
-        if (only and name not in only) or not name.startswith("ppocr"):
+        if not want(name) or not name.startswith("ppocr"):
             continue
         path = fetch_real.fetch(name)
         feed = fetch_real.example_feeds(name, 1, seed=0)[0]
         full = optimized(path)
         yield name, "fuse_activations", optimized(path, "fuse_activations"), full, feed
         yield name, "conv scales (fuse_conv_bias scale + fold_scalar_scales)", optimized(path, "conv_scale"), full, feed
-    for name, path, feed in _attention_models(only):
-        yield name, "fold_scalar_scales", optimized(path, "fold_scalar_scales"), optimized(path), feed
+    for name, path, feed in _attention_models(want):
+        full = optimized(path)
+        yield name, "fold_scalar_scales", optimized(path, "fold_scalar_scales"), full, feed
+        yield name, "avoid_skip_layernorm", optimized(path, "avoid_skip_layernorm"), full, feed
 
 
-def _attention_models(only):
+def _attention_models(want):
     """(name, path, feed) of the transformer models (zoo transformer, trained digits ViT)."""
     import tempfile
 
     from models import digits, zoo
 
-    if not only or "transformer" in only:
+    if want("transformer"):
         path = zoo.save("transformer", tempfile.mkdtemp(prefix="bench-fusions-"))
         from onnxshrink import data
 
         specs = data.input_specs(model_io.load(path))
         yield "transformer", path, data.random_feed(specs, 0, {d: 8 for s in specs for d in s.dims if isinstance(d, str)})
-    if not only or "digits_vit" in only:
+    if want("digits_vit"):
         x, _ = digits.model_input("vit", "test")
         yield "digits_vit", digits.trained_path("vit"), {"input": x[:64]}
+
+
+HEADER = ("| model | fusion | ORT level | without ms | with ms | ratio |", "|---|---|---|---:|---:|---:|")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--only", help="comma-separated real model names")
+    ap.add_argument("--only", help="comma-separated cases: real model names, transformer, digits_vit, "
+                                   "hardswish, skip_layernorm")
+    ap.add_argument("--merge", action="store_true", help="replace the rerun rows in the earlier results")
     args = ap.parse_args()
     only = {s.strip() for s in args.only.split(",")} if args.only else None
     load = os.getloadavg()[0]
-    lines = ["# Lossless fusions on ONNX Runtime: with / without", "",
-             (f"Written by `python benchmarks/bench_fusions_ort.py` ({time.strftime('%Y-%m-%d')}), onnxruntime "
-             f"{ort.__version__}, CPU, 1 thread, {args.rounds} interleaved rounds, load average {load:.1f} at the "
-             "start (the machine is shared). Ratio: median of paired with/without latencies (< 1: faster with)."),
-             "", "| model | fusion | ORT level | without ms | with ms | ratio |", "|---|---|---|---:|---:|---:|"]
+    from onnxshrink.ort_blocks import cpu_name
+
+    when = (f"{time.strftime('%Y-%m-%d')}, {cpu_name()}, onnxruntime {ort.__version__}, CPU, 1 thread, "
+            f"{args.rounds} interleaved rounds, load average {load:.1f} at the start")
+    rows = []
     for label, fusion, without, with_, feed in cases(only):
         for level_name, level in LEVELS.items():
             ta, tb, ratio = measure(session(without, level), session(with_, level), feed, args.rounds)
-            lines.append(f"| {label} | {fusion} | {level_name} | {ta * 1e3:.2f} | {tb * 1e3:.2f} | {ratio:.3f} |")
-            print(lines[-1], flush=True)
+            rows.append(f"| {label} | {fusion} | {level_name} | {ta * 1e3:.2f} | {tb * 1e3:.2f} | {ratio:.3f} |")
+            print(rows[-1], flush=True)
+    path = RESULTS / "fusions_ort.md"
+    if args.merge and path.exists():
+        text = merge(path.read_text(), rows, f"Rerun later (`--merge`), their rows replaced or added: "
+                                             f"{', '.join(sorted(only or ['all']))} ({when}).")
+    else:
+        text = "\n".join(["# Lossless fusions on ONNX Runtime: with / without", "",
+                          (f"Written by `python benchmarks/bench_fusions_ort.py` ({when}; the machine is shared). "
+                           "Ratio: median of paired with/without latencies (< 1: faster with)."),
+                          "", *HEADER, *rows]) + "\n"
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "fusions_ort.md").write_text("\n".join(lines) + "\n")
+    path.write_text(text)
     return 0
+
+
+def merge(old: str, rows: list[str], note: str) -> str:
+    """``old`` with each row of ``rows`` replacing the row of the same model, fusion and level (or
+    appended), and ``note`` added after the first paragraph."""
+    def key(row: str) -> tuple:
+        return tuple(c.strip() for c in row.strip("|").split("|")[:3])
+
+    lines = old.rstrip("\n").split("\n")
+    new = {key(r): r for r in rows}
+    out = [new.pop(key(line), line) if line.startswith("| ") and line not in HEADER else line for line in lines]
+    out += list(new.values())
+    at = out.index(HEADER[0])
+    return "\n".join([*out[:at - 1], "", note, "", *out[at:]]) + "\n"
 
 
 if __name__ == "__main__":

@@ -176,9 +176,10 @@ def lossless_steps() -> list[Step]:
 
 
 #: Passes only the ``default`` preset runs, in its loop after ``fuse_gemm``: fusions into ops that int8
-#: kernels lack (HardSwish, HardSigmoid) and scalar scales sunk into weights. Quantization and pruning
-#: run ``lossless_steps`` without them.
-FLOAT_FUSION_PASSES = ("fuse_activations", "fuse_layernorm", "fold_scalar_scales")
+#: kernels lack (HardSwish, HardSigmoid, Gelu, LayerNormalization), residual Adds kept out of ONNX
+#: Runtime's slow CPU SkipLayerNormalization, and scalar scales sunk into weights. Quantization and
+#: pruning run ``lossless_steps`` without them.
+FLOAT_FUSION_PASSES = ("fuse_activations", "fuse_layernorm", "avoid_skip_layernorm", "fold_scalar_scales")
 
 
 def default_steps() -> list[Step]:

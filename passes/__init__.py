@@ -24,6 +24,7 @@ from onnxshrink.passes import (
     prune_channels,
     qdq,
     scales,
+    skip_layernorm,
     smoothquant,
     upcast,
 )
@@ -43,6 +44,7 @@ REGISTRY: dict[str, type[ShrinkPass]] = {
     activations.FuseActivationsPass.name: activations.FuseActivationsPass,
     scales.FoldScalarScalesPass.name: scales.FoldScalarScalesPass,
     layernorm.FuseLayerNormPass.name: layernorm.FuseLayerNormPass,
+    skip_layernorm.AvoidSkipLayerNormPass.name: skip_layernorm.AvoidSkipLayerNormPass,
     qdq.QDQPass.name: qdq.QDQPass,
     dynamic_quant.DynamicQuantPass.name: dynamic_quant.DynamicQuantPass,
     equalize.CrossLayerEqualizationPass.name: equalize.CrossLayerEqualizationPass,
