@@ -41,6 +41,7 @@ from onnxshrink.passes.dynamic_quant import DynamicQuantPass
 from onnxshrink.passes.dynamic_quant import refusal as dynamic_refusal
 from onnxshrink.passes.qdq import QDQPass
 from onnxshrink.passes.qdq_rules import PlanOptions, QDQPlan, plan_qdq
+from onnxshrink.passes.skip_layernorm import AvoidSkipLayerNormPass
 from onnxshrink.validate import flat_drift, flat_floats
 
 logger = logging.getLogger(__name__)
@@ -257,7 +258,9 @@ def steps(model: ir.Model, plan: QDQPlan, table, opts: PlanOptions, placement: P
     it) becomes one ``HardSwish`` (same values up to float rounding; ORT has no int8 kernel for it, which
     is why the lossless passes before calibration leave it written out so it can be quantized op by op).
     On PP-OCR's classifier, whose tuned placement keeps the hard-swish arithmetic float, that is most of
-    its speed-up (``benchmarks/results/quantize_vs_ort.md``; 1.0x before this step)."""
+    its speed-up (``benchmarks/results/quantize_vs_ort.md``; 1.0x before this step). Then
+    ``avoid_skip_layernorm`` on the float residual Adds left before a LayerNormalization, which ORT
+    would otherwise fuse into its slow CPU SkipLayerNormalization (int8 digits ViT: one such Add)."""
     out: list = []
     qopts = static_options(model, opts, placement, keep_float)
     if qopts is not None and table is not None:
@@ -267,7 +270,7 @@ def steps(model: ir.Model, plan: QDQPlan, table, opts: PlanOptions, placement: P
         out.append(DynamicQuantPass(per_channel=opts.per_channel, reduce_range=opts.narrow("MatMulInteger"),
                                     exclude=exclude, lstm="LSTM" not in opts.exclude_ops))
     if out:
-        out.append(FuseActivationsPass())
+        out += [FuseActivationsPass(), AvoidSkipLayerNormPass()]
     return out
 
 

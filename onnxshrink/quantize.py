@@ -18,7 +18,8 @@ Steps, in order:
    with ``mode="auto"`` and a transformer-like model, the linear layers may run dynamic or float and the
    rest float (``qdq_tune.Placement``); a result slower than float is said in ``warnings``;
 8. the build (``recovery.Builder``): the ``qdq`` pass and/or ``dynamic_quantize``, ``fuse_activations``
-   on what stayed float (a float written-out hard-swish -> ``HardSwish``), then ``dead_code``, with a
+   on what stayed float (a float written-out hard-swish -> ``HardSwish``), ``avoid_skip_layernorm`` (a
+   float residual Add before a LayerNormalization -> Sum), then ``dead_code``, with a
    structural check after each; ``bias_correction`` subtracts each layer's measured mean shift; with
    ``method="auto"`` (the default) the ranges and bias correction are chosen here by drift
    (``calib_select``);

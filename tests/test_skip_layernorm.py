@@ -114,3 +114,16 @@ def test_default_preset_keeps_transformer_out_of_skip_layernorm(tmp_path):
 def _default_names() -> list[str]:
     at = pipeline.LOSSLESS_PASSES.index("fuse_gemm") + 1
     return [*pipeline.LOSSLESS_PASSES[:at], *pipeline.FLOAT_FUSION_PASSES, *pipeline.LOSSLESS_PASSES[at:]]
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_quantized_vit_keeps_its_float_residual_add_out_of_skip_layernorm(mode, tmp_path):
+    """int8 leaves the trained ViT's last residual Add float (dynamic linear layers, or static QDQ with a
+    float LayerNormalization after it): the build writes it as Sum, so ORT does not fuse it."""
+    from models import digits
+
+    result = onnxshrink.quantize(digits.trained_path("vit"), digits.feeds("vit", "calib", batch=32),
+                                 tmp_path / "q.onnx", cache_dir=False, mode=mode, tune=False)
+    assert result.report.per_pass()["avoid_skip_layernorm"]["counts"]["adds_as_sum"] == 1
+    fused = ort_fused_ops(model_io.load(result.output), tmp_path)
+    assert fused["SkipLayerNormalization"] == 0 and fused["Sum"] == 1
