@@ -215,9 +215,16 @@ def pre_prune_steps() -> list[Step]:
 
 def prune_steps() -> list[Step]:
     """The ``prune`` preset: cleanup, data-free pruning of 30% of the channels (L1, widths rounded up
-    to 8 or 16 for this CPU), then the lossless loop. Other ratios, data criteria, reconstruction: ``optimize --prune RATIO``
-    or ``onnxshrink.prune(...)``."""
-    return [*pre_prune_steps(), make_pass("prune_channels"), *lossless_steps()]
+    to 8 or 16 for this CPU), then the lossless loop and ``avoid_skip_layernorm``. Other ratios, data
+    criteria, reconstruction: ``optimize --prune RATIO`` or ``onnxshrink.prune(...)``."""
+    return [*pre_prune_steps(), make_pass("prune_channels"), *after_prune_steps()]
+
+
+def after_prune_steps() -> list[Step]:
+    """What pruning runs on the pruned model: the lossless loop, then ``avoid_skip_layernorm`` (pruned
+    transformers keep their layer norms, and ORT would fuse their residual Adds into its slow CPU
+    SkipLayerNormalization once the shapes are static)."""
+    return [*lossless_steps(), make_pass("avoid_skip_layernorm")]
 
 
 #: Named presets. Each maps to a function returning fresh pass instances.

@@ -11,7 +11,7 @@ Steps, in order:
 4. the ``prune_channels`` pass with a structural check (checker and strict shape inference);
 5. optionally reconstruction on the calibration data (``onnxshrink.reconstruct``): ``"lsq"``
    least-squares refit of the layers that lost inputs, or ``"bn"`` BatchNorm re-estimation;
-6. the lossless passes (BN folded into Conv) unless ``lossless=False``.
+6. the lossless passes (BN folded into Conv) and ``avoid_skip_layernorm`` unless ``lossless=False``.
 
 MACs, the per-layer table and the planner's latency/MACs estimates are taken at the model's operating
 size: ``dims`` if given, else the shape of the first calibration feed (every symbolic input dim but
@@ -142,7 +142,7 @@ def prune(
             inst.after_step("reconstruction", ir_model)
     table = merge_rows(rows_before, layer_rows(ir_model, dims))
     if lossless:
-        _run(ir_model, pipeline.lossless_steps(), insts, report)
+        _run(ir_model, pipeline.after_prune_steps(), insts, report)
     out_path = None
     if output is not None:
         out_path = model_io.save(ir_model, output, protected=(in_path,) if in_path else (),

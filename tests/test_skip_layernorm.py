@@ -127,3 +127,12 @@ def test_quantized_vit_keeps_its_float_residual_add_out_of_skip_layernorm(mode, 
     assert result.report.per_pass()["avoid_skip_layernorm"]["counts"]["adds_as_sum"] == 1
     fused = ort_fused_ops(model_io.load(result.output), tmp_path)
     assert fused["SkipLayerNormalization"] == 0 and fused["Sum"] == 1
+
+
+def test_pruned_vit_keeps_its_residual_add_out_of_skip_layernorm(tmp_path):
+    from models import digits
+
+    result = onnxshrink.prune(digits.trained_path("vit"), 0.3, tmp_path / "p.onnx")
+    assert result.report.per_pass()["avoid_skip_layernorm"]["counts"]["adds_as_sum"] == 1
+    fused = ort_fused_ops(model_io.load(result.output), tmp_path)
+    assert fused["SkipLayerNormalization"] == 0 and fused["LayerNormalization"] == 5
