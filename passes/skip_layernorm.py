@@ -14,11 +14,13 @@ computations, ran in 0.93 of the time with the rule than without it (``benchmark
 same-shaped tensors computes what ``Add`` does, and ONNX Runtime's fusion matches ``Add`` only.
 
 Rule [adds_as_sum]: a default-domain ``Add`` whose output is read only by input 0 of a default-domain
-``LayerNormalization`` (same graph) and is not a graph output, whose inputs are float32, float16 or
-bfloat16 with inferred 3-D shapes that ONNX Runtime's check accepts, becomes ``Sum`` (same node, same
-inputs and outputs). Not rewritten: any other ``Add`` (a residual ``Add`` that the next block reads too
-never fuses), inputs of unknown or different shapes. Runs in the ``default`` preset only
-(``pipeline.FLOAT_FUSION_PASSES``). The CUDA kernel of SkipLayerNormalization is another one, not
+``LayerNormalization`` (same graph), or only by the ReduceMean and Sub of a written-out layer norm
+(``fuse_layernorm``'s pattern, at any opset: ONNX Runtime's own LayerNormFusion makes it one first),
+and is not a graph output, whose inputs are float32, float16 or bfloat16 and may be 3-D with the same
+dims (``fusable_shapes``), becomes ``Sum`` (same node, same inputs and outputs). Not rewritten: any
+other ``Add`` (a residual ``Add`` that the next block reads too never fuses), inputs of another rank,
+of different sizes, or broadcast. Runs in the ``default`` preset (``pipeline.FLOAT_FUSION_PASSES``),
+after pruning (``pipeline.after_prune_steps``) and in the int8 build (``qdq_tune.steps``). The CUDA kernel of SkipLayerNormalization is another one, not
 measured here (no GPU); a model for the CUDA provider can leave the rule out (``--passes``, a recipe).
 """
 
@@ -29,6 +31,7 @@ import dataclasses
 import onnx_ir as ir
 from onnxshrink.passes import _shape_info
 from onnxshrink.passes._fusion_base import Rewriter, run, sole_user
+from onnxshrink.passes.layernorm import match_layernorm
 
 from onnxshrink.graph_utils import is_default_domain
 from onnxshrink.pass_infra import Changes, PassStats, ShrinkPass
@@ -44,26 +47,45 @@ class AvoidSkipLayerNormConfig:
 
 
 def _layernorm_reader(add: ir.Node) -> ir.Node | None:
+    """The LayerNormalization that alone reads ``add``'s output (as x), or the Div of a written-out one
+    whose mean and centring alone read it (ONNX Runtime fuses that into LayerNormalization first)."""
     out = add.outputs[0]
     users = [u.node for u in out.uses()]
-    if len(users) != 1 or len(add.outputs) != 1:
+    if not users or len(add.outputs) != 1 or out.is_graph_output() or any(u.graph is not add.graph for u in users):
         return None
     ln = users[0]
-    if ln.op_type != "LayerNormalization" or not is_default_domain(ln) or ln.graph is not add.graph:
-        return None
-    return ln if sole_user(out, ln) and ln.inputs[0] is out and list(ln.inputs).count(out) == 1 else None
+    if len(users) == 1 and ln.op_type == "LayerNormalization" and is_default_domain(ln):
+        return ln if sole_user(out, ln) and ln.inputs[0] is out and list(ln.inputs).count(out) == 1 else None
+    return _written_out_reader(out, users)
+
+
+def _written_out_reader(x: ir.Value, users: list[ir.Node]) -> ir.Node | None:
+    """The Div of the written-out layer norm (``layernorm.match_layernorm``) whose ReduceMean and Sub are
+    the only readers of ``x``."""
+    for sub in users:
+        if sub.op_type != "Sub" or sub.inputs[0] is not x:
+            continue
+        for use in sub.outputs[0].uses():
+            found = match_layernorm(use.node) if use.node.op_type == "Div" else None
+            if found is not None and found["x"] is x and all(any(u is n for n in found["inner"]) for u in users):
+                return use.node
+    return None
 
 
 def fusable_shapes(a: ir.Value | None, b: ir.Value | None) -> bool:
-    """ONNX Runtime's ``CheckFirstAdd``: both 3-D, every dim the same number, except that the first may
-    be the same symbolic name in both."""
-    if a is None or b is None or a.shape is None or b.shape is None or len(a.shape) != 3 or len(b.shape) != 3:
-        return False
-    for i, (x, y) in enumerate(zip(a.shape, b.shape)):
-        if isinstance(x, int) and isinstance(y, int):
-            if x != y:
-                return False
-        elif i != 0 or isinstance(x, int) or isinstance(y, int) or x.value is None or x.value != y.value:
+    """Whether ONNX Runtime may find both inputs 3-D and of the same dims (its ``CheckFirstAdd``). It
+    infers shapes after folding constants itself, so it can know dims that onnx's inference left
+    symbolic (PP-OCR rec's sequence length): only a rank other than 3, two different numbers, or a 1
+    against another dim (broadcasting) rule the fusion out; an unknown shape does not."""
+    for v in (a, b):
+        if v is None or (v.shape is not None and len(v.shape) != 3):
+            return False
+    if a.shape is None or b.shape is None:
+        return True
+    for x, y in zip(a.shape, b.shape):
+        if isinstance(x, int) and isinstance(y, int) and x != y:
+            return False
+        if (x == 1) != (y == 1):
             return False
     return True
 
@@ -72,7 +94,8 @@ def _try_add(rw: Rewriter, node: ir.Node) -> bool:
     if len(node.inputs) != 2 or _layernorm_reader(node) is None:
         return False
     a, b = node.inputs
-    if any(v is None or v.dtype not in _FUSED_TYPES for v in (a, b)) or not fusable_shapes(a, b):
+    dtypes = {v.dtype for v in (a, b) if v is not None and v.dtype is not None}
+    if not dtypes or not dtypes <= set(_FUSED_TYPES) or not fusable_shapes(a, b):
         return False
     node.op_type = "Sum"
     node.version = None
@@ -81,9 +104,11 @@ def _try_add(rw: Rewriter, node: ir.Node) -> bool:
 
 
 def candidates(model: ir.Model) -> list[ir.Value]:
-    """Inputs of the Adds the rule looks at (their shapes decide it)."""
-    return [v for g in model.graphs() for n in g if n.op_type == "Add" and _layernorm_reader(n) is not None
-            for v in n.inputs]
+    """Inputs of the Adds the rule may look at (their shapes decide it; the written-out pattern needs x's
+    rank to match): those read by a LayerNormalization or a ReduceMean."""
+    return [v for g in model.graphs() for n in g if n.op_type == "Add" and n.outputs
+            and any(u.node.op_type in ("LayerNormalization", "ReduceMean") for u in n.outputs[0].uses())
+            for v in [*n.inputs, n.outputs[0]]]
 
 
 class AvoidSkipLayerNormPass(ShrinkPass):
