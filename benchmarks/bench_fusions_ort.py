@@ -113,7 +113,8 @@ BLOCK_SHAPES = ((1, 17, 64), (60, 17, 64), (1, 64, 256), (32, 64, 256), (1, 128,
 
 def synthetic_residual_ln(shape, projection: bool, written_out: bool = False) -> bytes:
     """``LayerNorm(r + t)`` on ``shape``, ``t = x @ W + b`` with ``projection`` (a BERT layer's tail), else x;
-    ``written_out``: the layer norm as exports below opset 17 write it (opset 14), else the op (17)."""
+    ``written_out``: the layer norm as PyTorch exports below opset 17 write it (opset 14; with ``Pow``, which
+    ORT's LayerNormFusion matches), else the op (17)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -121,7 +122,7 @@ def synthetic_residual_ln(shape, projection: bool, written_out: bool = False) ->
     nodes = [helper.make_node("Add", ["r", "t"], ["s"])]
     if written_out:
         nodes += [helper.make_node("ReduceMean", ["s"], ["mean"], axes=[-1]),
-                  helper.make_node("Sub", ["s", "mean"], ["d"]), helper.make_node("Mul", ["d", "d"], ["sq"]),
+                  helper.make_node("Sub", ["s", "mean"], ["d"]), helper.make_node("Pow", ["d", "two"], ["sq"]),
                   helper.make_node("ReduceMean", ["sq"], ["var"], axes=[-1]),
                   helper.make_node("Add", ["var", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["std"]),
                   helper.make_node("Div", ["d", "std"], ["n"]), helper.make_node("Mul", ["n", "g"], ["gn"]),
@@ -129,7 +130,7 @@ def synthetic_residual_ln(shape, projection: bool, written_out: bool = False) ->
     else:
         nodes.append(helper.make_node("LayerNormalization", ["s", "g", "be"], ["y"], axis=-1, epsilon=1e-5))
     inits = {"g": rng.uniform(0.5, 1.5, hidden), "be": rng.standard_normal(hidden),
-             **({"eps": np.array(1e-5)} if written_out else {})}
+             **({"eps": np.array(1e-5), "two": np.array(2.0)} if written_out else {})}
     if projection:
         nodes[:0] = [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Add", ["m", "b"], ["t"])]
         inits.update(W=rng.standard_normal((hidden, hidden)) / np.sqrt(hidden), b=rng.standard_normal(hidden))

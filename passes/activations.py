@@ -28,8 +28,9 @@ values, its own GELU fusion no longer matches, and five float ops run where one 
 ``Gelu`` differs from the written-out form by float rounding only.
 
 On ONNX Runtime (CPU, 1 thread) the fused hard-swish forms run in 0.68-0.72 of the
-time of the written-out one on a stack of six, and PP-OCR cls/det/rec in 0.62/0.87/0.78 of the time
-with ORT's optimizations on (``benchmarks/bench_fusions_ort.py``, ``results/fusions_ort.md``).
+time of the written-out one on a stack of six, and PP-OCR cls/det/rec in 0.62/0.87/0.88 of the time
+with ORT's optimizations on (``benchmarks/bench_fusions_ort.py``, ``results/fusions_ort.md``; rec
+rerun on the AMD EPYC, 0.78 in the first run).
 """
 
 from __future__ import annotations

@@ -5,13 +5,15 @@ LayerNormalization`` into its contrib ``SkipLayerNormalization`` when the Add's 
 the same static dims (the first may be the same symbolic dim), the Add's output feeds only the
 LayerNormalization and is not a graph output (``core/optimizer/skip_layer_norm_fusion.cc``). Its CPU
 kernel is a scalar loop that divides per element, and in ONNX Runtime 1.32 (AMD EPYC, 1 thread) it ran
-slower than the ops it replaces: the Sum form took 0.16-0.76 of the fused time on ``Add ->
-LayerNormalization`` alone and 0.41-0.81 with the projection's ``MatMul + bias`` before it, batch x
-tokens x hidden from 1x17x64 to 8x128x768; the trained digits ViT (batch 64) and the zoo transformer,
-whose last residual ``Add`` ONNX Runtime fuses once the default preset has folded the exported shape
-computations, ran in 0.93 of the time with the rule than without it (``benchmarks/bench_fusions_ort.py``,
-``results/fusions_ort.md``; with ORT's optimizations off both forms cost the same). ``Sum`` of two
-same-shaped tensors computes what ``Add`` does, and ONNX Runtime's fusion matches ``Add`` only.
+slower than the ops it replaces: the Sum form took 0.17-0.75 of the fused time on ``Add ->
+LayerNormalization`` alone (the same into a written-out layer norm at opset 14) and 0.41-0.81 with the
+projection's ``MatMul + bias`` before it, batch x tokens x hidden from 1x17x64 to 8x128x768; the
+trained digits ViT (batch 64) and the zoo transformer, whose last residual ``Add`` ONNX Runtime fuses
+once the default preset has folded the exported shape computations, ran in 0.93 of the time with the
+rule than without it, PP-OCR rec v4/v6 (one such Add, on a small tensor) in 0.99-1.0
+(``benchmarks/bench_fusions_ort.py``, ``results/fusions_ort.md``; with ORT's optimizations off both
+forms cost the same). ``Sum`` of two same-shaped tensors computes what ``Add`` does, and ONNX Runtime's
+fusion matches ``Add`` only.
 
 Rule [adds_as_sum]: a default-domain ``Add`` whose output is read only by input 0 of a default-domain
 ``LayerNormalization`` (same graph), or only by the ReduceMean and Sub of a written-out layer norm
