@@ -12,6 +12,12 @@ of simplicity; a later one must be at least ``MIN_GAIN`` lower in drift than the
 it (ties and measurement noise keep the simpler configuration). The feeds are calibration feeds, so the
 measure favours min/max a little (it never clips what it measured); measured on the benchmark's
 held-out feeds the choice agreed (PP-OCR recognizer and classifier, digits MLP).
+
+Where this CPU's int8 kernels saturate 8-bit weights (``ort_int8``) and the caller left the weight
+encoding open, the winner is built once more with pair-safe weights instead of 7-bit ones
+(``_qdq_math.pair_safe_scale``: up to 8 bits, never clipped) and kept by the same rule. Neither wins
+everywhere (``benchmarks/bench_pair_safe.py``, ``results/pair_safe_avx2.md``: held-out drift with every
+node int8 and each encoding). Its bias shifts are measured anew, since they come from the weights' rounding.
 """
 
 from __future__ import annotations
@@ -38,26 +44,33 @@ MIN_GAIN = 0.02
 
 @dataclasses.dataclass
 class Selection:
-    """What ``select`` measured: per candidate its drift; ``method`` / ``bias_correction`` were kept."""
+    """What ``select`` measured: per candidate its drift; ``method`` / ``bias_correction`` / ``pair_safe``
+    were kept."""
 
     method: str
     bias_correction: bool
     tried: list[dict]
     feeds: int
+    pair_safe: bool = False
+
+    def label(self) -> str:
+        return (f"auto: {self.method}" + (" + bias correction" if self.bias_correction else "")
+                + (" + pair-safe weights" if self.pair_safe else ""))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def select(make_builder, tables: dict, data, *, bias_correction: bool | None = None, providers=None,
-           feeds: int = FEEDS):
+           feeds: int = FEEDS, pair_safe: bool = False):
     """``(builder, model, Selection)`` of the candidate with the lowest drift.
 
-    ``make_builder(table, bias_correction)`` returns a ``recovery.Builder``; ``tables`` maps each
-    method of ``METHODS`` to its calibration table. ``bias_correction``: None tries both, True/False
+    ``make_builder(table, bias_correction, pair_safe)`` returns a ``recovery.Builder``; ``tables`` maps
+    each method of ``METHODS`` to its calibration table. ``bias_correction``: None tries both, True/False
     only that. Bias shifts are measured once (first corrected build) and reused: a shift is the weight
     rounding error times the float input, the same for every activation range but for the int32
-    bias rounding (half a bias step at most)."""
+    bias rounding (half a bias step at most). ``pair_safe``: also try the winner with pair-safe
+    weights (see the module docstring)."""
     float_model = None
     chosen = None
     tried: list[dict] = []
@@ -66,7 +79,7 @@ def select(make_builder, tables: dict, data, *, bias_correction: bool | None = N
     for method, bc in CANDIDATES:
         if bias_correction is not None and bc != bias_correction:
             continue
-        builder = make_builder(tables[method], bc)
+        builder = make_builder(tables[method], bc, False)
         if bc and shifts is not None:
             builder.shifts, builder.correction = shifts
         model = builder()
@@ -80,10 +93,19 @@ def select(make_builder, tables: dict, data, *, bias_correction: bool | None = N
         tried.append({"method": method, "bias_correction": bc, "drift": drift, "kept": keep})
         if keep:
             chosen = (builder, model, drift, method, bc)
-    builder, model, _, method, bc = chosen
-    logger.info("calibration auto: chose %s%s on %d feeds; tried %s", method, " + bias correction" if bc else "",
-                judge.n, tried)
-    return builder, model, Selection(method, bc, tried, judge.n)
+    builder, model, drift, method, bc = chosen
+    safe = False
+    if pair_safe:
+        cand = make_builder(tables[method], bc, True)
+        cand_model = cand()  # its own bias shifts: they come from the weights' rounding
+        cand_drift = judge(cand_model)
+        safe = cand_drift < (1 - MIN_GAIN) * drift
+        tried.append({"method": method, "bias_correction": bc, "pair_safe": True, "drift": cand_drift, "kept": safe})
+        if safe:
+            builder, model = cand, cand_model
+    selection = Selection(method, bc, tried, judge.n, safe)
+    logger.info("calibration %s on %d feeds; tried %s", selection.label(), judge.n, tried)
+    return builder, model, selection
 
 
 class _Drift:

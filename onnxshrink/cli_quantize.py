@@ -39,6 +39,9 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="7-bit weights: for every layer (all; the flag alone), none (off), or auto (default): "
                         "for the ops whose int8 kernels saturate 8-bit weights on this CPU (Conv/MatMul/Gemm "
                         "with AVX2 and no VNNI); quantizing for another CPU than this one, give all")
+    g.add_argument("--pair-safe", action=argparse.BooleanOptionalAction, default=None,
+                   help="narrowed static weights pair-safe (up to 8 bits, never clipped) instead of 7-bit "
+                        "(default: --calib-method auto with --reduce-range auto decides by drift)")
     g.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="PATTERN",
                    help="keep nodes whose name matches float (fnmatch, or re:REGEX)")
     g.add_argument("--exclude-op", nargs="+", action="extend", default=[], metavar="OP",
@@ -74,15 +77,16 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
 
 
 def _narrowed(result, plan: dict) -> str:
-    """Which quantized ops got 7-bit weights (all, or those of ``reduce_range_ops`` the model has;
+    """Which quantized ops got 7-bit or pair-safe weights (all, or those of ``reduce_range_ops`` the model has;
     ``plan``: ``result.plan.summary()``), and whether the dynamic layers got pair-safe ones."""
     opts = result.options
     pair_safe = ", pair-safe weights for the dynamic layers" if result.dynamic_nodes and (
         opts.reduce_range or "MatMulInteger" in opts.reduce_range_ops) else ""
+    kind = "pair-safe" if opts.pair_safe else "7-bit"
     if opts.reduce_range:
-        return (", 7-bit weights" if plan["quantized_ops"] else "") + pair_safe
+        return (f", {kind} weights" if plan["quantized_ops"] else "") + pair_safe
     narrowed = [op for op in opts.reduce_range_ops if op in plan["quantized_ops"]]
-    seven = f", 7-bit weights for {'/'.join(narrowed)}" if narrowed else ""
+    seven = f", {kind} weights for {'/'.join(narrowed)}" if narrowed else ""
     return f"{seven}{pair_safe} (their 8-bit kernels saturate here)" if seven or pair_safe else ""
 
 
@@ -108,7 +112,8 @@ def run_quantize(args) -> int:
         max_drift=args.max_drift, max_metric_drop=args.max_metric_drop, metric=args.metric,
         drift_data=args.drift_data,
         method=args.calib_method, activations=args.activations, per_channel=not args.per_tensor,
-        reduce_range={"all": True, "off": False}.get(args.reduce_range, "auto"), exclude=args.exclude,
+        reduce_range={"all": True, "off": False}.get(args.reduce_range, "auto"), pair_safe=args.pair_safe,
+        exclude=args.exclude,
         exclude_ops=args.exclude_op,
         keep_first=args.keep_first, keep_last=args.keep_last, conv_transpose=args.conv_transpose,
         tune=not args.no_tune,

@@ -178,7 +178,7 @@ def quantize(
     activations: str = "auto",
     per_channel: bool = True,
     reduce_range: bool | str = "auto",
-    pair_safe: bool = False,
+    pair_safe: bool | None = None,
     exclude: Sequence[str] = (),
     exclude_ops: Sequence[str] = (),
     keep_first: int = 0,
@@ -217,8 +217,9 @@ def quantize(
     (``True``), none (``False``) or ``auto``: for the op types whose int8 kernels saturate 8-bit weights on
     this machine (``ort_int8.saturating_ops``: Conv/MatMul/Gemm on x86 CPUs with AVX2 and no VNNI).
     Narrowed static weights are 7-bit, or with ``pair_safe`` pair-safe where the op's K order is known (up
-    to 8 bits, no two neighbours in the kernel's K order past 128; ``_qdq_math.kernel_rows``); dynamic
-    layers' narrowed weights are always pair-safe.
+    to 8 bits, no two neighbours in the kernel's K order past 128; ``_qdq_math.kernel_rows``); ``None``
+    (the default): with ``method="auto"`` and ``reduce_range="auto"``, whichever drifts less on
+    calibration feeds (``calib_select``), else 7-bit. Dynamic layers' narrowed weights are always pair-safe.
     ``tune``: time a few placements on ONNX Runtime and keep the fastest (``qdq_tune``; off: every
     quantizable node is quantized). Accuracy recovery: ``equalize``, ``smoothquant`` (alpha),
     ``bias_correction`` (None: chosen by ``auto``, else off), ``max_drift`` (1 - cosine) and
@@ -236,7 +237,8 @@ def quantize(
         budget = mixed_precision.Budget(max_drift, max_metric_drop, metric)
     activations = default_activations() if activations == "auto" else activations
     opts = PlanOptions(
-        activations=activations, per_channel=per_channel, reduce_range=reduce_range is True, pair_safe=pair_safe,
+        activations=activations, per_channel=per_channel, reduce_range=reduce_range is True,
+        pair_safe=bool(pair_safe),
         reduce_range_ops=_narrowed_ops(reduce_range, activations, providers), exclude=tuple(exclude),
         exclude_ops=tuple(exclude_ops), keep_first=keep_first, keep_last=keep_last,
         conv_transpose=conv_transpose,
@@ -255,8 +257,10 @@ def quantize(
     plan, tables, table, tuning, placement = _calibrate_and_tune(ir_model, opts, mode, method, feed, tune_runs,
                                                                  calibrate)
     opts = plan.options
+    offer_pair_safe = pair_safe is None and reduce_range == "auto"
     builder, qmodel, selection = _build(ir_model, plan, tables, table, opts, placement, check, data,
-                                        bias_correction, providers, method)
+                                        bias_correction, providers, method, offer_pair_safe)
+    opts = builder.options
     table, kept, notes = builder.table, [], {}
     if budget is not None:
         qmodel, kept, notes["mixed_precision"] = _mixed(builder, qmodel, drift_data if drift_data is not None
@@ -273,7 +277,7 @@ def quantize(
         notes["already_quantized"] = prequantized
     if selection is not None:
         notes["calibration"] = selection.to_dict()
-        method = f"auto: {selection.method}" + (" + bias correction" if selection.bias_correction else "")
+        method = selection.label()
     if budget is None and data is not None:
         notes["drift"] = _drift(builder.float_model, qmodel, data, providers)
     speedup = tuning.speedup if tuning is not None else None
@@ -423,17 +427,23 @@ def _plan_and_calibrate(ir_model, data, opts, method, batch_size, providers, cac
     return plan, {method: table}
 
 
-def _build(ir_model, plan, tables, table, opts, placement, check, data, bias_correction, providers, method):
+def _build(ir_model, plan, tables, table, opts, placement, check, data, bias_correction, providers, method,
+           offer_pair_safe: bool = False):
     """``(builder, first model, Selection or None)``: with ``auto`` and a static part to calibrate, the
-    candidate of ``calib_select`` with the lowest drift; otherwise the one build asked for."""
+    candidate of ``calib_select`` with the lowest drift (pair-safe weights among them with
+    ``offer_pair_safe`` when the static part has narrowed weights); otherwise the one build asked for."""
     from onnxshrink import calib_select
     from onnxshrink import recovery as rec
 
-    def make(t, bc: bool):
-        return rec.Builder(ir_model, plan, t, opts, placement, check, data, bc, providers)
+    def make(t, bc: bool, pair_safe: bool = False):
+        o = dataclasses.replace(opts, pair_safe=True) if pair_safe else opts
+        return rec.Builder(ir_model, plan, t, o, placement, check, data, bc, providers)
 
-    if method == "auto" and tables and qdq_tune.static_options(ir_model, opts, placement) is not None:
-        return calib_select.select(make, tables, data, bias_correction=bias_correction, providers=providers)
+    static = qdq_tune.static_options(ir_model, opts, placement)
+    if method == "auto" and tables and static is not None:
+        narrowed = static.reduce_range or any(op in static.reduce_range_ops for op in ("Conv", "MatMul", "Gemm"))
+        return calib_select.select(make, tables, data, bias_correction=bias_correction, providers=providers,
+                                   pair_safe=offer_pair_safe and narrowed)
     builder = make(table, bool(bias_correction))
     return builder, builder(), None
 

@@ -29,7 +29,8 @@ def test_one_rare_outlier_makes_auto_choose_percentile():
     res = _auto(proto, feeds)
     sel = res.recovery["calibration"]
     assert sel["method"] == "percentile" and res.method.startswith("auto: percentile"), sel
-    assert [(t["method"], t["bias_correction"]) for t in sel["tried"]] == list(calib_select.CANDIDATES)
+    ranges = [(t["method"], t["bias_correction"]) for t in sel["tried"] if not t.get("pair_safe")]
+    assert ranges == list(calib_select.CANDIDATES)
     assert sel["feeds"] == calib_select.FEEDS
     assert res.table["inp"].max < 10 < res.table["inp"].observed_max
 
@@ -39,7 +40,7 @@ def test_well_behaved_ranges_keep_minmax():
     res = _auto(proto, feeds_for(proto, n=12), bias_correction=False)
     sel = res.recovery["calibration"]
     assert sel["method"] == "minmax" and not sel["bias_correction"], sel
-    assert len(sel["tried"]) == 2  # bias correction off: only the two range methods
+    assert len([t for t in sel["tried"] if not t.get("pair_safe")]) == 2  # bias correction off: two range methods
 
 
 def test_a_systematic_weight_shift_makes_auto_choose_bias_correction():
@@ -54,3 +55,70 @@ def test_auto_refuses_observer_options():
     proto = _conv(8)
     with pytest.raises(ConfigError, match="auto"):
         _auto(proto, feeds_for(proto, n=2), percentile=99.9)
+
+
+@pytest.fixture
+def saturating_conv(monkeypatch):
+    """This CPU's int8 Conv kernel clips 8-bit weights, whatever the CPU (the probe's answer on AVX2
+    without VNNI), so ``reduce_range="auto"`` narrows the Conv's weights."""
+    from onnxshrink import ort_int8
+
+    monkeypatch.setattr(ort_int8, "saturating_ops", lambda *a, **k: frozenset({"Conv"}))
+
+
+def _isolated_peak_conv():
+    """A Conv whose largest weight per output channel has small neighbours: pair-safe weights keep 8 bits
+    there, 7-bit ones lose one, so the pair-safe build drifts less."""
+    w = weights(4, 4, 3, 3, seed=5) * 0.1
+    w[:, 0, 1, 1] = 2.0
+    return model("""g (float[1,4,16,16] inp) => (float[1,4,16,16] out) {
+        out = Conv <pads=[1,1,1,1]> (inp, W, B)
+    }""", {"W": w, "B": weights(4, seed=6)})
+
+
+def test_auto_tries_pair_safe_weights_where_the_kernels_saturate_and_keeps_them_when_they_drift_less(
+        saturating_conv):
+    proto = _isolated_peak_conv()
+    res = _auto(proto, feeds_for(proto, n=8))
+    sel = res.recovery["calibration"]
+    extra = [t for t in sel["tried"] if t.get("pair_safe")]
+    assert len(extra) == 1 and extra[0]["kept"] and sel["pair_safe"], sel
+    best_seven = min(t["drift"] for t in sel["tried"] if not t.get("pair_safe"))
+    assert extra[0]["drift"] < best_seven
+    assert res.options.pair_safe and res.method.endswith("+ pair-safe weights")
+
+
+@pytest.mark.parametrize("kw", [{"pair_safe": False}, {"pair_safe": True}, {"reduce_range": True},
+                                {"method": "minmax"}])
+def test_pair_safe_not_tried_when_the_caller_chose(kw, saturating_conv):
+    proto = _isolated_peak_conv()
+    res = _auto(proto, feeds_for(proto, n=8), **kw)
+    sel = res.recovery.get("calibration", {"tried": [], "pair_safe": False})
+    assert not any(t.get("pair_safe") for t in sel["tried"])
+    assert res.options.pair_safe is bool(kw.get("pair_safe"))
+
+
+def test_pair_safe_not_tried_where_nothing_is_narrowed(monkeypatch):
+    from onnxshrink import ort_int8
+
+    monkeypatch.setattr(ort_int8, "saturating_ops", lambda *a, **k: frozenset())
+    proto = _isolated_peak_conv()
+    res = _auto(proto, feeds_for(proto, n=8))
+    assert not any(t.get("pair_safe") for t in res.recovery["calibration"]["tried"])
+
+
+def test_cli_pair_safe_flag_and_summary(saturating_conv, tmp_path, capsys):
+    import onnx
+
+    from onnxshrink.cli import main
+
+    proto = _isolated_peak_conv()
+    src, calib = tmp_path / "m.onnx", tmp_path / "calib"
+    onnx.save(proto, src)
+    calib.mkdir()
+    for i, feed in enumerate(feeds_for(proto, n=4)):
+        np.savez(calib / f"{i}.npz", **feed)
+    assert main(["optimize", str(src), "-o", str(tmp_path / "q.onnx"), "--quantize", "int8", "--no-tune",
+                 "--calibration", str(calib), "--pair-safe"]) == 0
+    assert "pair-safe weights for Conv" in capsys.readouterr().out
+    assert main(["optimize", str(src), "--pair-safe"]) == 2  # only with --quantize
