@@ -14,10 +14,10 @@ measure favours min/max a little (it never clips what it measured); measured on 
 held-out feeds the choice agreed (PP-OCR recognizer and classifier, digits MLP).
 
 Where this CPU's int8 kernels saturate 8-bit weights (``ort_int8``) and the caller left the weight
-encoding open, the winner is built once more with pair-safe weights instead of 7-bit ones
-(``_qdq_math.pair_safe_scale``: up to 8 bits, never clipped) and kept by the same rule. Neither wins
+encoding open, the candidates are built once more with pair-safe weights instead of 7-bit ones
+(``_qdq_math.pair_safe_scale``: up to 8 bits, never clipped) and judged by the same rule. Neither wins
 everywhere (``benchmarks/bench_pair_safe.py``, ``results/pair_safe_avx2.md``: held-out drift with every
-node int8 and each encoding). Its bias shifts are measured anew, since they come from the weights' rounding.
+node int8 and each encoding). Their bias shifts are measured anew, since they come from the weights' rounding.
 """
 
 from __future__ import annotations
@@ -67,43 +67,34 @@ def select(make_builder, tables: dict, data, *, bias_correction: bool | None = N
 
     ``make_builder(table, bias_correction, pair_safe)`` returns a ``recovery.Builder``; ``tables`` maps
     each method of ``METHODS`` to its calibration table. ``bias_correction``: None tries both, True/False
-    only that. Bias shifts are measured once (first corrected build) and reused: a shift is the weight
-    rounding error times the float input, the same for every activation range but for the int32
-    bias rounding (half a bias step at most). ``pair_safe``: also try the winner with pair-safe
-    weights (see the module docstring)."""
-    float_model = None
+    only that. Bias shifts are measured once per weight encoding (first corrected build) and reused: a
+    shift is the weight rounding error times the float input, the same for every activation range but
+    for the int32 bias rounding (half a bias step at most). ``pair_safe``: every candidate is tried
+    with pair-safe weights too, after the 7-bit ones (see the module docstring)."""
     chosen = None
     tried: list[dict] = []
-    shifts = None
     judge = None
-    for method, bc in CANDIDATES:
-        if bias_correction is not None and bc != bias_correction:
-            continue
-        builder = make_builder(tables[method], bc, False)
-        if bc and shifts is not None:
-            builder.shifts, builder.correction = shifts
-        model = builder()
-        if bc:
-            shifts = (builder.shifts, builder.correction)
-        if judge is None:
-            float_model = builder.float_model
-            judge = _Drift(float_model, data, feeds, providers)
-        drift = judge(model)
-        keep = chosen is None or drift < (1 - MIN_GAIN) * chosen[2]
-        tried.append({"method": method, "bias_correction": bc, "drift": drift, "kept": keep})
-        if keep:
-            chosen = (builder, model, drift, method, bc)
-    builder, model, drift, method, bc = chosen
-    safe = False
-    if pair_safe:
-        cand = make_builder(tables[method], bc, True)
-        cand_model = cand()  # its own bias shifts: they come from the weights' rounding
-        cand_drift = judge(cand_model)
-        safe = cand_drift < (1 - MIN_GAIN) * drift
-        tried.append({"method": method, "bias_correction": bc, "pair_safe": True, "drift": cand_drift, "kept": safe})
-        if safe:
-            builder, model = cand, cand_model
-    selection = Selection(method, bc, tried, judge.n, safe)
+    for safe in (False, True) if pair_safe else (False,):
+        shifts = None
+        for method, bc in CANDIDATES:
+            if bias_correction is not None and bc != bias_correction:
+                continue
+            builder = make_builder(tables[method], bc, safe)
+            if bc and shifts is not None:
+                builder.shifts, builder.correction = shifts
+            model = builder()
+            if bc:
+                shifts = (builder.shifts, builder.correction)
+            if judge is None:
+                judge = _Drift(builder.float_model, data, feeds, providers)
+            drift = judge(model)
+            keep = chosen is None or drift < (1 - MIN_GAIN) * chosen[2]
+            tried.append({"method": method, "bias_correction": bc, **({"pair_safe": True} if safe else {}),
+                          "drift": drift, "kept": keep})
+            if keep:
+                chosen = (builder, model, drift, Selection(method, bc, tried, 0, safe))
+    builder, model, _, selection = chosen
+    selection.feeds = judge.n
     logger.info("calibration %s on %d feeds; tried %s", selection.label(), judge.n, tried)
     return builder, model, selection
 

@@ -277,9 +277,9 @@ class PlanOptions:
     # (onnxshrink.ort_int8; "MatMulInteger" stands for linear layers the tuner runs dynamic)
     reduce_range_ops: tuple[str, ...] = ()
     # narrowed static Conv/MatMul/Gemm weights are pair-safe (_qdq_math.pair_safe_scale: up to 8 bits, no
-    # two neighbours in the kernel's K order past 128) instead of 7-bit. Off by default: on the digits nets it
-    # drifts less on 5 of 6 but loses one test sample on 2 (benchmarks/results/qdq_reduce_range.md). Dynamic
-    # layers are always pair-safe (dynamic_weights_avx2.md: 1.3-17x less drift than 7-bit).
+    # two neighbours in the kernel's K order past 128) instead of 7-bit. Neither wins on every model
+    # (benchmarks/results/pair_safe_avx2.md), so quantize(pair_safe=None) lets calib_select choose by drift.
+    # Dynamic layers are always pair-safe (dynamic_weights_avx2.md: 1.3-17x less drift than 7-bit).
     pair_safe: bool = False
     exclude: tuple[str, ...] = ()  # node-name patterns: fnmatch, or "re:REGEX"
     exclude_ops: tuple[str, ...] = ()

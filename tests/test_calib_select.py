@@ -82,9 +82,9 @@ def test_auto_tries_pair_safe_weights_where_the_kernels_saturate_and_keeps_them_
     res = _auto(proto, feeds_for(proto, n=8))
     sel = res.recovery["calibration"]
     extra = [t for t in sel["tried"] if t.get("pair_safe")]
-    assert len(extra) == 1 and extra[0]["kept"] and sel["pair_safe"], sel
+    assert len(extra) == len(calib_select.CANDIDATES) and any(t["kept"] for t in extra) and sel["pair_safe"], sel
     best_seven = min(t["drift"] for t in sel["tried"] if not t.get("pair_safe"))
-    assert extra[0]["drift"] < best_seven
+    assert min(t["drift"] for t in extra) < best_seven
     assert res.options.pair_safe and res.method.endswith("+ pair-safe weights")
 
 
