@@ -441,7 +441,7 @@ def _build(ir_model, plan, tables, table, opts, placement, check, data, bias_cor
 
     static = qdq_tune.static_options(ir_model, opts, placement)
     if method == "auto" and tables and static is not None:
-        narrowed = static.reduce_range or any(op in static.reduce_range_ops for op in ("Conv", "MatMul", "Gemm"))
+        narrowed = any(op in static.reduce_range_ops for op in ("Conv", "MatMul", "Gemm"))  # "auto" narrowing
         return calib_select.select(make, tables, data, bias_correction=bias_correction, providers=providers,
                                    pair_safe=offer_pair_safe and narrowed)
     builder = make(table, bool(bias_correction))
