@@ -41,8 +41,7 @@ def ort_fused_ops(model, tmp_path) -> collections.Counter:
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.optimized_model_filepath = str(tmp_path / "ort_optimized.onnx")
-    data = model if isinstance(model, bytes) else (
-        model_io.to_bytes(model) if not isinstance(model, onnx.ModelProto) else model.SerializeToString())
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model_io.to_bytes(model)
     ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
     return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
 
