@@ -92,9 +92,9 @@ def select(make_builder, tables: dict, data, *, bias_correction: bool | None = N
             tried.append({"method": method, "bias_correction": bc, **({"pair_safe": True} if safe else {}),
                           "drift": drift, "kept": keep})
             if keep:
-                chosen = (builder, model, drift, Selection(method, bc, tried, 0, safe))
-    builder, model, _, selection = chosen
-    selection.feeds = judge.n
+                chosen = (builder, model, drift, (method, bc, safe))
+    builder, model, _, (method, bc, safe) = chosen
+    selection = Selection(method, bc, tried, judge.n, safe)
     logger.info("calibration %s on %d feeds; tried %s", selection.label(), judge.n, tried)
     return builder, model, selection
 

@@ -34,7 +34,9 @@ import onnx_ir as ir
 from onnxshrink.passes import _shape_info
 from onnxshrink.passes import _value_facts as vf
 from onnxshrink.passes._fusion_base import (
+    FLOAT_TYPES,
     Rewriter,
+    candidates,
     container_opset,
     drop_unused,
     note_left,
@@ -45,8 +47,6 @@ from onnxshrink.passes._fusion_base import (
 
 from onnxshrink.graph_utils import const_array, int_attr, is_default_domain
 from onnxshrink.pass_infra import Changes, PassStats, ShrinkPass
-
-_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
 
 
 def _only(value: ir.Value | None, op_types: tuple[str, ...], user: ir.Node) -> ir.Node | None:
@@ -156,9 +156,15 @@ def match_layernorm(div: ir.Node) -> dict | None:
     return found  # gamma and beta broadcast to the normalized shape: the result has x's shape
 
 
-def _try_layernorm(rw: Rewriter, div: ir.Node, opset: int) -> bool:
+def _fusable(div: ir.Node) -> dict | None:
+    """``match_layernorm(div)`` when its x is a floating-point tensor."""
     found = match_layernorm(div)
-    if found is None or vf.known_dtype(found["x"]) not in _FLOATS:
+    return found if found is not None and vf.known_dtype(found["x"]) in FLOAT_TYPES else None
+
+
+def _try_layernorm(rw: Rewriter, div: ir.Node, opset: int) -> bool:
+    found = _fusable(div)
+    if found is None:
         return False
     if opset < 17:
         note_left(rw.stats, "layernorm_needs_opset_17")
@@ -181,8 +187,8 @@ def _try_layernorm(rw: Rewriter, div: ir.Node, opset: int) -> bool:
 
 def count_layernorms(model: ir.Model) -> int:
     """How many written-out layer normalizations ``fuse_layernorm`` would fuse at opset 17."""
-    found = (match_layernorm(n) for g in model.graphs() for n in g if n.op_type == "Div" and is_default_domain(n))
-    return sum(1 for f in found if f is not None and vf.known_dtype(f["x"]) in _FLOATS)
+    return sum(1 for g in model.graphs() for n in g
+               if n.op_type == "Div" and is_default_domain(n) and _fusable(n) is not None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,9 +206,7 @@ class FuseLayerNormPass(ShrinkPass):
 
     def apply(self, model: ir.Model, stats: PassStats) -> None:
         if self.config.infer_shapes:
-            wanted = [sub.inputs[0] for g in model.graphs() for n in g if n.op_type == "Div" and n.inputs
-                      and (sub := n.inputs[0] and n.inputs[0].producer()) is not None and sub.op_type == "Sub"]
-            _shape_info.fill_missing(model, wanted)
+            _shape_info.fill_missing(model, candidates(model, "Div", ("Sub",)))  # the Sub's x among them
         def try_node(rw: Rewriter, node: ir.Node) -> bool:
             return _try_layernorm(rw, node, container_opset(model, rw.container))
 

@@ -32,7 +32,7 @@ import dataclasses
 
 import onnx_ir as ir
 from onnxshrink.passes import _shape_info
-from onnxshrink.passes._fusion_base import Rewriter, run, sole_user
+from onnxshrink.passes._fusion_base import Rewriter, candidates, run
 from onnxshrink.passes.layernorm import match_layernorm
 
 from onnxshrink.graph_utils import is_default_domain
@@ -57,7 +57,7 @@ def _layernorm_reader(add: ir.Node) -> ir.Node | None:
         return None
     ln = users[0]
     if len(users) == 1 and ln.op_type == "LayerNormalization" and is_default_domain(ln):
-        return ln if sole_user(out, ln) and ln.inputs[0] is out and list(ln.inputs).count(out) == 1 else None
+        return ln if [u.idx for u in out.uses()] == [0] else None  # x only, not the scale or bias
     return _written_out_reader(out, users)
 
 
@@ -105,14 +105,6 @@ def _try_add(rw: Rewriter, node: ir.Node) -> bool:
     return True
 
 
-def candidates(model: ir.Model) -> list[ir.Value]:
-    """Inputs of the Adds the rule may look at (their shapes decide it; the written-out pattern needs x's
-    rank to match): those read by a LayerNormalization or a ReduceMean."""
-    return [v for g in model.graphs() for n in g if n.op_type == "Add" and n.outputs
-            and any(u.node.op_type in ("LayerNormalization", "ReduceMean") for u in n.outputs[0].uses())
-            for v in [*n.inputs, n.outputs[0]]]
-
-
 class AvoidSkipLayerNormPass(ShrinkPass):
     """Write an ``Add -> LayerNormalization`` that ONNX Runtime would fuse (slower on CPU) as ``Sum``."""
 
@@ -122,5 +114,7 @@ class AvoidSkipLayerNormPass(ShrinkPass):
 
     def apply(self, model: ir.Model, stats: PassStats) -> None:
         if self.config.infer_shapes:
-            _shape_info.fill_missing(model, candidates(model))
+            # the inputs of Adds read by a layer norm (their shapes decide), and a written-out one's x
+            wanted = [*candidates(model, "LayerNormalization", ("Add",)), *candidates(model, "ReduceMean", ("Add",))]
+            _shape_info.fill_missing(model, wanted)
         run(model, stats, ("Add",), _try_add)

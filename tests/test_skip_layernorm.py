@@ -109,8 +109,7 @@ def test_default_preset_keeps_transformer_out_of_skip_layernorm(tmp_path):
 
 
 def _default_names() -> list[str]:
-    at = pipeline.LOSSLESS_PASSES.index("fuse_gemm") + 1
-    return [*pipeline.LOSSLESS_PASSES[:at], *pipeline.FLOAT_FUSION_PASSES, *pipeline.LOSSLESS_PASSES[at:]]
+    return [p.name for p in pipeline.default_steps()[0].passes]
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
