@@ -23,12 +23,9 @@ node int8 and each encoding). Their bias shifts are measured anew, since they co
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 
-from onnxshrink import data as data_mod
-from onnxshrink import runtime
-from onnxshrink.validate import FlatOutputs, flat_drift, flat_floats
+from onnxshrink.validate import FeedsDrift
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +83,7 @@ def select(make_builder, tables: dict, data, *, bias_correction: bool | None = N
             if bc:
                 shifts = (builder.shifts, builder.correction)
             if judge is None:
-                judge = _Drift(builder.float_model, data, feeds, providers)
+                judge = FeedsDrift(builder.float_model, data, feeds, providers)
             drift = judge(model)
             keep = chosen is None or drift < (1 - MIN_GAIN) * chosen[2]
             tried.append({"method": method, "bias_correction": bc, **({"pair_safe": True} if safe else {}),
@@ -97,20 +94,3 @@ def select(make_builder, tables: dict, data, *, bias_correction: bool | None = N
     selection = Selection(method, bc, tried, judge.n, safe)
     logger.info("calibration %s on %d feeds; tried %s", selection.label(), judge.n, tried)
     return builder, model, selection
-
-
-class _Drift:
-    """``1 - cosine`` of all float outputs of a model vs the float model's, over the first feeds."""
-
-    def __init__(self, float_model, data, feeds: int, providers) -> None:
-        self.feeds = list(itertools.islice(iter(data_mod.feeds(data, float_model)), feeds))
-        self.n = len(self.feeds)
-        self.providers = providers
-        self.ref = self._outputs(float_model)
-
-    def _outputs(self, model) -> FlatOutputs:
-        sess = runtime.make_session(model, self.providers, threads=1)
-        return flat_floats(o for f in self.feeds for o in sess.run(None, f))
-
-    def __call__(self, model) -> float:
-        return float(f"{flat_drift(self.ref, self._outputs(model)):.6g}")

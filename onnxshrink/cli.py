@@ -68,7 +68,7 @@ def add_optimize(sub) -> None:
 ONLY_WITH = {
     "--prune RATIO or --plan-in": ("prune_criterion", "prune_scope", "prune_target", "kernel_table",
                                    "prune_measure", "reconstruct", "round_to", "min_width", "protect",
-                                   "plan_out"),
+                                   "plan_out", "no_uniform_check"),
     "--quantize": ("calib_method", "per_tensor", "activations", "reduce_range", "pair_safe", "exclude", "exclude_op",
                    "keep_first", "keep_last", "no_tune", "conv_transpose", "equalize", "smoothquant",
                    "bias_correction", "max_metric_drop", "metric"),

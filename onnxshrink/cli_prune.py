@@ -35,6 +35,10 @@ def add_prune_args(p: argparse.ArgumentParser) -> None:
                         "this CPU's NCHWc block), measure (time ONNX Runtime's kernels here once at the model's map "
                         "sizes and planning batch, --shape INPUT:0=N, default 1; cached under "
                         "~/.cache/onnxshrink/kernels) or a saved table")
+    g.add_argument("--no-uniform-check", action="store_true",
+                   help="with --prune-target latency or macs and --calibration: keep the allocated widths "
+                        "without also building the uniform plan (the same share of every group) that fits "
+                        "the same estimate and keeping whichever drifts less on the calibration data")
     g.add_argument("--prune-measure", action="store_true",
                    help="also time the pruned model against the input (ONNX Runtime CPU, 1 thread, batch 1, "
                         "interleaved) and print the measured latency next to the estimate")
@@ -75,7 +79,7 @@ def run_prune(args) -> int:
         round_to=args.round_to, min_width=args.min_width, protect=args.protect,
         plan=args.plan_in, plan_out=args.plan_out, check=not args.no_check,
         overwrite_input=args.overwrite_input, dims=runtime.parse_dims(args.shape) or None,
-        progress=not args.quiet and sys.stderr.isatty(),
+        progress=not args.quiet and sys.stderr.isatty(), uniform_check=not args.no_uniform_check,
     )
     summary = result.plan.summary()
     target = "(quantized next)" if quantize_next else (args.output or "(not written)")

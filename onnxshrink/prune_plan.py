@@ -19,7 +19,9 @@ as the share of the model's estimated latency or of its MACs to remove, and let
 ``max_ratio`` of a group, never below ``min_width``) to keep the most importance within that budget,
 with latency estimated by :mod:`onnxshrink.prune_cost` from a kernel throughput table
 (:mod:`onnxshrink.kernel_table`; ``kernels``: ``"default"``, ``"measure"`` or a saved table). Every
-plan records its estimate before and after (``settings["estimate"]``) whatever its target.
+plan records its estimate before and after (``settings["estimate"]``) whatever its target; a budgeted
+plan also records ``uniform_ratio``, the smallest channels ratio whose uniform plan fits the same
+budget (``onnxshrink.prune`` builds both and keeps the one that drifts less).
 """
 
 from __future__ import annotations
@@ -137,6 +139,14 @@ class PruningPlan:
                      f"at batch {est.get('batch', 1)}, kernel table: {est.get('kernels', 'default')})")
         if macs and macs[0]:
             text += f"; MACs {macs[1] / macs[0]:.0%} of unpruned"
+        check = st.get("check")
+        if check:
+            d = {t["plan"]: t["drift"] for t in check["tried"]}
+            other = "allocated" if check["kept"] == "uniform" else "uniform"
+            asked = f"asked: {check['asked']}, " if check["kept"] == "uniform" else ""
+            text += (f"; {asked}{check['kept']} widths kept: calibration drift "
+                     f"{d[check['kept']]:.3g} against {d[other]:.3g} for the {other} widths within the same "
+                     f"estimate ({check['feeds']} feeds)")
         if not self.groups:
             inner = st.get("subgraph_layers", 0)
             text += ("; nothing to prune: no Conv, ConvTranspose, Gemm or MatMul with a constant float weight "
@@ -248,8 +258,20 @@ def _budget_keeps(cost, live, ratio, round_to, min_width, max_ratio, crit, estim
             f"{what} budget {1 - ratio:.0%} of unpruned is out of reach: with every prunable group at its "
             f"smallest width (min_width {min_width}, max_ratio {max_ratio}) the estimate is {floor:.0%}{fixed}. "
             f"Ask for a ratio of at most {max(1 - floor, 0):.2f}, or use target 'channels'")
-    estimate.update({"metric": cost.metric, "budget": float(alloc.budget), "reached": True})
+    estimate.update({"metric": cost.metric, "budget": float(alloc.budget), "reached": True,
+                     "uniform_ratio": _uniform_ratio(cost, live, alloc.budget, round_to, min_width, max_ratio)})
     return alloc.keeps
+
+
+def _uniform_ratio(cost, live, budget: float, round_to: int, min_width: int, max_ratio: float) -> float | None:
+    """The smallest channels ratio (a 0.01 grid up to ``max_ratio``) whose uniform plan, the same ratio of
+    every group as ``target="channels"`` with ``scope="local"`` removes, the cost model puts within
+    ``budget``; None if none. ``onnxshrink.prune`` measures that plan against the allocated one."""
+    for r in np.arange(1, round(max_ratio * 100) + 1) / 100:
+        keeps = [_local_keep(gp, float(r), round_to, min_width) for _, gp, _ in live]
+        if cost.total(keeps) <= budget * (1 + 1e-9):
+            return float(r)
+    return None
 
 
 def _options(gp: GroupPlan, round_to: int, min_width: int, max_ratio: float) -> list[int]:

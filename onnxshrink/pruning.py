@@ -8,6 +8,8 @@ Steps, in order:
 2. the dependency graph (``onnxshrink.depgraph``) and, for data criteria, per-channel activation
    statistics streamed from the calibration data;
 3. the plan (``onnxshrink.prune_plan.plan_pruning``, or ``plan=`` given), optionally written as JSON;
+   for a latency or MACs target with calibration data, the allocated plan and the uniform plan that
+   fits the same estimate are both built (steps 4-5) and the one that drifts less is kept (``_choose``);
 4. the ``prune_channels`` pass with a structural check (checker and strict shape inference);
 5. optionally reconstruction on the calibration data (``onnxshrink.reconstruct``): ``"lsq"``
    least-squares refit of the layers that lost inputs, or ``"bn"`` BatchNorm re-estimation;
@@ -41,6 +43,11 @@ from onnxshrink.instruments import StructuralCheck
 from onnxshrink.prune_plan import PruningPlan, plan_pruning
 
 logger = logging.getLogger(__name__)
+
+#: Calibration feeds the budgeted plan and its uniform twin are measured on (``_choose``).
+CHECK_FEEDS = 8
+#: The uniform plan replaces the allocated one when its drift is below (1 - MIN_GAIN) x the allocated's.
+MIN_GAIN = 0.02
 
 @dataclasses.dataclass
 class PruneResult:
@@ -86,6 +93,7 @@ def prune(
     overwrite_input: bool = False,
     dims: Mapping[str, int] | None = None,
     progress=None,
+    uniform_check: bool = True,
 ) -> PruneResult:
     """Remove ``ratio`` of the prunable channels of ``model`` (see the module doc for the steps), or,
     with ``target="latency"``/``"macs"``, ``ratio`` of its estimated latency or of its MACs with
@@ -116,30 +124,29 @@ def prune(
     report = pipeline.PipelineReport()
     insts = [StructuralCheck()] if check else []
     _run(ir_model, pipeline.pre_prune_steps(), insts, report)
-    dg = None
+    dg = uniform = None
     if plan is None:
         dg = depgraph.build(ir_model, grouped=grouped)
         act = importance.collect(ir_model, dg, calibration, crit, progress=progress)
-        plan = plan_pruning(ir_model, ratio, criterion=crit, scope=scope, round_to=round_to,
-                            min_width=min_width, protect=protect, layer_ratios=layer_ratios,
-                            stats=act, grouped=grouped, graph=dg, target=target, kernels=kernels,
-                            dims=dims)
+        common = {"criterion": crit, "round_to": round_to, "min_width": min_width, "protect": protect,
+                  "stats": act, "grouped": grouped, "graph": dg, "kernels": kernels, "dims": dims}
+        plan = plan_pruning(ir_model, ratio, scope=scope, layer_ratios=layer_ratios, target=target, **common)
+        r = (plan.settings.get("estimate") or {}).get("uniform_ratio")
+        if uniform_check and calibration is not None and r is not None:
+            uniform = plan_pruning(ir_model, r, **common)
+            if _widths(uniform) == _widths(plan):
+                uniform = None  # the same widths: nothing to measure
     elif not isinstance(plan, PruningPlan):
         plan = PruningPlan.load(plan)
+    original = clone_model(ir_model) if method or uniform else None
+    rows_before = layer_rows(ir_model, dims)
+    if uniform is None:
+        recon = _apply(ir_model, plan, dg, original, method, calibration, insts, report, progress)
+    else:
+        ir_model, plan, recon = _choose(ir_model, original, plan, uniform, dg, method, calibration, insts,
+                                        report, progress)
     if plan_out is not None:
         plan.save(plan_out)
-    original = clone_model(ir_model) if method else None
-    rows_before = layer_rows(ir_model, dims)
-    prune_pass = pipeline.make_pass("prune_channels", plan=plan, graph=dg)  # built once, above
-    _run(ir_model, [prune_pass], insts, report)
-    kept = next((r.stats.notes.get("kept") for r in report.records if r.name == "prune_channels"), {})
-    recon = None
-    if method and kept:
-        from onnxshrink.reconstruct import reconstruct as run_reconstruct
-
-        recon = run_reconstruct(original, ir_model, kept, calibration, method=method, progress=progress).to_dict()
-        for inst in insts:
-            inst.after_step("reconstruction", ir_model)
     table = merge_rows(rows_before, layer_rows(ir_model, dims))
     if lossless:
         _run(ir_model, pipeline.after_prune_steps(), insts, report)
@@ -150,6 +157,53 @@ def prune(
     after = stats.summarize(ir_model, out_path, dims=dims)
     return PruneResult(ir_model, plan, table, before, after, report, recon, time.perf_counter() - t0, out_path,
                        dims)
+
+
+def _apply(model, plan, dg, original, method, calibration, insts, report, progress) -> dict | None:
+    """The ``prune_channels`` pass (``dg``: the dependency graph of ``model``, or None to build it), then
+    reconstruction if asked; returns the reconstruction report."""
+    _run(model, [pipeline.make_pass("prune_channels", plan=plan, graph=dg)], insts, report)
+    kept = next((r.stats.notes.get("kept") for r in report.records if r.name == "prune_channels"), {})
+    if not (method and kept):
+        return None
+    from onnxshrink.reconstruct import reconstruct as run_reconstruct
+
+    recon = run_reconstruct(original, model, kept, calibration, method=method, progress=progress).to_dict()
+    for inst in insts:
+        inst.after_step("reconstruction", model)
+    return recon
+
+
+def _choose(model, original, plan, uniform, dg, method, calibration, insts, report, progress):
+    """Build the allocated ``plan`` and the ``uniform`` plan the cost model puts within the same budget,
+    and keep the one whose outputs drift less from ``original`` on the first calibration feeds (the
+    uniform one must be :data:`MIN_GAIN` lower). The allocator adds up per-group losses, and cuts that
+    each cost little can compound: digits inception at a 62% latency budget lost 14.7 points with one
+    32-channel group at 8, where the uniform plan at the same estimate lost 2.2
+    (``benchmarks/results/prune_avx2.md``). Returns (model, plan, reconstruction report)."""
+    from onnxshrink.validate import FeedsDrift
+
+    judge = FeedsDrift(original, calibration, CHECK_FEEDS)
+    built = []
+    for label, p, m, g in (("uniform", uniform, clone_model(model), None), ("allocated", plan, model, dg)):
+        rep = pipeline.PipelineReport()
+        recon = _apply(m, p, g, original, method, calibration, insts, rep, progress)
+        built.append((label, p, m, recon, rep, judge(m)))
+    (_, _, _, _, _, d_uni), (_, _, _, _, _, d_alloc) = built
+    pick = built[0] if d_uni < (1 - MIN_GAIN) * d_alloc else built[1]
+    label, chosen, m, recon, rep, _ = pick
+    report.records.extend(rep.records)
+    chosen.settings["check"] = {
+        "asked": plan.target_text().split(";")[0], "feeds": judge.n, "kept": label,
+        "tried": [{"plan": lbl, "widths": _widths(p), "drift": d, "uniform_ratio": p.settings["ratio"]
+                   if lbl == "uniform" else None} for lbl, p, _, _, _, d in built]}
+    logger.info("pruning: %s plan kept (drift %s) over the %s one on %d calibration feeds", label,
+                pick[5], "allocated" if label == "uniform" else "uniform", judge.n)
+    return m, chosen, recon
+
+
+def _widths(plan: PruningPlan) -> list[int]:
+    return [g.kept_channels for g in plan.groups if g.status in ("pruned", "unchanged")]
 
 
 def operating_dims(model: ir.Model, calibration=None) -> dict[str, int]:
@@ -176,9 +230,9 @@ def _run(model, steps, insts, report) -> None:
 # ---------------------------------------------------------------- per-layer table
 
 
-def layer_rows(model: ir.Model, dims: Mapping[str, int] | None = None) -> dict[ir.Node, dict]:
+def layer_rows(model: ir.Model, dims: Mapping[str, int] | None = None) -> dict[str, dict]:
     """Channels in/out, parameters and MACs (at ``dims``; dims still symbolic count as 1) of every
-    layer with a constant weight."""
+    layer with a constant weight, by the name of its output (the same in a clone of the model)."""
     shapes = stats.inferred_shapes(model, dims)
     rows = {}
     for node in model.graph:
@@ -193,7 +247,7 @@ def layer_rows(model: ir.Model, dims: Mapping[str, int] | None = None) -> dict[i
         cin = wshape[axes[1]] * (g if node.op_type == "Conv" else 1)
         cout = wshape[axes[0]] * (g if node.op_type == "ConvTranspose" else 1)
         params = sum(int(_numel(shapes.get(v.name))) for v in node.inputs[1:] if v is not None and v.name in shapes)
-        rows[node] = {"layer": node.name or node.outputs[0].name, "op": node.op_type, "in": cin,
+        rows[node.outputs[0].name] = {"layer": node.name or node.outputs[0].name, "op": node.op_type, "in": cin,
                       "out": cout, "params": params, "macs": stats.node_macs(node, shapes)}
     return rows
 
@@ -207,8 +261,8 @@ def _numel(shape) -> int:
 
 def merge_rows(before: dict, after: dict) -> list[dict]:
     out = []
-    for node, b in before.items():
-        a = after.get(node, b)
+    for key, b in before.items():
+        a = after.get(key, b)
         out.append({"layer": b["layer"], "op": b["op"], "in": [b["in"], a["in"]], "out": [b["out"], a["out"]],
                     "params": [b["params"], a["params"]], "macs": [b["macs"], a["macs"]]})
     return out

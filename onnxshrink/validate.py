@@ -25,6 +25,7 @@ weighted mean, higher is better. See ``onnxshrink.task_metrics`` (``load_metric`
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -182,6 +183,25 @@ def flat_drift(reference: FlatOutputs, candidate: FlatOutputs) -> float:
         return 1.0
     r, c = reference.values, candidate.values
     return 1.0 - cosine_from_sums(float(r @ c), float(r @ r), float(c @ c))
+
+
+class FeedsDrift:
+    """``1 - cosine`` of all float outputs of a model against a reference model's, over the first ``feeds``
+    feeds of ``data`` (kept, with the reference's outputs; call with each candidate, ``n`` feeds used).
+    How ``calib_select`` and ``prune``'s plan check rank candidates."""
+
+    def __init__(self, reference, data, feeds: int, providers=None) -> None:
+        self.feeds = list(itertools.islice(iter(data_mod.feeds(data, reference)), feeds))
+        self.n = len(self.feeds)
+        self.providers = providers
+        self.ref = self._outputs(reference)
+
+    def _outputs(self, model) -> FlatOutputs:
+        sess = runtime.make_session(model, self.providers, threads=1)
+        return flat_floats(o for f in self.feeds for o in sess.run(None, f))
+
+    def __call__(self, model) -> float:
+        return float(f"{flat_drift(self.ref, self._outputs(model)):.6g}")
 
 
 def sqnr_db(signal: float, noise: float) -> float:

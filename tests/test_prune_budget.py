@@ -334,3 +334,58 @@ def test_measured_kernel_table_is_taken_at_the_planning_batch(tmp_path, monkeypa
     plan_pruning(model, 0.3, target="latency", kernels="measure", dims={**hw, "x:0": 8})
     plan_pruning(model, 0.3, target="latency", kernels="measure", dims={**hw, "x:0": 8})  # cached
     assert [b for _, b in calls] == [1, 8]
+
+
+def test_uniform_ratio_is_the_smallest_that_meets_the_budget():
+    model = model_io.load(zoo.build("inception"))
+    est = plan_pruning(model, 0.3, target="latency", round_to=8).settings["estimate"]
+    r = est["uniform_ratio"]
+    assert r is not None and 0 < r < 0.9
+
+    def uniform_us(ratio):
+        return plan_pruning(model, ratio, round_to=8).settings["estimate"]["latency_us"][1]
+
+    assert uniform_us(r) <= est["budget"] * (1 + 1e-9) < uniform_us(round(r - 0.01, 2))
+    assert "uniform_ratio" not in plan_pruning(model, 0.3, round_to=8).settings["estimate"]
+
+
+def _digits_prune(name, ratio, tmp_path, **kw):
+    from models import digits
+    from onnxshrink import pruning
+
+    calib = digits.feeds(name, "calib", batch=64, limit=256)
+    res = pruning.prune(digits.trained_path(name), ratio, tmp_path / "out.onnx", target="latency",
+                        criterion="reconstruction", reconstruct="lsq", calibration=calib,
+                        plan_out=tmp_path / "plan.json", **kw)
+    return res, calib
+
+
+def test_budgeted_plan_loses_to_the_uniform_one_where_it_drifts_more(tmp_path):
+    """Digits inception at a 62% latency budget: the allocator cuts one 32-channel group to 8, and the
+    compounded loss is far above the uniform plan's at the same estimate; the uniform plan is kept."""
+    from models import digits
+    from onnxshrink.validate import FeedsDrift
+
+    res, calib = _digits_prune("inception", 0.38, tmp_path)
+    check = res.plan.settings["check"]
+    drift = {t["plan"]: t["drift"] for t in check["tried"]}
+    assert check["kept"] == "uniform" and drift["uniform"] < 0.98 * drift["allocated"]
+    assert res.plan.settings["target"] == "channels" and res.plan.settings["ratio"] == check["tried"][0]["uniform_ratio"]
+    assert "asked: latency budget 62% of unpruned, uniform widths kept" in res.plan.target_text()
+    assert json.loads((tmp_path / "plan.json").read_text())["settings"]["check"]["kept"] == "uniform"
+    assert any(r["out"][1] < r["out"][0] for r in res.layers)  # the table follows the kept model
+    judge = FeedsDrift(model_io.load(digits.trained_path("inception")), calib, 8)
+    assert judge(res.model) == pytest.approx(drift["uniform"], rel=1e-3, abs=1e-6)
+    assert judge(str(tmp_path / "out.onnx")) == pytest.approx(drift["uniform"], rel=1e-3, abs=1e-6)
+    off, _ = _digits_prune("inception", 0.38, tmp_path, uniform_check=False)
+    assert "check" not in off.plan.settings and off.plan.settings["target"] == "latency"
+    assert judge(off.model) == pytest.approx(drift["allocated"], rel=1e-3, abs=1e-6)
+
+
+def test_budgeted_plan_is_kept_where_it_drifts_less(tmp_path):
+    """The digits ViT at a 70% latency budget: the allocated widths drift far less than the uniform ones."""
+    res, _ = _digits_prune("vit", 0.3, tmp_path)
+    check = res.plan.settings["check"]
+    drift = {t["plan"]: t["drift"] for t in check["tried"]}
+    assert check["kept"] == "allocated" and drift["allocated"] < drift["uniform"]
+    assert res.plan.settings["target"] == "latency" and "allocated widths kept" in res.plan.target_text()
