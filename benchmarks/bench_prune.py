@@ -157,6 +157,7 @@ def _target_row(result, name: str, ratio: float) -> dict:
             "macs": [result.before["macs"], result.after["macs"]],
             "params": [result.before["parameters"], result.after["parameters"]],
             "estimate": plan.settings.get("estimate"), "text": plan.target_text(),
+            "check": plan.settings.get("check"),
             "widths": [[g.atoms * g.channels_per_atom, g.kept_channels] for g in plan.groups
                        if g.status in ("pruned", "unchanged")]}
 
@@ -345,18 +346,21 @@ def _targets_table(results: dict) -> list[str]:
         "## Pruning targets: channels against latency budgets (recon+lsq, default rounding)",
         "",
         ("`channels`: the ratio of every group's channels (`--prune-target channels`, the default); `latency`: "
-        "the ratio of the estimated latency (`--prune-target latency`: widths chosen per group, in steps of 16, "
+        "the ratio of the estimated latency (`--prune-target latency`: widths chosen per group, in rounding steps, "
         "keeping the most importance per microsecond saved); `latency=ch`: the latency target with the "
         "channels plan's estimated latency as the budget. `budget`: what the ratio asked for; `est`: the "
         "planner's latency estimate (batch 1, default kernel table) as a share of unpruned (and as a speed-up, "
         "to set beside `b1`); `acc` (%) and "
         "its change from unpruned, `acc goal`: within 1 point at 0.3, 3 at 0.5; `b1`/`b32`: measured speed-up "
         "over unpruned (the same interleaved runs as above); `of x MACs` and `>= MACs` as above; `widths`: "
-        "kept/unpruned channels per prunable group."),
+        "kept/unpruned channels per prunable group; `kept (drift)`: for the latency targets, which plan "
+        "`prune` kept after building both the allocated widths and the uniform plan that fits the same "
+        "estimate (`uniform r`: r of every group's channels), with the calibration drift (1 - cosine, 8 "
+        "feeds) of each, kept first."),
         "",
         ("| model | ratio | target | budget | est | acc | d acc | acc goal | -MACs | x MACs | b1 | b32 | "
-        "of x MACs | >= MACs | never slower | widths |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "of x MACs | >= MACs | never slower | widths | kept (drift) |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, per in results.items():
         base = 100 * per["base_acc"]
@@ -365,7 +369,7 @@ def _targets_table(results: dict) -> list[str]:
                 budget = (f"{float(ratio):.0%} of channels" if label == "channels"
                           else f"latency {1 - t['ratio']:.0%}")
                 if "error" in t:
-                    lines.append(f"| {name} | {ratio} | {label} | {budget} | out of reach | | | | | | | | | | | |")
+                    lines.append(f"| {name} | {ratio} | {label} | {budget} | out of reach | | | | | | | | | | | | |")
                     continue
                 lines.append(_target_line(name, ratio, label, budget, t, base))
     return lines
@@ -382,7 +386,17 @@ def _target_line(name, ratio, label, budget, t, base) -> str:
     widths = " ".join(f"{b}" if a == b else f"{a}>{b}" for a, b in t.get("widths", []))
     return (f"| {name} | {ratio} | {label} | {budget} | {lat[1] / lat[0]:.0%} ({lat[0] / lat[1]:.2f}x) | {acc:.1f} | "
             f"{acc - base:+.1f} | "
-            f"{goal} | {pct(t['macs'])} | {prop:.2f}x | {speed} | {widths} |")
+            f"{goal} | {pct(t['macs'])} | {prop:.2f}x | {speed} | {widths} | {_kept(t.get('check'))} |")
+
+
+def _kept(check) -> str:
+    """Which plan the uniform check kept, with both drifts (kept first); empty where none ran."""
+    if not check:
+        return ""
+    tried = sorted(check["tried"], key=lambda x: x["plan"] != check["kept"])
+    names = {t["plan"]: (f"uniform r={t['uniform_ratio']:g}" if t["plan"] == "uniform" else "allocated")
+             for t in tried}
+    return f"{names[tried[0]['plan']]} ({tried[0]['drift']:.3g} vs {tried[1]['drift']:.3g})"
 
 
 def _verdicts(s: dict, macs) -> tuple[str, str]:
