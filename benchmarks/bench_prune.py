@@ -355,8 +355,8 @@ def _targets_table(results: dict) -> list[str]:
         "over unpruned (the same interleaved runs as above); `of x MACs` and `>= MACs` as above; `widths`: "
         "kept/unpruned channels per prunable group; `kept (drift)`: for the latency targets, which plan "
         "`prune` kept after building both the allocated widths and the uniform plan that fits the same "
-        "estimate (`uniform r`: r of every group's channels), with the calibration drift (1 - cosine, 8 "
-        "feeds) of each, kept first."),
+        "estimate (`uniform r`: r of every group's channels), with the drift (1 - cosine) of each on the "
+        "held-out calibration feeds (a quarter, at most 8; both refit on the others), kept first."),
         "",
         ("| model | ratio | target | budget | est | acc | d acc | acc goal | -MACs | x MACs | b1 | b32 | "
         "of x MACs | >= MACs | never slower | widths | kept (drift) |"),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import itertools
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -182,6 +183,21 @@ class FeedSource:
 
         out = copy.copy(self)
         out._factory = counted
+        return out
+
+    def subset(self, start: int, stop: int | None = None) -> FeedSource:
+        """A copy of this source that yields only feeds ``start`` to ``stop`` (a slice by position)."""
+        factory = self._factory
+
+        def window():
+            yield from itertools.islice(factory(), start, stop)
+
+        out = copy.copy(self)
+        out._factory = window
+        out._key = None if self._key is None else f"{self._key}[{start}:{stop}]"
+        n = self._count
+        out._count = None if n is None else max(0, min(n, n if stop is None else stop) - start)
+        out.description = f"{self.description} [feeds {start}:{'' if stop is None else stop}]"
         return out
 
     def fingerprint(self) -> str:

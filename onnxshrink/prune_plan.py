@@ -144,9 +144,10 @@ class PruningPlan:
             d = {t["plan"]: t["drift"] for t in check["tried"]}
             other = "allocated" if check["kept"] == "uniform" else "uniform"
             asked = f"asked: {check['asked']}, " if check["kept"] == "uniform" else ""
-            text += (f"; {asked}{check['kept']} widths kept: calibration drift "
+            text += (f"; {asked}{check['kept']} widths kept: drift "
                      f"{d[check['kept']]:.3g} against {d[other]:.3g} for the {other} widths within the same "
-                     f"estimate ({check['feeds']} feeds)")
+                     f"estimate ({check['feeds']} {'held-out ' if check.get('held_out') else ''}calibration "
+                     "feeds)")
         if not self.groups:
             inner = st.get("subgraph_layers", 0)
             text += ("; nothing to prune: no Conv, ConvTranspose, Gemm or MatMul with a constant float weight "
