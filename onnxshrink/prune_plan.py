@@ -120,7 +120,7 @@ class PruningPlan:
             status[g.status] = status.get(g.status, 0) + 1
         return {"groups": len(self.groups), "status": status, "target": self.target_text(),
                 "channels_removed": sum(len(g.remove) * g.channels_per_atom for g in self.groups),
-                "estimate": self.settings.get("estimate")}
+                "estimate": self.settings.get("estimate"), "check": self.settings.get("check")}
 
     def target_text(self) -> str:
         """What ``ratio`` meant for this plan and what the estimate says, in words."""
@@ -268,10 +268,12 @@ def _uniform_ratio(cost, live, budget: float, round_to: int, min_width: int, max
     """The smallest channels ratio (a 0.01 grid up to ``max_ratio``) whose uniform plan, the same ratio of
     every group as ``target="channels"`` with ``scope="local"`` removes, the cost model puts within
     ``budget``; None if none. ``onnxshrink.prune`` measures that plan against the allocated one."""
+    last = None
     for r in np.arange(1, round(max_ratio * 100) + 1) / 100:
         keeps = [_local_keep(gp, float(r), round_to, min_width) for _, gp, _ in live]
-        if cost.total(keeps) <= budget * (1 + 1e-9):
+        if keeps != last and cost.total(keeps) <= budget * (1 + 1e-9):
             return float(r)
+        last = keeps  # rounding makes runs of ratios keep the same widths: costed once
     return None
 
 

@@ -52,6 +52,7 @@ CHECK_FEEDS = 8
 #: feeds, the other way round on 16 evaluation feeds).
 MIN_GAIN = 0.2
 
+
 @dataclasses.dataclass
 class PruneResult:
     model: ir.Model
@@ -187,31 +188,30 @@ def _choose(model, original, plan, uniform, dg, method, calibration, insts, repo
     With reconstruction, a refit fits the feeds it is judged on (PP-OCR cls at 0.1: the uniform plan
     drifted less on them and 3x more on held-out crops, measured once), so both are refit on all feeds
     but the first :func:`_held_out` ones, judged on those, and the kept plan is then refit on every
-    feed. Returns (model, plan, reconstruction report)."""
+    feed (without reconstruction the kept plan is applied again: cheap). Returns (model, plan,
+    reconstruction report)."""
     from onnxshrink.validate import FeedsDrift
 
     held = _held_out(calibration) if method else 0
     fit = calibration.subset(held) if held else calibration
     judge = FeedsDrift(original, calibration.subset(0, held) if held else calibration, held or CHECK_FEEDS)
-    built = []
+    drift = {}
     for label, p in (("uniform", uniform), ("allocated", plan)):
-        m, rep = clone_model(model), pipeline.PipelineReport()
-        recon = _apply(m, p, None, original, method, fit, insts, rep, progress)
-        built.append((label, p, m, recon, rep, judge(m)))
-    (_, _, _, _, _, d_uni), (_, _, _, _, _, d_alloc) = built
-    label, chosen, m, recon, rep, _ = built[0] if d_uni < (1 - MIN_GAIN) * d_alloc else built[1]
-    if held:  # refit the kept plan on every feed, in place
-        m, rep = model, pipeline.PipelineReport()
-        recon = _apply(m, chosen, dg, original, method, calibration, insts, rep, progress)
-    report.records.extend(rep.records)
+        trial = clone_model(model)  # one candidate in memory at a time
+        _apply(trial, p, None, original, method, fit, insts, pipeline.PipelineReport(), progress)
+        drift[label] = judge(trial)
+        del trial
+    label = "uniform" if drift["uniform"] < (1 - MIN_GAIN) * drift["allocated"] else "allocated"
+    chosen = uniform if label == "uniform" else plan
+    recon = _apply(model, chosen, dg, original, method, calibration, insts, report, progress)  # every feed
     chosen.settings["check"] = {
         "asked": plan.target_text().split(";")[0], "feeds": judge.n, "held_out": bool(held), "kept": label,
-        "tried": [{"plan": lbl, "widths": _widths(p), "drift": d, "uniform_ratio": p.settings["ratio"]
-                   if lbl == "uniform" else None} for lbl, p, _, _, _, d in built]}
-    logger.info("pruning: %s plan kept (drift %s against %s) on %d %s calibration feeds", label,
-                d_uni if label == "uniform" else d_alloc, d_alloc if label == "uniform" else d_uni, judge.n,
-                "held-out" if held else "")
-    return m, chosen, recon
+        "tried": [{"plan": lbl, "widths": _widths(p), "drift": drift[lbl],
+                   "uniform_ratio": p.settings["ratio"] if lbl == "uniform" else None}
+                  for lbl, p in (("uniform", uniform), ("allocated", plan))]}
+    logger.info("pruning: %s plan kept (drift uniform %s, allocated %s) on %d %scalibration feeds", label,
+                drift["uniform"], drift["allocated"], judge.n, "held-out " if held else "")
+    return model, chosen, recon
 
 
 def _held_out(calibration) -> int:

@@ -410,3 +410,25 @@ def test_budgeted_plan_is_kept_where_it_drifts_less(tmp_path):
     drift = {t["plan"]: t["drift"] for t in check["tried"]}
     assert check["kept"] == "allocated" and drift["allocated"] < drift["uniform"]
     assert res.plan.settings["target"] == "latency" and "allocated widths kept" in res.plan.target_text()
+
+
+def test_cli_reports_the_uniform_check(tmp_path, capsys):
+    from models import digits
+    from onnxshrink.cli import main
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, feed in enumerate(digits.feeds("inception", "calib", batch=64, limit=256)):
+        np.savez(calib / f"{i}.npz", **feed)
+    report = tmp_path / "report.json"
+    args = ["optimize", str(digits.trained_path("inception")), "-o", str(tmp_path / "m.onnx"), "--prune", "0.38",
+            "--prune-target", "latency", "--prune-criterion", "reconstruction", "--reconstruct",
+            "--calibration", str(calib)]
+    assert main([*args, "--report", str(report)]) == 0
+    assert "uniform widths kept: drift" in capsys.readouterr().out
+    assert json.loads(report.read_text())["plan"]["check"]["kept"] == "uniform"
+    assert main([*args, "--no-uniform-check"]) == 0
+    assert "widths kept" not in capsys.readouterr().out
+    assert main(["optimize", str(digits.trained_path("inception")), "-o", str(tmp_path / "n.onnx"),
+                 "--no-uniform-check"]) == 2
+    assert "--no-uniform-check" in capsys.readouterr().err
