@@ -127,7 +127,7 @@ class PruningPlan:
         st = self.settings
         target, ratio = st.get("target", "channels"), float(st.get("ratio", 0.0))
         if target != "channels":
-            text = f"{'latency' if target == 'latency' else 'MACs'} budget {1 - ratio:.0%} of unpruned"
+            text = _budget_text(target, ratio)
         elif st.get("scope") == "global":
             text = f"channels: the lowest-scoring {ratio:.0%} of all prunable channels (global)"
         else:
@@ -143,7 +143,8 @@ class PruningPlan:
         if check:
             d = {t["plan"]: t["drift"] for t in check["tried"]}
             other = "allocated" if check["kept"] == "uniform" else "uniform"
-            asked = f"asked: {check['asked']}, " if check["kept"] == "uniform" else ""
+            asked = (f"asked: {_budget_text(check['asked']['target'], check['asked']['ratio'])}, "
+                     if check["kept"] == "uniform" else "")
             text += (f"; {asked}{check['kept']} widths kept: drift "
                      f"{d[check['kept']]:.3g} against {d[other]:.3g} for the {other} widths within the same "
                      f"estimate ({check['feeds']} {'held-out ' if check.get('held_out') else ''}calibration "
@@ -155,6 +156,10 @@ class PruningPlan:
                      + (f"; {inner} weight layers inside If/Loop/Scan bodies are not pruned either" if inner else "")
                      + ")")
         return text
+
+
+def _budget_text(target: str, ratio: float) -> str:
+    return f"{'latency' if target == 'latency' else 'MACs'} budget {1 - ratio:.0%} of unpruned"
 
 
 def plan_pruning(

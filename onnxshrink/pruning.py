@@ -205,7 +205,7 @@ def _choose(model, original, plan, uniform, dg, method, calibration, insts, repo
     chosen = uniform if label == "uniform" else plan
     recon = _apply(model, chosen, dg, original, method, calibration, insts, report, progress)  # every feed
     chosen.settings["check"] = {
-        "asked": plan.target_text().split(";")[0], "feeds": judge.n, "held_out": bool(held), "kept": label,
+        "asked": {"target": plan.settings["target"], "ratio": plan.settings["ratio"]}, "feeds": judge.n, "held_out": bool(held), "kept": label,
         "tried": [{"plan": lbl, "widths": _widths(p), "drift": drift[lbl],
                    "uniform_ratio": p.settings["ratio"] if lbl == "uniform" else None}
                   for lbl, p in (("uniform", uniform), ("allocated", plan))]}
@@ -250,9 +250,9 @@ def _run(model, steps, insts, report) -> None:
 # ---------------------------------------------------------------- per-layer table
 
 
-def layer_rows(model: ir.Model, dims: Mapping[str, int] | None = None) -> dict[str, dict]:
+def layer_rows(model: ir.Model, dims: Mapping[str, int] | None = None) -> dict[ir.Node, dict]:
     """Channels in/out, parameters and MACs (at ``dims``; dims still symbolic count as 1) of every
-    layer with a constant weight, by the name of its output (the same in a clone of the model)."""
+    layer with a constant weight."""
     shapes = stats.inferred_shapes(model, dims)
     rows = {}
     for node in model.graph:
@@ -267,7 +267,7 @@ def layer_rows(model: ir.Model, dims: Mapping[str, int] | None = None) -> dict[s
         cin = wshape[axes[1]] * (g if node.op_type == "Conv" else 1)
         cout = wshape[axes[0]] * (g if node.op_type == "ConvTranspose" else 1)
         params = sum(int(_numel(shapes.get(v.name))) for v in node.inputs[1:] if v is not None and v.name in shapes)
-        rows[node.outputs[0].name] = {"layer": node.name or node.outputs[0].name, "op": node.op_type, "in": cin,
+        rows[node] = {"layer": node.name or node.outputs[0].name, "op": node.op_type, "in": cin,
                       "out": cout, "params": params, "macs": stats.node_macs(node, shapes)}
     return rows
 
@@ -281,8 +281,8 @@ def _numel(shape) -> int:
 
 def merge_rows(before: dict, after: dict) -> list[dict]:
     out = []
-    for key, b in before.items():
-        a = after.get(key, b)
+    for node, b in before.items():
+        a = after.get(node, b)
         out.append({"layer": b["layer"], "op": b["op"], "in": [b["in"], a["in"]], "out": [b["out"], a["out"]],
                     "params": [b["params"], a["params"]], "macs": [b["macs"], a["macs"]]})
     return out
