@@ -347,6 +347,9 @@ def test_uniform_ratio_is_the_smallest_that_meets_the_budget():
 
     assert uniform_us(r) <= est["budget"] * (1 + 1e-9) < uniform_us(round(r - 0.01, 2))
     assert "uniform_ratio" not in plan_pruning(model, 0.3, round_to=8).settings["estimate"]
+    macs = plan_pruning(model, 0.4, target="macs", round_to=8).settings["estimate"]
+    m = macs["uniform_ratio"]
+    assert plan_pruning(model, m, round_to=8).settings["estimate"]["macs"][1] <= macs["budget"] * (1 + 1e-9)
 
 
 def _digits_prune(name, ratio, tmp_path, **kw):
