@@ -148,7 +148,7 @@ class PruningPlan:
             text += (f"; {asked}{check['kept']} widths kept: drift "
                      f"{d[check['kept']]:.3g} against {d[other]:.3g} for the {other} widths within the same "
                      f"estimate ({check['feeds']} {'held-out ' if check.get('held_out') else ''}calibration "
-                     "feeds)")
+                     f"feed{'' if check['feeds'] == 1 else 's'})")
         if not self.groups:
             inner = st.get("subgraph_layers", 0)
             text += ("; nothing to prune: no Conv, ConvTranspose, Gemm or MatMul with a constant float weight "

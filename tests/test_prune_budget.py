@@ -378,7 +378,7 @@ def test_budgeted_plan_loses_to_the_uniform_one_where_it_drifts_more(tmp_path):
     assert check["held_out"] and check["feeds"] == 1  # a quarter of 4 feeds
     assert res.plan.settings["target"] == "channels" and res.plan.settings["ratio"] == check["tried"][0]["uniform_ratio"]
     assert "asked: latency budget 62% of unpruned, uniform widths kept" in res.plan.target_text()
-    assert "1 held-out calibration feeds" in res.plan.target_text()
+    assert "(1 held-out calibration feed)" in res.plan.target_text()
     assert json.loads((tmp_path / "plan.json").read_text())["settings"]["check"]["kept"] == "uniform"
     assert any(r["out"][1] < r["out"][0] for r in res.layers)  # the table follows the kept model
     judge = FeedsDrift(model_io.load(digits.trained_path("inception")), calib, 8)
