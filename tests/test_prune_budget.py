@@ -435,3 +435,18 @@ def test_cli_reports_the_uniform_check(tmp_path, capsys):
     assert main(["optimize", str(digits.trained_path("inception")), "-o", str(tmp_path / "n.onnx"),
                  "--no-uniform-check"]) == 2
     assert "--no-uniform-check" in capsys.readouterr().err
+
+
+def test_uniform_check_without_reconstruction_judges_on_the_calibration_feeds(tmp_path):
+    from models import digits
+    from onnxshrink import pruning
+
+    calib = digits.feeds("inception", "calib", batch=64, limit=256)
+    res = pruning.prune(digits.trained_path("inception"), 0.38, None, target="latency", criterion="activation",
+                        calibration=calib)
+    check = res.plan.settings["check"]
+    assert not check["held_out"] and check["feeds"] == 4 and res.reconstruction is None
+    drift = {t["plan"]: t["drift"] for t in check["tried"]}
+    assert res.plan.settings["target"] == ("channels" if check["kept"] == "uniform" else "latency")
+    assert (check["kept"] == "uniform") == (drift["uniform"] < 0.8 * drift["allocated"])
+    assert sum(r["out"][1] < r["out"][0] for r in res.layers) > 0
