@@ -386,11 +386,11 @@ def _target_line(name, ratio, label, budget, t, base) -> str:
     widths = " ".join(f"{b}" if a == b else f"{a}>{b}" for a, b in t.get("widths", []))
     return (f"| {name} | {ratio} | {label} | {budget} | {lat[1] / lat[0]:.0%} ({lat[0] / lat[1]:.2f}x) | {acc:.1f} | "
             f"{acc - base:+.1f} | "
-            f"{goal} | {pct(t['macs'])} | {prop:.2f}x | {speed} | {widths} | {_kept(t.get('check'))} |")
+            f"{goal} | {pct(t['macs'])} | {prop:.2f}x | {speed} | {widths} | {kept_text(t.get('check'))} |")
 
 
-def _kept(check) -> str:
-    """Which plan the uniform check kept, with both drifts (kept first); empty where none ran."""
+def kept_text(check) -> str:
+    """Which plan ``prune``'s uniform check kept, with both drifts (kept first); empty where none ran."""
     if not check:
         return ""
     tried = sorted(check["tried"], key=lambda x: x["plan"] != check["kept"])

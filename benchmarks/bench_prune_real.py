@@ -50,7 +50,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_prune import machine
+from benchmarks.bench_prune import kept_text, machine
 from models import fetch_real
 from onnxshrink import bench, pruning, runtime
 from onnxshrink.errors import ConfigError
@@ -228,7 +228,8 @@ def _fmt(v, spec: str = ".3f") -> str:
 
 
 def _row(name: str, r: dict, batches) -> str:
-    head = f"| {name} | {r['ratio']} | {r['variant']}{_kept(r.get('check'))} |"
+    kept = kept_text(r.get("check"))
+    head = f"| {name} | {r['ratio']} | {r['variant']}{', kept ' + kept if kept else ''} |"
     if "error" in r:
         return head + f" {r['error'][:150]} |" + " |" * (9 + 2 * len(batches))
     est = r.get("est_latency_us")
@@ -240,17 +241,6 @@ def _row(name: str, r: dict, batches) -> str:
     return (f"{head} {_pct(r['params'])} | {_pct(r['macs'])} | {_x(r['macs']):.2f}x | {est_x} | "
             f"{100 * r['agree']:.1f} | {_fmt(r.get('fg') and 100 * r['fg'], '.2f' if name in DETECTORS else '.1f')} | {r['cos']:.4f} | "
             + " | ".join(speeds) + " | " + " | ".join(share) + f" | {ms} | {r['seconds']} |")
-
-
-def _kept(check) -> str:
-    """`` (uniform r=0.4 kept, drift 0.01 vs 0.02)`` where ``prune``'s uniform check replaced the allocated
-    widths, `` (allocated kept, ...)`` where it ran and kept them; empty where it did not run."""
-    if not check:
-        return ""
-    d = {t["plan"]: t for t in check["tried"]}
-    kept, other = ("uniform", "allocated") if check["kept"] == "uniform" else ("allocated", "uniform")
-    name = f"uniform r={d['uniform']['uniform_ratio']:g}" if kept == "uniform" else "allocated"
-    return f" ({name} kept, drift {d[kept]['drift']:.3g} vs {d[other]['drift']:.3g})"
 
 
 def _model_lines(name: str, e: dict) -> list[str]:
@@ -291,7 +281,7 @@ def write_markdown(results: dict, path: Path) -> None:
          "`l1` data-free; `recon+lsq` = `--prune-criterion reconstruction --reconstruct` on the calibration feeds; "
          "`latency` = the same with `--prune-target latency` (RATIO of the estimated latency; where the "
          "uniform check ran, the variant says which plan it kept, the allocated widths or the uniform plan "
-         "fitting the same estimate, with both calibration drifts, kept first)."),
+         "fitting the same estimate, with both held-out calibration drifts, kept first)."),
         "",
         ("Columns: `-params`, `-MACs`: reduction (MACs at the operating size, batch 1); `x MACs` = MACs "
          "before/after, the speed-up in proportion to MACs; `est`: the planner's estimated latency speed-up "

@@ -21,7 +21,8 @@ with latency estimated by :mod:`onnxshrink.prune_cost` from a kernel throughput 
 (:mod:`onnxshrink.kernel_table`; ``kernels``: ``"default"``, ``"measure"`` or a saved table). Every
 plan records its estimate before and after (``settings["estimate"]``) whatever its target; a budgeted
 plan also records ``uniform_ratio``, the smallest channels ratio whose uniform plan fits the same
-budget (``onnxshrink.prune`` builds both and keeps the one that drifts less).
+budget, and carries that plan, made from the same scores, as ``plan.uniform`` (not saved;
+``onnxshrink.prune`` builds both and keeps the one that drifts less).
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ class GroupPlan:
 class PruningPlan:
     settings: dict
     groups: list[GroupPlan]
+    #: For a latency or MACs target: the uniform plan (``target="channels"`` at ``uniform_ratio``) made from
+    #: the same scores, which ``onnxshrink.prune`` measures against this one. Not saved with the plan.
+    uniform: PruningPlan | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "settings": self.settings,
@@ -220,24 +224,41 @@ def plan_pruning(
         keeps = _global_keeps(live, ratio, round_to, min_width, max_ratio)
     else:
         keeps = [_local_keep(gp, _ratio_for(g, ratio, layer_ratios), round_to, min_width) for g, gp, _ in live]
-    est = [cost.describe([gp.atoms for _, gp, _ in live]), cost.describe(keeps)]
-    estimate.update({k: [est[0][k], est[1][k]] for k in ("latency_us", "macs")})
-    _warn_if_slower(estimate, round_to)
-    local = target == "channels" and not (scope == "global" and not layer_ratios)
-    for (g, gp, scores), keep in zip(live, keeps):
-        order = np.argsort(scores, kind="stable")
-        gp.remove = sorted(int(i) for i in order[: gp.atoms - keep])
-        gp.status = "pruned" if gp.remove else "unchanged"
-        gp.scores = [round(float(s), 6) for s in scores]
-        r = _ratio_for(g, ratio, layer_ratios)
-        if local and not gp.remove and r > 0:
-            gp.stops = [_kept_whole(gp, r, round_to, min_width)]
     settings = {"ratio": ratio, "criterion": getattr(crit, "name", str(criterion)), "scope": scope,
                 "round_to": round_to, "min_width": min_width, "max_ratio": max_ratio,
                 "protect": list(protect), "layer_ratios": dict(layer_ratios or {}), "grouped": grouped,
                 "target": target, "estimate": estimate,
                 "subgraph_layers": sum(1 for n in model.graph.all_nodes()
                                        if n.graph is not model.graph and n.op_type in depgraph.WEIGHT_AXES)}
+    uniform = None
+    r = estimate.get("uniform_ratio")
+    if r is not None:  # the same groups and scores, on copies of the group plans
+        copies = {id(gp): dataclasses.replace(gp) for gp in plans}
+        twins = [(g, copies[id(gp)], scores) for g, gp, scores in live]
+        uniform = _fill(cost, twins, [copies[id(gp)] for gp in plans],
+                        [_local_keep(gp, r, round_to, min_width) for _, gp, _ in twins],
+                        {**settings, "ratio": r, "scope": "local", "target": "channels",
+                         "estimate": {"kernels": cost.table.source, "batch": cost.batch}}, round_to, min_width)
+    plan = _fill(cost, live, plans, keeps, settings, round_to, min_width, layer_ratios)
+    plan.uniform = uniform
+    return plan
+
+
+def _fill(cost, live, plans, keeps, settings, round_to, min_width, layer_ratios=None) -> PruningPlan:
+    """The plan that keeps ``keeps`` atoms of each live group (lowest scores removed), with its estimate."""
+    estimate = settings["estimate"]
+    est = [cost.describe([gp.atoms for _, gp, _ in live]), cost.describe(keeps)]
+    estimate.update({k: [est[0][k], est[1][k]] for k in ("latency_us", "macs")})
+    _warn_if_slower(estimate, round_to)
+    local = settings["target"] == "channels" and not (settings["scope"] == "global" and not layer_ratios)
+    for (g, gp, scores), keep in zip(live, keeps):
+        order = np.argsort(scores, kind="stable")
+        gp.remove = sorted(int(i) for i in order[: gp.atoms - keep])
+        gp.status = "pruned" if gp.remove else "unchanged"
+        gp.scores = [round(float(s), 6) for s in scores]
+        r = _ratio_for(g, settings["ratio"], layer_ratios)
+        if local and not gp.remove and r > 0:
+            gp.stops = [_kept_whole(gp, r, round_to, min_width)]
     return PruningPlan(settings, plans)
 
 

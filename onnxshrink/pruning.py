@@ -47,9 +47,10 @@ logger = logging.getLogger(__name__)
 #: Calibration feeds the budgeted plan and its uniform twin are measured on (``_choose``).
 CHECK_FEEDS = 8
 #: The uniform plan replaces the allocated one (what the user asked for) only when its drift is below
-#: (1 - MIN_GAIN) x the allocated's: the check is for compounded cuts (digits inception: 2.3x the uniform
-#: plan's drift), and a few held-out feeds are noisy (PP-OCR cls at 0.3: 0.109 against 0.125 on 4 held-out
-#: feeds, the other way round on 16 evaluation feeds).
+#: (1 - MIN_GAIN) x the allocated's: the check is for compounded cuts (digits inception at 62%: 1.8x the
+#: uniform plan's drift on the held-out feeds), and a few held-out feeds are noisy (PP-OCR cls at 70%: 0.109
+#: against 0.125 on 4 held-out feeds, the other way round on 16 evaluation feeds;
+#: ``benchmarks/results/prune_check_avx2.md``).
 MIN_GAIN = 0.2
 
 
@@ -132,14 +133,13 @@ def prune(
     if plan is None:
         dg = depgraph.build(ir_model, grouped=grouped)
         act = importance.collect(ir_model, dg, calibration, crit, progress=progress)
-        common = {"criterion": crit, "round_to": round_to, "min_width": min_width, "protect": protect,
-                  "stats": act, "grouped": grouped, "graph": dg, "kernels": kernels, "dims": dims}
-        plan = plan_pruning(ir_model, ratio, scope=scope, layer_ratios=layer_ratios, target=target, **common)
-        r = (plan.settings.get("estimate") or {}).get("uniform_ratio")
-        if uniform_check and calibration is not None and r is not None:
-            uniform = plan_pruning(ir_model, r, **common)
-            if _widths(uniform) == _widths(plan):
-                uniform = None  # the same widths: nothing to measure
+        plan = plan_pruning(ir_model, ratio, criterion=crit, scope=scope, round_to=round_to,
+                            min_width=min_width, protect=protect, layer_ratios=layer_ratios,
+                            stats=act, grouped=grouped, graph=dg, target=target, kernels=kernels,
+                            dims=dims)
+        if uniform_check and calibration is not None and plan.uniform is not None \
+                and _widths(plan.uniform) != _widths(plan):  # the same widths: nothing to measure
+            uniform = plan.uniform
     elif not isinstance(plan, PruningPlan):
         plan = PruningPlan.load(plan)
     original = clone_model(ir_model) if method or uniform else None
@@ -183,13 +183,13 @@ def _choose(model, original, plan, uniform, dg, method, calibration, insts, repo
     and keep the one whose outputs drift less from ``original`` (the uniform one must be
     :data:`MIN_GAIN` lower). The allocator adds up per-group losses, and cuts that each cost little
     can compound: digits inception at a 62% latency budget lost 14.7 points with one 32-channel group
-    at 8, where the uniform plan at the same estimate lost 2.2 (``benchmarks/results/prune_avx2.md``).
+    at 8, where the uniform plan at the same estimate lost 2.2; ``benchmarks/bench_prune_check.py``
+    judges the choice on evaluation data (``results/prune_check_avx2.md``).
 
-    With reconstruction, a refit fits the feeds it is judged on (PP-OCR cls at 0.1: the uniform plan
-    drifted less on them and 3x more on held-out crops, measured once), so both are refit on all feeds
-    but the first :func:`_held_out` ones, judged on those, and the kept plan is then refit on every
-    feed (without reconstruction the kept plan is applied again: cheap). Returns (model, plan,
-    reconstruction report)."""
+    With reconstruction, a refit judged on the feeds it was fit to looks better than it is, so both are
+    refit on all feeds but the first :func:`_held_out` ones, judged on those, and the kept plan is then
+    refit on every feed; without reconstruction the kept plan is applied again (cheap). Returns (model,
+    plan, reconstruction report)."""
     from onnxshrink.validate import FeedsDrift
 
     held = _held_out(calibration) if method else 0

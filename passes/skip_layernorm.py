@@ -22,8 +22,9 @@ and is not a graph output, whose inputs are float32, float16 or bfloat16 and may
 dims (``fusable_shapes``), becomes ``Sum`` (same node, same inputs and outputs). Not rewritten: any
 other ``Add`` (a residual ``Add`` that the next block reads too never fuses), inputs of another rank,
 of different sizes, or broadcast. Runs in the ``default`` preset (``pipeline.FLOAT_FUSION_PASSES``),
-after pruning (``pipeline.after_prune_steps``) and in the int8 build (``qdq_tune.steps``). The CUDA kernel of SkipLayerNormalization is another one, not
-measured here (no GPU); a model for the CUDA provider can leave the rule out (``--passes``, a recipe).
+after pruning (``pipeline.after_prune_steps``) and in the int8 build (``qdq_tune.steps``). The CUDA
+kernel of SkipLayerNormalization is another one, not measured here (no GPU); a model for the CUDA
+provider can leave the rule out (``--passes``, a recipe).
 """
 
 from __future__ import annotations

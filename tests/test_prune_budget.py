@@ -347,6 +347,11 @@ def test_uniform_ratio_is_the_smallest_that_meets_the_budget():
 
     assert uniform_us(r) <= est["budget"] * (1 + 1e-9) < uniform_us(round(r - 0.01, 2))
     assert "uniform_ratio" not in plan_pruning(model, 0.3, round_to=8).settings["estimate"]
+    budgeted = plan_pruning(model, 0.3, target="latency", round_to=8)
+    direct = plan_pruning(model, r, round_to=8)  # the uniform plan made from the same scores is this one
+    assert budgeted.uniform.to_dict() == direct.to_dict() and budgeted.uniform.uniform is None
+    assert "uniform" not in budgeted.to_dict() and budgeted.settings["target"] == "latency"
+    assert PruningPlan.from_dict(budgeted.to_dict()).uniform is None
     macs = plan_pruning(model, 0.4, target="macs", round_to=8).settings["estimate"]
     m = macs["uniform_ratio"]
     assert plan_pruning(model, m, round_to=8).settings["estimate"]["macs"][1] <= macs["budget"] * (1 + 1e-9)
