@@ -58,7 +58,7 @@ def bench_model(spec: str, tmp: Path) -> list[dict]:
         outs = [q.run(None, f) for f in prep["evals"]]
         drift = flat_drift(flat_floats(a[0] for a in float_outs), flat_floats(b[0] for b in outs))
         rows.append({"model": spec, "config": label, "method": result.method, "drift": float(f"{drift:.3g}"),
-                     "metric": round(bq._metric(prep, float_outs, outs), 4), "seconds": round(seconds, 1)})
+                     "metric": round(bq.metric(prep, float_outs, outs), 4), "seconds": round(seconds, 1)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -15,7 +15,7 @@ recognizer and detector, fed and scored like their v4 namesakes) and ratio (0.1,
 Data: ``fetch_real.example_feeds`` (synthetic rendered text lines / pages / scenes; no labels): calibration
 from seed 0, evaluation from seed 1. Quality is agreement with the unpruned float model on the
 evaluation feeds: top-1 for cls, per-step arg-max for rec, text/no-text at 0.3 per pixel for det
-(as ``bench_quantize_vs_ort._metric``), for NudeNet the Jaccard index of the above-0.2 (anchor, class)
+(as ``bench_quantize_vs_ort.metric``), for NudeNet the Jaccard index of the above-0.2 (anchor, class)
 pairs (as there) and, as ``fg``, the cosine of its class scores alone, plus ``fg`` (rec: arg-max agreement on the steps where the
 float model emits a character, not the CTC blank; det: IoU of the text pixels) and the cosine of
 the output flattened over all evaluation feeds. MACs are taken at the operating size (cls 48x192,

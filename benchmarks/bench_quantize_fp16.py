@@ -85,7 +85,7 @@ def bench_variant(prep: dict, keep_io: bool, runs: int, tmp: Path) -> list[dict]
     except Exception as e:  # noqa: BLE001 - a conversion ORT cannot run is a result
         return [{**base, "tool": "float16", "config": "-", "status": f"converted model does not run: {str(e)[:120]}"}]
     rows = [{**base, "tool": "float16", "config": "-", "status": "ok",
-             "metric": round(qvo._metric(p16, ref, ref), 4), "drift": 0.0, "speedup": 1.0}]
+             "metric": round(qvo.metric(p16, ref, ref), 4), "drift": 0.0, "speedup": 1.0}]
     f32 = qvo.evaluate(dict(p16, src=str(src16)), prep["src"], ref, runs) if keep_io else None
     if f32 is not None:  # the float32 original timed against the float16 model (same float32 feeds)
         rows.append({**base, "tool": "float32", "config": "original", "status": "ok", **f32})

@@ -223,14 +223,17 @@ def evaluate(prep: dict, path: str, float_outs, runs: int) -> dict:
     except Exception as e:  # noqa: BLE001 - an invalid quantized model is a result
         return {"error": f"ORT cannot run it: {str(e)[:160]}"}
     drift = flat_drift(flat_floats(a[0] for a in float_outs), flat_floats(b[0] for b in outs))
-    row = {"metric": round(_metric(prep, float_outs, outs), 4), "drift": float(f"{drift:.3g}")}
+    row = {"metric": round(metric(prep, float_outs, outs), 4), "drift": float(f"{drift:.3g}")}
     ratio = bench.measure([prep["src"], path], [prep["evals"][0]], runs=runs, warmup=10).providers["cpu"].ratio
     row["speedup"] = round(ratio.speedup, 3)
     row["size"] = round(Path(path).stat().st_size / Path(prep["src"]).stat().st_size, 3)
     return row
 
 
-def _metric(prep: dict, float_outs, outs) -> float:
+def metric(prep: dict, float_outs, outs) -> float:
+    """The model's accuracy measure, 0-1: top-1 against labels where the data has them, else agreement
+    with the float model's outputs (decisions at 0.5, det pixels at 0.3, detections, feature cosine,
+    arg-max or sign). Shared with the other benchmarks of quantized and pruned models."""
     if prep["labels"] is not None:
         pred = np.concatenate([o[0].argmax(-1) for o in outs])
         return float((pred == prep["labels"]).mean())
@@ -268,7 +271,7 @@ def bench_model(spec: str, families, runs: int, tmp: Path) -> list[dict]:
     float_outs = [sess.run(None, f) for f in prep["evals"]]
     del sess
     load0 = _load()
-    rows = [{"model": spec, "tool": "float", "config": "-", "metric": round(_metric(prep, float_outs, float_outs), 4),
+    rows = [{"model": spec, "tool": "float", "config": "-", "metric": round(metric(prep, float_outs, float_outs), 4),
              "drift": 0.0, "speedup": 1.0}]
     jobs = [("onnxshrink", label, cfg) for label, cfg in OURS]
     recovery = {label: cfg for fam in families for label, cfg in RECOVERY[fam]}  # one row per label
