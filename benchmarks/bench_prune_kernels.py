@@ -13,7 +13,7 @@
    static) against the unfused pair, [N, 16, 64].
 
     /work/venv/bin/python benchmarks/bench_prune_kernels.py [--models resnet,resnet_wide] [--ratio 0.5]
-        [--out benchmarks/results]
+        [--out benchmarks/results] [--stem prune_kernels]
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_prune
 
 from models import digits
 from onnxshrink import pruning, runtime
@@ -249,6 +252,8 @@ def write_markdown(results: dict, path: Path) -> None:
         reading = text[text.index("\n## Reading"):]
     ratio = results["ratio"]
     lines = ["# Where a pruned model's time goes on ONNX Runtime (CPU, 1 thread)", "",
+             *([f"Machine: {m['cpu']}; ONNX Runtime NCHWc block {m['nchwc_block']}.", ""]
+               if (m := results.get("machine")) else []),
              ("`python benchmarks/bench_prune_kernels.py` (see its docstring). Load average (1 min) "
               f"{results['load'][0]} before, {results['load'][1]} after (2 shared cores)."), "",
              f"## Profiles: unpruned against pruned at {ratio} (default rounding)", "",
@@ -276,8 +281,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--no-kernels", action="store_true", help="skip the kernel throughput table")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--stem", default="prune_kernels", help="output file names (e.g. prune_kernels_avx2)")
     args = ap.parse_args(argv)
-    results: dict = {"ratio": args.ratio, "load": [round(os.getloadavg()[0], 2)], "models": {}}
+    results: dict = {"ratio": args.ratio, "load": [round(os.getloadavg()[0], 2)], "models": {},
+                     "machine": bench_prune.machine()}
     with tempfile.TemporaryDirectory(prefix="bench-prune-kernels-") as tmp:
         for name in filter(None, args.models.split(",")):
             results["models"][name] = model_rows(name, args.ratio, tmp)
@@ -289,9 +296,9 @@ def main(argv=None) -> int:
     results["load"].append(round(os.getloadavg()[0], 2))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "prune_kernels.json").write_text(json.dumps(results, indent=1))
-    write_markdown(results, out / "prune_kernels.md")
-    print((out / "prune_kernels.md").read_text())
+    (out / f"{args.stem}.json").write_text(json.dumps(results, indent=1))
+    write_markdown(results, out / f"{args.stem}.md")
+    print((out / f"{args.stem}.md").read_text())
     return 0
 
 
