@@ -24,8 +24,10 @@ def clone_model(model: ir.Model) -> ir.Model:
     """``model.clone()`` with every value's type its own object. onnx_ir's clone shares the type
     objects of the values it copies, and ``value.dtype = x`` changes the type object in place, so a
     pass or an inference run on a plain clone could retype the original (found when a MACs count on a
-    folded copy retyped PP-OCR rec's Slice output in the model being optimized)."""
+    folded copy retyped PP-OCR rec's Slice output in the model being optimized). The model's ``meta``
+    is copied too."""
     copy = model.clone()
+    copy.meta.update(model.meta)  # what load recorded (model_io.KEEP_EXTERNAL)
     for graph in [*copy.graphs(), *(f.graph for f in copy.functions.values())]:
         for v in [*graph.inputs, *graph.initializers.values(), *(v for node in graph for v in node.outputs)]:
             v.type = own_type(v)

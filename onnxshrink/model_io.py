@@ -30,6 +30,10 @@ MIN_OPSET = 7
 MAX_OPSET = onnx.defs.onnx_opset_version()
 #: Above this many initializer bytes a model is written with external data (protobuf caps at 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+#: ``model.meta`` key set by :func:`load` on a model that kept weights in external data: :func:`save`
+#: keeps that format even when every external tensor was replaced (pruned, quantized), which would
+#: otherwise write a large model as one protobuf, with two more copies of its weights in memory.
+KEEP_EXTERNAL = "onnxshrink.external_data"
 #: Tensors at least this big go to the external data file when one is written.
 EXTERNAL_TENSOR_MIN_BYTES = 1024
 
@@ -56,6 +60,8 @@ def load(source: ModelSource, *, check_support: bool = True) -> ir.Model:
         )
     if check_support:
         check_supported(model)
+    if uses_external_data(model):
+        model.meta[KEEP_EXTERNAL] = True
     return model
 
 
@@ -227,13 +233,14 @@ def save(
     """Write ``model`` to ``path`` atomically (temp files in the same folder, then rename).
 
     ``external_data``: None decides by size (over ``EXTERNAL_DATA_THRESHOLD``) or keeps the input's
-    choice when it used external data. ``protected`` paths (the input) are never overwritten unless
+    choice when it used external data (:data:`KEEP_EXTERNAL`, set by :func:`load`). ``protected`` paths (the input) are never overwritten unless
     ``overwrite_input``. Returns the path written.
     """
     out = Path(path)
     _check_writable(out, protected, overwrite_input)
     if external_data is None:
-        external_data = uses_external_data(model) or initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        external_data = (uses_external_data(model) or bool(model.meta.get(KEEP_EXTERNAL))
+                         or initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD)
     data_name = out.name + ".data"
     try:
         tmp_dir = Path(tempfile.mkdtemp(prefix=".onnxshrink-", dir=out.parent))

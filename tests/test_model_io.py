@@ -230,7 +230,9 @@ def test_an_unwritable_output_is_refused_before_any_work(job, tmp_path):
 def test_quantize_and_prune_a_model_with_external_data(tmp_path, monkeypatch):
     """Sessions of in-memory models were made from bytes in some places (the calibration method's
     selection, the placement tuner): a model reading external data failed there, its relative paths
-    resolved against the working directory. The working directory here is another folder."""
+    resolved against the working directory. The working directory here is another folder. The outputs
+    keep external data: they were written as one protobuf once pruning or quantizing had replaced every
+    external tensor, which holds two more copies of the weights in memory while saving."""
     import onnxshrink
     from models import digits
     from onnxshrink import runtime
@@ -249,6 +251,9 @@ def test_quantize_and_prune_a_model_with_external_data(tmp_path, monkeypatch):
                          calibration=calib, reconstruct=True)
     for out in (q.output, p.output):
         assert digits.accuracy(runtime.make_session(out, threads=1).run(None, {"input": x})[0], y) > 0.95
+        # the input's format is kept, though pruning and quantizing replaced every external tensor
+        assert out.with_name(out.name + ".data").is_file()
+        assert model_io.uses_external_data(model_io.load(out))
 
 
 def test_sparse_initializers_are_stored_dense(tmp_path, caplog):
