@@ -29,7 +29,9 @@ import itertools
 import logging
 import math
 import os
+import pickle
 import sys
+import tempfile
 import time
 import types
 from collections.abc import Callable, Mapping
@@ -38,7 +40,7 @@ import numpy as np
 
 from onnxshrink import data as data_mod
 from onnxshrink import model_io, runtime
-from onnxshrink.errors import RuntimeFailure
+from onnxshrink.errors import DataError, RuntimeFailure
 from onnxshrink.task_metrics import (  # noqa: F401 - accuracy and load_metric are part of this API
     Metric,
     MetricResult,
@@ -53,6 +55,9 @@ logger = logging.getLogger(__name__)
 REL_FLOOR = 1e-6
 #: ``1 - cosine`` above which a lossy rewrite (pruning, int8) is warned of when no budget was given.
 WARN_DRIFT = 0.01
+#: Above this many weight bytes in the two models together, ``compare`` runs them one at a time (the
+#: reference's outputs wait on disk), so memory holds one ONNX Runtime session, not both.
+SEQUENTIAL_BYTES = 1 << 30
 
 
 @dataclasses.dataclass
@@ -325,20 +330,19 @@ def compare(
     if problem:
         report.problems.append(problem)
         return report
-    ref_sess = _session(reference, ref_model, reference_providers or providers, threads, "reference")
-    cand_sess = _session(candidate, cand_model, providers, threads, "candidate")
-    ref_names = [o.name for o in ref_sess.get_outputs()]
-    cand_names = {o.name for o in cand_sess.get_outputs()}
+    ref_names = [v.name for v in ref_model.graph.outputs]
+    cand_names = {v.name for v in cand_model.graph.outputs}
     names = [n for n in ref_names if n in cand_names]
     report.problems.extend(f"the candidate has no output {n!r}" for n in ref_names if n not in cand_names)
     accs = {n: _Accumulator(n, rel_floor) for n in names}
     scores = [ScoreSum(metric_fn, metric_name) for _ in range(2)] if metric_fn is not None else None
-    for i, (feed, extra) in enumerate(source.labeled()):
-        where = f"feed {i}"
-        ref_out = dict(zip(names, _run(ref_sess, names, feed, where, "reference")))
-        cand_out = dict(zip(names, _run(cand_sess, names, feed, where, "candidate")))
+    sides = ((reference, ref_model, reference_providers or providers, "reference"),
+             (candidate, cand_model, providers, "candidate"))
+    weights = model_io.initializer_bytes(ref_model) + model_io.initializer_bytes(cand_model)
+    pairs = (_one_at_a_time if weights > SEQUENTIAL_BYTES else _side_by_side)(sides, source, names, threads)
+    for i, (ref_out, cand_out, extra) in enumerate(pairs):
         for n in names:
-            accs[n].update(ref_out[n], cand_out[n], where)
+            accs[n].update(ref_out[n], cand_out[n], f"feed {i}")
         if scores:
             scores[0].add(ref_out, extra.get(labels_key))
             scores[1].add(cand_out, extra.get(labels_key))
@@ -350,6 +354,45 @@ def compare(
         report.metric = MetricResult(metric_name, scores[0].mean(), scores[1].mean())
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _side_by_side(sides, source, names, threads):
+    """``(reference outputs, candidate outputs, extras)`` per feed, both sessions open."""
+    sessions = [_session(src, model, provs, threads, role) for src, model, provs, role in sides]
+    for i, (feed, extra) in enumerate(source.labeled()):
+        ref, cand = (dict(zip(names, _run(sess, names, feed, f"feed {i}", side[3])))
+                     for sess, side in zip(sessions, sides))
+        yield ref, cand, extra
+
+
+def _one_at_a_time(sides, source, names, threads):
+    """As :func:`_side_by_side`, for large models: the reference runs over every feed first, its outputs
+    pickled to a temporary folder one feed at a time, and its session is closed before the candidate's
+    opens (the feeds are read twice)."""
+    (ref_src, ref_model, ref_provs, _), (cand_src, cand_model, cand_provs, _) = sides
+    logger.info("validate: weights over %d MiB in all: running the reference, then the candidate",
+                SEQUENTIAL_BYTES >> 20)
+    with tempfile.TemporaryDirectory(prefix="onnxshrink-reference-") as tmp:
+        sess = _session(ref_src, ref_model, ref_provs, threads, "reference")
+        stored = 0
+        for feed, _ in source.labeled():
+            with open(os.path.join(tmp, f"{stored}.pkl"), "wb") as f:
+                pickle.dump(_run(sess, names, feed, f"feed {stored}", "reference"), f, pickle.HIGHEST_PROTOCOL)
+            stored += 1
+        del sess
+        sess = _session(cand_src, cand_model, cand_provs, threads, "candidate")
+        read = 0
+        for feed, extra in source.labeled():
+            if read == stored:
+                raise DataError(f"{source.description}: the data gave {stored} feeds on its first reading "
+                                "and more on its second; pass data that reads the same twice")
+            with open(os.path.join(tmp, f"{read}.pkl"), "rb") as f:  # written above, by this process
+                ref = dict(zip(names, pickle.load(f)))
+            yield ref, dict(zip(names, _run(sess, names, feed, f"feed {read}", "candidate"))), extra
+            read += 1
+        if read < stored:
+            raise DataError(f"{source.description}: the data gave {stored} feeds on its first reading "
+                            f"and {read} on its second; pass data that reads the same twice")
 
 
 def _session(source, model, providers, threads, role: str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -165,6 +166,49 @@ def test_accuracy_metric_with_labels_from_a_stacked_npz(tmp_path):
     assert rep.metric.candidate == pytest.approx(1.0)
     assert rep.metric.difference == pytest.approx(0.5) and rep.metric.drop == pytest.approx(-0.5)
     assert rep.feeds == 2
+
+
+def test_large_models_run_one_at_a_time_with_the_same_report(tmp_path, monkeypatch, caplog):
+    """Over ``SEQUENTIAL_BYTES`` of weights the reference runs over every feed first (its outputs on
+    disk) and its session is gone before the candidate's opens: the same report, metric included."""
+    import weakref
+
+    path = tmp_path / "data.npz"
+    np.savez(path, x=f32([[1, 2, 0, -1], [1.8, 2, 0, 0]]), labels=np.array([1, 0]))
+    both = validate.compare(REF, CAND, str(path), threads=1, metric="accuracy")
+    monkeypatch.setattr(validate, "SEQUENTIAL_BYTES", 0)
+    alive, most = [0], [0]
+    real = validate._session
+
+    def counted(*args):
+        sess = real(*args)
+        alive[0] += 1
+        most[0] = max(most[0], alive[0])
+        weakref.finalize(sess, lambda: alive.__setitem__(0, alive[0] - 1))
+        return sess
+
+    monkeypatch.setattr(validate, "_session", counted)
+    with caplog.at_level("INFO", logger="onnxshrink.validate"):
+        one = validate.compare(REF, CAND, str(path), threads=1, metric="accuracy")
+    assert "running the reference, then the candidate" in caplog.text
+    assert most[0] == 1
+    assert one.feeds == both.feeds == 2
+    assert dataclasses.asdict(one.outputs["y"]) == dataclasses.asdict(both.outputs["y"])
+    assert (one.metric.reference, one.metric.candidate) == (both.metric.reference, both.metric.candidate)
+
+
+@pytest.mark.parametrize("second", [1, 3])
+def test_data_that_reads_differently_the_second_time_is_refused(monkeypatch, second):
+    monkeypatch.setattr(validate, "SEQUENTIAL_BYTES", 0)
+    reads = []
+
+    def data():
+        reads.append(1)
+        n = 2 if len(reads) == 1 else second
+        return iter((FEEDS * 2)[:n])
+
+    with pytest.raises(DataError, match="2 feeds on its first reading"):
+        validate.compare(REF, CAND, data, threads=1)
 
 
 def test_metric_from_a_file_with_weights(tmp_path):
