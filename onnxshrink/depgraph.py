@@ -28,7 +28,7 @@ from onnxshrink import channel_layout as layout
 from onnxshrink import channel_rules as cr
 from onnxshrink import channel_weights as weights
 from onnxshrink import depgraph_cells
-from onnxshrink.graph_utils import const_array, int_attr
+from onnxshrink.graph_utils import const_shape, int_attr
 
 logger = logging.getLogger(__name__)
 
@@ -350,13 +350,14 @@ class DepGraph:
 
 def weight_axes(node: ir.Node, idx: int) -> tuple[int, int] | None:
     """(out axis, in axis) of a weight op's constant weight input ``idx``, else None."""
-    if node.domain not in ("", "ai.onnx") or const_array(node.inputs[idx]) is None:
+    shape = const_shape(node.inputs[idx]) if idx < len(node.inputs) else None
+    if node.domain not in ("", "ai.onnx") or shape is None:
         return None
     if node.op_type in ("Conv", "ConvTranspose") and idx == 1:
         return WEIGHT_AXES[node.op_type]
     if node.op_type == "Gemm" and idx == 1:
         return (0, 1) if int_attr(node, "transB", 0) else (1, 0)
-    if node.op_type == "MatMul" and idx == 1 and const_array(node.inputs[1]).ndim == 2:
+    if node.op_type == "MatMul" and idx == 1 and len(shape) == 2:
         return (1, 0)
     return None
 

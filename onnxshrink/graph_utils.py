@@ -55,6 +55,20 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
+def const_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    """The shape of ``value``'s constant content, where :func:`const_array` would find one, without
+    reading the data (a weight sliced lazily by pruning would otherwise be computed again)."""
+    if value is None or value.is_graph_input():
+        return None
+    if value.const_value is not None:
+        return tuple(int(d) for d in value.const_value.shape)
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and is_default_domain(node):
+        arr = _constant_node_array(node)
+        return None if arr is None else arr.shape
+    return None
+
+
 def _constant_node_array(node: ir.Node) -> np.ndarray | None:
     attrs = node.attributes
     if "value" in attrs:

@@ -80,10 +80,28 @@ def weight_slots(group: Group) -> list[tuple[Slot, ir.Node, int]]:
     return out
 
 
+#: Elements of a weight converted to float64 at a time by :func:`cell_norms`.
+NORM_CHUNK = 1 << 21
+
+
 def cell_norms(slot: Slot, p: int) -> np.ndarray:
-    w = np.abs(const_array(slot.value).astype(np.float64))
-    moved = np.moveaxis(w, slot.axes[0], 0).reshape(w.shape[slot.axes[0]], -1)
-    return (moved**p).sum(axis=1)
+    """Sum of ``|w|**p`` per index of the slot's axis, over blocks of the weight's leading axis: the
+    float64 copies stay near :data:`NORM_CHUNK` elements (16 MiB), not several times the weight."""
+    w = const_array(slot.value)
+    axis = slot.axes[0]
+    if w.ndim < 2:
+        return np.abs(w.astype(np.float64)) ** p
+    out = np.zeros(w.shape[axis], np.float64)
+    step = max(1, NORM_CHUNK // max(1, w[0].size))
+    for start in range(0, w.shape[0], step):
+        part = np.abs(w[start:start + step].astype(np.float64))
+        if p != 1:
+            part **= p
+        if axis == 0:
+            out[start:start + step] = part.reshape(part.shape[0], -1).sum(axis=1)
+        else:
+            out += np.moveaxis(part, axis, 0).reshape(w.shape[axis], -1).sum(axis=1)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,7 +49,7 @@ from onnxshrink.passes._fusion_base import (
     sole_user,
 )
 
-from onnxshrink.graph_utils import const_array
+from onnxshrink.graph_utils import const_array, const_shape
 from onnxshrink.pass_infra import Changes, NoConfig, PassStats, ShrinkPass
 
 logger = logging.getLogger(__name__)
@@ -312,20 +312,20 @@ def _try_matmul_add(rw: Rewriter, add: ir.Node) -> bool:
         mm, c = producer_of(add.inputs[xi], ("MatMul",), add), add.inputs[1 - xi]
         if mm is None or c is None or c is add.inputs[xi]:
             continue
-        a, b = mm.inputs[0], const_array(mm.inputs[1])
+        a, b = mm.inputs[0], const_shape(mm.inputs[1])  # B's shape: its data is not read
         if not sole_user(add.inputs[xi], add):
             rw.stats.skip(add, "the MatMul output has other users or is a graph output")
             return False
-        if a is None or a.shape is None or len(a.shape) != 2 or b is None or b.ndim != 2:
+        if a is None or a.shape is None or len(a.shape) != 2 or b is None or len(b) != 2:
             rw.stats.skip(add, "Gemm needs a 2-D MatMul input A and a constant 2-D B")
             return False
         if dtype_of(a) not in FLOAT_TYPES or dtype_of(c) != dtype_of(a):
             rw.stats.skip(add, f"dtypes {dtype_of(a)}, {dtype_of(c)}: unknown or not a float type Gemm takes")
             return False
-        c_const = const_array(c)
+        c_const = const_shape(c)
         c_dims = list(c.shape) if c.shape is not None else None
-        c_dims = list(c_const.shape) if c_const is not None else c_dims
-        if c_dims is None or not _unidirectional(c_dims, a.shape[0], b.shape[1]):
+        c_dims = list(c_const) if c_const is not None else c_dims
+        if c_dims is None or not _unidirectional(c_dims, a.shape[0], b[1]):
             rw.stats.skip(add, f"the addend (shape {c_dims}) does not broadcast to [M, N] of the MatMul")
             return False
         gemm = rw.new_node("Gemm", [a, mm.inputs[1], c], add)

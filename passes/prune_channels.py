@@ -125,6 +125,9 @@ def _axis_removals(removed, ctx) -> dict[ir.Value, dict[int, set]]:
 
 
 def _shrink_value(v: ir.Value, axes: dict[int, np.ndarray], stats: PassStats) -> None:
+    if isinstance(v.const_value, ir.ExternalTensor) and not v.is_graph_input():
+        _shrink_lazily(v, sorted(axes.items()), stats)
+        return
     arr = const_array(v)
     if arr is not None:
         before = arr.size
@@ -138,6 +141,26 @@ def _shrink_value(v: ir.Value, axes: dict[int, np.ndarray], stats: PassStats) ->
         for a, idx in axes.items():
             dims[a] = len(idx)
         v.shape = ir.Shape(dims)
+
+
+def _shrink_lazily(v: ir.Value, axes: list[tuple[int, np.ndarray]], stats: PassStats) -> None:
+    """A weight read from external data (memory-mapped) is sliced when it is read, by the save that
+    writes it or a later pass, never held whole: pruning a model over 2 GB keeps no copy of its
+    weights in memory."""
+    src = v.const_value
+    dims = list(src.shape)
+    for a, idx in axes:
+        dims[a] = len(idx)
+
+    def sliced() -> ir.Tensor:
+        arr = src.numpy()
+        for a, idx in axes:
+            arr = np.take(arr, idx, axis=a)
+        return ir.tensor(np.ascontiguousarray(arr), name=v.name)
+
+    v.const_value = ir.LazyTensor(sliced, dtype=src.dtype, shape=ir.Shape(dims), name=v.name)
+    v.shape = ir.Shape(dims)
+    stats.add("parameters_removed", src.size - int(np.prod(dims)))
 
 
 def _set_const(v: ir.Value, arr: np.ndarray) -> None:

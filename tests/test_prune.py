@@ -359,3 +359,46 @@ def test_prune_builds_the_dependency_graph_once(monkeypatch):
     monkeypatch.setattr(depgraph, "build", lambda *a, **k: calls.append(1) or real(*a, **k))
     result = pruning.prune(zoo.build("resnet"), 0.5, round_to=8)
     assert result.plan.summary()["status"].get("pruned") and len(calls) == 1
+
+
+def test_weights_from_external_data_are_sliced_when_read(tmp_path):
+    """Pruning a model whose weights are external data keeps no sliced copy in memory: each weight is
+    a LazyTensor over the memory-mapped original until the save writes it. The written model computes
+    exactly what the same model pruned in memory computes."""
+    import onnx
+    import onnx_ir as ir
+
+    from models import digits
+    from onnxshrink import runtime
+
+    src = tmp_path / "cnn.onnx"
+    onnx.save(onnx.load(str(digits.trained_path("cnn"))), src, save_as_external_data=True,
+              location="cnn.data", size_threshold=0)
+    lazy = pruning.prune(src, 0.3, tmp_path / "p.onnx")
+    eager = pruning.prune(onnx.load(str(digits.trained_path("cnn"))), 0.3)
+    assert not any(isinstance(v.const_value, ir.LazyTensor) for v in eager.model.graph.initializers.values())
+    assert lazy.plan.summary()["channels_removed"] == eager.plan.summary()["channels_removed"] > 0
+    x, _ = digits.model_input("cnn", "test")
+    got = runtime.make_session(lazy.output, threads=1).run(None, {"input": x[:32]})[0]
+    want = runtime.make_session(eager.model, threads=1).run(None, {"input": x[:32]})[0]
+    np.testing.assert_array_equal(got, want)
+    again = pruning.prune(src, 0.3, lossless=False)  # not saved, BatchNorm not folded: every cut is lazy
+    before = {v.name: v.const_value.shape for v in model_io.load(src).graph.initializers.values()}
+    cut = [v for v in again.model.graph.initializers.values() if v.const_value.shape != before[v.name]]
+    assert len(cut) >= 8 and all(isinstance(v.const_value, ir.LazyTensor) for v in cut)
+
+
+def test_weight_norms_over_blocks_equal_the_whole_weight(monkeypatch):
+    """``cell_norms`` sums blocks of the leading axis (bounded float64 copies); any block size gives
+    the same norms, on either axis of the slot."""
+    from onnxshrink import importance
+
+    model = model_io.load(zoo.build("resnet"))
+    dg = depgraph.build(model)
+    slots = [s for g in dg.groups for s, _, _ in importance.weight_slots(g)]
+    assert {s.axes[0] for s in slots} == {0, 1}
+    whole = [importance.cell_norms(s, p) for s in slots for p in (1, 2)]
+    monkeypatch.setattr(importance, "NORM_CHUNK", 7)
+    blocks = [importance.cell_norms(s, p) for s in slots for p in (1, 2)]
+    for a, b in zip(whole, blocks):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
