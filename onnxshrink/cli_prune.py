@@ -134,7 +134,8 @@ def _drift(args, result) -> dict | None:
                   f"{', '.join(unset)} (give --shape or --calibration)")
             return None
     try:
-        rep = validate.compare(args.input, result.model, data, dims=dims, count=4, threads=1)
+        written = result.output if result.output is not None else result.model  # by path: not serialized again
+        rep = validate.compare(args.input, written, data, dims=dims, count=4, threads=1)
     except ShrinkError as e:
         print(f"  drift against the unpruned model not measured: {e}")
         return None

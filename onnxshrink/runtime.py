@@ -65,15 +65,21 @@ def session_options(threads: int | None = None, optimized_path: str | None = Non
 EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 
+#: An in-memory model holding more tensor bytes than this goes to ONNX Runtime through a temporary
+#: file with external data (tensors written one at a time), not as serialized bytes (two more copies).
+INLINE_SESSION_BYTES = 256 << 20
+
+
 @contextlib.contextmanager
-def model_path(model: ir.Model | str | os.PathLike):
-    """A path ONNX Runtime can open: the file itself, or a temporary copy of an in-memory model."""
+def model_path(model: ir.Model | str | os.PathLike, external_data: bool | None = None):
+    """A path ONNX Runtime can open: the file itself, or a temporary copy of an in-memory model
+    (``external_data``: as ``model_io.save``)."""
     if isinstance(model, (str, os.PathLike)):
         yield str(model)
         return
     tmp = tempfile.mkdtemp(prefix="onnxshrink-rt-")
     try:
-        yield str(model_io.save(model, Path(tmp) / "model.onnx"))
+        yield str(model_io.save(model, Path(tmp) / "model.onnx", external_data=external_data))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -87,10 +93,11 @@ def make_session(
 ):
     """An ``InferenceSession`` for a path, serialized bytes or an in-memory model.
 
-    An in-memory model goes as bytes when what it holds in memory is small; tensors it reads from one
-    folder of external data stay references, resolved through ONNX Runtime's external-folder setting
-    (bytes alone resolve them against the working directory). Otherwise it is saved to a temporary
-    file first."""
+    An in-memory model goes as bytes when what it holds in memory is small (under
+    :data:`INLINE_SESSION_BYTES`); tensors it reads from one folder of external data stay references,
+    resolved through ONNX Runtime's external-folder setting (bytes alone resolve them against the
+    working directory). Otherwise it is saved to a temporary file first, with external data when it
+    holds that much."""
     rt = ort()
     so = options or session_options(threads)
     provs = resolve_providers(providers)
@@ -99,11 +106,11 @@ def make_session(
             tensors = list(model_io.iter_initializer_tensors(model))
             folders = {str(t.base_dir) for t in tensors if isinstance(t, ir.ExternalTensor)}
             inline = sum(t.nbytes for t in tensors if not isinstance(t, ir.ExternalTensor))
-            if len(folders) <= 1 and inline < model_io.EXTERNAL_DATA_THRESHOLD:
+            if len(folders) <= 1 and inline < INLINE_SESSION_BYTES:
                 if folders:
                     so.add_session_config_entry(EXTERNAL_FOLDER_KEY, next(iter(folders)))
                 return rt.InferenceSession(model_io.to_bytes(model), so, providers=provs)
-            with model_path(model) as p:
+            with model_path(model, external_data=inline >= INLINE_SESSION_BYTES or None) as p:
                 return rt.InferenceSession(p, so, providers=provs)
         if isinstance(model, (bytes, bytearray)):
             return rt.InferenceSession(bytes(model), so, providers=provs)

@@ -282,3 +282,22 @@ def test_sparse_initializers_are_stored_dense(tmp_path, caplog):
         x = np.ones((2, 8), np.float32)
         got = ort.InferenceSession(str(out)).run(None, {"x": x})[0]
         np.testing.assert_allclose(got, x @ w, rtol=1e-6)
+
+
+def test_a_large_in_memory_model_reaches_onnxruntime_through_external_data(monkeypatch):
+    """Over ``INLINE_SESSION_BYTES`` an in-memory model is written to a temporary file with external
+    data for ONNX Runtime instead of serialized to bytes (which holds two more copies of its tensors);
+    the session computes the same."""
+    from models import digits
+    from onnxshrink import runtime
+
+    path = digits.trained_path("cnn")
+    x, _ = digits.model_input("cnn", "test")
+    want = runtime.make_session(path, threads=1).run(None, {"input": x[:8]})[0]
+    monkeypatch.setattr(runtime, "INLINE_SESSION_BYTES", 0)
+    written = []
+    save = model_io.save
+    monkeypatch.setattr(model_io, "save", lambda *a, **k: written.append(k.get("external_data")) or save(*a, **k))
+    got = runtime.make_session(model_io.load(path), threads=1).run(None, {"input": x[:8]})[0]
+    assert written == [True]
+    np.testing.assert_array_equal(got, want)
