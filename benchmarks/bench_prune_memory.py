@@ -1,0 +1,157 @@
+"""Memory and time of pruning a model over 2 GB with external data, against one ONNX Runtime session of it.
+
+The synthetic model of ``bench_bigmodel.py`` (12 dense layers, 2.25 GiB of float32 weights in
+external data) is built in a temporary folder. Each configuration runs in a fresh interpreter (started
+by ``bench_lossless.LAUNCHER``, so the peak resident set is its own):
+
+- ``ort session``: ONNX Runtime opens the model and runs one feed: the memory any validation of the
+  model needs, the anchor the others are read against;
+- ``prune`` (Python API, data-free ``l1``, 0.3 of the channels, written with external data): peak
+  anonymous memory (``RssAnon``, sampled every 20 ms: what the job itself holds, without the
+  memory-mapped weights the kernel can drop) besides the peak resident set (``ru_maxrss``, which counts
+  the mapped file pages read);
+- ``cli``: ``onnxshrink optimize IN -o OUT --prune 0.3`` (``cli.main``), which also measures the pruned model's drift against
+  the input on 4 random feeds with ONNX Runtime (both models over 1 GiB: one session at a time).
+
+The pruned model is checked: it runs on ONNX Runtime and its output matches the same plan applied to
+the model loaded into memory (``prune`` of the in-memory ``ModelProto``, whose weights are sliced
+eagerly) exactly.
+
+    python benchmarks/bench_prune_memory.py [--out benchmarks/results]
+
+Writes ``prune_memory.md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_bigmodel import big_feeds, build_big
+from bench_lossless import run_measured
+
+PY = sys.executable
+#: Samples RssAnon in a thread while the statement runs; prints the peak in MiB and the seconds.
+SAMPLED = """
+import json, threading, time
+def anon():
+    for line in open('/proc/self/status'):
+        if line.startswith('RssAnon'):
+            return int(line.split()[1]) / 1024
+peak, done = [0.0], [False]
+def sample():
+    while not done[0]:
+        peak[0] = max(peak[0], anon())
+        time.sleep(0.02)
+threading.Thread(target=sample, daemon=True).start()
+t0 = time.perf_counter()
+{stmt}
+done[0] = True
+print('RESULT ' + json.dumps({{'anon_mib': max(peak[0], anon()), 'job_seconds': time.perf_counter() - t0}}))
+"""
+JOBS = {
+    "ort session": ("import onnxruntime as ort, numpy as np\n"
+                    "s = ort.InferenceSession({src!r}, providers=['CPUExecutionProvider'])\n"
+                    "s.run(None, {{'x': np.zeros((2, 4096), np.float32)}})"),
+    "prune": "import onnxshrink\nonnxshrink.prune({src!r}, 0.3, {out!r})",
+    "cli": ("from onnxshrink.cli import main\n"
+            "assert main(['optimize', {src!r}, '-o', {out!r}, '--prune', '0.3']) == 0"),
+}
+
+
+def run_job(name: str, src: Path, out: Path, log: Path) -> dict:
+    cmd = [PY, "-c", SAMPLED.format(stmt=JOBS[name].format(src=str(src), out=str(out)))]
+    r = run_measured(cmd, log, 1800)
+    lines = log.read_text(errors="replace").splitlines()
+    res = next((json.loads(line[7:]) for line in lines if line.startswith("RESULT ")), {})
+    drift = next((line.strip() for line in lines if "output drift against the unpruned" in line), None)
+    return {"rc": r["rc"], "seconds": round(r["seconds"], 1), "peak_rss_mib": round(r["peak_rss_mib"]),
+            "anon_mib": round(res["anon_mib"]) if res else None, "drift_line": drift}
+
+
+def check_output(src: Path, out: Path) -> dict:
+    """Run the pruned model and compare it with the same pruning done on the model in memory."""
+    import onnx
+    import onnxruntime as ort
+
+    import onnxshrink
+
+    feed = big_feeds()[0]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    eager = onnxshrink.prune(onnx.load(str(src)), 0.3)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        path = Path(tmp) / "eager.onnx"
+        onnxshrink.model_io.save(eager.model, path, external_data=True)
+        want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    return {"shape": list(got.shape), "equal": bool(np.array_equal(got, want)),
+            "output_bytes": sum(p.stat().st_size for p in out.parent.glob(out.name + "*"))}
+
+
+def write_markdown(res: dict, path: Path) -> None:
+    reading = ""
+    if path.exists() and "\n## Reading" in (text := path.read_text()):
+        reading = text[text.index("\n## Reading"):]
+    gib = res["model_bytes"] / 2**30
+    lines = ["# Pruning a model over 2 GB: memory and time", "",
+             (f"`python benchmarks/bench_prune_memory.py` (see its docstring). Machine: {res['machine']}. "
+              f"Model: `bench_bigmodel.py`'s, {gib:.2f} GiB with external data; pruned at 0.3 of the "
+              f"channels (data-free l1) to {res['check']['output_bytes'] / 2**30:.2f} GiB. Load "
+              f"{res['load'][0]}-{res['load'][1]}."), "",
+             ("`peak RSS`: the process's peak resident set (counts the memory-mapped weights it read); "
+              "`peak anon`: its peak anonymous memory (what it holds itself), sampled every 20 ms; "
+              "`/ model`: peak as a share of the model's size; `/ ORT`: peak RSS as a share of one ONNX "
+              "Runtime session of the input."), "",
+             "| job | seconds | peak RSS MiB | / model | / ORT | peak anon MiB | / model |",
+             "|---|---|---|---|---|---|---|"]
+    ort_rss = res["jobs"]["ort session"]["peak_rss_mib"]
+    for name, j in res["jobs"].items():
+        anon = "" if j["anon_mib"] is None else f"{j['anon_mib']} | {j['anon_mib'] * 2**20 / res['model_bytes']:.2f}"
+        lines.append(f"| {name} | {j['seconds']} | {j['peak_rss_mib']} | "
+                     f"{j['peak_rss_mib'] * 2**20 / res['model_bytes']:.2f} | {j['peak_rss_mib'] / ort_rss:.2f} | "
+                     f"{anon or ' | '} |")
+    c = res["check"]
+    lines += ["", f"Pruned output {c['shape']}, equal to the in-memory pruning's: {'yes' if c['equal'] else 'no'}."]
+    if drift := res["jobs"]["cli"].get("drift_line"):
+        lines.append(f"CLI: {drift}")
+    path.write_text("\n".join(lines) + "\n" + reading)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    from onnxshrink import ort_blocks
+
+    res: dict = {"machine": ort_blocks.cpu_name(), "load": [round(os.getloadavg()[0], 2)], "jobs": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-prune-memory-") as t:
+        tmp = Path(t)
+        (tmp / "src").mkdir()
+        src = build_big(tmp / "src" / "big.onnx")
+        res["model_bytes"] = sum(p.stat().st_size for p in (tmp / "src").iterdir())
+        for name in ("ort session", "prune", "cli"):
+            out_dir = tmp / name.replace(" ", "_")
+            out_dir.mkdir()
+            res["jobs"][name] = run_job(name, src, out_dir / "pruned.onnx", tmp / f"{out_dir.name}.log")
+            print(name, res["jobs"][name], flush=True)
+        res["check"] = check_output(src, tmp / "prune" / "pruned.onnx")
+    res["load"].append(round(os.getloadavg()[0], 2))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prune_memory.json").write_text(json.dumps(res, indent=1))
+    write_markdown(res, out / "prune_memory.md")
+    print((out / "prune_memory.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
