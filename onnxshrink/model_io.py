@@ -233,8 +233,8 @@ def save(
     """Write ``model`` to ``path`` atomically (temp files in the same folder, then rename).
 
     ``external_data``: None decides by size (over ``EXTERNAL_DATA_THRESHOLD``) or keeps the input's
-    choice when it used external data (:data:`KEEP_EXTERNAL`, set by :func:`load`). ``protected`` paths (the input) are never overwritten unless
-    ``overwrite_input``. Returns the path written.
+    choice when it used external data (:data:`KEEP_EXTERNAL`, set by :func:`load`). ``protected``
+    paths (the input) are never overwritten unless ``overwrite_input``. Returns the path written.
     """
     out = Path(path)
     _check_writable(out, protected, overwrite_input)
