@@ -188,8 +188,9 @@ def _choose(model, original, plan, uniform, dg, method, calibration, insts, repo
 
     With reconstruction, a refit judged on the feeds it was fit to looks better than it is, so both are
     refit on all feeds but the first :func:`_held_out` ones, judged on those, and the kept plan is then
-    refit on every feed; without reconstruction the kept plan is applied again (cheap). Returns (model,
-    plan, reconstruction report)."""
+    refit on every feed; without reconstruction the kept plan is applied again (cheap). The candidates
+    run without the structural check; the kept plan's final application has it. Returns (model, plan,
+    reconstruction report)."""
     from onnxshrink.validate import FeedsDrift
 
     held = _held_out(calibration) if method else 0
@@ -197,15 +198,16 @@ def _choose(model, original, plan, uniform, dg, method, calibration, insts, repo
     judge = FeedsDrift(original, calibration.subset(0, held) if held else calibration, held or CHECK_FEEDS)
     drift = {}
     for label, p in (("uniform", uniform), ("allocated", plan)):
-        trial = clone_model(model)  # one candidate in memory at a time
-        _apply(trial, p, None, original, method, fit, insts, pipeline.PipelineReport(), progress)
+        trial = clone_model(model)  # one candidate in memory at a time; the kept plan is checked below
+        _apply(trial, p, None, original, method, fit, [], pipeline.PipelineReport(), progress)
         drift[label] = judge(trial)
         del trial
     label = "uniform" if drift["uniform"] < (1 - MIN_GAIN) * drift["allocated"] else "allocated"
     chosen = uniform if label == "uniform" else plan
     recon = _apply(model, chosen, dg, original, method, calibration, insts, report, progress)  # every feed
     chosen.settings["check"] = {
-        "asked": {"target": plan.settings["target"], "ratio": plan.settings["ratio"]}, "feeds": judge.n, "held_out": bool(held), "kept": label,
+        "asked": {"target": plan.settings["target"], "ratio": plan.settings["ratio"]},
+        "feeds": judge.n, "held_out": bool(held), "kept": label,
         "tried": [{"plan": lbl, "widths": _widths(p), "drift": drift[lbl],
                    "uniform_ratio": p.settings["ratio"] if lbl == "uniform" else None}
                   for lbl, p in (("uniform", uniform), ("allocated", plan))]}
