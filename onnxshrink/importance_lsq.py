@@ -77,8 +77,12 @@ def collect_grams(model: ir.Model, dg: DepGraph, feeds, *, max_rows: int = 1024,
                 if len(f) > max_rows:
                     f = f[rng.choice(len(f), max_rows, replace=False)]
                 f = np.concatenate([f, np.ones((len(f), 1), f.dtype)], axis=1).astype(np.float32)
-                acc = grams.setdefault(layer_key(layer.node), [0.0, 0])
-                acc[0] = acc[0] + products(f)
+                acc = grams.setdefault(layer_key(layer.node), [None, 0])
+                prod = products(f)  # float32 where it did not overflow: summed in float64, in place
+                if acc[0] is None:
+                    acc[0] = prod.astype(np.float64)
+                else:
+                    np.add(acc[0], prod, out=acc[0])
                 acc[1] += len(f)
     out = {}
     for k, (g, n) in grams.items():

@@ -111,18 +111,26 @@ def _one_blas_thread():
 
 
 def products(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
-    """``a^T b`` (``a^T a`` without ``b``) in float64: float32 products (fast), or float64 ones where
-    those overflowed (activations near 1e20); still not finite means an Inf or NaN input."""
+    """``a^T b`` (``a^T a`` without ``b``): float32 products (fast), or float64 ones where those
+    overflowed (activations near 1e20); still not finite means an Inf or NaN input. The float32
+    result is returned as is (half the memory of a float64 copy); callers sum it into float64."""
     with np.errstate(over="ignore", invalid="ignore"):
-        out = (a.T @ (a.copy() if b is None else b)).astype(np.float64)  # a copy: gemm, not syrk
-        if not np.isfinite(out).all():
+        out = a.T @ (a.copy() if b is None else b)  # a copy: gemm, not syrk
+        # finite iff its float64 sum is (no float32 sum of finite values reaches 1e308); unlike
+        # ``isfinite(out).all()`` it makes no boolean array of the Gram's size
+        if not np.isfinite(np.sum(out, dtype=np.float64)):
             a64 = a.astype(np.float64)
             out = a64.T @ (a64 if b is None else b.astype(np.float64))
     return out
 
 
 class _Sums:
-    """Streaming normal equations: X^T X, X^T Y and Y^T Y (float64) of the rows added."""
+    """Streaming normal equations: X^T X, X^T Y and Y^T Y (float64) of the rows added.
+
+    Memory: ``X^T X`` is features squared (a layer of 12,288 inputs: 1.2 GB in float64), so no second
+    float64 array of that size is made here; LAPACK's solver copies its input into one. Each batch's
+    float32 products are summed in place, and a solve adds the ridge to the diagonal in place and
+    restores it after (from a copy of the diagonal, so the sums come back bit for bit)."""
 
     def __init__(self) -> None:
         self.xtx = self.xty = None
@@ -133,21 +141,23 @@ class _Sums:
         """Accumulate rows (float32 products, float64 sums); ``x`` already has its ones column."""
         if not len(x):
             return
-        xtx, xty = products(x), products(x, y)
-        if self.xtx is None:
-            self.xtx, self.xty = xtx, xty
-        else:
-            self.xtx += xtx
-            self.xty += xty
+        for name, prod in (("xtx", products(x)), ("xty", products(x, y))):
+            if getattr(self, name) is None:
+                setattr(self, name, prod.astype(np.float64))
+            else:
+                np.add(getattr(self, name), prod, out=getattr(self, name))
+            del prod
         with np.errstate(over="ignore", invalid="ignore"):
             self.yty += float((y.astype(np.float64) ** 2).sum())
         self.rows += len(x)
 
-    def __add__(self, other: _Sums) -> _Sums:
-        out = _Sums()
-        out.xtx, out.xty = self.xtx + other.xtx, self.xty + other.xty
-        out.yty, out.rows = self.yty + other.yty, self.rows + other.rows
-        return out
+    def absorb(self, other: _Sums) -> _Sums:
+        """Add ``other``'s sums into this one's, in place (no third Gram matrix); returns ``self``."""
+        self.xtx += other.xtx
+        self.xty += other.xty
+        self.yty += other.yty
+        self.rows += other.rows
+        return self
 
     def solve(self, ridge: float, fit_bias: bool) -> np.ndarray:
         """Ridge solution (ridge relative to the mean feature energy; bias row 0 unless ``fit_bias``)."""
@@ -155,18 +165,27 @@ class _Sums:
         a, b = self.xtx[:n, :n], self.xty[:n]
         f = self.xtx.shape[0] - 1
         lam = ridge * max(float(np.trace(self.xtx[:f, :f])) / max(f, 1), 1e-12)
-        reg = a + lam * np.diag(np.r_[np.ones(f), np.zeros(n - f)])
+        idx = np.arange(f)  # the ridge goes on the features' diagonal, not on the bias
+        saved = self.xtx[idx, idx]
+        self.xtx[idx, idx] += lam
         try:
-            w = np.linalg.solve(reg, b)
+            w = np.linalg.solve(a, b)
         except np.linalg.LinAlgError:
-            w = np.linalg.lstsq(reg, b, rcond=None)[0]
+            w = np.linalg.lstsq(a, b, rcond=None)[0]
+        finally:
+            self.xtx[idx, idx] = saved
         return w if fit_bias else np.vstack([w, np.zeros((1, w.shape[1]))])
 
     def sse(self, w: np.ndarray) -> float:
         return max(self.yty - 2 * float((w * self.xty).sum()) + float((w * (self.xtx @ w)).sum()), 0.0)
 
+    @property
+    def size(self) -> int:
+        """Rows times outputs: what the squared error is averaged over."""
+        return max(self.rows * self.xty.shape[1], 1)
+
     def mse(self, w: np.ndarray) -> float:
-        return self.sse(w) / max(self.rows * self.xty.shape[1], 1)
+        return self.sse(w) / self.size
 
 
 class _Normal:
@@ -211,17 +230,22 @@ class _Normal:
         """The weights to use (``w0`` when no ridge beats it on held-out rows) and the mean squared
         errors of ``w0`` and of them on all rows."""
         a, b = self.halves
+        self.halves = None  # solved once: the halves are merged into the total below
         if not a.rows:
             a, b = b, a
-        total = a + b if b.rows else a
-        before = total.mse(w0)
-        self.ridge = ridge
+        held = None
         if b.rows:
-            few = total.rows < self.FEW_ROWS_PER_FEATURE * total.xtx.shape[0]
+            few = a.rows + b.rows < self.FEW_ROWS_PER_FEATURE * a.xtx.shape[0]
             held = {r * ridge: (b.sse(a.solve(r * ridge, fit_bias)) + a.sse(b.solve(r * ridge, fit_bias)))
                     for r in (self.RIDGE_STEPS if few else self.RIDGE_STEPS[:1])}
+        total = a.absorb(b) if b.rows else a
+        del b
+        sse0 = total.sse(w0)
+        before = sse0 / total.size
+        self.ridge = ridge
+        if held is not None:
             self.ridge = min(held, key=held.get)
-            if held[self.ridge] >= total.sse(w0):
+            if held[self.ridge] >= sse0:
                 self.ridge = None
                 return w0, before, before
         w = total.solve(self.ridge, fit_bias)

@@ -275,3 +275,40 @@ def test_refit_skips_layers_whose_activations_are_not_finite():
     ours = runtime.make_session(result.model, threads=1).run(None, {"input": x})[0]
     ref = runtime.make_session(plain.model, threads=1).run(None, {"input": x})[0]
     np.testing.assert_array_equal(ours, ref)
+
+
+def test_normal_equations_hold_no_second_gram_matrix():
+    """The Gram matrix is features squared (1.2 GB at 12,288 inputs): accumulating a batch makes only
+    its float32 product (half a float64 Gram), a solve only per-feature arrays (numpy's allocations,
+    as tracemalloc sees them; LAPACK's own copy is outside). Before, a batch made a float64 copy of
+    its product and a solve three Gram-sized temporaries (ridge diagonal, its scaling, the sum)."""
+    import tracemalloc
+
+    from onnxshrink.reconstruct import _Sums
+
+    rng = np.random.default_rng(3)
+    d, k, rows = 900, 8, 64
+    gram = (d + 1) ** 2 * 8
+    ne = _Normal()
+    tracemalloc.start()
+    try:
+        for _ in range(3):
+            x = rng.standard_normal((rows, d)).astype(np.float32)
+            y = (x[:, :k] + 0.1 * rng.standard_normal((rows, k))).astype(np.float32)
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            ne.add(x, y, np.arange(rows) % 2)
+            add_peak = tracemalloc.get_traced_memory()[1] - base
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        ne.solve(1e-3, np.zeros((d + 1, k)))
+        solve_peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert add_peak < 0.6 * gram, add_peak / gram
+    assert solve_peak < 0.25 * gram, solve_peak / gram
+    sums = _Sums()  # the ridge goes on the diagonal in place and comes off exactly
+    sums.add(np.c_[x, np.ones(rows, np.float32)], y)
+    before = sums.xtx.copy()
+    sums.solve(0.5, True)
+    assert np.array_equal(sums.xtx, before)
