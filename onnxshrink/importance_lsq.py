@@ -59,7 +59,7 @@ def layer_key(node: ir.Node) -> str:
 def collect_grams(model: ir.Model, dg: DepGraph, feeds, *, max_rows: int = 1024, seed: int = 0) -> dict:
     """Gram matrices (mean of [x, 1]^T [x, 1]) of the inputs of every consumer of an unblocked group."""
     from onnxshrink.importance import TapReader
-    from onnxshrink.reconstruct import _one_blas_thread, products
+    from onnxshrink.normal_eq import one_blas_thread, products
     from onnxshrink.reconstruct_layers import _make
 
     nodes = list(dict.fromkeys(n for g in dg.groups if not g.blocked for n, _ in consumer_layers(g)))
@@ -71,7 +71,7 @@ def collect_grams(model: ir.Model, dg: DepGraph, feeds, *, max_rows: int = 1024,
     grams: dict[str, list] = {}
     for feed in data_mod.feeds(feeds, model):
         arrays = read(feed)
-        with _one_blas_thread():
+        with one_blas_thread():
             for layer, x in zip(layers, arrays):
                 f = layer.features(x)
                 if len(f) > max_rows:

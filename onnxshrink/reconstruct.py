@@ -11,7 +11,8 @@ predict the other fold's samples better. Where a layer has few rows per input fe
 squeeze-excite layer sees one row per image), the ridge is chosen the same way (the given ridge times
 1, 10, 100 or 1000).
 Memory stays bounded: batches stream through ONNX Runtime and only ``X^T X`` and ``X^T Y`` are
-accumulated per layer, never the activations. Each stage runs only the nodes no earlier stage ran
+accumulated per layer, never the activations (``onnxshrink.normal_eq``; while a layer has seen fewer
+rows than it has inputs, the rows are kept instead, which is less, and solved in the dual). Each stage runs only the nodes no earlier stage ran
 (``onnxshrink.segments``; the values later nodes still need wait on disk, one feed at a time), so the
 work over all stages is linear in depth, not stages x depth.
 
@@ -28,7 +29,6 @@ refit skipped.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 
@@ -40,6 +40,7 @@ from onnxshrink import segments
 from onnxshrink.errors import ConfigError
 from onnxshrink.graph_utils import NameGen, const_array
 from onnxshrink.importance import TapReader
+from onnxshrink.normal_eq import Normal, one_blas_thread
 from onnxshrink.reconstruct_layers import Layer, find_layers, kept_axis, replace_const, stages
 
 logger = logging.getLogger(__name__)
@@ -97,161 +98,6 @@ def reconstruct(original: ir.Model, pruned: ir.Model, kept: dict, feeds, *, meth
     return report
 
 
-# ---------------------------------------------------------------- least squares
-
-
-def _one_blas_thread():
-    """Small Gram products run far faster on one BLAS thread than on a contended pool (measured: 0.5
-    vs 13 ms for 4096x97 on a loaded 2-core machine); threadpoolctl is used when installed."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - optional
-        return contextlib.nullcontext()
-    return threadpool_limits(1)
-
-
-def products(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
-    """``a^T b`` (``a^T a`` without ``b``): float32 products (fast), or float64 ones where those
-    overflowed (activations near 1e20); still not finite means an Inf or NaN input. The float32
-    result is returned as is (half the memory of a float64 copy); callers sum it into float64."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = a.T @ (a.copy() if b is None else b)  # a copy: gemm, not syrk
-        # finite iff its float64 sum is (no float32 sum of finite values reaches 1e308); unlike
-        # ``isfinite(out).all()`` it makes no boolean array of the Gram's size
-        if not np.isfinite(np.sum(out, dtype=np.float64)):
-            a64 = a.astype(np.float64)
-            out = a64.T @ (a64 if b is None else b.astype(np.float64))
-    return out
-
-
-class _Sums:
-    """Streaming normal equations: X^T X, X^T Y and Y^T Y (float64) of the rows added.
-
-    Memory: ``X^T X`` is features squared (a layer of 12,288 inputs: 1.2 GB in float64), so no second
-    float64 array of that size is made here; LAPACK's solver copies its input into one. Each batch's
-    float32 products are summed in place, and a solve adds the ridge to the diagonal in place and
-    restores it after (from a copy of the diagonal, so the sums come back bit for bit)."""
-
-    def __init__(self) -> None:
-        self.xtx = self.xty = None
-        self.yty = 0.0
-        self.rows = 0
-
-    def add(self, x: np.ndarray, y: np.ndarray) -> None:
-        """Accumulate rows (float32 products, float64 sums); ``x`` already has its ones column."""
-        if not len(x):
-            return
-        for name, prod in (("xtx", products(x)), ("xty", products(x, y))):
-            if getattr(self, name) is None:
-                setattr(self, name, prod.astype(np.float64))
-            else:
-                np.add(getattr(self, name), prod, out=getattr(self, name))
-            del prod
-        with np.errstate(over="ignore", invalid="ignore"):
-            self.yty += float((y.astype(np.float64) ** 2).sum())
-        self.rows += len(x)
-
-    def absorb(self, other: _Sums) -> _Sums:
-        """Add ``other``'s sums into this one's, in place (no third Gram matrix); returns ``self``."""
-        self.xtx += other.xtx
-        self.xty += other.xty
-        self.yty += other.yty
-        self.rows += other.rows
-        return self
-
-    def solve(self, ridge: float, fit_bias: bool) -> np.ndarray:
-        """Ridge solution (ridge relative to the mean feature energy; bias row 0 unless ``fit_bias``)."""
-        n = self.xtx.shape[0] if fit_bias else self.xtx.shape[0] - 1
-        a, b = self.xtx[:n, :n], self.xty[:n]
-        f = self.xtx.shape[0] - 1
-        lam = ridge * max(float(np.trace(self.xtx[:f, :f])) / max(f, 1), 1e-12)
-        idx = np.arange(f)  # the ridge goes on the features' diagonal, not on the bias
-        saved = self.xtx[idx, idx]
-        self.xtx[idx, idx] += lam
-        try:
-            w = np.linalg.solve(a, b)
-        except np.linalg.LinAlgError:
-            w = np.linalg.lstsq(a, b, rcond=None)[0]
-        finally:
-            self.xtx[idx, idx] = saved
-        return w if fit_bias else np.vstack([w, np.zeros((1, w.shape[1]))])
-
-    def sse(self, w: np.ndarray) -> float:
-        return max(self.yty - 2 * float((w * self.xty).sum()) + float((w * (self.xtx @ w)).sum()), 0.0)
-
-    @property
-    def size(self) -> int:
-        """Rows times outputs: what the squared error is averaged over."""
-        return max(self.rows * self.xty.shape[1], 1)
-
-    def mse(self, w: np.ndarray) -> float:
-        return self.sse(w) / self.size
-
-
-class _Normal:
-    """Streaming normal equations of one layer, samples dealt alternately into two halves (all rows
-    of one sample to one half), so a refit can be judged on held-out samples (2-fold
-    cross-validation): ``RIDGE_STEPS`` multiples of the given ridge are tried, and the layer keeps its
-    current weights when none predicts the held-out samples better (a layer with about as many inputs
-    as rows, like a squeeze-excite layer that sees one row per image, would otherwise fit the
-    calibration data exactly and generalize badly).
-
-    Folds were alternate rows before. Rows are patch positions in order, so with an even output
-    width one fold held every even column and the other every odd one: on openWakeWord's embedding
-    model (``oww_embedding``) that rejected 14 of its 16 refits in a one-off run;
-    ``tests/test_reconstruct.py`` checks that all 16 are taken and each halves its layer's error."""
-
-    RIDGE_STEPS = (1.0, 10.0, 100.0, 1000.0)
-    #: Larger ridges are tried only below this many rows per input feature. With more rows the given
-    #: (small) ridge is kept: the fit is well determined (``prune.md`` has this rule's figures).
-    FEW_ROWS_PER_FEATURE = 8
-
-    def __init__(self) -> None:
-        self.halves = (_Sums(), _Sums())
-        self.rows = 0
-        self.ridge: float | None = None  # chosen by the last solve; None: current weights kept
-
-    def add(self, x: np.ndarray, y: np.ndarray, fold: np.ndarray) -> None:
-        """Accumulate one batch; ``fold[i]`` (0 or 1) is the half of row ``i``'s sample."""
-        x = np.concatenate([x, np.ones((len(x), 1), x.dtype)], axis=1)
-        for k, half in enumerate(self.halves):
-            rows = fold == k
-            if rows.any():
-                half.add(x[rows], y[rows])
-        self.rows += len(x)
-
-    def finite(self) -> bool:
-        """Whether every accumulated sum is finite (an activation that overflowed to Inf, or a NaN,
-        makes them not, and no solution is then worth writing)."""
-        return all(h.xtx is None or (np.isfinite(h.xtx).all() and np.isfinite(h.xty).all()
-                                     and np.isfinite(h.yty)) for h in self.halves)
-
-    def solve(self, ridge: float, w0: np.ndarray, fit_bias: bool = True) -> tuple[np.ndarray, float, float]:
-        """The weights to use (``w0`` when no ridge beats it on held-out rows) and the mean squared
-        errors of ``w0`` and of them on all rows."""
-        a, b = self.halves
-        self.halves = None  # solved once: the halves are merged into the total below
-        if not a.rows:
-            a, b = b, a
-        held = None
-        if b.rows:
-            few = a.rows + b.rows < self.FEW_ROWS_PER_FEATURE * a.xtx.shape[0]
-            held = {r * ridge: (b.sse(a.solve(r * ridge, fit_bias)) + a.sse(b.solve(r * ridge, fit_bias)))
-                    for r in (self.RIDGE_STEPS if few else self.RIDGE_STEPS[:1])}
-        total = a.absorb(b) if b.rows else a
-        del b
-        sse0 = total.sse(w0)
-        before = sse0 / total.size
-        self.ridge = ridge
-        if held is not None:
-            self.ridge = min(held, key=held.get)
-            if held[self.ridge] >= sse0:
-                self.ridge = None
-                return w0, before, before
-        w = total.solve(self.ridge, fit_bias)
-        return w, before, total.mse(w)
-
-
 @dataclasses.dataclass
 class _Job:
     """What the stages of one reconstruction share (one name generator: scanning the model's names
@@ -277,14 +123,14 @@ def _refit_stage(job: _Job, now, then, stage: list[Layer], ridge, max_rows, seed
     if not ok:
         return
     rng = np.random.default_rng(seed)
-    normals = [_Normal() for _ in ok]
+    normals = [Normal() for _ in ok]
     x_vals = [layer.x for layer, _ in ok]
     y_vals = [t for _, t in ok]
     read_x, read_y = now.begin(x_vals), then.begin(y_vals)
     seen = [0] * len(ok)  # samples each layer has seen, so folds alternate across feeds
     for i, feed in enumerate(job.source):
         xs, ys = read_x(i, feed), read_y(i, feed)
-        with _one_blas_thread():
+        with one_blas_thread():
             for j, ((layer, _), ne, x, y) in enumerate(zip(ok, normals, xs, ys)):
                 feats, rows = layer.features(x), layer.targets(y, kept)
                 fold, seen[j] = _folds(len(rows), x, seen[j], rng)

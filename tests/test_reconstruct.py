@@ -8,7 +8,8 @@ import pytest
 
 from models import digits
 from onnxshrink import model_io, pruning, runtime
-from onnxshrink.reconstruct import _folds, _Normal
+from onnxshrink.normal_eq import Normal, Rows, Sums
+from onnxshrink.reconstruct import _folds
 from onnxshrink.reconstruct_layers import im2col
 
 CALIB = 96  # samples: enough for the small layers, fast on two cores
@@ -36,7 +37,7 @@ def test_streamed_normal_equations_match_one_shot_least_squares():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((600, 7)).astype(np.float32)
     y = (x @ rng.standard_normal((7, 3)) + 0.5 + 0.01 * rng.standard_normal((600, 3))).astype(np.float32)
-    ne = _Normal()
+    ne = Normal()
     for i in range(0, 600, 128):
         ne.add(x[i:i + 128], y[i:i + 128], np.arange(len(x[i:i + 128])) % 2)
     w, before, after = ne.solve(1e-9, np.zeros((8, 3)))
@@ -52,12 +53,12 @@ def test_refit_keeps_weights_that_held_out_rows_do_not_improve():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((40, 60)).astype(np.float32)
     w0 = np.zeros((61, 2))
-    noise = _Normal()
+    noise = Normal()
     noise.add(x, rng.standard_normal((40, 2)).astype(np.float32), np.arange(40) % 2)
     w, before, after = noise.solve(1e-3, w0)
     assert noise.ridge is None and w is w0 and after == before
     true = rng.standard_normal((60, 2))
-    signal = _Normal()
+    signal = Normal()
     for i in range(0, 400, 40):
         xi = rng.standard_normal((40, 60)).astype(np.float32)
         signal.add(xi, (xi @ true).astype(np.float32), np.arange(40) % 2)
@@ -284,12 +285,11 @@ def test_normal_equations_hold_no_second_gram_matrix():
     its product and a solve three Gram-sized temporaries (ridge diagonal, its scaling, the sum)."""
     import tracemalloc
 
-    from onnxshrink.reconstruct import _Sums
-
     rng = np.random.default_rng(3)
     d, k, rows = 900, 8, 64
     gram = (d + 1) ** 2 * 8
-    ne = _Normal()
+    ne = Normal()
+    ne.halves = (Sums(), Sums())  # the Gram path (fewer rows than inputs would keep the rows)
     tracemalloc.start()
     try:
         for _ in range(3):
@@ -307,8 +307,79 @@ def test_normal_equations_hold_no_second_gram_matrix():
         tracemalloc.stop()
     assert add_peak < 0.6 * gram, add_peak / gram
     assert solve_peak < 0.25 * gram, solve_peak / gram
-    sums = _Sums()  # the ridge goes on the diagonal in place and comes off exactly
+    sums = Sums()  # the ridge goes on the diagonal in place and comes off exactly
     sums.add(np.c_[x, np.ones(rows, np.float32)], y)
     before = sums.xtx.copy()
     sums.solve(0.5, True)
     assert np.array_equal(sums.xtx, before)
+
+
+def _least_squares_data(rows: int, d: int, k: int, seed: int):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, d)).astype(np.float32)
+    y = (x[:, :k] * 2 + 0.3 + 0.1 * rng.standard_normal((rows, k))).astype(np.float32)
+    return x, y
+
+
+def _ridge64(x1: np.ndarray, y: np.ndarray, ridge: float, fit_bias: bool) -> np.ndarray:
+    """The ridge solution in float64 from the primal normal equations (the reference)."""
+    a, b = x1.T.astype(np.float64) @ x1, x1.T.astype(np.float64) @ y
+    f = x1.shape[1] - 1
+    n = f + 1 if fit_bias else f
+    lam = ridge * np.trace(a[:f, :f]) / f
+    w = np.linalg.solve(a[:n, :n] + lam * np.diag(np.r_[np.ones(f), np.zeros(n - f)]), b[:n])
+    return w if fit_bias else np.vstack([w, np.zeros((1, w.shape[1]))])
+
+
+@pytest.mark.parametrize("fit_bias", [True, False])
+def test_rows_solve_in_the_dual_as_the_gram_does(fit_bias):
+    """Fewer rows than inputs: the kept rows give the ridge solution of the primal normal equations
+    (the bias unpenalized, by centering), in float64: closer to it than the Gram's float32 products
+    get (here 2e-4 of the largest weight at the small ridge), and the same squared errors."""
+    x, y = _least_squares_data(40, 120, 3, 4)
+    x1 = np.c_[x, np.ones(len(x), np.float32)]
+    rows, sums = Rows(), Sums()
+    for i in range(0, 40, 16):
+        rows.add(x1[i:i + 16], y[i:i + 16])
+        sums.add(x1[i:i + 16], y[i:i + 16])
+    for ridge in (1e-3, 1.0):
+        ref = _ridge64(x1, y, ridge, fit_bias)
+        w_rows, w_sums = rows.solve(ridge, fit_bias), sums.solve(ridge, fit_bias)
+        scale = np.abs(ref).max()
+        assert np.abs(w_rows - ref).max() < 1e-9 * scale
+        assert np.abs(w_sums - ref).max() < 1e-3 * scale
+        # the Gram's error sum is y^T y - 2 w^T X^T y + w^T X^T X w, which cancels: equal within
+        # y^T y's rounding
+        assert abs(rows.sse(w_sums) - sums.sse(w_sums)) < 1e-6 * sums.yty
+    assert rows.mse(w_rows) < 0.1 * rows.mse(np.zeros_like(w_rows))
+
+
+def test_normal_keeps_rows_until_there_are_as_many_as_inputs():
+    """A layer that sees few rows keeps them (and its decision and weights match the Gram path's);
+    the batch that brings it to its input count turns it into Gram sums equal bit for bit to
+    summing every batch there."""
+    x, y = _least_squares_data(48, 60, 2, 5)
+    fold = np.arange(16) % 2
+    few, gram = Normal(), Normal()
+    gram.halves = (Sums(), Sums())
+    for i in range(0, 48, 16):
+        few.add(x[i:i + 16], y[i:i + 16], fold)
+        gram.add(x[i:i + 16], y[i:i + 16], fold)
+    assert all(isinstance(h, Rows) for h in few.halves)
+    w_few, before_few, after_few = few.solve(1e-3, np.zeros((61, 2)))
+    w_gram, before_gram, after_gram = gram.solve(1e-3, np.zeros((61, 2)))
+    assert few.ridge == gram.ridge is not None
+    assert np.abs(w_few - w_gram).max() < 1e-3 * np.abs(w_gram).max()
+    assert before_few == pytest.approx(before_gram, rel=1e-5)
+    assert after_few == pytest.approx(after_gram, abs=1e-3 * before_gram)  # see the sse note above
+
+    x, y = _least_squares_data(80, 60, 2, 6)
+    grown, gram = Normal(), Normal()
+    gram.halves = (Sums(), Sums())
+    for i in range(0, 80, 16):
+        grown.add(x[i:i + 16], y[i:i + 16], fold)
+        gram.add(x[i:i + 16], y[i:i + 16], fold)
+        assert isinstance(grown.halves[0], Rows) == (i + 16 < 61)
+    for mine, theirs in zip(grown.halves, gram.halves):
+        assert np.array_equal(mine.xtx, theirs.xtx) and np.array_equal(mine.xty, theirs.xty)
+        assert mine.yty == theirs.yty and mine.rows == theirs.rows
