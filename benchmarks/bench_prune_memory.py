@@ -11,13 +11,20 @@ by ``bench_lossless.LAUNCHER``, so the peak resident set is its own):
   memory-mapped weights the kernel can drop) besides the peak resident set (``ru_maxrss``, which counts
   the mapped file pages read);
 - ``cli``: ``onnxshrink optimize IN -o OUT --prune 0.3`` (``cli.main``), which also measures the pruned model's drift against
-  the input on 4 random feeds with ONNX Runtime (both models over 1 GiB: one session at a time).
+  the input on 4 random feeds with ONNX Runtime (both models over 1 GiB: one session at a time);
+- ``refit, 32 rows``: ``prune`` with least-squares reconstruction on 32 calibration rows (a stacked
+  .npz, one row per feed): fewer rows than the layers' inputs (8,608 and 2,872 after pruning), so each
+  refit keeps the rows and solves in the dual (``onnxshrink.normal_eq.Rows``);
+- ``refit, 9,216 rows``: the same on 18 feeds of 512 rows (a folder of .npz): more rows than inputs,
+  so each layer accumulates its Gram matrix (8,608 squared: 593 MB in float64, twice, one per
+  cross-validation half) and tries four ridges by LU solves. About 35 minutes on 2 cores, most of
+  this script's time.
 
 The pruned model is checked: it runs on ONNX Runtime and its output matches the same plan applied to
 the model loaded into memory (``prune`` of the in-memory ``ModelProto``, whose weights are sliced
 eagerly) exactly.
 
-    python benchmarks/bench_prune_memory.py [--out benchmarks/results]
+    python benchmarks/bench_prune_memory.py [--out benchmarks/results] [--skip-gram]
 
 Writes ``prune_memory.md`` and ``.json``.
 """
@@ -55,9 +62,10 @@ def sample():
         time.sleep(0.02)
 threading.Thread(target=sample, daemon=True).start()
 t0 = time.perf_counter()
+extra = {{}}
 {stmt}
 done[0] = True
-print('RESULT ' + json.dumps({{'anon_mib': max(peak[0], anon()), 'job_seconds': time.perf_counter() - t0}}))
+print('RESULT ' + json.dumps({{'anon_mib': max(peak[0], anon()), 'job_seconds': time.perf_counter() - t0, **extra}}))
 """
 JOBS = {
     "ort session": ("import onnxruntime as ort, numpy as np\n"
@@ -67,16 +75,38 @@ JOBS = {
     "cli": ("from onnxshrink.cli import main\n"
             "assert main(['optimize', {src!r}, '-o', {out!r}, '--prune', '0.3']) == 0"),
 }
+#: Pruning with reconstruction on calibration data ``{calib}``; ``extra`` records the refits taken.
+REFIT = ("import onnxshrink\n"
+         "r = onnxshrink.prune({src!r}, 0.3, {out!r}, calibration={calib!r}, reconstruct=True)\n"
+         "fits = r.reconstruction['refit']\n"
+         "extra = {{'refit': sum(f['ridge'] is not None for f in fits), 'layers': len(fits),\n"
+         "          'rows': sorted({{f['rows'] for f in fits}})}}")
+REFIT_JOBS = {"refit, 32 rows": "calib32.npz", "refit, 9,216 rows": "calib9216"}
 
 
 def run_job(name: str, src: Path, out: Path, log: Path) -> dict:
-    cmd = [PY, "-c", SAMPLED.format(stmt=JOBS[name].format(src=str(src), out=str(out)))]
-    r = run_measured(cmd, log, 1800)
+    if name in REFIT_JOBS:
+        stmt = REFIT.format(src=str(src), out=str(out), calib=str(src.parent.parent / REFIT_JOBS[name]))
+    else:
+        stmt = JOBS[name].format(src=str(src), out=str(out))
+    r = run_measured([PY, "-c", SAMPLED.format(stmt=stmt)], log, 3600)
     lines = log.read_text(errors="replace").splitlines()
     res = next((json.loads(line[7:]) for line in lines if line.startswith("RESULT ")), {})
     drift = next((line.strip() for line in lines if "output drift against the unpruned" in line), None)
-    return {"rc": r["rc"], "seconds": round(r["seconds"], 1), "peak_rss_mib": round(r["peak_rss_mib"]),
-            "anon_mib": round(res["anon_mib"]) if res else None, "drift_line": drift}
+    out = {"rc": r["rc"], "seconds": round(r["seconds"], 1), "peak_rss_mib": round(r["peak_rss_mib"]),
+           "anon_mib": round(res["anon_mib"]) if res else None, "drift_line": drift}
+    if "refit" in res:
+        out.update(refit=res["refit"], layers=res["layers"], rows=res["rows"])
+    return out
+
+
+def write_calibration(tmp: Path) -> None:
+    """32 rows as one stacked .npz (a feed per row) and 18 feeds of 512 rows as a folder."""
+    rng = np.random.default_rng(1)
+    np.savez(tmp / "calib32.npz", x=rng.standard_normal((32, 4096), dtype=np.float32))
+    (tmp / "calib9216").mkdir()
+    for i in range(18):
+        np.savez(tmp / "calib9216" / f"{i:02d}.npz", x=rng.standard_normal((512, 4096), dtype=np.float32))
 
 
 def check_output(src: Path, out: Path) -> dict:
@@ -105,7 +135,8 @@ def write_markdown(res: dict, path: Path) -> None:
     lines = ["# Pruning a model over 2 GB: memory and time", "",
              (f"`python benchmarks/bench_prune_memory.py` (see its docstring). Machine: {res['machine']}. "
               f"Model: `bench_bigmodel.py`'s, {gib:.2f} GiB with external data; pruned at 0.3 of the "
-              f"channels (data-free l1) to {res['check']['output_bytes'] / 2**30:.2f} GiB. Load "
+              f"channels (l1 magnitude; the refit jobs then refit the layers on calibration data) to "
+              f"{res['check']['output_bytes'] / 2**30:.2f} GiB. Load "
               f"{res['load'][0]}-{res['load'][1]}."), "",
              ("`peak RSS`: the process's peak resident set (counts the memory-mapped weights it read); "
               "`peak anon`: its peak anonymous memory (what it holds itself), sampled every 20 ms; "
@@ -123,12 +154,18 @@ def write_markdown(res: dict, path: Path) -> None:
     lines += ["", f"Pruned output {c['shape']}, equal to the in-memory pruning's: {'yes' if c['equal'] else 'no'}."]
     if drift := res["jobs"]["cli"].get("drift_line"):
         lines.append(f"CLI: {drift}")
+    for name, j in res["jobs"].items():
+        if "refit" in j:
+            lines.append(f"{name}: {j['refit']} of {j['layers']} layers refit (the others kept their "
+                         f"weights: the refit did not predict held-out rows better); rows per layer "
+                         f"{', '.join(map(str, j['rows']))}.")
     path.write_text("\n".join(lines) + "\n" + reading)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--skip-gram", action="store_true", help="leave out the 35-minute 'refit, 9,216 rows' job")
     args = ap.parse_args(argv)
     from onnxshrink import ort_blocks
 
@@ -138,8 +175,10 @@ def main(argv=None) -> int:
         (tmp / "src").mkdir()
         src = build_big(tmp / "src" / "big.onnx")
         res["model_bytes"] = sum(p.stat().st_size for p in (tmp / "src").iterdir())
-        for name in ("ort session", "prune", "cli"):
-            out_dir = tmp / name.replace(" ", "_")
+        write_calibration(tmp)
+        names = [*JOBS, *REFIT_JOBS]
+        for name in names[:-1] if args.skip_gram else names:
+            out_dir = tmp / name.replace(" ", "_").replace(",", "")
             out_dir.mkdir()
             res["jobs"][name] = run_job(name, src, out_dir / "pruned.onnx", tmp / f"{out_dir.name}.log")
             print(name, res["jobs"][name], flush=True)
