@@ -73,14 +73,16 @@ LAUNCHER = (
 )
 
 
-def run_measured(cmd: list[str], log: Path, timeout: float) -> dict:
-    """Run ``cmd``; its wall time, peak RSS (its own rusage, via ``LAUNCHER``) and exit code."""
+def run_measured(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> dict:
+    """Run ``cmd`` (in ``env``, default ``ENV``: one BLAS/OpenMP thread); its wall time, peak RSS (its
+    own rusage, via ``LAUNCHER``) and exit code."""
     stats = log.with_suffix(".rusage.json")
     with open(log, "wb") as f:
         t0 = time.perf_counter()
         try:
             subprocess.run([sys.executable, "-c", LAUNCHER, str(stats), *cmd], stdout=f,
-                           stderr=subprocess.STDOUT, env=ENV, timeout=timeout, check=False)
+                           stderr=subprocess.STDOUT, env=ENV if env is None else env, timeout=timeout,
+                           check=False)
         except subprocess.TimeoutExpired:
             pass
         wall = time.perf_counter() - t0

@@ -2,7 +2,8 @@
 
 The synthetic model of ``bench_bigmodel.py`` (12 dense layers, 2.25 GiB of float32 weights in
 external data) is built in a temporary folder. Each configuration runs in a fresh interpreter (started
-by ``bench_lossless.LAUNCHER``, so the peak resident set is its own):
+by ``bench_lossless.LAUNCHER``, so the peak resident set is its own; in this environment, BLAS on every
+core):
 
 - ``ort session``: ONNX Runtime opens the model and runs one feed: the memory any validation of the
   model needs, the anchor the others are read against;
@@ -89,7 +90,9 @@ def run_job(name: str, src: Path, out: Path, log: Path) -> dict:
         stmt = REFIT.format(src=str(src), out=str(out), calib=str(src.parent.parent / REFIT_JOBS[name]))
     else:
         stmt = JOBS[name].format(src=str(src), out=str(out))
-    r = run_measured([PY, "-c", SAMPLED.format(stmt=stmt)], log, 3600)
+    # the user's environment (BLAS on every core: the refit's LU solves), from the repo's folder
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    r = run_measured([PY, "-c", SAMPLED.format(stmt=stmt)], log, 3600, env=env)
     lines = log.read_text(errors="replace").splitlines()
     res = next((json.loads(line[7:]) for line in lines if line.startswith("RESULT ")), {})
     drift = next((line.strip() for line in lines if "output drift against the unpruned" in line), None)
