@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from onnxshrink import data as data_mod
 from onnxshrink.depgraph import DepGraph, Group, Slot, weight_axes
-from onnxshrink.graph_utils import const_array, int_attr
+from onnxshrink.graph_utils import const_array, const_shape, int_attr
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +56,64 @@ def layer_key(node: ir.Node) -> str:
     return node.outputs[0].name or node.name
 
 
+#: The Gram matrices of all layers are held together (float64, inputs squared), then each group's
+#: are inverted (an SVD). A group whose layers would take the total past ``GRAM_BUDGET`` bytes, or
+#: has a layer of over ``MAX_GRAM_FEATURES`` inputs, is scored without them (the diagonal form, see
+#: ``importance.Reconstruction``), with a warning. The largest total among the models measured in
+#: ``benchmarks/`` is 239 MiB (ddddocr det), the largest layer 2,305 inputs (NudeNet); a 12,288-input
+#: layer alone would be 1.2 GB, and its SVD minutes.
+GRAM_BUDGET = 1 << 30
+MAX_GRAM_FEATURES = 4096
+
+
+def feature_count(node: ir.Node) -> int | None:
+    """Rows of a refittable layer's weight (its input features, without the bias), from shapes only."""
+    w = const_shape(node.inputs[1])
+    if w is None:
+        return None
+    if node.op_type == "Conv":
+        return int(np.prod(w[1:]))
+    if node.op_type == "Gemm":
+        return int(w[1] if int_attr(node, "transB", 0) else w[0])
+    return int(w[0])
+
+
+def gram_layers(dg: DepGraph, budget: int | None = None, max_features: int | None = None) -> list[ir.Node]:
+    """The consumer layers whose Grams are collected: whole groups, in order, within the limits
+    (default ``GRAM_BUDGET`` and ``MAX_GRAM_FEATURES``)."""
+    budget = GRAM_BUDGET if budget is None else budget
+    max_features = MAX_GRAM_FEATURES if max_features is None else max_features
+    taken: dict[ir.Node, None] = {}
+    total, left_out = 0, []
+    for g in dg.groups:
+        if g.blocked:
+            continue
+        nodes = [n for n, _ in consumer_layers(g) if n not in taken]
+        feats = [feature_count(n) for n in nodes]
+        size = sum(((f or 0) + 1) ** 2 * 8 for f in feats)
+        too_wide = [(n, f) for n, f in zip(nodes, feats) if f is None or f > max_features]
+        if too_wide or total + size > budget:
+            left_out.append((g, too_wide[0] if too_wide else None))
+            continue
+        taken.update(dict.fromkeys(nodes))
+        total += size
+    if left_out:
+        wide = next((w for _, w in left_out if w is not None), None)
+        logger.warning("reconstruction criterion: %d group(s) scored without Gram matrices (%s); their "
+                       "channels are ranked by activation variance x weight norm instead",
+                       len(left_out), f"{layer_key(wide[0])} has {wide[1]} inputs, over {max_features}"
+                       if wide else f"their Grams would take the total over {budget / 2**20:.0f} MiB")
+    return list(taken)
+
+
 def collect_grams(model: ir.Model, dg: DepGraph, feeds, *, max_rows: int = 1024, seed: int = 0) -> dict:
-    """Gram matrices (mean of [x, 1]^T [x, 1]) of the inputs of every consumer of an unblocked group."""
+    """Gram matrices (mean of [x, 1]^T [x, 1]) of the inputs of the consumers of unblocked groups,
+    within ``GRAM_BUDGET`` (see ``gram_layers``)."""
     from onnxshrink.importance import TapReader
     from onnxshrink.normal_eq import one_blas_thread, products
     from onnxshrink.reconstruct_layers import _make
 
-    nodes = list(dict.fromkeys(n for g in dg.groups if not g.blocked for n, _ in consumer_layers(g)))
+    nodes = gram_layers(dg)
     if not nodes:
         return {}
     layers = [_make(n, n.inputs[0]) for n in nodes]

@@ -383,3 +383,41 @@ def test_normal_keeps_rows_until_there_are_as_many_as_inputs():
     for mine, theirs in zip(grown.halves, gram.halves):
         assert np.array_equal(mine.xtx, theirs.xtx) and np.array_equal(mine.xty, theirs.xty)
         assert mine.yty == theirs.yty and mine.rows == theirs.rows
+
+
+def test_reconstruction_criterion_leaves_out_grams_past_its_limits(monkeypatch, caplog):
+    """The reconstruction criterion holds every layer's Gram matrix at once: a group with a layer
+    wider than ``MAX_GRAM_FEATURES``, or whose Grams would pass ``GRAM_BUDGET``, is scored without
+    them (the diagonal form), with a warning naming the layer. Within the limits nothing changes."""
+    from onnxshrink import depgraph, importance, importance_lsq
+
+    model = model_io.load(str(digits.trained_path("cnn")))
+    dg = depgraph.build(model)
+    feeds = digits.feeds("cnn", "calib", limit=2)
+    everything = importance_lsq.collect_grams(model, dg, feeds)
+    widest = max(importance_lsq.gram_layers(dg), key=importance_lsq.feature_count)
+    width = importance_lsq.feature_count(widest)
+    assert width == 1024 and len(everything) == 5  # the Gemm after the flatten; 12 MiB in all
+
+    monkeypatch.setattr(importance_lsq, "MAX_GRAM_FEATURES", width - 1)
+    with caplog.at_level("WARNING", logger="onnxshrink.importance_lsq"):
+        narrower = importance_lsq.collect_grams(model, dg, feeds)
+    assert set(narrower) == set(everything) - {importance_lsq.layer_key(widest)}
+    assert f"{importance_lsq.layer_key(widest)} has {width} inputs" in caplog.text
+    for key, gram in narrower.items():
+        np.testing.assert_array_equal(gram, everything[key])
+    group = next(g for g in dg.groups if widest in [n for n, _ in importance_lsq.consumer_layers(g)])
+    stats = importance.collect_stats(model, importance.stat_slots(dg), feeds)
+    stats.grams = narrower
+    assert importance_lsq.greedy_scores(group, narrower) is None
+    diagonal = importance.get("reconstruction")(group, stats)  # scored all the same
+    assert diagonal.shape == (group.width,) and np.isfinite(diagonal).all()
+
+    monkeypatch.setattr(importance_lsq, "MAX_GRAM_FEATURES", 4096)
+    monkeypatch.setattr(importance_lsq, "GRAM_BUDGET", sum(g.nbytes for g in everything.values()) - 1)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="onnxshrink.importance_lsq"):
+        budgeted = importance_lsq.collect_grams(model, dg, feeds)
+    sizes = sum(g.nbytes for g in budgeted.values())
+    assert 0 < len(budgeted) < len(everything) and sizes <= importance_lsq.GRAM_BUDGET
+    assert "would take the total over" in caplog.text
