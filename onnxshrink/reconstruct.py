@@ -12,9 +12,10 @@ squeeze-excite layer sees one row per image), the ridge is chosen the same way (
 1, 10, 100 or 1000).
 Memory stays bounded: batches stream through ONNX Runtime and only ``X^T X`` and ``X^T Y`` are
 accumulated per layer, never the activations (``onnxshrink.normal_eq``; while a layer has seen fewer
-rows than it has inputs, the rows are kept instead, which is less, and solved in the dual). Each stage runs only the nodes no earlier stage ran
-(``onnxshrink.segments``; the values later nodes still need wait on disk, one feed at a time), so the
-work over all stages is linear in depth, not stages x depth.
+rows than it has inputs, the rows are kept instead, which is less, and solved in the dual). Each
+stage runs only the nodes no earlier stage ran (``onnxshrink.segments``; the values later nodes
+still need wait on disk, one feed at a time), so the work over all stages is linear in depth, not
+stages x depth.
 
 ``reestimate_bn``: BatchNormalization nodes downstream of pruning get their statistics corrected by
 the change pruning made to their input (stage by stage), measured on the calibration data in the
