@@ -24,9 +24,13 @@ def _accuracy(path, x, y) -> float:
 
 @pytest.mark.parametrize("name", digits.TRAINED)
 def test_trained_digits_accuracy_drop_within_one_point_and_fully_fused(name, tmp_path):
+    """Every quantizable node quantized (``tune=False``). The tuner picks a placement by timing it:
+    in one full run beside a benchmark, inception failed the fusion assertion (not reproduced in five
+    runs alone); timing is what varies between runs, and a test must not depend on it."""
     x, y = digits.model_input(name, "test")
     result = onnxshrink.quantize(
-        digits.trained_path(name), digits.feeds(name, "calib", batch=32), tmp_path / "q.onnx", cache_dir=False
+        digits.trained_path(name), digits.feeds(name, "calib", batch=32), tmp_path / "q.onnx", cache_dir=False,
+        tune=False,
     )
     assert result.quantized_nodes > 0  # static QDQ nodes, or dynamic linear layers (transformers)
     before, after = _accuracy(digits.trained_path(name), x, y), _accuracy(result.output, x, y)
