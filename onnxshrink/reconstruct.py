@@ -78,6 +78,7 @@ def reconstruct(original: ir.Model, pruned: ir.Model, kept: dict, feeds, *, meth
     layers, skipped = find_layers(pruned, kept)
     report.skipped.extend(skipped)
     refits = stages(pruned, layers) if method == "lsq" else []  # structure only: refits change weights
+    refits = [chunk for stage in refits for chunk in _within_budget(stage)]
     refit_done = {layer.node for stage in refits for layer in stage}
     bns = _bns_to_reestimate(pruned, kept, refit_done, everything=(method == "bn"))
     bn_layers = [Layer(n, n.inputs[0], n.outputs[0]) for n in bns]
@@ -110,6 +111,30 @@ class _Job:
     report: ReconstructReport
     names: NameGen
     twins: dict[str, ir.Value]
+
+
+#: The normal equations of a stage's layers are accumulated together, in one pass over the data: a
+#: stage whose layers' Gram halves (2 x inputs squared x 8 bytes each) would pass this is split into
+#: passes that each stay under it (a layer over it alone gets a pass of its own). The layers of one
+#: stage do not feed each other, so a later pass reads the same inputs (from ``segments``' frontier).
+STAGE_BUDGET = 2 << 30
+
+
+def _within_budget(stage: list[Layer], budget: int | None = None) -> list[list[Layer]]:
+    """``stage`` as consecutive chunks whose Gram estimates stay within ``budget`` (``STAGE_BUDGET``)."""
+    from onnxshrink.importance_lsq import feature_count
+
+    budget = STAGE_BUDGET if budget is None else budget
+    chunks: list[list[Layer]] = [[]]
+    held = 0
+    for layer in stage:
+        size = 2 * ((feature_count(layer.node) or 0) + 1) ** 2 * 8
+        if chunks[-1] and held + size > budget:
+            chunks.append([])
+            held = 0
+        chunks[-1].append(layer)
+        held += size
+    return chunks
 
 
 def _refit_stage(job: _Job, now, then, stage: list[Layer], ridge, max_rows, seed) -> None:

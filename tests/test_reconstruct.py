@@ -421,3 +421,24 @@ def test_reconstruction_criterion_leaves_out_grams_past_its_limits(monkeypatch, 
     sizes = sum(g.nbytes for g in budgeted.values())
     assert 0 < len(budgeted) < len(everything) and sizes <= importance_lsq.GRAM_BUDGET
     assert "would take the total over" in caplog.text
+
+
+def test_a_stage_over_its_memory_budget_is_refit_in_several_passes(monkeypatch):
+    """The layers of a stage share one pass and hold their normal equations together; past
+    ``STAGE_BUDGET`` the stage is split into passes (here one layer each), which read the same
+    inputs: the same layers are refit, and the result is as good (rows are sampled per pass, so the
+    weights differ a little)."""
+    from onnxshrink import reconstruct
+
+    name = "inception"
+    calib = digits.feeds(name, "calib", batch=32, limit=CALIB)
+    path = str(digits.trained_path(name))
+    together = pruning.prune(path, 0.3, calibration=calib, reconstruct="lsq")
+    monkeypatch.setattr(reconstruct, "STAGE_BUDGET", 1)
+    apart = pruning.prune(path, 0.3, calibration=calib, reconstruct="lsq")
+    one, split = together.reconstruction, apart.reconstruction
+    layers = sorted(f["layer"] for f in one["refit"])
+    assert sorted(f["layer"] for f in split["refit"]) == layers
+    assert split["passes"] == one["passes"] + 6  # 9 refits in 3 stages, then in 9 passes
+    before, after = _logit_error(together.model, name), _logit_error(apart.model, name)
+    assert after < 1.2 * before, (before, after)
