@@ -20,7 +20,8 @@ import onnx_ir as ir
 
 from onnxshrink import data as data_mod
 from onnxshrink.depgraph import DepGraph, Group, Slot, weight_axes
-from onnxshrink.graph_utils import const_array, const_shape, int_attr
+from onnxshrink.graph_utils import const_array, int_attr
+from onnxshrink.reconstruct_layers import feature_count, gram_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -59,23 +60,11 @@ def layer_key(node: ir.Node) -> str:
 #: The Gram matrices of all layers are held together (float64, inputs squared), then each group's
 #: are inverted (an SVD). A group whose layers would take the total past ``GRAM_BUDGET`` bytes, or
 #: has a layer of over ``MAX_GRAM_FEATURES`` inputs, is scored without them (the diagonal form, see
-#: ``importance.Reconstruction``), with a warning. The largest total among the models measured in
-#: ``benchmarks/`` is 239 MiB (ddddocr det), the largest layer 2,305 inputs (NudeNet); a 12,288-input
-#: layer alone would be 1.2 GB, and its SVD minutes.
+#: ``importance.Reconstruction``), with a warning. A one-off check of the models ``benchmarks/`` uses
+#: found at most 239 MiB in all (ddddocr det) and 2,305 inputs (NudeNet); the digits nets' fit is
+#: tested. A 12,288-input layer alone would be 1.2 GB, and its SVD minutes.
 GRAM_BUDGET = 1 << 30
 MAX_GRAM_FEATURES = 4096
-
-
-def feature_count(node: ir.Node) -> int | None:
-    """Rows of a refittable layer's weight (its input features, without the bias), from shapes only."""
-    w = const_shape(node.inputs[1])
-    if w is None:
-        return None
-    if node.op_type == "Conv":
-        return int(np.prod(w[1:]))
-    if node.op_type == "Gemm":
-        return int(w[1] if int_attr(node, "transB", 0) else w[0])
-    return int(w[0])
 
 
 def gram_layers(dg: DepGraph, budget: int | None = None, max_features: int | None = None) -> list[ir.Node]:
@@ -90,7 +79,7 @@ def gram_layers(dg: DepGraph, budget: int | None = None, max_features: int | Non
             continue
         nodes = [n for n, _ in consumer_layers(g) if n not in taken]
         feats = [feature_count(n) for n in nodes]
-        size = sum(((f or 0) + 1) ** 2 * 8 for f in feats)
+        size = sum(gram_bytes(n) for n in nodes)
         too_wide = [(n, f) for n, f in zip(nodes, feats) if f is None or f > max_features]
         if too_wide or total + size > budget:
             left_out.append((g, too_wide[0] if too_wide else None))

@@ -117,6 +117,7 @@ class Rows:
         self.xs: list[np.ndarray] = []
         self.ys: list[np.ndarray] = []
         self.rows = 0
+        self._kernel: tuple | None = None  # (fit_bias, centered parts): the same for every ridge
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         """Keep a batch's rows; ``x`` already has its ones column."""
@@ -124,6 +125,7 @@ class Rows:
             self.xs.append(x)
             self.ys.append(y)
             self.rows += len(x)
+            self._kernel = None
 
     def to_sums(self) -> Sums:
         out = Sums()
@@ -138,24 +140,35 @@ class Rows:
         self.xs += other.xs
         self.ys += other.ys
         self.rows += other.rows
+        self._kernel = None
         return self
 
     def _stacked(self) -> tuple[np.ndarray, np.ndarray]:
         return (np.concatenate(self.xs).astype(np.float64), np.concatenate(self.ys).astype(np.float64))
 
+    def _centered(self, fit_bias: bool) -> tuple:
+        """The rows centered (for a fitted bias), their means, the features' energy and ``Xc Xc^T``:
+        computed once for every ridge tried."""
+        if self._kernel is None or self._kernel[0] != fit_bias:
+            x, y = self._stacked()
+            x = x[:, :-1]  # the ones column: the bias is handled by centering
+            energy = float((x * x).sum())
+            mx, my = (x.mean(0), y.mean(0)) if fit_bias else (np.zeros(x.shape[1]), np.zeros(y.shape[1]))
+            x -= mx
+            y -= my
+            self._kernel = (fit_bias, (x, y, mx, my, energy, x @ x.T))
+        return self._kernel[1]
+
     def solve(self, ridge: float, fit_bias: bool) -> np.ndarray:
         """The ridge solution ``Sums.solve`` gives for the same rows (bias row 0 unless ``fit_bias``)."""
-        x, y = self._stacked()
-        x = x[:, :-1]  # the ones column: the bias is handled by centering
-        lam = ridge * max(float((x * x).sum()) / max(x.shape[1], 1), 1e-12)
-        mx, my = (x.mean(0), y.mean(0)) if fit_bias else (np.zeros(x.shape[1]), np.zeros(y.shape[1]))
-        x -= mx
-        kernel = x @ x.T
+        x, y, mx, my, energy, gram = self._centered(fit_bias)
+        lam = ridge * max(energy / max(x.shape[1], 1), 1e-12)
+        kernel = gram.copy()
         kernel[np.diag_indices_from(kernel)] += lam
         try:
-            alpha = np.linalg.solve(kernel, y - my)
+            alpha = np.linalg.solve(kernel, y)
         except np.linalg.LinAlgError:
-            alpha = np.linalg.lstsq(kernel, y - my, rcond=None)[0]
+            alpha = np.linalg.lstsq(kernel, y, rcond=None)[0]
         w = x.T @ alpha
         return np.vstack([w, (my - mx @ w)[None]])
 

@@ -42,7 +42,7 @@ from onnxshrink.errors import ConfigError
 from onnxshrink.graph_utils import NameGen, const_array
 from onnxshrink.importance import TapReader
 from onnxshrink.normal_eq import Normal, one_blas_thread
-from onnxshrink.reconstruct_layers import Layer, find_layers, kept_axis, replace_const, stages
+from onnxshrink.reconstruct_layers import Layer, find_layers, gram_bytes, kept_axis, replace_const, stages
 
 logger = logging.getLogger(__name__)
 
@@ -122,13 +122,11 @@ STAGE_BUDGET = 2 << 30
 
 def _within_budget(stage: list[Layer], budget: int | None = None) -> list[list[Layer]]:
     """``stage`` as consecutive chunks whose Gram estimates stay within ``budget`` (``STAGE_BUDGET``)."""
-    from onnxshrink.importance_lsq import feature_count
-
     budget = STAGE_BUDGET if budget is None else budget
     chunks: list[list[Layer]] = [[]]
     held = 0
     for layer in stage:
-        size = 2 * ((feature_count(layer.node) or 0) + 1) ** 2 * 8
+        size = 2 * gram_bytes(layer.node)  # one per cross-validation half
         if chunks[-1] and held + size > budget:
             chunks.append([])
             held = 0

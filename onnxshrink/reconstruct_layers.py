@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from onnxshrink.graph_utils import NameGen, add_initializer, attr_value, const_array, int_attr
+from onnxshrink.graph_utils import NameGen, add_initializer, attr_value, const_array, const_shape, int_attr
 
 
 @dataclasses.dataclass
@@ -236,3 +236,19 @@ def stages(model: ir.Model, layers: list[Layer]) -> list[list[Layer]]:
     if current:
         out.append(current)
     return out
+
+
+def feature_count(node: ir.Node) -> int | None:
+    """Input features of a refittable layer's weight (rows of its refit, without the bias), from the
+    weight's shape only (a weight sliced lazily by pruning is not computed)."""
+    from onnxshrink.depgraph import weight_axes
+
+    shape, axes = const_shape(node.inputs[1]), weight_axes(node, 1)
+    if shape is None or axes is None:
+        return None
+    return int(np.prod(shape[1:])) if node.op_type == "Conv" else int(shape[axes[1]])
+
+
+def gram_bytes(node: ir.Node) -> int:
+    """Bytes of one float64 Gram matrix of the layer's inputs and the bias."""
+    return ((feature_count(node) or 0) + 1) ** 2 * 8

@@ -442,3 +442,17 @@ def test_a_stage_over_its_memory_budget_is_refit_in_several_passes(monkeypatch):
     assert split["passes"] == one["passes"] + 6  # 9 refits in 3 stages, then in 9 passes
     before, after = _logit_error(together.model, name), _logit_error(apart.model, name)
     assert after < 1.2 * before, (before, after)
+
+
+@pytest.mark.parametrize("name", digits.ALL)
+def test_the_digits_nets_keep_every_gram_within_the_criterions_limits(name):
+    """The limits of the reconstruction criterion leave the models it is measured on untouched: every
+    consumer layer of every unblocked group gets its Gram (the widest, resnet_wide's, 1,153 inputs)."""
+    from onnxshrink import depgraph, importance_lsq
+
+    dg = depgraph.build(model_io.load(str(digits.trained_path(name))))
+    every = {n for g in dg.groups if not g.blocked for n, _ in importance_lsq.consumer_layers(g)}
+    taken = importance_lsq.gram_layers(dg)
+    assert every and set(taken) == every
+    assert sum(importance_lsq.gram_bytes(n) for n in taken) <= 18 << 20
+    assert max(importance_lsq.feature_count(n) for n in taken) <= importance_lsq.MAX_GRAM_FEATURES
