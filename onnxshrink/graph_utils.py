@@ -101,7 +101,14 @@ def float_attr(node: ir.Node, name: str, default: float) -> float:
 
 
 def is_constant(value: ir.Value | None) -> bool:
-    return const_array(value) is not None
+    """Whether ``value`` is a constant :func:`const_array` may read, judged from metadata alone (no
+    tensor is loaded; an unreadable dtype still counts as constant)."""
+    if value is None or value.is_graph_input():
+        return False
+    if value.const_value is not None:
+        return True
+    node = value.producer()
+    return node is not None and node.op_type == "Constant" and is_default_domain(node)
 
 
 def scalar_value(value: ir.Value | None) -> float | None:

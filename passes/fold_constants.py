@@ -40,7 +40,15 @@ from onnxshrink.passes import _shape_values as shape_values
 from onnxshrink.passes._fold_guards import defined_names, inline_if_refusal, predicted_bytes, refusal
 
 from onnxshrink.errors import ConfigError
-from onnxshrink.graph_utils import NameGen, const_array, drop_node, is_default_domain, own_type, subgraphs_of
+from onnxshrink.graph_utils import (
+    NameGen,
+    const_array,
+    drop_node,
+    is_constant,
+    is_default_domain,
+    own_type,
+    subgraphs_of,
+)
 from onnxshrink.pass_infra import Changes, PassStats, ShrinkPass
 
 logger = logging.getLogger(__name__)
@@ -127,7 +135,7 @@ class _Folder:
             if self.config.constants_to_initializers and isinstance(graph, ir.Graph):
                 self._to_initializer(node, graph)
             return
-        if not all(v is None or _is_constant(v) for v in node.inputs):
+        if not all(v is None or is_constant(v) for v in node.inputs):
             self._fold_shapes(node, graph)
         elif any(o.uses() or o.is_graph_output() for o in node.outputs):
             self._fold_node(node, graph, opsets)
@@ -233,7 +241,7 @@ class _Folder:
         return (
             refusal(node, self.config.keep_ops) is None
             and not subgraphs_of(node)
-            and all(v is None or _is_constant(v) for v in node.inputs)
+            and all(v is None or is_constant(v) for v in node.inputs)
         )
 
     def _materialize(self, graph, anchor: ir.Node, old: ir.Value, array: np.ndarray) -> ir.Value:
@@ -378,14 +386,6 @@ def _inline_branch(node: ir.Node, graph, branch: ir.Graph) -> list[ir.Node]:
     return added
 
 
-def _is_constant(value: ir.Value) -> bool:
-    """Whether ``value`` is a constant, judged from metadata (nothing is loaded)."""
-    if value.is_graph_input():
-        return False
-    if value.const_value is not None:
-        return True
-    node = value.producer()
-    return node is not None and node.op_type == "Constant" and is_default_domain(node)
 
 
 def _constant_nbytes(value: ir.Value) -> int:
