@@ -43,6 +43,7 @@ from onnxshrink.graph_utils import NameGen, const_array
 from onnxshrink.importance import TapReader
 from onnxshrink.normal_eq import Normal, one_blas_thread
 from onnxshrink.reconstruct_layers import Layer, find_layers, gram_bytes, kept_axis, replace_const, stages
+from onnxshrink.spill import Spill
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +87,9 @@ def reconstruct(original: ir.Model, pruned: ir.Model, kept: dict, feeds, *, meth
     passes = len(refits) + len(bn_stages) + bool(bn_layers)
     bar = make_progress(progress, passes * source.count if source.count else None, "reconstructing", unit="feeds")
     source = source.ticking(bar.update)
-    job = _Job(pruned, kept, source, report, NameGen(pruned), _twins(original))
+    job = _Job(pruned, kept, source, report, NameGen(pruned), _twins(original), Spill())
     try:
-        with segments.reader(pruned) as now, segments.reader(original) as then:
+        with job.spill, segments.reader(pruned) as now, segments.reader(original) as then:
             for stage in refits:
                 _refit_stage(job, now, then, stage, ridge, max_rows, seed)
         was = _original_moments(original, bn_layers, job.twins, source, report)
@@ -111,6 +112,7 @@ class _Job:
     report: ReconstructReport
     names: NameGen
     twins: dict[str, ir.Value]
+    spill: Spill  # refit weights out of anonymous memory until the model is saved
 
 
 #: The normal equations of a stage's layers are accumulated together, in one pass over the data: a
@@ -172,7 +174,7 @@ def _refit_stage(job: _Job, now, then, stage: list[Layer], ridge, max_rows, seed
             continue
         w, before, after = ne.solve(ridge, layer.current_solution(), layer.fit_bias)
         if ne.ridge is not None and after <= before:
-            layer.write(job.pruned, w, job.names)
+            layer.write(job.pruned, w, job.names, job.spill)
         report.refit.append({"layer": layer.name, "rows": ne.rows, "mse_before": before,
                              "mse_after": min(after, before), "ridge": ne.ridge})
 

@@ -36,11 +36,13 @@ def kept_axis(kept: dict, value: ir.Value, axis: int):
     return None if idx is None else np.asarray(idx, dtype=np.int64)
 
 
-def replace_const(model, node: ir.Node, index: int, arr: np.ndarray, names: NameGen) -> None:
-    """Give input ``index`` of ``node`` a new initializer (never edit a shared one in place)."""
+def replace_const(model, node: ir.Node, index: int, arr: np.ndarray, names: NameGen, spill=None) -> None:
+    """Give input ``index`` of ``node`` a new initializer (never edit a shared one in place); ``spill``
+    (an ``onnxshrink.spill.Spill``) may move its data out of anonymous memory."""
     old = node.inputs[index] if index < len(node.inputs) else None
     base = (old.name if old is not None else None) or f"{node.name or node.op_type}_in{index}"
-    new = add_initializer(model.graph, arr.astype(_float_type(node, old)), names(f"{base}_refit"))
+    arr = arr.astype(_float_type(node, old))
+    new = add_initializer(model.graph, spill(arr) if spill else arr, names(f"{base}_refit"))
     if index >= len(node.inputs):
         node.resize_inputs(index + 1)
     node.replace_input_with(index, new)
@@ -81,10 +83,10 @@ class ConvLayer(Layer):
         b = np.zeros(w.shape[0]) if b is None else b
         return np.vstack([w.reshape(w.shape[0], -1).T, b[None, :]]).astype(np.float64)
 
-    def write(self, model, w_aug: np.ndarray, names: NameGen) -> None:
-        w = const_array(self.node.inputs[1])
-        replace_const(model, self.node, 1, w_aug[:-1].T.reshape(w.shape), names)
-        replace_const(model, self.node, 2, w_aug[-1], names)
+    def write(self, model, w_aug: np.ndarray, names: NameGen, spill=None) -> None:
+        shape = const_shape(self.node.inputs[1])
+        replace_const(model, self.node, 1, w_aug[:-1].T.reshape(shape), names, spill)
+        replace_const(model, self.node, 2, w_aug[-1], names, spill)
 
 
 class GemmLayer(Layer):
@@ -106,13 +108,13 @@ class GemmLayer(Layer):
         bias = np.zeros(b.shape[1]) if c is None else np.broadcast_to(beta * c, (1, b.shape[1]))[0]
         return np.vstack([alpha * b, bias[None, :]]).astype(np.float64)
 
-    def write(self, model, w_aug, names):
+    def write(self, model, w_aug, names, spill=None):
         _b, c, alpha, beta = self._parts()
         new_b = w_aug[:-1] / alpha
-        replace_const(model, self.node, 1, new_b.T if int_attr(self.node, "transB", 0) else new_b, names)
+        replace_const(model, self.node, 1, new_b.T if int_attr(self.node, "transB", 0) else new_b, names, spill)
         shape = c.shape if c is not None and c.size == w_aug.shape[1] else (w_aug.shape[1],)
         replace_const(model, self.node, 2, (w_aug[-1] / (beta if c is not None else 1.0)).reshape(shape),
-                       names)
+                      names, spill)
 
 
 class MatMulLayer(Layer):
@@ -134,11 +136,11 @@ class MatMulLayer(Layer):
             bias = const_array(self.bias_add.inputs[self.bias_index]).reshape(-1)
         return np.vstack([w, bias[None, :]]).astype(np.float64)
 
-    def write(self, model, w_aug, names):
-        replace_const(model, self.node, 1, w_aug[:-1], names)
+    def write(self, model, w_aug, names, spill=None):
+        replace_const(model, self.node, 1, w_aug[:-1], names, spill)
         if self.bias_add is not None:
-            old = const_array(self.bias_add.inputs[self.bias_index])
-            replace_const(model, self.bias_add, self.bias_index, w_aug[-1].reshape(old.shape), names)
+            shape = const_shape(self.bias_add.inputs[self.bias_index])
+            replace_const(model, self.bias_add, self.bias_index, w_aug[-1].reshape(shape), names, spill)
 
     @property
     def fit_bias(self) -> bool:

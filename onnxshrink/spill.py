@@ -1,0 +1,62 @@
+"""Large arrays moved out of anonymous memory: written to an unlinked temporary file and mapped back.
+
+Reconstruction writes a new weight for every layer it refits, and those weights stay in the model
+until it is saved: on a model of several GiB they add up to about the pruned model's size. In
+anonymous memory (no swap on many machines) that is a hard floor under the peak. Mapped from a file,
+the pages are the kernel's to write back and drop under pressure, and the process's anonymous memory
+holds one layer's weight at a time. ``benchmarks/bench_prune_memory.py`` measures the refit jobs.
+
+The file lives in the temporary directory (``TMPDIR``, like ``segments``' frontier) and is unlinked
+from the start: nothing is left behind whatever happens, and the mappings keep it alive as long as a
+tensor uses them (the returned arrays are ``np.memmap``; ``onnx_ir`` keeps them as they are).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+#: Arrays below this stay in memory: the mappings are not worth it, and the count of mappings (one per
+#: array; Linux allows about 65,000 a process) stays under total bytes / MIN_BYTES.
+MIN_BYTES = 1 << 20
+_ALIGN = 4096
+
+
+class Spill:
+    """``spill(array)``: ``array`` itself when small, else a read-write memory-mapped copy of it."""
+
+    def __init__(self, min_bytes: int | None = None, directory: str | os.PathLike | None = None) -> None:
+        self.min_bytes = MIN_BYTES if min_bytes is None else min_bytes
+        self.directory = directory
+        self._file = None
+        self._end = 0
+        self.bytes = 0  # what went to the file
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        array = np.asarray(array)
+        if array.nbytes < self.min_bytes or array.dtype.hasobject:
+            return array
+        if self._file is None:
+            # held across calls and closed by close(): no context manager fits
+            self._file = tempfile.TemporaryFile(prefix="onnxshrink-spill-", dir=self.directory)  # noqa: SIM115
+        offset = -(-self._end // _ALIGN) * _ALIGN
+        self._end = offset + array.nbytes
+        os.ftruncate(self._file.fileno(), self._end)
+        mapped = np.memmap(self._file, dtype=array.dtype, mode="r+", offset=offset, shape=array.shape)
+        mapped[...] = array
+        self.bytes += array.nbytes
+        return mapped
+
+    def close(self) -> None:
+        """Close the file; arrays already mapped stay valid (each mapping holds the file open)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> Spill:  # noqa: PYI034 - Python 3.10 has no typing.Self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

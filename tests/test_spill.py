@@ -1,0 +1,46 @@
+"""``onnxshrink.spill``: large arrays mapped from an unlinked temporary file, and reconstruction's refit
+weights kept there until the model is saved."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from models import digits
+from onnxshrink import pruning, spill
+from onnxshrink.spill import Spill
+
+
+def test_spill_maps_large_arrays_and_leaves_small_ones():
+    small = np.ones(10, np.float32)
+    big = np.arange(4096, dtype=np.float32).reshape(64, 64)
+    odd = np.arange(1001, dtype=np.float64)  # not a multiple of the alignment
+    with Spill(min_bytes=1024) as s:
+        assert s(small) is small
+        mapped = [s(big), s(odd), s(big[::-1])]  # a strided view is copied as its values
+        assert s.bytes == 2 * big.nbytes + odd.nbytes
+    for m, want in zip(mapped, (big, odd, big[::-1])):  # still readable after the file is closed
+        assert isinstance(m, np.memmap) and m.dtype == want.dtype and m.shape == want.shape
+        np.testing.assert_array_equal(m, want)
+    assert mapped[0].offset % 4096 == 0 and mapped[2].offset % 4096 == 0
+
+
+def test_refit_weights_are_spilled_and_the_saved_model_is_the_same(monkeypatch, tmp_path):
+    """With every refit weight spilled (threshold one byte) the saved model is byte for byte the one
+    written from memory, and the refit weights in the returned model are file mappings (``lossless``
+    off: the passes after pruning fold some of them into new weights, e.g. a BatchNorm into a conv's)."""
+    name = "cnn"
+    calib = digits.feeds(name, "calib", batch=32, limit=96)
+    path = str(digits.trained_path(name))
+    kept_in_memory = pruning.prune(path, 0.3, tmp_path / "memory.onnx", calibration=calib, reconstruct="lsq",
+                                    lossless=False)
+    monkeypatch.setattr(spill, "MIN_BYTES", 1)
+    spilled = pruning.prune(path, 0.3, tmp_path / "spilled.onnx", calibration=calib, reconstruct="lsq",
+                            lossless=False)
+    assert (tmp_path / "memory.onnx").read_bytes() == (tmp_path / "spilled.onnx").read_bytes()
+
+    def mapped(model) -> int:
+        return sum(isinstance(v.const_value.numpy(), np.memmap) for v in model.graph.initializers.values())
+
+    written = [f for f in spilled.reconstruction["refit"] if f["mse_after"] < f["mse_before"]]
+    assert written and mapped(spilled.model) >= len(written)  # a weight each (and most a bias)
+    assert mapped(kept_in_memory.model) == 0
