@@ -21,6 +21,9 @@ core):
   one per cross-validation half) and tries four ridges by LU solves. About 28 minutes on 2 cores,
   most of this script's time.
 
+In both refit jobs the refit weights go to a temporary file mapped back (``onnxshrink.spill``) until the
+save, so they count in the resident set while read but not in anonymous memory.
+
 The pruned model is checked: it runs on ONNX Runtime and its output matches the same plan applied to
 the model loaded into memory (``prune`` of the in-memory ``ModelProto``, whose weights are sliced
 eagerly) exactly.
