@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from onnxshrink.graph_utils import release_models
 from onnxshrink.validate import FeedsDrift
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,8 @@ def select(make_builder, tables: dict, data, *, bias_correction: bool | None = N
                           "drift": drift, "kept": keep})
             if keep:
                 chosen = (builder, model, drift, (method, bc, safe))
+            del builder, model
+            release_models()  # the candidate that lost (or the best it replaced)
     builder, model, _, (method, bc, safe) = chosen
     selection = Selection(method, bc, tried, judge.n, safe)
     logger.info("calibration %s on %d feeds; tried %s", selection.label(), judge.n, tried)

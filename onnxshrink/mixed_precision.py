@@ -31,6 +31,7 @@ import onnx_ir as ir
 from onnxshrink import data as data_mod
 from onnxshrink import explain, runtime
 from onnxshrink.errors import ConfigError
+from onnxshrink.graph_utils import release_models
 from onnxshrink.task_metrics import ScoreSum, load_metric
 from onnxshrink.validate import cosine_from_sums
 
@@ -155,15 +156,23 @@ def search(float_model: ir.Model, build: Build, candidates: Sequence[str], data,
         return model, MixedReport(budget, evals, [], True, time.perf_counter() - t0, first)
     ranking = rank(float_model, model, data, candidates, set(dynamic), providers, explain_batches)
     names = [n.node for n in ranking]
-    results: dict[int, tuple[ir.Model, Measure]] = {0: (model, first)}
+    measures: dict[int, Measure] = {0: first}
+    # The model of the search's current upper end only, the one it can still return: the smallest k
+    # that holds, else every candidate float. Each other candidate is dropped once measured.
+    upper: dict[int, ir.Model] = {0: model}
 
     def at(k: int) -> bool:
-        if k not in results:
+        if k not in measures:
             m = build(names[:k])
-            results[k] = (m, evaluate(m, k))
-            evals.append(results[k][1])
-            logger.info("mixed precision: %d kept float -> drift %.3g", k, results[k][1].drift)
-        return budget.holds(results[k][1])
+            measures[k] = evaluate(m, k)
+            evals.append(measures[k])
+            logger.info("mixed precision: %d kept float -> drift %.3g", k, measures[k].drift)
+            if budget.holds(measures[k]) or k == len(names):
+                upper.clear()
+                upper[k] = m
+            del m
+            release_models()
+        return budget.holds(measures[k])
 
     lo, hi = 0, 1  # lo fails; find the first hi that holds
     while hi < len(names) and not at(hi):
@@ -177,7 +186,7 @@ def search(float_model: ir.Model, build: Build, candidates: Sequence[str], data,
     kept = [_kept_row(n) for n in ranking[:best]]
     if not met:
         logger.warning("mixed precision: the budget is not met even with all %d quantized nodes float", len(names))
-    return results[best][0], MixedReport(budget, evals, kept, met, time.perf_counter() - t0, results[best][1])
+    return upper[best], MixedReport(budget, evals, kept, met, time.perf_counter() - t0, measures[best])
 
 
 def _kept_row(n: explain.NodeDrift) -> dict:

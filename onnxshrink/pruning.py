@@ -38,7 +38,7 @@ import onnx_ir as ir
 
 from onnxshrink import data, depgraph, importance, model_io, pipeline, stats
 from onnxshrink.errors import ConfigError
-from onnxshrink.graph_utils import clone_model, int_attr
+from onnxshrink.graph_utils import clone_model, int_attr, release_models
 from onnxshrink.instruments import StructuralCheck
 from onnxshrink.prune_plan import PruningPlan, plan_pruning
 
@@ -202,6 +202,7 @@ def _choose(model, original, plan, uniform, dg, method, calibration, insts, repo
         _apply(trial, p, None, original, method, fit, [], pipeline.PipelineReport(), progress)
         drift[label] = judge(trial)
         del trial
+        release_models()
     label = "uniform" if drift["uniform"] < (1 - MIN_GAIN) * drift["allocated"] else "allocated"
     chosen = uniform if label == "uniform" else plan
     recon = _apply(model, chosen, dg, original, method, calibration, insts, report, progress)  # every feed

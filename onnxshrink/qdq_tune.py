@@ -35,7 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxshrink import model_io, runtime, stats
-from onnxshrink.graph_utils import clone_model
+from onnxshrink.graph_utils import clone_model, release_models
 from onnxshrink.passes.activations import FuseActivationsPass
 from onnxshrink.passes.dynamic_quant import DynamicQuantPass
 from onnxshrink.passes.dynamic_quant import refusal as dynamic_refusal
@@ -152,6 +152,8 @@ def tune(model: ir.Model, plan: QDQPlan, table, feed: dict, runs: int = 20, *, r
         tried.append({**_knobs(cand), **row, "quantized_nodes": len(nodes)})
         if row["kept"]:
             best, best_nodes, best_sess, best_drift = cand, nodes, cand_sess, row["drift"]
+        del cand_sess
+        release_models()  # the candidate model just built (and the session that lost)
     placement = Placement()
     if regions and transformer_like(model):
         placement, best_sess = _tune_regions(model, plan, best, table, judge, best_sess, best_drift, tried)
@@ -210,6 +212,8 @@ def _tune_regions(model, plan, opts, table, judge, best_sess, best_drift, tried)
         tried.append({**_knobs(opts), **cand.to_dict(), **row})
         if row["kept"]:
             best, best_sess, best_drift = cand, sess, row["drift"]
+        del sess
+        release_models()
     return best, best_sess
 
 

@@ -1,0 +1,87 @@
+"""Searches free the candidate models they drop at once (``graph_utils.release_models``). An ``onnx_ir``
+model's graph is a web of reference cycles (nodes and values point at each other), which outlives the
+``Model`` object and which only Python's cyclic collector frees, when it runs: quantizing a 2.25 GiB
+model kept every calibration candidate's nodes and int8 weights (0.6 GB each) until a collection
+happened to run. These tests turn the automatic collection off, so that only an explicit release
+frees a dropped graph, and count the built graphs' nodes still alive through weak references."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+
+import onnxshrink
+from onnxshrink import recovery
+from tests.qdq_helpers import feeds_for, model, weights
+
+
+class Built(list):
+    """Weak references to a node of every model built (a node lives as long as its graph's cycles do),
+    and how many of the models built before were alive as each build began."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alive_at_build: list[int] = []
+
+
+@pytest.fixture
+def built(monkeypatch):
+    """What ``recovery.Builder`` builds (``Built``), with automatic collection off."""
+    refs = Built()
+    build = recovery.Builder.__call__
+
+    def recorded(self, keep_float=()):
+        refs.alive_at_build.append(_alive(refs))
+        out = build(self, keep_float)
+        refs.append(weakref.ref(out.graph[len(out.graph) - 1]))
+        return out
+
+    monkeypatch.setattr(recovery.Builder, "__call__", recorded)
+    gc.collect()
+    gc.disable()
+    try:
+        yield refs
+    finally:
+        gc.enable()
+
+
+def _alive(refs) -> int:
+    return sum(r() is not None for r in refs)
+
+
+def _chain():
+    """Conv -> Relu -> Conv -> Conv, the middle conv's channel 0 300x the others: per-tensor int8 wrecks
+    it, so a tight drift budget keeps something float."""
+    w2 = weights(8, 8, 3, 3, seed=2)
+    w2[0] *= 300.0
+    w3 = weights(4, 8, 3, 3, seed=3)
+    w3[:, 0] /= 300.0
+    return model("""g (float[1,4,16,16] inp) => (float[1,4,16,16] out) {
+        a = Conv <pads=[1,1,1,1]> (inp, W1, B1)
+        ra = Relu(a)
+        b = Conv <pads=[1,1,1,1]> (ra, W2, B2)
+        out = Conv <pads=[1,1,1,1]> (b, W3, B3)
+    }""", {"W1": weights(8, 4, 3, 3, seed=1), "B1": weights(8), "W2": w2, "B2": weights(8),
+           "W3": w3, "B3": weights(4)})
+
+
+def test_calibration_selection_keeps_only_the_model_it_returns(built, tmp_path):
+    proto = _chain()
+    res = onnxshrink.quantize(proto, feeds_for(proto, n=8), tmp_path / "q.onnx", tune=False, cache_dir=False)
+    assert len(res.recovery["calibration"]["tried"]) == len(built) >= 4  # every candidate built once
+    assert max(built.alive_at_build) == 1  # the best so far; each candidate that lost is gone
+    assert _alive(built) == 1 and any(r() is res.model.graph[len(res.model.graph) - 1] for r in built)
+
+
+def test_mixed_precision_keeps_only_the_model_it_returns(built, tmp_path):
+    proto = _chain()
+    feeds = feeds_for(proto, n=6)
+    kw = {"per_channel": False, "tune": False, "cache_dir": False, "method": "minmax", "reduce_range": False}
+    res = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", max_drift=1e-6, **kw)
+    mp = res.recovery["mixed_precision"]
+    assert len(mp["evaluations"]) >= 3 and len(built) >= 3
+    # the first build (all int8: the caller's, kept to the end) and the search's current upper end
+    assert max(built.alive_at_build) <= 2
+    assert any(r() is res.model.graph[len(res.model.graph) - 1] for r in built)
