@@ -65,3 +65,23 @@ def test_kernel_rows_name_the_pairs_onnxruntime_adds(name):
     rows_u = kernel_rows(unsafe.astype(np.float32), op, axis, attrs.get("transB", 0) == 1)
     clipped = _ratio(op, unsafe, x_shape, axis, rows_u[0], **attrs) < 0.8
     assert clipped == (op in SATURATES), (name, sorted(SATURATES))
+
+
+@pytest.mark.parametrize("shape,k_axis,reduce_axes", [
+    ((37, 53), 1, 1), ((37, 53), 0, 0), ((37, 53), 1, (0, 1)), ((37, 53), 0, (0, 1)),
+    ((1, 9), 1, 1), ((9, 1), 1, 1), ((9, 1), 0, 0)])
+def test_pair_safe_scales_read_in_blocks_are_the_whole_arrays(monkeypatch, shape, k_axis, reduce_axes):
+    """``pair_safe_scale`` reads a 2-D weight in blocks of slices: the same scales, to the bit, as the
+    whole-array formula, whatever the block size (one slice to all of them), on transposed views too."""
+    from onnxshrink.passes import _qdq_math
+
+    rng = np.random.default_rng(0)
+    for w in (rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape[::-1]).astype(np.float32).T):
+        top = np.abs(w.astype(np.float64)).max(axis=reduce_axes)
+        if w.shape[k_axis] > 1:
+            top = np.maximum(top, neighbour_sums(w, k_axis).max(axis=reduce_axes))
+        want = _qdq_math._scale(top, 127)
+        for block in (8, 64, 1 << 20):
+            monkeypatch.setattr(_qdq_math, "BLOCK_BYTES", block)
+            got = _qdq_math.pair_safe_scale(w, k_axis, reduce_axes)
+            assert got.shape == want.shape and np.array_equal(got, want), block
