@@ -8,15 +8,20 @@ holds one layer's weight at a time. ``benchmarks/bench_prune_memory.py`` measure
 
 The file lives in the temporary directory (``TMPDIR``, like ``segments``' frontier) and is unlinked
 from the start: nothing is left behind whatever happens, and the mappings keep it alive as long as a
-tensor uses them (the returned arrays are ``np.memmap``; ``onnx_ir`` keeps them as they are).
+tensor uses them (the returned arrays are ``np.memmap``; ``onnx_ir`` keeps them as they are). Where
+the file cannot be made or grown (no temporary directory, a full disk), the arrays stay in memory,
+with a warning: the job goes on as it did before spilling.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 #: Arrays below this stay in memory: the mappings are not worth it, and the count of mappings (one per
 #: array; Linux allows about 65,000 a process) stays under total bytes / MIN_BYTES.
@@ -33,17 +38,28 @@ class Spill:
         self._file = None
         self._end = 0
         self.bytes = 0  # what went to the file
+        self.failed: str | None = None  # why the file could not take more (then arrays stay in memory)
 
     def __call__(self, array: np.ndarray) -> np.ndarray:
         array = np.asarray(array)
-        if array.nbytes < self.min_bytes or array.dtype.hasobject:
+        if array.nbytes < self.min_bytes or array.dtype.hasobject or self.failed:
             return array
-        if self._file is None:
-            # held across calls and closed by close(): no context manager fits
-            self._file = tempfile.TemporaryFile(prefix="onnxshrink-spill-", dir=self.directory)  # noqa: SIM115
         offset = -(-self._end // _ALIGN) * _ALIGN
+        try:
+            if self._file is None:
+                # held across calls and closed by close(): no context manager fits
+                self._file = tempfile.TemporaryFile(prefix="onnxshrink-spill-", dir=self.directory)  # noqa: SIM115
+            # reserve the blocks first: a write through a mapping into a sparse file on a full disk is
+            # a SIGBUS that kills the process, where this is an OSError
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(self._file.fileno(), offset, array.nbytes)
+            else:  # macOS, Windows: no reservation, the file is only grown
+                os.ftruncate(self._file.fileno(), offset + array.nbytes)
+        except OSError as e:
+            self.failed = f"{e.strerror or e} ({self.directory or tempfile.gettempdir()})"
+            logger.warning("large arrays stay in memory: the temporary file for them failed: %s", self.failed)
+            return array
         self._end = offset + array.nbytes
-        os.ftruncate(self._file.fileno(), self._end)
         mapped = np.memmap(self._file, dtype=array.dtype, mode="r+", offset=offset, shape=array.shape)
         mapped[...] = array
         self.bytes += array.nbytes

@@ -44,3 +44,26 @@ def test_refit_weights_are_spilled_and_the_saved_model_is_the_same(monkeypatch, 
     written = [f for f in spilled.reconstruction["refit"] if f["mse_after"] < f["mse_before"]]
     assert written and mapped(spilled.model) >= len(written)  # a weight each (and most a bias)
     assert mapped(kept_in_memory.model) == 0
+
+
+def test_a_temporary_folder_that_cannot_take_the_file_keeps_arrays_in_memory(tmp_path, caplog):
+    big = np.arange(4096, dtype=np.float32)
+    with Spill(min_bytes=1024, directory=tmp_path / "missing") as s:
+        assert s(big) is big and s.failed and "missing" in s.failed
+        assert s(big * 2) is not None and s.bytes == 0  # later arrays stay in memory too, no retry
+    assert "stay in memory" in caplog.text
+
+
+def test_a_full_disk_is_an_error_before_any_write(monkeypatch):
+    """The file's blocks are reserved before the mapping is written (a write into a sparse file on a
+    full disk would be a SIGBUS); a reservation that fails leaves the array in memory."""
+    import errno
+    import os
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(spill.os, "posix_fallocate", full)
+    big = np.ones(4096, np.float32)
+    with Spill(min_bytes=1024) as s:
+        assert s(big) is big and "No space" in s.failed
