@@ -76,3 +76,25 @@ class Spill:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def spill_initializers(model) -> int:
+    """Move ``model``'s in-memory initializers of ``MIN_BYTES`` or more (``ir.Tensor`` over a numpy
+    array: what the passes write, e.g. int8 weights) to a spill file of their own, which lives as long
+    as the model does; returns the bytes moved. Tensors read from files stay as they are."""
+    import onnx_ir as ir
+
+    with Spill() as spill:
+        for graph in model.graphs():
+            for value in graph.initializers.values():
+                t = value.const_value
+                if type(t) is not ir.Tensor or t.nbytes < spill.min_bytes:
+                    continue
+                array = t.numpy()
+                if isinstance(array, np.memmap) or array.dtype != t.dtype.numpy():
+                    continue  # already mapped; or a packed type (int4, float8) numpy cannot hold as is
+                mapped = spill(array)
+                if mapped is not array:
+                    value.const_value = ir.Tensor(mapped, t.dtype, shape=t.shape, name=t.name,
+                                                  doc_string=t.doc_string, metadata_props=t.metadata_props)
+        return spill.bytes

@@ -67,3 +67,26 @@ def test_a_full_disk_is_an_error_before_any_write(monkeypatch):
     big = np.ones(4096, np.float32)
     with Spill(min_bytes=1024) as s:
         assert s(big) is big and "No space" in s.failed
+
+
+def test_quantized_weights_are_spilled_and_the_saved_model_is_the_same(monkeypatch, tmp_path):
+    """Every model ``quantize`` builds moves its in-memory initializers to a spill file
+    (``spill_initializers``): with a one-byte threshold the saved model is byte for byte the one
+    written with nothing spilled, and the returned model's weights are file mappings."""
+    import onnxshrink
+
+    name = "cnn"
+    feeds = digits.feeds(name, "calib", batch=32, limit=64)
+    path = str(digits.trained_path(name))
+    kw = {"tune": False, "cache_dir": False, "method": "minmax", "bias_correction": False, "pair_safe": False}
+    monkeypatch.setattr(spill, "MIN_BYTES", 1 << 40)
+    in_memory = onnxshrink.quantize(path, feeds, tmp_path / "memory.onnx", **kw)
+    monkeypatch.setattr(spill, "MIN_BYTES", 1)
+    spilled = onnxshrink.quantize(path, feeds, tmp_path / "spilled.onnx", **kw)
+    assert (tmp_path / "memory.onnx").read_bytes() == (tmp_path / "spilled.onnx").read_bytes()
+
+    def mapped(model) -> int:
+        return sum(isinstance(v.const_value.numpy(), np.memmap) for v in model.graph.initializers.values()
+                   if v.const_value is not None and v.const_value.dtype.numpy() == v.const_value.numpy().dtype)
+
+    assert mapped(in_memory.model) == 0 and mapped(spilled.model) >= 4  # the weights of its 4 layers at least
