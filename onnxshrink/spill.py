@@ -1,10 +1,11 @@
 """Large arrays moved out of anonymous memory: written to an unlinked temporary file and mapped back.
 
-Reconstruction writes a new weight for every layer it refits, and those weights stay in the model
-until it is saved: on a model of several GiB they add up to about the pruned model's size. In
-anonymous memory (no swap on many machines) that is a hard floor under the peak. Mapped from a file,
-the pages are the kernel's to write back and drop under pressure, and the process's anonymous memory
-holds one layer's weight at a time. ``benchmarks/bench_prune_memory.py`` measures the refit jobs.
+Reconstruction writes a new weight for every layer it refits, and quantization an int8 weight for
+every layer it quantizes, in every candidate model it builds; they stay in the model until it is
+saved: on a model of several GiB they add up to about the output's size. In anonymous memory (no swap
+on many machines) that is a hard floor under the peak. Mapped from a file, the pages are the kernel's
+to write back and drop under pressure, and the process's anonymous memory holds one weight at a time.
+``benchmarks/bench_prune_memory.py`` and ``bench_quantize_memory.py`` measure it.
 
 The file lives in the temporary directory (``TMPDIR``, like ``segments``' frontier) and is unlinked
 from the start: nothing is left behind whatever happens, and the mappings keep it alive as long as a
