@@ -88,22 +88,38 @@ REFIT = ("import onnxshrink\n"
 REFIT_JOBS = {"refit, 32 rows": "calib32.npz", "refit, 9,216 rows": "calib9216"}
 
 
+def run_sampled(stmt: str, log: Path) -> tuple[dict, dict, list[str]]:
+    """Run ``stmt`` in a fresh interpreter under ``SAMPLED``, in the user's environment (BLAS on every
+    core) from the repo's folder: the job's row (exit code, seconds, peak RSS, peak anonymous MiB), the
+    statement's ``RESULT`` record and the log's lines."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    r = run_measured([PY, "-c", SAMPLED.format(stmt=stmt)], log, 3600, env=env)
+    lines = log.read_text(errors="replace").splitlines()
+    res = next((json.loads(line[7:]) for line in lines if line.startswith("RESULT ")), {})
+    row = {"rc": r["rc"], "seconds": round(r["seconds"], 1), "peak_rss_mib": round(r["peak_rss_mib"]),
+           "anon_mib": round(res["anon_mib"]) if res else None}
+    if r["rc"] != 0:
+        row["error"] = " | ".join(r["log_tail"])[-300:]
+    return row, res, lines
+
+
+def kept_reading(path: Path) -> str:
+    """The hand-written ``## Reading`` section of the results file at ``path`` (kept across reruns)."""
+    if path.exists() and "\n## Reading" in (text := path.read_text()):
+        return text[text.index("\n## Reading"):]
+    return ""
+
+
 def run_job(name: str, src: Path, out: Path, log: Path) -> dict:
     if name in REFIT_JOBS:
         stmt = REFIT.format(src=str(src), out=str(out), calib=str(src.parent.parent / REFIT_JOBS[name]))
     else:
         stmt = JOBS[name].format(src=str(src), out=str(out))
-    # the user's environment (BLAS on every core: the refit's LU solves), from the repo's folder
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    r = run_measured([PY, "-c", SAMPLED.format(stmt=stmt)], log, 3600, env=env)
-    lines = log.read_text(errors="replace").splitlines()
-    res = next((json.loads(line[7:]) for line in lines if line.startswith("RESULT ")), {})
-    drift = next((line.strip() for line in lines if "output drift against the unpruned" in line), None)
-    out = {"rc": r["rc"], "seconds": round(r["seconds"], 1), "peak_rss_mib": round(r["peak_rss_mib"]),
-           "anon_mib": round(res["anon_mib"]) if res else None, "drift_line": drift}
+    row, res, lines = run_sampled(stmt, log)
+    row["drift_line"] = next((line.strip() for line in lines if "output drift against the unpruned" in line), None)
     if "refit" in res:
-        out.update(refit=res["refit"], layers=res["layers"], rows=res["rows"])
-    return out
+        row.update(refit=res["refit"], layers=res["layers"], rows=res["rows"])
+    return row
 
 
 def write_calibration(tmp: Path) -> None:
@@ -134,9 +150,7 @@ def check_output(src: Path, out: Path) -> dict:
 
 
 def write_markdown(res: dict, path: Path) -> None:
-    reading = ""
-    if path.exists() and "\n## Reading" in (text := path.read_text()):
-        reading = text[text.index("\n## Reading"):]
+    reading = kept_reading(path)
     gib = res["model_bytes"] / 2**30
     lines = ["# Pruning a model over 2 GB: memory and time", "",
              (f"`python benchmarks/bench_prune_memory.py` (see its docstring). Machine: {res['machine']}. "

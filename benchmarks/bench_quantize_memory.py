@@ -39,10 +39,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_bigmodel import build_big
-from bench_lossless import run_measured
-from bench_prune_memory import SAMPLED
+from bench_prune_memory import kept_reading, run_sampled
 
-PY = sys.executable
 FEEDS, ROWS = 4, 8
 _READER = ("import glob, numpy as np\n"
            "from onnxruntime.quantization import CalibrationDataReader\n"
@@ -73,38 +71,26 @@ def write_calibration(folder: Path) -> None:
 
 
 def run_job(name: str, src: Path, out: Path, calib: Path, log: Path) -> dict:
-    stmt = JOBS[name].format(src=str(src), out=str(out), calib=str(calib))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    r = run_measured([PY, "-c", SAMPLED.format(stmt=stmt)], log, 3600, env=env)
-    lines = log.read_text(errors="replace").splitlines()
-    res = next((json.loads(line[7:]) for line in lines if line.startswith("RESULT ")), {})
-    job = {"rc": r["rc"], "seconds": round(r["seconds"], 1), "peak_rss_mib": round(r["peak_rss_mib"]),
-           "anon_mib": round(res["anon_mib"]) if res else None}
-    if r["rc"] != 0:
-        job["error"] = " | ".join(r["log_tail"])[-300:]
+    row, _, _ = run_sampled(JOBS[name].format(src=str(src), out=str(out), calib=str(calib)), log)
     if out.exists():
-        job["output_bytes"] = sum(p.stat().st_size for p in out.parent.iterdir())
-    return job
+        row["output_bytes"] = sum(p.stat().st_size for p in out.parent.iterdir())
+    return row
 
 
 def drifts(src: Path, outs: dict[str, Path], calib: Path) -> dict[str, float]:
-    """``1 - cosine`` of each output against the float model on the first calibration feed."""
-    import onnxruntime as ort
+    """``1 - cosine`` (``validate.flat_drift``) of each output against the float model on the first
+    calibration feed."""
+    from onnxshrink.runtime import make_session
+    from onnxshrink.validate import flat_drift, flat_floats
 
     feed = dict(np.load(min(calib.glob("*.npz"))))
-    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feed)[0].ravel()
-    got = {}
-    for name, path in outs.items():
-        y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0].ravel()
-        cos = float(np.dot(ref, y) / (np.linalg.norm(ref) * np.linalg.norm(y) + 1e-30))
-        got[name] = round(1.0 - cos, 6)
-    return got
+    ref = flat_floats(make_session(src).run(None, feed))
+    return {name: round(flat_drift(ref, flat_floats(make_session(path).run(None, feed))), 6)
+            for name, path in outs.items()}
 
 
 def write_markdown(res: dict, path: Path) -> None:
-    reading = ""
-    if path.exists() and "\n## Reading" in (text := path.read_text()):
-        reading = text[text.index("\n## Reading"):]
+    reading = kept_reading(path)
     model = res["model_bytes"]
     ort_rss = res["jobs"]["ort session"]["peak_rss_mib"]
     lines = ["# Quantizing a model over 2 GB: memory and time", "",

@@ -103,3 +103,20 @@ def const(v: ir.Value) -> np.ndarray:
 def dq_feeding(node: ir.Node, index: int) -> ir.Node | None:
     p = node.inputs[index].producer() if node.inputs[index] is not None else None
     return p if p is not None and p.op_type == "DequantizeLinear" else None
+
+
+def fragile_chain() -> onnx.ModelProto:
+    """Three convs; the middle one's output channel 0 is 300x the others (and read 300x weaker next), so
+    per-tensor int8 wipes out its other channels: that layer alone wrecks the output."""
+    w2 = weights(8, 8, 3, 3, seed=2)
+    w2[0] *= 300.0
+    w3 = weights(4, 8, 3, 3, seed=3)
+    w3[:, 0] /= 300.0
+    return model("""g (float[1,4,8,8] inp) => (float[1,4,8,8] out) {
+        a = Conv <pads=[1,1,1,1]> (inp, W1, B1)
+        ra = Relu(a)
+        b = Conv <pads=[1,1,1,1]> (ra, W2, B2)
+        rb = Relu(b)
+        out = Conv <pads=[1,1,1,1]> (rb, W3, B3)
+    }""", {"W1": weights(8, 4, 3, 3, seed=1), "B1": weights(8), "W2": w2, "B2": weights(8),
+           "W3": w3, "B3": weights(4)})

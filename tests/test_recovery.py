@@ -18,7 +18,7 @@ from onnxshrink import channel_stats, checks, cli, model_io, validate
 from onnxshrink.errors import ConfigError
 from onnxshrink.graph_utils import const_array
 from tests.conftest import check_close, run_ort
-from tests.qdq_helpers import cosine, feeds_for, model, weights
+from tests.qdq_helpers import cosine, feeds_for, fragile_chain, model, weights
 
 
 def _imbalanced_convs(act: str | None = "Relu(x)", extra: str = "", clip_in: bool = False) -> onnx.ModelProto:
@@ -240,25 +240,8 @@ def test_bias_correction_removes_the_mean_output_shift(tmp_path):
 # ---------------------------------------------------------------- mixed precision
 
 
-def _fragile_chain() -> onnx.ModelProto:
-    """Three convs; the middle one's output channel 0 is 300x the others (and read 300x weaker next), so
-    per-tensor int8 wipes out its other channels: that layer alone wrecks the output."""
-    w2 = weights(8, 8, 3, 3, seed=2)
-    w2[0] *= 300.0
-    w3 = weights(4, 8, 3, 3, seed=3)
-    w3[:, 0] /= 300.0
-    return model("""g (float[1,4,8,8] inp) => (float[1,4,8,8] out) {
-        a = Conv <pads=[1,1,1,1]> (inp, W1, B1)
-        ra = Relu(a)
-        b = Conv <pads=[1,1,1,1]> (ra, W2, B2)
-        rb = Relu(b)
-        out = Conv <pads=[1,1,1,1]> (rb, W3, B3)
-    }""", {"W1": weights(8, 4, 3, 3, seed=1), "B1": weights(8), "W2": w2, "B2": weights(8),
-           "W3": w3, "B3": weights(4)})
-
-
 def test_mixed_precision_meets_a_budget_plain_int8_misses(tmp_path):
-    proto = _fragile_chain()
+    proto = fragile_chain()
     feeds = feeds_for(proto, n=6)
     kw = {"per_channel": False, "tune": False, "cache_dir": False, "method": "minmax",
           "reduce_range": False}  # plain 8-bit int8
@@ -298,7 +281,7 @@ def test_metric_budget_uses_labels_kept_with_the_data(tmp_path):
 
 
 def test_cli_recovery_flags_and_dynamic_mode(tmp_path, capsys):
-    proto = _fragile_chain()
+    proto = fragile_chain()
     src = tmp_path / "m.onnx"
     onnx.save(proto, src)
     data = tmp_path / "calib"

@@ -14,7 +14,7 @@ import pytest
 
 import onnxshrink
 from onnxshrink import recovery
-from tests.qdq_helpers import feeds_for, model, weights
+from tests.qdq_helpers import feeds_for, fragile_chain
 
 
 class Built(list):
@@ -51,24 +51,8 @@ def _alive(refs) -> int:
     return sum(r() is not None for r in refs)
 
 
-def _chain():
-    """Conv -> Relu -> Conv -> Conv, the middle conv's channel 0 300x the others: per-tensor int8 wrecks
-    it, so a tight drift budget keeps something float."""
-    w2 = weights(8, 8, 3, 3, seed=2)
-    w2[0] *= 300.0
-    w3 = weights(4, 8, 3, 3, seed=3)
-    w3[:, 0] /= 300.0
-    return model("""g (float[1,4,16,16] inp) => (float[1,4,16,16] out) {
-        a = Conv <pads=[1,1,1,1]> (inp, W1, B1)
-        ra = Relu(a)
-        b = Conv <pads=[1,1,1,1]> (ra, W2, B2)
-        out = Conv <pads=[1,1,1,1]> (b, W3, B3)
-    }""", {"W1": weights(8, 4, 3, 3, seed=1), "B1": weights(8), "W2": w2, "B2": weights(8),
-           "W3": w3, "B3": weights(4)})
-
-
 def test_calibration_selection_keeps_only_the_model_it_returns(built, tmp_path):
-    proto = _chain()
+    proto = fragile_chain()
     res = onnxshrink.quantize(proto, feeds_for(proto, n=8), tmp_path / "q.onnx", tune=False, cache_dir=False)
     assert len(res.recovery["calibration"]["tried"]) == len(built) >= 4  # every candidate built once
     assert max(built.alive_at_build) == 1  # the best so far; each candidate that lost is gone
@@ -76,7 +60,7 @@ def test_calibration_selection_keeps_only_the_model_it_returns(built, tmp_path):
 
 
 def test_mixed_precision_keeps_only_the_model_it_returns(built, tmp_path):
-    proto = _chain()
+    proto = fragile_chain()
     feeds = feeds_for(proto, n=6)
     kw = {"per_channel": False, "tune": False, "cache_dir": False, "method": "minmax", "reduce_range": False}
     res = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", max_drift=1e-6, **kw)
