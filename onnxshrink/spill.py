@@ -21,6 +21,7 @@ import os
 import tempfile
 
 import numpy as np
+import onnx_ir as ir
 
 logger = logging.getLogger(__name__)
 
@@ -79,12 +80,10 @@ class Spill:
         self.close()
 
 
-def spill_initializers(model) -> int:
+def spill_initializers(model: ir.Model) -> int:
     """Move ``model``'s in-memory initializers of ``MIN_BYTES`` or more (``ir.Tensor`` over a numpy
     array: what the passes write, e.g. int8 weights) to a spill file of their own, which lives as long
     as the model does; returns the bytes moved. Tensors read from files stay as they are."""
-    import onnx_ir as ir
-
     with Spill() as spill:
         for graph in model.graphs():
             for value in graph.initializers.values():
