@@ -4,9 +4,10 @@ weights kept there until the model is saved."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from models import digits
-from onnxshrink import pruning, spill
+from onnxshrink import bias_correction, pruning, spill
 from onnxshrink.spill import Spill
 
 
@@ -69,20 +70,32 @@ def test_a_full_disk_is_an_error_before_any_write(monkeypatch):
         assert s(big) is big and "No space" in s.failed
 
 
-def test_quantized_weights_are_spilled_and_the_saved_model_is_the_same(monkeypatch, tmp_path):
+@pytest.mark.parametrize("correct", [False, True])
+def test_quantized_weights_are_spilled_and_the_saved_model_is_the_same(monkeypatch, tmp_path, correct):
     """Every model ``quantize`` builds moves its in-memory initializers to a spill file
     (``spill_initializers``): with a one-byte threshold the saved model is byte for byte the one
-    written with nothing spilled, and the returned model's weights are file mappings."""
+    written with nothing spilled, and the returned model's weights are file mappings. With bias
+    correction the weights are spilled before its measurement reads them (its probe session)."""
     import onnxshrink
 
     name = "cnn"
     feeds = digits.feeds(name, "calib", batch=32, limit=64)
     path = str(digits.trained_path(name))
-    kw = {"tune": False, "cache_dir": False, "method": "minmax", "bias_correction": False, "pair_safe": False}
+    kw = {"tune": False, "cache_dir": False, "method": "minmax", "bias_correction": correct,
+          "pair_safe": False}
     monkeypatch.setattr(spill, "MIN_BYTES", 1 << 40)
     in_memory = onnxshrink.quantize(path, feeds, tmp_path / "memory.onnx", **kw)
     monkeypatch.setattr(spill, "MIN_BYTES", 1)
+    measure, seen = bias_correction.measure, []
+
+    def measure_spy(float_model, targets, *args, **kwargs):  # what the probe session is built beside
+        seen.extend(isinstance(t.node.inputs[1].producer().inputs[0].const_value.numpy(), np.memmap)
+                    for t in targets)
+        return measure(float_model, targets, *args, **kwargs)
+
+    monkeypatch.setattr(bias_correction, "measure", measure_spy)
     spilled = onnxshrink.quantize(path, feeds, tmp_path / "spilled.onnx", **kw)
+    assert (len(seen) >= 4 and all(seen)) if correct else not seen  # the int8 weights are in the file
     assert (tmp_path / "memory.onnx").read_bytes() == (tmp_path / "spilled.onnx").read_bytes()
 
     def mapped(model) -> int:
