@@ -14,7 +14,7 @@ from onnxshrink.passes.equalize import CrossLayerEqualizationPass
 from onnxshrink.passes.smoothquant import SmoothQuantPass, candidates
 
 import onnxshrink
-from onnxshrink import channel_stats, checks, cli, model_io, validate
+from onnxshrink import channel_stats, checks, cli, model_io, runtime, validate
 from onnxshrink.errors import ConfigError
 from onnxshrink.graph_utils import const_array
 from tests.conftest import check_close, run_ort
@@ -150,6 +150,26 @@ def test_smoothquant_folds_into_a_decomposed_layernorm():
     assert stats.counts == {"tensors_smoothed": 1, "layers_rescaled": 1}
     feed = feeds_for(proto, n=1)[0]
     check_close(run_ort(m, feed), run_ort(proto, feed))
+
+
+def test_channel_statistics_run_without_a_memory_arena(monkeypatch):
+    """Per-channel statistics (bias correction's probe, SmoothQuant's maxima) open their session without
+    ONNX Runtime's CPU arena, which would hold the largest run's tensors (the probe's dequantized float
+    weights) for the session's life."""
+    options, make = [], runtime.make_session
+
+    def spy(model, providers=None, **kwargs):
+        options.append(kwargs["options"])
+        return make(model, providers, **kwargs)
+
+    monkeypatch.setattr(runtime, "make_session", spy)
+    proto = model("""g (float[2,5,16] inp) => (float[2,5,8] out) {
+        m = Mul(inp, gamma)
+        x = Add(m, beta)
+        out = MatMul(x, W)
+    }""", {"gamma": weights(16), "beta": weights(16), "W": weights(16, 8)})
+    _smooth(proto)
+    assert len(options) == 1 and not options[0].enable_cpu_mem_arena
 
 
 def _smooth(proto, alpha=0.5):
