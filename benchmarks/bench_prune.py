@@ -49,6 +49,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import kept_reading
 from models import digits
 from onnxshrink import bench, pruning, runtime
 from onnxshrink.errors import ConfigError
@@ -266,7 +267,7 @@ def machine() -> dict:
 
 
 def write_markdown(results: dict, path: Path) -> None:
-    reading = _hand_written(path)
+    reading = kept_reading(path)
     machine = results.get(MACHINE_KEY)
     results = {k: v for k, v in results.items() if k != MACHINE_KEY}
     block = (f"{machine['nchwc_block']} on this CPU" if machine
@@ -431,13 +432,6 @@ def _latency_table(results: dict, block: str) -> list[str]:
                 lines.append(f"| {name} | {ratio} | {shown} | {pct(rr['macs'])} | {_x(rr['macs']):.2f}x | "
                              f"{rr['speedup'][1]:.2f}x | {rr['speedup'][32]:.2f}x | {tp_cells} |")
     return lines
-
-
-def _hand_written(path: Path) -> str:
-    """The hand-written reading at the end of the previous results (kept across reruns)."""
-    marker = "\n## Reading"
-    text = path.read_text() if path.exists() else ""
-    return text[text.index(marker):] if marker in text else ""
 
 
 BATCH_KEYED = ("speedup", "speedup_vs_cleaned", "cleanup_speedup", "median_ms")

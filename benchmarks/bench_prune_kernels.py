@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_prune
 
+from benchmarks._common import kept_reading
 from models import digits
 from onnxshrink import pruning, runtime
 
@@ -247,9 +248,7 @@ def kernel_lines(table: dict) -> list[str]:
 
 
 def write_markdown(results: dict, path: Path) -> None:
-    reading = ""
-    if path.exists() and "\n## Reading" in (text := path.read_text()):
-        reading = text[text.index("\n## Reading"):]
+    reading = kept_reading(path)
     ratio = results["ratio"]
     lines = ["# Where a pruned model's time goes on ONNX Runtime (CPU, 1 thread)", "",
              *([f"Machine: {m['cpu']}; ONNX Runtime NCHWc block {m['nchwc_block']}.", ""]

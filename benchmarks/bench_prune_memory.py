@@ -51,6 +51,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_bigmodel import big_feeds, build_big
 from bench_lossless import run_measured
 
+from benchmarks._common import kept_reading
+
 PY = sys.executable
 #: Samples RssAnon in a thread while the statement runs; prints the peak in MiB and the seconds.
 SAMPLED = """
@@ -101,13 +103,6 @@ def run_sampled(stmt: str, log: Path) -> tuple[dict, dict, list[str]]:
     if r["rc"] != 0:
         row["error"] = " | ".join(r["log_tail"])[-300:]
     return row, res, lines
-
-
-def kept_reading(path: Path) -> str:
-    """The hand-written ``## Reading`` section of the results file at ``path`` (kept across reruns)."""
-    if path.exists() and "\n## Reading" in (text := path.read_text()):
-        return text[text.index("\n## Reading"):]
-    return ""
 
 
 def run_job(name: str, src: Path, out: Path, log: Path) -> dict:

@@ -50,6 +50,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import kept_reading
 from benchmarks.bench_prune import kept_text, machine
 from models import fetch_real
 from onnxshrink import bench, pruning, runtime
@@ -269,7 +270,7 @@ def _model_lines(name: str, e: dict) -> list[str]:
 
 
 def write_markdown(results: dict, path: Path) -> None:
-    reading = _hand_written(path)
+    reading = kept_reading(path)
     machines = {(m["cpu"], m["nchwc_block"]) for m in (e.get("machine", FIRST_MACHINE) for e in results.values())}
     where = "; ".join(f"{cpu}: NCHWc block {block}" for cpu, block in sorted(machines))
     lines = [
@@ -300,13 +301,6 @@ def write_markdown(results: dict, path: Path) -> None:
     for name, e in results.items():
         lines += _model_lines(name, e)
     path.write_text("\n".join(lines) + (reading or "\n## Reading\n\n(to be written)\n"))
-
-
-def _hand_written(path: Path) -> str:
-    """The hand-written reading at the end of the previous results (kept across reruns)."""
-    marker = "\n## Reading"
-    text = path.read_text() if path.exists() else ""
-    return text[text.index(marker):] if marker in text else ""
 
 
 def _int_keys(obj):

@@ -39,7 +39,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_bigmodel import build_big
-from bench_prune_memory import kept_reading, run_sampled
+from bench_prune_memory import run_sampled
+
+from benchmarks._common import kept_reading
 
 FEEDS, ROWS = 4, 8
 _READER = ("import glob, numpy as np\n"
