@@ -128,7 +128,7 @@ def pair_safe_scale(w: np.ndarray, k_axis: int, reduce_axes) -> np.ndarray:
     if w.ndim == 2 and w.size and axes in ((k_axis,), (0, 1)):
         top = _pair_top_2d(w, k_axis)
         return _scale(top if axes == (k_axis,) else top.max(), 127)
-    top = np.abs(np.asarray(w, np.float64)).max(axis=reduce_axes)
+    top = abs_max(w, reduce_axes)
     if np.shape(w)[k_axis] > 1:
         top = np.maximum(top, neighbour_sums(w, k_axis).max(axis=reduce_axes))
     return _scale(top, 127)
@@ -163,14 +163,28 @@ def symmetric_scale(w: np.ndarray, k_axis: int, reduce_axes, narrow: str | None)
         return pair_safe_scale(w, k_axis, reduce_axes)
     if narrow not in (None, "7bit"):
         raise ValueError(f"narrow must be None, '7bit' or 'pair_safe', not {narrow!r}")
-    return _scale(np.abs(np.asarray(w, np.float64)).max(axis=reduce_axes), 64 if narrow else 127)
+    return _scale(abs_max(w, reduce_axes), 64 if narrow else 127)
+
+
+def abs_max(w: np.ndarray, axes) -> np.ndarray:
+    """``max |w|`` over ``axes`` as float64, computed in ``w``'s own float type: max and negation round
+    nothing, so it equals the float64 computation without its copies (0.15 -> 0.03 s on a 4096 x 12288
+    float32 weight, one-off)."""
+    w = np.asarray(w)
+    if not np.issubdtype(w.dtype, np.floating):
+        w = w.astype(np.float64)
+    return np.maximum(w.max(axis=axes), -w.min(axis=axes)).astype(np.float64)
 
 
 def quantize_weight(w: np.ndarray, params: QParams, reduce_range: bool = False) -> np.ndarray:
-    """``w`` as int8 with ``params`` (scales broadcast along ``params.axis``)."""
+    """``w`` as int8 with ``params`` (scales broadcast along ``params.axis``); one float32 temporary,
+    rounded and clipped in place."""
     qmax = 64 if reduce_range else 127
     s = _broadcast(params.scale, np.asarray(w).ndim, params.axis)
-    return np.clip(np.rint(np.asarray(w, np.float32) / s), -qmax, qmax).astype(np.int8)
+    q = np.asarray(np.divide(np.asarray(w, np.float32), s, dtype=np.float32))  # a 0-d result is a scalar
+    np.rint(q, out=q)
+    np.clip(q, -qmax, qmax, out=q)
+    return q.astype(np.int8)
 
 
 def bias_scale(x_scale: np.ndarray, w_scale: np.ndarray) -> np.ndarray:

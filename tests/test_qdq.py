@@ -89,6 +89,27 @@ def test_weight_params_symmetric_per_channel_match_reference(axis):
     assert q7.min() >= -64 and q7.max() <= 64
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+def test_weight_scales_and_codes_equal_the_float64_reference(dtype):
+    """``abs_max`` (in the weight's own type) and ``quantize_weight`` (rounded in place) give the scales
+    and codes of the plain float64 / float32 formulas, to the bit: every dtype, per channel along each
+    axis, per tensor, a 0-d weight, a zero and a negative extreme."""
+    rng = np.random.default_rng(1)
+    for shape, axis in [((16, 3, 3, 3), 0), ((64, 32), 1), ((64, 32), 0), ((8, 8), None), ((), None)]:
+        w = (rng.standard_normal(shape) * 3).astype(dtype)
+        if w.size > 1:
+            w.flat[0], w.flat[1] = -2 * np.abs(w).max(), 0.0
+        axes = None if axis is None else tuple(i for i in range(w.ndim) if i != axis)
+        for narrow, qmax in ((False, 127), (True, 64)):
+            ref = qm._scale(np.abs(np.asarray(w, np.float64)).max(axis=axes), qmax)
+            got = qm.symmetric_scale(w, 0, axes, "7bit" if narrow else None)
+            assert got.dtype == ref.dtype and np.array_equal(got, ref)
+            p = qm.QParams(got, np.zeros(got.shape, np.int8), axis)
+            s = qm._broadcast(got, w.ndim, axis)
+            codes = np.clip(np.rint(np.asarray(w, np.float32) / s), -qmax, qmax).astype(np.int8)
+            assert np.array_equal(qm.quantize_weight(w, p, narrow), codes)
+
+
 def test_bias_int32_and_overflow_guard():
     b = np.array([0.5, -1.25, 3.0], np.float32)
     sx, sw = np.float32(0.02), np.array([0.01, 0.003, 0.5], np.float32)
