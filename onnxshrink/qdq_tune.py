@@ -254,7 +254,7 @@ def static_options(model: ir.Model, opts: PlanOptions, placement: Placement, kee
 
 
 def steps(model: ir.Model, plan: QDQPlan, table, opts: PlanOptions, placement: Placement = Placement(),
-          keep_float=()) -> list:
+          keep_float=(), weights=None) -> list:
     """The passes that quantize ``model`` with ``placement``: static QDQ (``rest == static``; the linear
     layers too when ``linear == static``), then dynamic quantization of the linear layers
     (``linear == dynamic``). Nodes named in ``keep_float`` and the user's exclusions stay float in both.
@@ -268,7 +268,7 @@ def steps(model: ir.Model, plan: QDQPlan, table, opts: PlanOptions, placement: P
     out: list = []
     qopts = static_options(model, opts, placement, keep_float)
     if qopts is not None and table is not None:
-        out.append(QDQPass(plan=dataclasses.replace(plan, options=qopts), table=table))
+        out.append(QDQPass(plan=dataclasses.replace(plan, options=qopts), table=table, weights=weights))
     if placement.linear == "dynamic":
         exclude = (*opts.exclude, *exact_names(keep_float), *exact_names(user_kept(model, opts)))
         out.append(DynamicQuantPass(per_channel=opts.per_channel, reduce_range=opts.narrow("MatMulInteger"),

@@ -62,6 +62,7 @@ from onnxshrink import model_io, pipeline, qdq_tune, stats
 from onnxshrink.errors import ConfigError, DataError, UnsupportedModelError
 from onnxshrink.graph_utils import infer_shapes
 from onnxshrink.instruments import StructuralCheck
+from onnxshrink.passes._weight_memo import WeightMemo
 from onnxshrink.passes.equalize import CrossLayerEqualizationPass
 from onnxshrink.passes.qdq import MIN_OPSET
 from onnxshrink.passes.qdq_rules import PlanOptions, QDQPlan, plan_qdq
@@ -435,9 +436,11 @@ def _build(ir_model, plan, tables, table, opts, placement, check, data, bias_cor
     from onnxshrink import calib_select
     from onnxshrink import recovery as rec
 
+    weights = WeightMemo(ir_model)  # every candidate and mixed-precision step quantizes a weight once
+
     def make(t, bc: bool, pair_safe: bool = False):
         o = dataclasses.replace(opts, pair_safe=True) if pair_safe else opts
-        return rec.Builder(ir_model, plan, t, o, placement, check, data, bc, providers)
+        return rec.Builder(ir_model, plan, t, o, placement, check, data, bc, providers, weights=weights)
 
     static = qdq_tune.static_options(ir_model, opts, placement)
     if method == "auto" and tables and static is not None:

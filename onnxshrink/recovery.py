@@ -77,10 +77,12 @@ class Builder:
     correction: dict | None = None
     reports: dict = dataclasses.field(default_factory=dict)
     first: ir.Model | None = None  # the first build (nothing extra kept float)
+    weights: Any = None  # a WeightMemo of float_model shared by the builders of one search
 
     def __call__(self, keep_float=()) -> ir.Model:
         model = clone_model(self.float_model)
-        steps = qdq_tune.steps(self.float_model, self.plan, self.table, self.options, self.placement, keep_float)
+        steps = qdq_tune.steps(self.float_model, self.plan, self.table, self.options, self.placement, keep_float,
+                               self.weights)
         steps.append(pipeline.make_pass("dead_code"))
         # quantize's preparation has checked and warned about the float model once
         report = pipeline.Pipeline(steps, [StructuralCheck(warn_input=False)] if self.check else []).run(model)

@@ -48,6 +48,8 @@ class QDQConfig:
 
     plan: QDQPlan | None = None
     table: Any = None
+    #: a ``_weight_memo.WeightMemo`` shared by the builds of one search (None: every weight computed)
+    weights: Any = dataclasses.field(default=None, compare=False)
 
 
 class QDQPass(ShrinkPass):
@@ -76,7 +78,7 @@ class QDQPass(ShrinkPass):
             stats.skip(node, reason)
         names = NameGen(model)
         for gp in reversed(plan.graphs):  # subgraphs before the graphs that capture their values
-            _Rewriter(gp, plan, names, stats).run()
+            _Rewriter(gp, plan, names, stats, cfg.weights).run()
         stats.notes["plan"] = plan.summary()
         if not plan.nodes:
             reasons = collections.Counter(why.split(" (")[0] for _, why in plan.skipped).most_common(3)
@@ -91,8 +93,9 @@ class QDQPass(ShrinkPass):
 class _Rewriter:
     """Applies one ``GraphPlan``."""
 
-    def __init__(self, gp: GraphPlan, plan: QDQPlan, names: NameGen, stats: PassStats) -> None:
+    def __init__(self, gp: GraphPlan, plan: QDQPlan, names: NameGen, stats: PassStats, memo=None) -> None:
         self.gp = gp
+        self.memo = memo
         self.graph = gp.graph
         self.opts = plan.options
         self.names = names
@@ -148,8 +151,15 @@ class _Rewriter:
             node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
         narrow = self.opts.narrow(node.op_type)
         trans_b = node.op_type == "Gemm" and int_attr(node, "transB", 0) == 1
-        rows = qm.kernel_rows(w, node.op_type, axis, trans_b) if narrow and self.opts.pair_safe else None
-        wp = qm.weight_params(w, axis, narrow, rows)
+        pair_safe = narrow and self.opts.pair_safe
+        key = None if self.memo is None else self.memo.key(node.inputs[index], node.op_type, axis, narrow,
+                                                           pair_safe, trans_b, alpha)
+
+        def params() -> tuple[qm.QParams, bool]:  # and whether the codes are clipped to 7 bits
+            rows = qm.kernel_rows(w, node.op_type, axis, trans_b) if pair_safe else None
+            return qm.weight_params(w, axis, narrow, rows), narrow and rows is None
+
+        wp, seven_bits = params() if key is None else self.memo.params(key, params)
         bias = self._bias_array(node) if node in self.quantized else None
         x_scale = self.params[node.inputs[0]].scale if bias is not None else None
         if bias is not None:
@@ -159,7 +169,8 @@ class _Rewriter:
                 wp = qm.QParams(_back_to_weight(fitted, wp.scale), wp.zero_point, axis)
                 self.stats.add("weight_scales_raised_for_bias")
         self._checked(wp, f"weight of {node.op_type} {node.name!r}")
-        self._replace_input(node, index, qm.quantize_weight(w, wp, narrow and rows is None), wp, "w")
+        codes = (lambda: qm.quantize_weight(w, wp, seven_bits))
+        self._replace_input(node, index, codes() if key is None else self.memo.codes(key, wp.scale, codes), wp, "w")
         self.stats.add("weights_quantized")
         if bias is not None:
             bscale = qm.bias_scale(x_scale, self._per_output(wp.scale, bias.size))

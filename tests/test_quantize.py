@@ -465,3 +465,36 @@ def test_an_already_quantized_model_is_said_so_and_only_its_float_part_quantized
     floaty = onnxshrink.quantize(zoo.build("resnet"), feeds_for(zoo.build("resnet"), n=2), cache_dir=False,
                                  tune=False)  # must not fire on a float model
     assert "already_quantized" not in floaty.recovery and not any("ALREADY" in w for w in floaty.warnings)
+
+
+def test_a_search_quantizes_each_weight_once_and_builds_the_same_model(monkeypatch, tmp_path):
+    """The calibration candidates (and mixed precision's steps) share one ``WeightMemo``: each weight's
+    codes are computed once per encoding and reused, read-only, by the other builds; the saved model is
+    byte for byte the one built with every weight computed in every build."""
+    import sys
+
+    from onnxshrink.passes._weight_memo import WeightMemo
+
+    memos = []
+
+    class Spy(WeightMemo):
+        def __init__(self, model):
+            super().__init__(model)
+            memos.append(self)
+
+    name = "cnn"
+    feeds = digits.feeds(name, "calib", batch=32, limit=64)
+    path = str(digits.trained_path(name))
+    kw = {"tune": False, "cache_dir": False, "pair_safe": False}
+    monkeypatch.setattr(sys.modules["onnxshrink.quantize"], "WeightMemo", Spy)
+    shared = onnxshrink.quantize(path, feeds, tmp_path / "shared.onnx", **kw)
+    tried = len(shared.to_dict()["recovery"]["calibration"]["tried"])
+    weights = sum(n.op_type in ("Conv", "Gemm", "MatMul") for n in onnx.load(path).graph.node)
+    assert len(memos) == 1 and tried >= 4 and memos[0].hits == (tried - 1) * weights
+    codes = [v.const_value.numpy() for v in shared.model.graph.initializers.values()
+             if any(u.node.op_type == "DequantizeLinear" and u.idx == 0 for u in v.uses())
+             and v.const_value.numpy().dtype == np.int8]  # the weights' codes, not their zero points
+    assert len(codes) == weights and not any(c.flags.writeable for c in codes)
+    monkeypatch.setattr(WeightMemo, "key", lambda self, value, *encoding: None)  # nothing remembered
+    onnxshrink.quantize(path, feeds, tmp_path / "plain.onnx", **kw)
+    assert (tmp_path / "shared.onnx").read_bytes() == (tmp_path / "plain.onnx").read_bytes()
