@@ -103,7 +103,8 @@ class _Rewriter:
         self.params: dict[ir.Value, qm.QParams] = {}
         self.quantized = set(gp.nodes)
         self.dead: list[ir.Value] = []
-        self.weight_cache: dict[tuple, ir.Value] = {}
+        self.weight_cache: dict[tuple, Any] = {}  # DQ of a constant read by several nodes; scale/zp pairs
+        self.shared: set[int] = set()  # ids of those constants
 
     def run(self) -> None:
         self._activation_params()
@@ -223,8 +224,11 @@ class _Rewriter:
     def _replace_input(self, node, index, qvalues: np.ndarray, p: qm.QParams, tag: str) -> None:
         old = node.inputs[index]
         base = old.name or f"{node.name}_{index}"
-        key = (id(old), tag, qvalues.tobytes(), np.asarray(p.scale).tobytes(), p.axis)
-        dq_out = self.weight_cache.get(key)
+        key = None
+        if len(old.uses()) > 1 or id(old) in self.shared:  # several readers: one DequantizeLinear per encoding
+            self.shared.add(id(old))
+            key = (id(old), tag, qvalues.tobytes(), np.asarray(p.scale).tobytes(), p.axis)
+        dq_out = self.weight_cache.get(key) if key is not None else None
         if dq_out is None:
             q_init = add_initializer(self.graph, qvalues, self.names(f"{base}_{tag}q"))
             s_init = add_initializer(self.graph, np.asarray(p.scale), self.names(f"{base}_{tag}scale"))
@@ -237,7 +241,8 @@ class _Rewriter:
             dq_out.dtype = ir.DataType.FLOAT
             dq_out.shape = ir.Shape(qvalues.shape)
             self.graph.insert_before(node, dq)
-            self.weight_cache[key] = dq_out
+            if key is not None:
+                self.weight_cache[key] = dq_out
             self.stats.add("qdq_inserted")
         node.replace_input_with(index, dq_out)
         self.dead.append(old)

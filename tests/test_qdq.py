@@ -196,6 +196,25 @@ def test_conv_weights_per_channel_bias_int32_and_relu_folded():
     assert np.isclose(const(q.inputs[1]) * 255, table["x"].max, rtol=1e-5)
 
 
+def test_a_weight_read_by_two_layers_is_stored_once():
+    """Two MatMuls reading one weight with the same encoding share its int8 codes and DequantizeLinear;
+    a weight read once gets its own."""
+    proto = model("""g (float[2,16] inp) => (float[2,8] out) {
+        a = MatMul(inp, W)
+        b = MatMul(inp, W)
+        c = Add(a, b)
+        out = MatMul(c, V)
+    }""", {"W": weights(16, 8, seed=3), "V": weights(8, 8, seed=4)})
+    feeds = feeds_for(proto)
+    m, result, _ = run_qdq(proto, feeds)
+    a, b, c = nodes(m, "MatMul")
+    assert dq_feeding(a, 1) is dq_feeding(b, 1) is not None and dq_feeding(c, 1) is not dq_feeding(a, 1)
+    int8 = [v for v in m.graph.initializers.values() if v.const_value.numpy().dtype == np.int8 and v.uses()
+            and v.uses()[0].idx == 0]
+    assert len(int8) == 2 and result.stats.counts["weights_quantized"] == 3
+    assert cosine(ort_run(proto, feeds[0])[0], ort_run(m, feeds[0])[0]) > 0.995
+
+
 def test_relu_with_a_second_reader_of_its_input_is_not_folded():
     proto = _conv_net("r = Relu(x)\nm = Add(r, x)", 8)
     m, result, _ = run_qdq(proto, feeds_for(proto))
