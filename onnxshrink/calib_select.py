@@ -26,6 +26,7 @@ import dataclasses
 import logging
 
 from onnxshrink.graph_utils import release_models
+from onnxshrink.progress import make_progress
 from onnxshrink.validate import FeedsDrift
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class Selection:
 
 
 def select(make_builder, tables: dict, data, *, bias_correction: bool | None = None, providers=None,
-           feeds: int = FEEDS, pair_safe: bool = False):
+           feeds: int = FEEDS, pair_safe: bool = False, progress: bool = False):
     """``(builder, model, Selection)`` of the candidate with the lowest drift.
 
     ``make_builder(table, bias_correction, pair_safe)`` returns a ``recovery.Builder``; ``tables`` maps
@@ -68,15 +69,17 @@ def select(make_builder, tables: dict, data, *, bias_correction: bool | None = N
     only that. Bias shifts are measured once per weight encoding (first corrected build) and reused: a
     shift is the weight rounding error times the float input, the same for every activation range but
     for the int32 bias rounding (half a bias step at most). ``pair_safe``: every candidate is tried
-    with pair-safe weights too, after the 7-bit ones (see the module docstring)."""
+    with pair-safe weights too, after the 7-bit ones (see the module docstring). ``progress``: a bar on
+    stderr, one step per candidate judged."""
     chosen = None
     tried: list[dict] = []
     judge = None
-    for safe in (False, True) if pair_safe else (False,):
+    encodings = (False, True) if pair_safe else (False,)
+    candidates = [(m, bc) for m, bc in CANDIDATES if bias_correction is None or bc == bias_correction]
+    bar = make_progress(progress, len(encodings) * len(candidates), "choosing calibration", "candidates")
+    for safe in encodings:
         shifts = None
-        for method, bc in CANDIDATES:
-            if bias_correction is not None and bc != bias_correction:
-                continue
+        for method, bc in candidates:
             builder = make_builder(tables[method], bc, safe)
             if bc and shifts is not None:
                 builder.shifts, builder.correction = shifts
@@ -93,6 +96,8 @@ def select(make_builder, tables: dict, data, *, bias_correction: bool | None = N
                 chosen = (builder, model, drift, (method, bc, safe))
             del builder, model
             release_models()  # the candidate that lost (or the best it replaced)
+            bar.update()
+    bar.close()
     builder, model, _, (method, bc, safe) = chosen
     selection = Selection(method, bc, tried, judge.n, safe)
     logger.info("calibration %s on %d feeds; tried %s", selection.label(), judge.n, tried)

@@ -42,6 +42,7 @@ from onnxshrink.passes.dynamic_quant import refusal as dynamic_refusal
 from onnxshrink.passes.qdq import QDQPass
 from onnxshrink.passes.qdq_rules import PlanOptions, QDQPlan, plan_qdq
 from onnxshrink.passes.skip_layernorm import AvoidSkipLayerNormPass
+from onnxshrink.progress import make_progress
 from onnxshrink.validate import flat_drift, flat_floats
 
 logger = logging.getLogger(__name__)
@@ -112,8 +113,8 @@ class TuneReport:
         return dataclasses.asdict(self)
 
 
-def tune(model: ir.Model, plan: QDQPlan, table, feed: dict, runs: int = 20, *, regions: bool = False
-         ) -> tuple[PlanOptions, TuneReport | None]:
+def tune(model: ir.Model, plan: QDQPlan, table, feed: dict, runs: int = 20, *, regions: bool = False,
+         progress: bool = False) -> tuple[PlanOptions, TuneReport | None]:
     """Options of the fastest placement found for ``model`` (which is not changed), and the timings.
 
     Greedy: start from the plan's options; try each change of ``STEPS`` on top of the best so far,
@@ -126,7 +127,7 @@ def tune(model: ir.Model, plan: QDQPlan, table, feed: dict, runs: int = 20, *, r
     rule): the tuner's drift uses min/max ranges, which the calibration step may replace (ddddocr's
     detector ends with percentile ranges and bias correction, drift 0.0048 held out in
     ``benchmarks/results/quantize_vs_ort.md``), so a speed knob that happens to lower the min/max drift
-    must not cost speed.
+    must not cost speed. ``progress``: a bar on stderr, one step per placement considered.
     """
     if model_io.initializer_bytes(model) > MAX_TUNE_BYTES:
         logger.info("QDQ tuning skipped: the model is larger than %d MiB", MAX_TUNE_BYTES // 2**20)
@@ -142,7 +143,10 @@ def tune(model: ir.Model, plan: QDQPlan, table, feed: dict, runs: int = 20, *, r
     best_drift = judge.drift(best_sess)
     tried = [{**_knobs(best), "median_ms": round(b_ms, 4), "drift": best_drift, "quantized_nodes": len(best_nodes),
               "kept": True}]
+    regions = regions and transformer_like(model)
+    bar = make_progress(progress, len(STEPS) + (len(REGIONS) if regions else 0), "tuning placement", "placements")
     for step in STEPS:
+        bar.update()
         cand = dataclasses.replace(best, **step)
         nodes = _nodes(model, cand, table)
         if not nodes or nodes == best_nodes:
@@ -155,8 +159,9 @@ def tune(model: ir.Model, plan: QDQPlan, table, feed: dict, runs: int = 20, *, r
         del cand_sess
         release_models()  # the candidate model just built (and the session that lost)
     placement = Placement()
-    if regions and transformer_like(model):
-        placement, best_sess = _tune_regions(model, plan, best, table, judge, best_sess, best_drift, tried)
+    if regions:
+        placement, best_sess = _tune_regions(model, plan, best, table, judge, best_sess, best_drift, tried, bar)
+    bar.close()
     f_ms, c_ms = _paired(float_sess, best_sess, feed, runs)
     report = TuneReport(round(f_ms, 4), {**_knobs(best), **placement.to_dict()}, tried, placement,
                         round(f_ms / c_ms, 3) if c_ms > 0 else None)
@@ -202,9 +207,10 @@ def keep(best_ms: float, best_drift: float, ms: float, drift: float, float_ms: f
     return bool(poor and float_ms is not None and ms < float_ms * (1 - MIN_GAIN))
 
 
-def _tune_regions(model, plan, opts, table, judge, best_sess, best_drift, tried) -> tuple[Placement, object]:
+def _tune_regions(model, plan, opts, table, judge, best_sess, best_drift, tried, bar) -> tuple[Placement, object]:
     best = Placement()
     for cand in REGIONS:
+        bar.update()
         if cand.linear == "float" and not plan_qdq(model, static_options(model, opts, cand), table).nodes:
             continue  # nothing would stay int8
         sess = runtime.make_session(build(model, plan, table, opts, cand), threads=1)

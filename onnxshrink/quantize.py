@@ -226,7 +226,9 @@ def quantize(
     ``bias_correction`` (None: chosen by ``auto``, else off), ``max_drift`` (1 - cosine) and
     ``max_metric_drop`` with ``metric`` (measured on ``drift_data``, default ``data``); see the module
     docstring. ``dims``: input dims the summary's MACs are counted at (dim name or ``input:axis``).
-    Other options: see ``PlanOptions``.
+    ``progress``: True draws bars on stderr (the calibration feeds read, the placements tuned, the
+    calibration candidates judged); a callable ``fn(done, total)`` is called for the calibration feeds. Other options: see
+    ``PlanOptions``.
     """
     from onnxshrink import mixed_precision
 
@@ -256,11 +258,11 @@ def quantize(
     calibrate = functools.partial(_plan_and_calibrate, ir_model, data, opts, method, batch_size, providers,
                                   cache_dir, progress, observer_opts)
     plan, tables, table, tuning, placement = _calibrate_and_tune(ir_model, opts, mode, method, feed, tune_runs,
-                                                                 calibrate)
+                                                                 calibrate, progress is True)
     opts = plan.options
     offer_pair_safe = pair_safe is None and reduce_range == "auto"
     builder, qmodel, selection = _build(ir_model, plan, tables, table, opts, placement, check, data,
-                                        bias_correction, providers, method, offer_pair_safe)
+                                        bias_correction, providers, method, offer_pair_safe, progress is True)
     opts = builder.options
     table, kept, notes = builder.table, [], {}
     if budget is not None:
@@ -322,7 +324,7 @@ def _check_args(mode: str, method: str, observer_opts: dict, have_data: bool) ->
                         "or a list of feed dicts); random data would give meaningless ranges")
 
 
-def _calibrate_and_tune(ir_model, opts, mode, method, feed, tune_runs, calibrate):
+def _calibrate_and_tune(ir_model, opts, mode, method, feed, tune_runs, calibrate, progress: bool = False):
     """Steps 5-7: the QDQ plan and its calibration tables by method (``calibrate()``), the table the plan
     starts from, then (with a timing ``feed``) the tuned placement. Dynamic mode: nothing to calibrate."""
     placement = qdq_tune.Placement("dynamic", "float") if mode == "dynamic" else qdq_tune.Placement()
@@ -332,7 +334,8 @@ def _calibrate_and_tune(ir_model, opts, mode, method, feed, tune_runs, calibrate
     table = tables["minmax" if method == "auto" else method]
     tuning = None
     if feed is not None:
-        tuned, tuning = qdq_tune.tune(ir_model, plan, table, feed, tune_runs, regions=mode == "auto")
+        tuned, tuning = qdq_tune.tune(ir_model, plan, table, feed, tune_runs, regions=mode == "auto",
+                                      progress=progress)
         plan = dataclasses.replace(plan, options=tuned)
         placement = tuning.placement if tuning else placement
     return plan, tables, table, tuning, placement
@@ -429,7 +432,7 @@ def _plan_and_calibrate(ir_model, data, opts, method, batch_size, providers, cac
 
 
 def _build(ir_model, plan, tables, table, opts, placement, check, data, bias_correction, providers, method,
-           offer_pair_safe: bool = False):
+           offer_pair_safe: bool = False, progress: bool = False):
     """``(builder, first model, Selection or None)``: with ``auto`` and a static part to calibrate, the
     candidate of ``calib_select`` with the lowest drift (pair-safe weights among them with
     ``offer_pair_safe`` when the static part has narrowed weights); otherwise the one build asked for."""
@@ -446,7 +449,7 @@ def _build(ir_model, plan, tables, table, opts, placement, check, data, bias_cor
     if method == "auto" and tables and static is not None:
         narrowed = any(op in static.reduce_range_ops for op in ("Conv", "MatMul", "Gemm"))  # "auto" narrowing
         return calib_select.select(make, tables, data, bias_correction=bias_correction, providers=providers,
-                                   pair_safe=offer_pair_safe and narrowed)
+                                   pair_safe=offer_pair_safe and narrowed, progress=progress)
     builder = make(table, bool(bias_correction))
     return builder, builder(), None
 

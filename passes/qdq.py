@@ -49,7 +49,7 @@ class QDQConfig:
     plan: QDQPlan | None = None
     table: Any = None
     #: a ``_weight_memo.WeightMemo`` shared by the builds of one search (None: every weight computed)
-    weights: Any = dataclasses.field(default=None, compare=False)
+    weights: Any = dataclasses.field(default=None, compare=False, repr=False)
 
 
 class QDQPass(ShrinkPass):

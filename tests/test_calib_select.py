@@ -19,7 +19,7 @@ def _conv(size: int = 64):
 
 
 def _auto(proto, feeds, **kw):
-    return onnxshrink.quantize(proto, feeds, tune=False, cache_dir=False, **kw)
+    return onnxshrink.quantize(proto, feeds, **{"tune": False, "cache_dir": False, **kw})
 
 
 def test_one_rare_outlier_makes_auto_choose_percentile():
@@ -49,6 +49,21 @@ def test_a_systematic_weight_shift_makes_auto_choose_bias_correction():
     res = _auto(proto, feeds, per_channel=False)
     assert res.recovery["calibration"]["bias_correction"] is True
     assert res.recovery["bias_correction"]["layers_corrected"] == 1
+
+
+def test_progress_counts_the_candidates_judged(capsys):
+    """``progress=True`` draws a bar of the calibration candidates (one step each, after the calibration
+    feeds' bar); a callable gets the calibration feeds only."""
+    proto = _conv(16)
+    feeds = feeds_for(proto, n=12)
+    res = _auto(proto, feeds, bias_correction=False, progress=True)
+    n = len(res.recovery["calibration"]["tried"])
+    err = capsys.readouterr().err
+    assert f"choosing calibration [{'#' * 24}] {n}/{n} candidates" in err
+    assert err.index("calibrating") < err.index("choosing calibration")
+    calls = []
+    _auto(proto, feeds, bias_correction=False, progress=lambda done, total: calls.append(total))
+    assert calls and set(calls) == {len(feeds)} and "choosing" not in capsys.readouterr().err
 
 
 def test_auto_refuses_observer_options():
@@ -122,3 +137,16 @@ def test_cli_pair_safe_flag_and_summary(saturating_conv, tmp_path, capsys):
                  "--calibration", str(calib), "--pair-safe"]) == 0
     assert "pair-safe weights for Conv" in capsys.readouterr().out
     assert main(["optimize", str(src), "--pair-safe"]) == 2  # only with --quantize
+
+
+def test_progress_bar_of_the_placement_tuner(capsys):
+    """With the tuner on, ``progress=True`` also draws its bar: one step per placement considered (every
+    one of ``STEPS`` for a conv model, whether or not it changes the quantized nodes)."""
+    from onnxshrink import qdq_tune
+
+    proto = _conv(16)
+    _auto(proto, feeds_for(proto, n=4), bias_correction=False, progress=True, tune=True)
+    n = len(qdq_tune.STEPS)
+    err = capsys.readouterr().err
+    assert f"tuning placement [{'#' * 24}] {n}/{n} placements" in err
+    assert err.index("tuning placement") < err.index("choosing calibration")
