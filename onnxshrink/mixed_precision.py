@@ -32,6 +32,7 @@ from onnxshrink import data as data_mod
 from onnxshrink import explain, runtime
 from onnxshrink.errors import ConfigError
 from onnxshrink.graph_utils import release_models
+from onnxshrink.progress import make_progress
 from onnxshrink.task_metrics import ScoreSum, load_metric
 from onnxshrink.validate import cosine_from_sums
 
@@ -139,13 +140,15 @@ def drift(float_model: ir.Model, model: ir.Model, data, providers=None, max_feed
 
 
 def search(float_model: ir.Model, build: Build, candidates: Sequence[str], data, budget: Budget, *,
-           dynamic: Sequence[str] = (), providers=None, max_feeds: int = 64, explain_batches: int = 8
-           ) -> tuple[ir.Model, MixedReport]:
+           dynamic: Sequence[str] = (), providers=None, max_feeds: int = 64, explain_batches: int = 8,
+           progress: bool = False) -> tuple[ir.Model, MixedReport]:
     """The quantized model with the fewest top-ranked ``candidates`` kept float that meets ``budget``.
 
     ``build(names)``: the quantized model with those node names float. ``candidates``: names of the
     quantized nodes (static ones and ``dynamic`` linear layers). Returns the model and the report; when
     even every candidate float misses the budget, that model is returned and ``report.met`` is False.
+    ``progress``: a bar on stderr, one step per model built and measured after the first (the search
+    is a doubling then a bisection over the ranking: about 2 log2(len(candidates)) of them at most).
     """
     t0 = time.perf_counter()
     evaluate = _Evaluator(float_model, data, budget.metric, providers, max_feeds)
@@ -161,8 +164,11 @@ def search(float_model: ir.Model, build: Build, candidates: Sequence[str], data,
     # that holds, else every candidate float. Each other candidate is dropped once measured.
     upper: dict[int, ir.Model] = {0: model}
 
+    bar = make_progress(progress, None, "keeping nodes float", "builds")
+
     def at(k: int) -> bool:
         if k not in measures:
+            bar.update()
             m = build(names[:k])
             measures[k] = evaluate(m, k)
             evals.append(measures[k])
@@ -182,6 +188,7 @@ def search(float_model: ir.Model, build: Build, candidates: Sequence[str], data,
     while met and hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if at(mid) else (mid, hi)
+    bar.close()
     best = hi if met else len(names)
     kept = [_kept_row(n) for n in ranking[:best]]
     if not met:

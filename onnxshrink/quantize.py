@@ -227,7 +227,7 @@ def quantize(
     ``max_metric_drop`` with ``metric`` (measured on ``drift_data``, default ``data``); see the module
     docstring. ``dims``: input dims the summary's MACs are counted at (dim name or ``input:axis``).
     ``progress``: True draws bars on stderr (the calibration feeds read, the placements tuned, the
-    calibration candidates judged); a callable ``fn(done, total)`` is called for the calibration feeds. Other options: see
+    calibration candidates judged, the mixed-precision builds); a callable ``fn(done, total)`` is called for the calibration feeds. Other options: see
     ``PlanOptions``.
     """
     from onnxshrink import mixed_precision
@@ -267,7 +267,7 @@ def quantize(
     table, kept, notes = builder.table, [], {}
     if budget is not None:
         qmodel, kept, notes["mixed_precision"] = _mixed(builder, qmodel, drift_data if drift_data is not None
-                                                        else data, budget, providers)
+                                                        else data, budget, providers, progress is True)
     _merge(report, builder.reports[id(qmodel)])
     final = builder.final_plan(kept)
     logger.info("QDQ plan: %s", final.summary())
@@ -454,12 +454,14 @@ def _build(ir_model, plan, tables, table, opts, placement, check, data, bias_cor
     return builder, builder(), None
 
 
-def _mixed(builder, first: ir.Model, data, budget, providers) -> tuple[ir.Model, list[str], dict]:
+def _mixed(builder, first: ir.Model, data, budget, providers, progress: bool = False
+           ) -> tuple[ir.Model, list[str], dict]:
     from onnxshrink import mixed_precision
 
     static, dynamic = builder.quantized_names(first)
     model, report = mixed_precision.search(builder.float_model, lambda keep: builder(keep) if keep else first,
-                                           static + dynamic, data, budget, dynamic=dynamic, providers=providers)
+                                           static + dynamic, data, budget, dynamic=dynamic, providers=providers,
+                                           progress=progress)
     return model, [row["node"] for row in report.kept], report.to_dict()
 
 

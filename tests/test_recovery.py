@@ -260,7 +260,7 @@ def test_bias_correction_removes_the_mean_output_shift(tmp_path):
 # ---------------------------------------------------------------- mixed precision
 
 
-def test_mixed_precision_meets_a_budget_plain_int8_misses(tmp_path):
+def test_mixed_precision_meets_a_budget_plain_int8_misses(tmp_path, capsys):
     proto = fragile_chain()
     feeds = feeds_for(proto, n=6)
     kw = {"per_channel": False, "tune": False, "cache_dir": False, "method": "minmax",
@@ -268,9 +268,11 @@ def test_mixed_precision_meets_a_budget_plain_int8_misses(tmp_path):
     plain = onnxshrink.quantize(proto, feeds, tmp_path / "p.onnx", **kw)
     plain_drift = 1 - validate.compare(proto, plain.output, feeds).overall["cosine"]
     budget = plain_drift / 10
-    res = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", max_drift=budget, **kw)
+    capsys.readouterr()
+    res = onnxshrink.quantize(proto, feeds, tmp_path / "q.onnx", max_drift=budget, progress=True, **kw)
     mp = res.recovery["mixed_precision"]
     assert mp["met"] and mp["initial"]["drift"] > budget >= mp["final"]["drift"]
+    assert f"keeping nodes float {len(mp['evaluations']) - 1} builds" in capsys.readouterr().err  # its bar
     assert 1 - validate.compare(proto, res.output, feeds).overall["cosine"] <= budget * 1.001
     kept = [r["node"] for r in mp["kept_float"]]
     assert kept and len(kept) < 3 and all(r["added_noise"] > 0 for r in mp["kept_float"])
