@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnxshrink.passes import _qdq_math as qm
 from onnxshrink.passes.qdq import QDQPass
@@ -558,3 +559,41 @@ def test_concat_of_mismatched_ranges_stays_float(box_scale, floated):
     else:  # similar ranges: one shared scale, the Concat runs quantized
         assert dq_feeding(nodes(m, "Concat")[0], 0) is not None
         assert any(q.op_type == "QuantizeLinear" and q.inputs[0] is cat.outputs[0] for q in m.graph)
+
+
+def test_weight_memo_reuses_codes_only_for_the_models_tensors_and_the_same_scale():
+    """``WeightMemo``: parameters computed once per key; codes reused (read-only) when the final scale
+    is the one they were made with, computed anew otherwise (a scale raised for an int32 bias); a
+    tensor that is not one of the model's initializers is never remembered."""
+    from onnxshrink.passes._weight_memo import WeightMemo
+
+    proto = model("""g (float[2,16] inp) => (float[2,8] out) { out = MatMul(inp, W) }""",
+                  {"W": weights(16, 8, seed=5)})
+    m = prepare(proto)
+    memo = WeightMemo(m)
+    w = m.graph.initializers["W"]
+    key = memo.key(w, "MatMul", 1, False, False, False, 1.0)
+    assert key is not None and memo.key(ir.Value(name="other", const_value=ir.Tensor(np.ones(2))), "x") is None
+    calls = []
+
+    def params():
+        calls.append("params")
+        return qm.weight_params(w.const_value.numpy(), 1)
+
+    p = memo.params(key, params)
+    assert memo.params(key, params) is p and calls == ["params"]
+
+    def codes(scale):
+        def make():
+            calls.append("codes")
+            return qm.quantize_weight(w.const_value.numpy(), qm.QParams(scale, p.zero_point, 1))
+        return make
+
+    first = memo.codes(key, p.scale, codes(p.scale))
+    assert memo.codes(key, p.scale.copy(), codes(p.scale)) is first and memo.hits == 1
+    assert not first.flags.writeable
+    raised = p.scale * 2
+    other = memo.codes(key, raised, codes(raised))
+    assert other is not first and calls.count("codes") == 2 and memo.hits == 1
+    assert memo.codes(key, p.scale, codes(p.scale)) is first  # the first stays remembered
+    assert memo.codes(None, p.scale, codes(p.scale)) is not first and calls.count("codes") == 3
