@@ -227,8 +227,8 @@ def quantize(
     ``max_metric_drop`` with ``metric`` (measured on ``drift_data``, default ``data``); see the module
     docstring. ``dims``: input dims the summary's MACs are counted at (dim name or ``input:axis``).
     ``progress``: True draws bars on stderr (the calibration feeds read, the placements tuned, the
-    calibration candidates judged, the mixed-precision builds); a callable ``fn(done, total)`` is called for the calibration feeds. Other options: see
-    ``PlanOptions``.
+    calibration candidates judged, the mixed-precision builds); a callable ``fn(done, total)`` is
+    called for the calibration feeds only. Other options: see ``PlanOptions``.
     """
     from onnxshrink import mixed_precision
 
