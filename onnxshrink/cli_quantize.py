@@ -126,6 +126,7 @@ def run_quantize(args) -> int:
           f"{result.options.activations} activations{_narrowed(result, plan)}]")
     for line in result.warnings:
         print(f"WARNING: {line}")
+    print("time: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in result.phases.items()))
     if result.tuning is not None:
         t = result.tuning
         print(f"tuned on this CPU (float {t.float_ms:.3f} ms, chosen {t.speedup}x float): kept {t.chosen}")

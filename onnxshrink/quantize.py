@@ -123,6 +123,7 @@ class QuantizeResult:
     warnings: list[str] = dataclasses.field(default_factory=list)
     speedup: float | None = None  # float ms / this model's ms, 1 thread, on a calibration feed (when tuned)
     upcast_float16: int = 0  # float16 values made float32 before quantizing (0: the model was float32)
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per step, in order
 
     @property
     def skipped(self) -> list[str]:
@@ -161,6 +162,7 @@ class QuantizeResult:
             "recovery": {k: v for k, v in self.recovery.items() if k != "linear_layers"},
             "warnings": self.warnings,
             "speedup": self.speedup,
+            "phases": self.phases,
             "plan": self.plan.summary(),
             "skipped": self.skipped,
             "before": self.before,
@@ -254,20 +256,25 @@ def quantize(
     prequantized = already_quantized(ir_model)
     report = pipeline.PipelineReport()
     ir_model, upgraded = _prepare(ir_model, data, report, lossless, check, equalize, smoothquant, providers)
+    phases = _Phases(t0, "load and prepare")
     feed = next(iter(data_mod.feeds(data, ir_model))) if tune and data is not None else None  # for timing
-    calibrate = functools.partial(_plan_and_calibrate, ir_model, data, opts, method, batch_size, providers,
-                                  cache_dir, progress, observer_opts)
+    calibrate = phases.timed("calibration", functools.partial(
+        _plan_and_calibrate, ir_model, data, opts, method, batch_size, providers, cache_dir, progress, observer_opts))
     plan, tables, table, tuning, placement = _calibrate_and_tune(ir_model, opts, mode, method, feed, tune_runs,
                                                                  calibrate, progress is True)
+    if tuning is not None:
+        phases.lap("tuning")
     opts = plan.options
     offer_pair_safe = pair_safe is None and reduce_range == "auto"
     builder, qmodel, selection = _build(ir_model, plan, tables, table, opts, placement, check, data,
                                         bias_correction, providers, method, offer_pair_safe, progress is True)
+    phases.lap("calibration candidates" if selection is not None else "build")
     opts = builder.options
     table, kept, notes = builder.table, [], {}
     if budget is not None:
         qmodel, kept, notes["mixed_precision"] = _mixed(builder, qmodel, drift_data if drift_data is not None
                                                         else data, budget, providers, progress is True)
+        phases.lap("mixed precision")
     _merge(report, builder.reports[id(qmodel)])
     final = builder.final_plan(kept)
     logger.info("QDQ plan: %s", final.summary())
@@ -286,16 +293,46 @@ def quantize(
     speedup = tuning.speedup if tuning is not None else None
     if feed is not None and (qmodel is not builder.first or tuning is None):  # re-time what changed
         speedup = qdq_tune.speedup(ir_model, qmodel, feed, tune_runs)
+    phases.lap("drift and speed checks")
     out_path = None
     if output is not None:
         out_path = model_io.save(qmodel, output, protected=(in_path,) if in_path else (),
                                  overwrite_input=overwrite_input)
+        phases.lap("save")
     return QuantizeResult(
         qmodel, final, table, report, before, stats.summarize(qmodel, out_path, dims=dims),
         time.perf_counter() - t0, opts, method, out_path, upgraded, tuning, mode, placement,
         builder.quantized_names(qmodel)[1], notes, _warnings(speedup, notes), speedup,
         sum(r.stats.counts.get("values_upcast", 0) for r in report.records if r.name == "upcast_float16"),
+        dict(phases),
     )
+
+
+class _Phases(dict):
+    """Seconds per step of a quantization, in order: ``lap(name)`` adds the time since the last lap
+    (or since ``t0``, counted as ``first``) to ``name``."""
+
+    def __init__(self, t0: float, first: str) -> None:
+        super().__init__()
+        self._last = t0
+        self.lap(first)
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self[name] = round(self.get(name, 0.0) + now - self._last, 3)
+        self._last = now
+
+    def timed(self, name: str, fn: Callable) -> Callable:
+        """``fn``, its own time counted under ``name`` (the time before a call stays with the phase
+        last added)."""
+
+        def run(*args, **kwargs):
+            self.lap(next(reversed(self)))  # the time up to the call stays with the phase before
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.lap(name)
+        return run
 
 
 def _narrowed_ops(reduce_range, activations: str, providers) -> tuple[str, ...]:

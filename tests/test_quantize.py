@@ -353,6 +353,10 @@ def test_cli_quantize_int8(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "every QDQ node unit fused" in printed and "percentile" in printed
     report = json.loads(rep.read_text())
+    # where the time went, in order (no tuner with --no-tune, one build with a fixed method)
+    assert list(report["phases"]) == ["load and prepare", "calibration", "build", "drift and speed checks", "save"]
+    assert all(v >= 0 for v in report["phases"].values()) and sum(report["phases"].values()) <= report["seconds"] + 0.01
+    assert "time: load and prepare " in printed and ", save " in printed
     assert report["fusion"]["unfused"] == [] and report["plan"]["quantized_ops"].get("Gemm") is None
     assert model_io.load(out).graph.outputs[0].name == proto.graph.output[0].name
     assert cli.main(["optimize", str(src), "--quantize", "int8"]) == ConfigError.exit_code
