@@ -133,24 +133,38 @@ def _bias_add(node: ir.Node) -> tuple[ir.Node, int] | str:
 def measure(float_model: ir.Model, targets: list[Target], data, *, providers=None, limit: int | None = None
             ) -> dict[str, np.ndarray]:
     """Per target (by node name), the mean output shift ``E[y_q - y_f]`` per channel with float inputs."""
+    return measure_sets(float_model, [targets], data, providers=providers, limit=limit)[0]
+
+
+def measure_sets(float_model: ir.Model, target_sets: list[list[Target]], data, *, providers=None,
+                 limit: int | None = None) -> list[dict[str, np.ndarray]]:
+    """``measure`` for the targets of several quantized models of ``float_model`` (one per weight
+    encoding: their shifts differ) in one probe: one session of the float model and one pass over the
+    data for all of them, each layer's copies reading the same float input and activation mask."""
     probe = clone_model(float_model)
     by_name = {n.name: n for n in probe.graph if n.name}
     names = NameGen(probe)
-    taps, keys = [], []
-    for t in targets:
-        fnode = by_name.get(t.node.name)
-        rank = _output_rank(fnode) if fnode is not None and fnode.op_type == t.node.op_type else None
-        if rank is None:
-            logger.info("bias correction: %r skipped (no float twin, or unknown output rank)", t.node.name)
-            continue
-        diff = _probe_layer(probe.graph, fnode, t.node, names)
-        if diff.shape is None:
-            diff.shape = ir.Shape([None] * rank)
-        mask = _active_mask(probe.graph, fnode, names)
-        taps.append(channel_stats.ChannelTap(diff, t.axis, "mean", mask))
-        keys.append(t.node.name)
+    taps, keys, masks = [], [], {}
+    for i, targets in enumerate(target_sets):
+        for t in targets:
+            fnode = by_name.get(t.node.name)
+            rank = _output_rank(fnode) if fnode is not None and fnode.op_type == t.node.op_type else None
+            if rank is None:
+                logger.info("bias correction: %r skipped (no float twin, or unknown output rank)", t.node.name)
+                continue
+            diff = _probe_layer(probe.graph, fnode, t.node, names)
+            if diff.shape is None:
+                diff.shape = ir.Shape([None] * rank)
+            if fnode.name not in masks:
+                masks[fnode.name] = _active_mask(probe.graph, fnode, names)
+            taps.append(channel_stats.ChannelTap(diff, t.axis, "mean", masks[fnode.name]))
+            keys.append((i, t.node.name))
     results = channel_stats.collect(probe, data, taps, providers=providers, limit=limit)
-    return {k: r for k, r in zip(keys, results) if r is not None}
+    out: list[dict[str, np.ndarray]] = [{} for _ in target_sets]
+    for (i, name), r in zip(keys, results):
+        if r is not None:
+            out[i][name] = r
+    return out
 
 
 def _output_rank(node: ir.Node) -> int | None:

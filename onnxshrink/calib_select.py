@@ -66,26 +66,40 @@ def select(make_builder, tables: dict, data, *, bias_correction: bool | None = N
 
     ``make_builder(table, bias_correction, pair_safe)`` returns a ``recovery.Builder``; ``tables`` maps
     each method of ``METHODS`` to its calibration table. ``bias_correction``: None tries both, True/False
-    only that. Bias shifts are measured once per weight encoding (first corrected build) and reused: a
-    shift is the weight rounding error times the float input, the same for every activation range but
-    for the int32 bias rounding (half a bias step at most). ``pair_safe``: every candidate is tried
-    with pair-safe weights too, after the 7-bit ones (see the module docstring). ``progress``: a bar on
-    stderr, one step per candidate judged."""
+    only that. Bias shifts are measured once per weight encoding and reused: a shift is the weight
+    rounding error times the float input, the same for every activation range but for the int32 bias
+    rounding (half a bias step at most). ``pair_safe``: every candidate is tried with pair-safe weights
+    too, after the 7-bit ones (see the module docstring); the first corrected 7-bit build measures the
+    pair-safe shifts in the same probe session (``bias_correction.measure_sets``), from a pair-safe build
+    made then, which is kept as that candidate when it is one. ``progress``: a bar on stderr, one step
+    per candidate judged."""
     chosen = None
     tried: list[dict] = []
     judge = None
     encodings = (False, True) if pair_safe else (False,)
     candidates = [(m, bc) for m, bc in CANDIDATES if bias_correction is None or bc == bias_correction]
     bar = make_progress(progress, len(encodings) * len(candidates), "choosing calibration", "candidates")
+    measured: dict[bool, tuple] = {}  # per encoding: (shifts, correction)
+    built: dict[tuple, tuple] = {}  # pair-safe builds made early for the joint measurement: (builder, model)
     for safe in encodings:
-        shifts = None
         for method, bc in candidates:
-            builder = make_builder(tables[method], bc, safe)
-            if bc and shifts is not None:
-                builder.shifts, builder.correction = shifts
-            model = builder()
-            if bc:
-                shifts = (builder.shifts, builder.correction)
+            if safe and (method, bc) in built:
+                builder, model = built.pop((method, bc))
+            else:
+                builder = make_builder(tables[method], bc, safe)
+                if bc and safe in measured:
+                    builder.shifts, builder.correction = measured[safe]
+                elif bc and pair_safe and not safe:  # measure the pair-safe shifts in the same probe
+                    other = make_builder(tables[method], False, True)
+                    builder.joint = other()
+                    if (method, False) in candidates:
+                        built[(method, False)] = (other, builder.joint)
+                    del other
+                model = builder()
+                if bc and safe not in measured:
+                    measured[safe] = (builder.shifts, builder.correction)
+                    if builder.joint_shifts is not None:
+                        measured[True] = builder.joint_shifts
             if judge is None:
                 judge = FeedsDrift(builder.float_model, data, feeds, providers)
             drift = judge(model)

@@ -78,6 +78,10 @@ class Builder:
     reports: dict = dataclasses.field(default_factory=dict)
     first: ir.Model | None = None  # the first build (nothing extra kept float)
     weights: Any = None  # a WeightMemo of float_model shared by the builders of one search
+    #: a quantized model of the other weight encoding: its shifts are measured in the same probe as this
+    #: builder's first ones, and left in ``joint_shifts`` (``(shifts, correction)``)
+    joint: ir.Model | None = None
+    joint_shifts: tuple | None = None
 
     def __call__(self, keep_float=()) -> ir.Model:
         model = clone_model(self.float_model)
@@ -100,10 +104,17 @@ class Builder:
         float_names = {n.name for n in self.float_model.graph if n.name}
         targets, skipped = bias_correction.find_targets(model, float_names)
         if self.shifts is None:
-            self.shifts = bias_correction.measure(self.float_model, targets, self.data, providers=self.providers,
-                                                  limit=MAX_FEEDS)
-            self.correction = bias_correction.Correction(self.shifts, skipped, MAX_FEEDS).to_dict()
-            logger.info("bias correction: %d layers measured, %d skipped", len(self.shifts), len(skipped))
+            sets = [(targets, skipped)]
+            if self.joint is not None:
+                sets.append(bias_correction.find_targets(self.joint, float_names))
+                self.joint = None
+            measured = bias_correction.measure_sets(self.float_model, [t for t, _ in sets], self.data,
+                                                    providers=self.providers, limit=MAX_FEEDS)
+            (self.shifts, self.correction), *other = [
+                (m, bias_correction.Correction(m, why, MAX_FEEDS).to_dict()) for m, (_, why) in zip(measured, sets)]
+            self.joint_shifts = other[0] if other else None
+            logger.info("bias correction: %d layers measured, %d skipped%s", len(self.shifts), len(skipped),
+                        " (and those of the other weight encoding, in the same probe)" if other else "")
         bias_correction.apply(targets, self.shifts, NameGen(model))
 
     def final_plan(self, keep_float=()) -> QDQPlan:

@@ -103,6 +103,40 @@ def test_auto_tries_pair_safe_weights_where_the_kernels_saturate_and_keeps_them_
     assert res.options.pair_safe and res.method.endswith("+ pair-safe weights")
 
 
+def test_both_encodings_bias_shifts_are_measured_in_one_probe(saturating_conv, monkeypatch):
+    """With pair-safe weights tried, the first corrected 7-bit build measures the pair-safe shifts too,
+    in the same probe session (one ``measure_sets`` call with two target sets, the Relu's mask shared),
+    and they are the shifts a probe of their own measures; every candidate is still built and judged
+    once, and no other probe is opened."""
+    from onnxshrink import bias_correction
+
+    proto = model("""g (float[1,4,16,16] inp) => (float[1,4,16,16] out) {
+        a = Conv <pads=[1,1,1,1]> (inp, W1, B1)
+        r = Relu(a)
+        out = Conv <pads=[1,1,1,1]> (r, W2, B2)
+    }""", {"W1": weights(4, 4, 3, 3, seed=7), "B1": weights(4, seed=8), "W2": weights(4, 4, 3, 3, seed=9),
+           "B2": weights(4, seed=10)})
+    measure, calls = bias_correction.measure_sets, []
+
+    def spy(float_model, target_sets, data, **kwargs):
+        joint = measure(float_model, target_sets, data, **kwargs)
+        alone = [measure(float_model, [t], data, **kwargs)[0] for t in target_sets]
+        calls.append((joint, alone))
+        return joint
+
+    monkeypatch.setattr(bias_correction, "measure_sets", spy)
+    res = _auto(proto, feeds_for(proto, n=8))
+    tried = res.recovery["calibration"]["tried"]
+    assert len(tried) == 2 * len(calib_select.CANDIDATES)
+    assert len(calls) == 1 and len(calls[0][0]) == 2  # one probe, both encodings
+    joint, alone = calls[0]
+    assert all(set(j) == set(a) and len(j) == 2 for j, a in zip(joint, alone))
+    for j, a in zip(joint, alone):
+        for name in j:
+            np.testing.assert_allclose(j[name], a[name], rtol=1e-6, atol=1e-9)
+    assert any(not np.array_equal(joint[0][n], joint[1][n]) for n in joint[0])  # the encodings' own shifts
+
+
 @pytest.mark.parametrize("kw", [{"pair_safe": False}, {"pair_safe": True}, {"reduce_range": True},
                                 {"method": "minmax"}])
 def test_pair_safe_not_tried_when_the_caller_chose(kw, saturating_conv):

@@ -86,14 +86,14 @@ def test_quantized_weights_are_spilled_and_the_saved_model_is_the_same(monkeypat
     monkeypatch.setattr(spill, "MIN_BYTES", 1 << 40)
     in_memory = onnxshrink.quantize(path, feeds, tmp_path / "memory.onnx", **kw)
     monkeypatch.setattr(spill, "MIN_BYTES", 1)
-    measure, seen = bias_correction.measure, []
+    measure, seen = bias_correction.measure_sets, []
 
-    def measure_spy(float_model, targets, *args, **kwargs):  # what the probe session is built beside
+    def measure_spy(float_model, target_sets, *args, **kwargs):  # what the probe session is built beside
         seen.extend(isinstance(t.node.inputs[1].producer().inputs[0].const_value.numpy(), np.memmap)
-                    for t in targets)
-        return measure(float_model, targets, *args, **kwargs)
+                    for targets in target_sets for t in targets)
+        return measure(float_model, target_sets, *args, **kwargs)
 
-    monkeypatch.setattr(bias_correction, "measure", measure_spy)
+    monkeypatch.setattr(bias_correction, "measure_sets", measure_spy)
     spilled = onnxshrink.quantize(path, feeds, tmp_path / "spilled.onnx", **kw)
     assert (len(seen) >= 4 and all(seen)) if correct else not seen  # the int8 weights are in the file
     assert (tmp_path / "memory.onnx").read_bytes() == (tmp_path / "spilled.onnx").read_bytes()
