@@ -86,20 +86,8 @@ def select(make_builder, tables: dict, data, *, bias_correction: bool | None = N
             if safe and (method, bc) in built:
                 builder, model = built.pop((method, bc))
             else:
-                builder = make_builder(tables[method], bc, safe)
-                if bc and safe in measured:
-                    builder.shifts, builder.correction = measured[safe]
-                elif bc and pair_safe and not safe:  # measure the pair-safe shifts in the same probe
-                    other = make_builder(tables[method], False, True)
-                    builder.joint = other()
-                    if (method, False) in candidates:
-                        built[(method, False)] = (other, builder.joint)
-                    del other
-                model = builder()
-                if bc and safe not in measured:
-                    measured[safe] = (builder.shifts, builder.correction)
-                    if builder.joint_shifts is not None:
-                        measured[True] = builder.joint_shifts
+                builder, model = _build(make_builder, tables, (method, bc, safe), pair_safe, candidates,
+                                        measured, built)
             if judge is None:
                 judge = FeedsDrift(builder.float_model, data, feeds, providers)
             drift = judge(model)
@@ -116,3 +104,26 @@ def select(make_builder, tables: dict, data, *, bias_correction: bool | None = N
     selection = Selection(method, bc, tried, judge.n, safe)
     logger.info("calibration %s on %d feeds; tried %s", selection.label(), judge.n, tried)
     return builder, model, selection
+
+
+def _build(make_builder, tables: dict, candidate: tuple, pair_safe: bool, candidates: list, measured: dict,
+           built: dict) -> tuple:
+    """``(builder, model)`` of ``candidate`` (method, bias correction, pair-safe), with the bias shifts
+    ``measured`` for its encoding when there are some. The first corrected 7-bit build, when pair-safe
+    weights are tried, also measures theirs: from a pair-safe build made now, left in ``built`` when it
+    is one of the ``candidates``. Records what it measured in ``measured``."""
+    method, bc, safe = candidate
+    builder = make_builder(tables[method], bc, safe)
+    if bc and safe in measured:
+        builder.shifts, builder.correction = measured[safe]
+    elif bc and pair_safe and not safe:  # measure the pair-safe shifts in the same probe
+        other = make_builder(tables[method], False, True)
+        builder.joint = other()
+        if (method, False) in candidates:
+            built[(method, False)] = (other, builder.joint)
+    model = builder()
+    if bc and safe not in measured:
+        measured[safe] = (builder.shifts, builder.correction)
+        if builder.joint_shifts is not None:
+            measured[True] = builder.joint_shifts
+    return builder, model
