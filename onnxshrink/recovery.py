@@ -10,8 +10,9 @@ model that will be quantized):
 After calibration, ``Builder`` turns the float model into the quantized one for a placement and a set of
 nodes kept float (the steps of ``qdq_tune.steps``, ``dead_code``, a structural check), and applies bias
 corrections (``--bias-correction``: ``onnxshrink.bias_correction``, measured once on the first build and
-reused by every later build) so that the drift-budgeted search (``--max-drift``, ``--max-metric-drop``:
-``onnxshrink.mixed_precision``) measures exactly the models it may return.
+reused by every later build; with ``joint``, another encoding's in the same probe) so that the
+drift-budgeted search (``--max-drift``, ``--max-metric-drop``: ``onnxshrink.mixed_precision``) measures
+exactly the models it may return. The builders of one search share a ``WeightMemo`` (``weights``).
 """
 
 from __future__ import annotations
