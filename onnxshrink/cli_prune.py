@@ -86,6 +86,7 @@ def run_prune(args) -> int:
     print(f"onnxshrink optimize --prune {ratio}: {args.input} -> {target}  [{result.seconds:.2f} s, "
           f"criterion {result.plan.settings.get('criterion')}, {summary['channels_removed']} channels removed]")
     print(f"  {result.plan.target_text()}")
+    print("  time: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in result.phases.items()))
     if args.prune_measure:
         print(f"  {_measured(args.input, result.model)}")
     print(report.before_after_table(result.before, result.after))

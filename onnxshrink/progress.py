@@ -83,3 +83,30 @@ def make_progress(progress: bool | Callable | None, total: int | None, label: st
     if progress:
         return ProgressBar(total, label, unit)
     return _Silent()
+
+
+class Phases(dict):
+    """Seconds per step of a long job (``quantize``, ``prune``), in order: ``lap(name)`` adds the time
+    since the last lap (or since ``t0``, counted as ``first``) to ``name``."""
+
+    def __init__(self, t0: float, first: str) -> None:
+        super().__init__()
+        self._last = t0
+        self.lap(first)
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self[name] = round(self.get(name, 0.0) + now - self._last, 3)
+        self._last = now
+
+    def timed(self, name: str, fn: Callable) -> Callable:
+        """``fn``, its own time counted under ``name`` (the time before a call stays with the phase
+        last added)."""
+
+        def run(*args, **kwargs):
+            self.lap(next(reversed(self)))  # the time up to the call stays with the phase before
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.lap(name)
+        return run

@@ -40,6 +40,7 @@ from onnxshrink import data, depgraph, importance, model_io, pipeline, stats
 from onnxshrink.errors import ConfigError
 from onnxshrink.graph_utils import clone_model, int_attr, release_models
 from onnxshrink.instruments import StructuralCheck
+from onnxshrink.progress import Phases
 from onnxshrink.prune_plan import PruningPlan, plan_pruning
 
 logger = logging.getLogger(__name__)
@@ -66,10 +67,12 @@ class PruneResult:
     seconds: float
     output: Path | None = None
     dims: dict = dataclasses.field(default_factory=dict)  # the input dims MACs and estimates were taken at
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per step, in order
 
     def to_dict(self) -> dict:
         return {
             "output": str(self.output) if self.output else None, "seconds": self.seconds,
+            "phases": self.phases,
             "plan": self.plan.summary(), "layers": self.layers, "before": self.before, "after": self.after,
             "reconstruction": self.reconstruction, **self.report.to_dict(),
         }
@@ -129,14 +132,18 @@ def prune(
     report = pipeline.PipelineReport()
     insts = [StructuralCheck()] if check else []
     _run(ir_model, pipeline.pre_prune_steps(), insts, report)
+    phases = Phases(t0, "load and prepare")
     dg = uniform = None
     if plan is None:
         dg = depgraph.build(ir_model, grouped=grouped)
         act = importance.collect(ir_model, dg, calibration, crit, progress=progress)
+        if act is not None:
+            phases.lap("importance")
         plan = plan_pruning(ir_model, ratio, criterion=crit, scope=scope, round_to=round_to,
                             min_width=min_width, protect=protect, layer_ratios=layer_ratios,
                             stats=act, grouped=grouped, graph=dg, target=target, kernels=kernels,
                             dims=dims)
+        phases.lap("plan")
         if uniform_check and calibration is not None and plan.uniform is not None \
                 and _widths(plan.uniform) != _widths(plan):  # the same widths: nothing to measure
             uniform = plan.uniform
@@ -149,18 +156,21 @@ def prune(
     else:
         ir_model, plan, recon = _choose(ir_model, original, plan, uniform, dg, method, calibration, insts,
                                         report, progress)
+    phases.lap(("uniform check, " if uniform is not None else "") + ("apply and refit" if method else "apply"))
     if plan_out is not None:
         plan.save(plan_out)
     table = merge_rows(rows_before, layer_rows(ir_model, dims))
     if lossless:
         _run(ir_model, pipeline.after_prune_steps(), insts, report)
+        phases.lap("cleanup")
     out_path = None
     if output is not None:
         out_path = model_io.save(ir_model, output, protected=(in_path,) if in_path else (),
                                  overwrite_input=overwrite_input)
+        phases.lap("save")
     after = stats.summarize(ir_model, out_path, dims=dims)
     return PruneResult(ir_model, plan, table, before, after, report, recon, time.perf_counter() - t0, out_path,
-                       dims)
+                       dims, dict(phases))
 
 
 def _apply(model, plan, dg, original, method, calibration, insts, report, progress) -> dict | None:

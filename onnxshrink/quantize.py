@@ -66,6 +66,7 @@ from onnxshrink.passes._weight_memo import WeightMemo
 from onnxshrink.passes.equalize import CrossLayerEqualizationPass
 from onnxshrink.passes.qdq import MIN_OPSET
 from onnxshrink.passes.qdq_rules import PlanOptions, QDQPlan, plan_qdq
+from onnxshrink.progress import Phases
 from onnxshrink.qdq_fusion import FusionReport, already_quantized, fusion_report  # noqa: F401 - API
 from onnxshrink.validate import WARN_DRIFT
 
@@ -256,7 +257,7 @@ def quantize(
     prequantized = already_quantized(ir_model)
     report = pipeline.PipelineReport()
     ir_model, upgraded = _prepare(ir_model, data, report, lossless, check, equalize, smoothquant, providers)
-    phases = _Phases(t0, "load and prepare")
+    phases = Phases(t0, "load and prepare")
     feed = next(iter(data_mod.feeds(data, ir_model))) if tune and data is not None else None  # for timing
     calibrate = phases.timed("calibration", functools.partial(
         _plan_and_calibrate, ir_model, data, opts, method, batch_size, providers, cache_dir, progress, observer_opts))
@@ -306,33 +307,6 @@ def quantize(
         sum(r.stats.counts.get("values_upcast", 0) for r in report.records if r.name == "upcast_float16"),
         dict(phases),
     )
-
-
-class _Phases(dict):
-    """Seconds per step of a quantization, in order: ``lap(name)`` adds the time since the last lap
-    (or since ``t0``, counted as ``first``) to ``name``."""
-
-    def __init__(self, t0: float, first: str) -> None:
-        super().__init__()
-        self._last = t0
-        self.lap(first)
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self[name] = round(self.get(name, 0.0) + now - self._last, 3)
-        self._last = now
-
-    def timed(self, name: str, fn: Callable) -> Callable:
-        """``fn``, its own time counted under ``name`` (the time before a call stays with the phase
-        last added)."""
-
-        def run(*args, **kwargs):
-            self.lap(next(reversed(self)))  # the time up to the call stays with the phase before
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.lap(name)
-        return run
 
 
 def _narrowed_ops(reduce_range, activations: str, providers) -> tuple[str, ...]:

@@ -315,6 +315,11 @@ def test_cli_prune_reports_drift_and_max_drift_fails(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "output drift against the unpruned model on 64 feeds of" in text
     assert 0 < json.loads(rep.read_text())["drift"]["drift"] < 0.5
+    # where the time went, in order: statistics for the criterion, then the plan and its refit
+    phases = json.loads(rep.read_text())["phases"]
+    assert list(phases)[:3] == ["load and prepare", "importance", "plan"] and list(phases)[-2:] == ["cleanup", "save"]
+    assert any("refit" in name for name in phases) and all(v >= 0 for v in phases.values())
+    assert "  time: load and prepare " in text
     assert main(["optimize", str(src), "--preset", "prune"]) == 0  # the data-free preset says it too
     text = capsys.readouterr().out
     assert "channels removed" in text and "output drift against the unpruned model on 4 random feeds" in text
