@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_bigmodel import big_feeds, build_big
 from bench_lossless import run_measured
 
-from benchmarks._common import kept_reading
+from benchmarks._common import kept_reading, write_results
 
 PY = sys.executable
 #: Samples RssAnon in a thread while the statement runs; prints the peak in MiB and the seconds.
@@ -198,12 +198,7 @@ def main(argv=None) -> int:
             res["jobs"][name] = run_job(name, src, out_dir / "pruned.onnx", tmp / f"{out_dir.name}.log")
             print(name, res["jobs"][name], flush=True)
         res["check"] = check_output(src, tmp / "prune" / "pruned.onnx")
-    res["load"].append(round(os.getloadavg()[0], 2))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "prune_memory.json").write_text(json.dumps(res, indent=1))
-    write_markdown(res, out / "prune_memory.md")
-    print((out / "prune_memory.md").read_text())
+    write_results(res, args.out, "prune_memory", write_markdown)
     return 0
 
 

@@ -26,7 +26,6 @@ Writes ``quantize_memory.md`` and ``.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -41,7 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_bigmodel import build_big
 from bench_prune_memory import run_sampled
 
-from benchmarks._common import kept_reading
+from benchmarks._common import kept_reading, write_results
 
 FEEDS, ROWS = 4, 8
 _READER = ("import glob, numpy as np\n"
@@ -141,12 +140,7 @@ def main(argv=None) -> int:
                 outs[name] = out
             print(name, res["jobs"][name], flush=True)
         res["drift"] = drifts(src, outs, calib)
-    res["load"].append(round(os.getloadavg()[0], 2))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quantize_memory.json").write_text(json.dumps(res, indent=1))
-    write_markdown(res, out / "quantize_memory.md")
-    print((out / "quantize_memory.md").read_text())
+    write_results(res, args.out, "quantize_memory", write_markdown)
     return 0
 
 
