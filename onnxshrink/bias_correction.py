@@ -7,7 +7,7 @@ it, the sampling noise of the estimate outweighed the per-channel weight shifts 
 classifier worse, as did correcting values a following Relu/Clip clips anyway.
 For every quantized ``Conv``/``Gemm``/``MatMul`` of the main graph with a constant weight:
 
-1. ``measure`` builds one probe model from the float model: beside each such node a copy that reads
+1. ``measure_sets`` builds one probe model from the float model: beside each such node a copy that reads
    the node's *float* input with the quantized model's int8 weight and int32 bias, and reduces
    ``y_copy - y_float = (W_q - W) x + (b_q - b)`` per output channel inside the graph
    (``onnxshrink.channel_stats``: sums, never tensors). One pass over the data gives every layer's
@@ -130,17 +130,12 @@ def _bias_add(node: ir.Node) -> tuple[ir.Node, int] | str:
     return add, index
 
 
-def measure(float_model: ir.Model, targets: list[Target], data, *, providers=None, limit: int | None = None
-            ) -> dict[str, np.ndarray]:
-    """Per target (by node name), the mean output shift ``E[y_q - y_f]`` per channel with float inputs."""
-    return measure_sets(float_model, [targets], data, providers=providers, limit=limit)[0]
-
-
 def measure_sets(float_model: ir.Model, target_sets: list[list[Target]], data, *, providers=None,
                  limit: int | None = None) -> list[dict[str, np.ndarray]]:
-    """``measure`` for the targets of several quantized models of ``float_model`` (one per weight
-    encoding: their shifts differ) in one probe: one session of the float model and one pass over the
-    data for all of them, each layer's copies reading the same float input and activation mask."""
+    """Per set of targets, per target (by node name), the mean output shift ``E[y_q - y_f]`` per channel
+    with float inputs. The sets are the targets of quantized models of ``float_model`` (one per weight
+    encoding: their shifts differ), measured in one probe: one session of the float model and one pass
+    over the data for all of them, each layer's copies reading the same float input and activation mask."""
     probe = clone_model(float_model)
     by_name = {n.name: n for n in probe.graph if n.name}
     names = NameGen(probe)
