@@ -100,11 +100,9 @@ class Phases(dict):
         self._last = now
 
     def timed(self, name: str, fn: Callable) -> Callable:
-        """``fn``, its own time counted under ``name`` (the time before a call stays with the phase
-        last added)."""
+        """``fn``, which laps ``name`` when it returns (for a step run deep inside another)."""
 
         def run(*args, **kwargs):
-            self.lap(next(reversed(self)))  # the time up to the call stays with the phase before
             try:
                 return fn(*args, **kwargs)
             finally:

@@ -257,8 +257,8 @@ def quantize(
     prequantized = already_quantized(ir_model)
     report = pipeline.PipelineReport()
     ir_model, upgraded = _prepare(ir_model, data, report, lossless, check, equalize, smoothquant, providers)
-    phases = Phases(t0, "load and prepare")
     feed = next(iter(data_mod.feeds(data, ir_model))) if tune and data is not None else None  # for timing
+    phases = Phases(t0, "load and prepare")
     calibrate = phases.timed("calibration", functools.partial(
         _plan_and_calibrate, ir_model, data, opts, method, batch_size, providers, cache_dir, progress, observer_opts))
     plan, tables, table, tuning, placement = _calibrate_and_tune(ir_model, opts, mode, method, feed, tune_runs,
