@@ -43,6 +43,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -184,7 +185,7 @@ def summary(rows: list[dict]) -> tuple[list[str], list[str]]:
     """The per-model table (ours against the best anchor config by metric and by speed) and the tallies."""
     head = [("| model | float metric | onnxshrink: metric / drift / speed-up | best anchor by metric: metric / "
              "drift / speed-up (config) | fastest anchor: speed-up / metric (config) | ours as accurate | "
-             "ours faster than the fastest | quantize s: ours / anchors |"),
+             "ours faster than the fastest | quantize s: ours / anchors' median |"),
             "|---|---|---|---|---|---|---|---|"]
     n = acc = fast = low = 0
     for spec in dict.fromkeys(r["model"] for r in rows):
@@ -200,7 +201,7 @@ def summary(rows: list[dict]) -> tuple[list[str], list[str]]:
         lower = ours["drift"] < min(r["drift"] for r in anchors)
         n, acc, fast, low = n + 1, acc + as_acc, fast + faster, low + lower
         label = lambda r: f"{NAMES[r['tool']]} {r['config']}"
-        secs = "/".join(f"{r['quant_s']:g}" for r in anchors)
+        secs = f"{statistics.median(r['quant_s'] for r in anchors):.3g}"
         head.append(f"| {spec} | {flt['metric']} | {ours['metric']} / {ours['drift']} / {ours['speedup']}x | "
                     f"{best['metric']} / {best['drift']} / {best['speedup']}x ({label(best)}) | "
                     f"{quick['speedup']}x / {quick['metric']} ({label(quick)}) | {'yes' if as_acc else '**no**'} | "
@@ -264,7 +265,8 @@ def main(argv=None) -> int:
     ap.add_argument("--anchor-python", type=Path, default=ANCHOR_PYTHON, help="Python with NNCF and Neural Compressor")
     ap.add_argument("--olive-python", type=Path, default=OLIVE_PYTHON, help="Python with Olive")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--stem", default="quantize_anchors")
+    ap.add_argument("--stem", default="quantize_anchors", help="results file names (quantize_anchors_avx2 on "
+                    "the AVX2 EPYC of results/quantize_anchors_avx2.md)")
     args = ap.parse_args(argv)
     pythons = {"nncf": args.anchor_python, "inc": args.anchor_python, "olive": args.olive_python}
     import onnxruntime
