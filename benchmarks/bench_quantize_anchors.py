@@ -89,7 +89,7 @@ def run_job(tool: str, config: str, options: dict, prep: dict, out: Path, python
     job = {"tool": tool, "config": config, "src": prep["src"], "calib_dir": prep["calib_dir"], "out": str(out)}
     try:
         res = subprocess.run([str(python), str(WORKER), json.dumps(job)], capture_output=True, text=True,
-                             timeout=1800, check=False)
+                             timeout=1800, check=False, cwd=out.parent)  # Olive writes .olive-cache in its cwd
     except subprocess.TimeoutExpired:
         return {"error": "timed out after 1800 s"}
     if res.returncode != 0 or not out.exists():
