@@ -367,7 +367,7 @@ def _machine() -> str:
 
 
 def tool_versions() -> dict[str, str]:
-    """Each compared tool's version (Polygraphy's from its own venv's Python)."""
+    """Each compared tool's version (Polygraphy's and Olive's from their own venvs' Pythons)."""
     import importlib
 
     out = {}
@@ -400,7 +400,10 @@ def write_report(rows: dict, big: dict | None, startup: dict, args, out: Path = 
         f"# Lossless cleanup: {' vs '.join(TOOLS)}", "",
         f"Written by `python benchmarks/bench_lossless.py` ({data['date']}). Versions: "
         + ", ".join(f"{k} {v}" for k, v in versions.items()) + f". {data['machine']}, 1 thread each.",
-        ("Each tool runs its own CLI in a subprocess (default options; onnxshrink `--preset default`); "
+        ("Each tool runs its own CLI in a subprocess (default options; onnxshrink `--preset default`"
+         + ("; Polygraphy `surgeon sanitize --fold-constants`" if "polygraphy" in TOOLS else "")
+         + ("; Olive its `OnnxPeepholeOptimizer` pass in a one-pass workflow, `_olive_peephole.py`"
+            if "olive" in TOOLS else "") + "); "
         f"time and peak RSS are medians of {args.repeats} interleaved runs and include interpreter start "
         "and imports. Nodes count the main graph and subgraphs. Equal: ONNX Runtime outputs match the "
         f"original within rtol {RTOL} / atol {ATOL} on real-like (digits test split, example feeds of the "
