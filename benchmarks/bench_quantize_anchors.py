@@ -29,7 +29,7 @@ A missing venv turns its tool's rows into errors; the others still run.
 
 Every quantized model is evaluated here, on this venv's ONNX Runtime, against the held-out feeds with
 ``bench_quantize_vs_ort``'s ``metric`` and ``drift``. Latency: the float model and every quantized model
-of one source model timed in one loop (1 thread, A B C ... interleaved, ``--runs`` rounds), medians;
+of one source model timed in one loop (1 thread, A B C ... C B A interleaved, ``--runs`` rounds), medians;
 ``speedup`` is float / model, so every ratio in a model's rows comes from the same rounds.
 
     python benchmarks/bench_quantize_anchors.py [--models real:ppocr_cls ...] [--runs 60] [--out DIR]
@@ -109,20 +109,16 @@ def outputs(path: str, feeds) -> list | str:
 
 
 def time_interleaved(paths: list[str], feed: dict, runs: int, warmup: int = 5) -> list[float]:
-    """Median seconds per model, the models run one after another in each of ``runs`` rounds."""
+    """Median seconds per model: every model once per round, the order flipping every round
+    (``onnxshrink.bench``'s own interleaving, which ``bench.measure`` runs for two models)."""
+    from onnxshrink import bench
     from onnxshrink.runtime import make_session
 
-    sessions = [make_session(p, threads=1) for p in paths]
-    for s in sessions:
+    runners = [bench._host_runner(make_session(p, threads=1), feed) for p in paths]
+    for run in runners:
         for _ in range(warmup):
-            s.run(None, feed)
-    times = [[] for _ in sessions]
-    for _ in range(runs):
-        for s, t in zip(sessions, times):
-            t0 = time.perf_counter()
-            s.run(None, feed)
-            t.append(time.perf_counter() - t0)
-    return [float(np.median(t)) for t in times]
+            run()
+    return [float(np.median(t)) for t in bench._interleaved(runners, runs, lambda _: None)]
 
 
 def bench_model(spec: str, runs: int, tmp: Path, pythons: dict[str, Path]) -> list[dict]:
