@@ -60,14 +60,19 @@ LATENCY_RUNS = 200
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
+def tool_bin(tool: str) -> Path:
+    """The bin folder of the venv that holds ``tool`` (Polygraphy's and Olive's are their own)."""
+    return {"polygraphy": ANCHOR_BIN, "olive": OLIVE_BIN}.get(tool, BIN)
+
+
 def command(tool: str, src: Path, out: Path, big: bool = False) -> list[str]:
     if tool == "onnxshrink":
         return [sys.executable, "-m", "onnxshrink.cli", "-q", "optimize", str(src), "-o", str(out)]
     if tool == "olive":
-        return [str(OLIVE_BIN / "python"), str(Path(__file__).resolve().parent / "_olive_peephole.py"), str(src),
+        return [str(tool_bin(tool) / "python"), str(Path(__file__).resolve().parent / "_olive_peephole.py"), str(src),
                 str(out), *(["--external-data"] if big else [])]
     if tool == "polygraphy":
-        return [str(ANCHOR_BIN / "polygraphy"), "surgeon", "sanitize", str(src), "--fold-constants", "-o", str(out),
+        return [str(tool_bin(tool) / "polygraphy"), "surgeon", "sanitize", str(src), "--fold-constants", "-o", str(out),
                 *(["--save-external-data"] if big else [])]
     if tool == "onnxslim":
         return [str(BIN / "onnxslim"), str(src), str(out), *(["--save-as-external-data"] if big else [])]
@@ -219,7 +224,7 @@ def startup_seconds(repeats: int = 3) -> dict[str, float]:
     out = {}
     for tool in TOOLS:
         cmd = ([sys.executable, "-m", "onnxshrink.cli", "optimize", "--help"] if tool == "onnxshrink"
-               else [str({"polygraphy": ANCHOR_BIN, "olive": OLIVE_BIN}.get(tool, BIN) / tool), "--help"])
+               else [str(tool_bin(tool) / tool), "--help"])
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -373,8 +378,7 @@ def tool_versions() -> dict[str, str]:
     out = {}
     for tool in TOOLS:
         if tool in ("polygraphy", "olive"):
-            python = (ANCHOR_BIN if tool == "polygraphy" else OLIVE_BIN) / "python"
-            res = subprocess.run([str(python), "-c", f"import {tool}; print({tool}.__version__)"],
+            res = subprocess.run([str(tool_bin(tool) / "python"), "-c", f"import {tool}; print({tool}.__version__)"],
                                  capture_output=True, text=True, check=False)
             out[tool] = res.stdout.strip() or "?"
         else:
