@@ -7,7 +7,8 @@ interleaved over ``--repeats`` rounds (medians):
   ``~/.cache/onnxshrink/startup-venvs``) holding that version, this venv's numpy, onnx, onnx-ir and
   onnxruntime, and onnxshrink from this tree: ``import ml_dtypes``, and ``onnxshrink optimize`` of the
   digits MLP (a 5-node model: the call is nearly all start-up);
-- in this venv: ``import numpy``, ``import onnx``, ``import onnx_ir`` and ``import onnxruntime``.
+- in this venv: ``import numpy``, ``import onnx``, ``import sympy`` (onnx-ir 1.1 imports it on start),
+  ``import onnx_ir`` and ``import onnxruntime``.
 
     python benchmarks/bench_startup.py [--versions 0.6.0,0.7.0] [--repeats 7] [--out DIR]
 
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
         jobs[f"onnxshrink optimize digits MLP, ml_dtypes {v}"] = [
             python, "-m", "onnxshrink.cli", "-q", "optimize", mlp, "-o", str(out_model)]
     here = f"this venv (ml_dtypes {ml_dtypes.__version__})"
-    for mod in ("numpy", "onnx", "onnx_ir", "onnxruntime"):
+    for mod in ("numpy", "onnx", "sympy", "onnx_ir", "onnxruntime"):
         jobs[f"import {mod}, {here}"] = [sys.executable, "-c", f"import {mod}"]
     times: dict[str, list[float]] = {k: [] for k in jobs}
     for _ in range(args.repeats):
