@@ -145,7 +145,7 @@ def bench_model(spec: str, runs: int, tmp: Path, pythons: dict[str, Path]) -> li
             if isinstance(got, str):
                 row["error"] = got
             else:
-                drift = _drift(float_outs, got)
+                drift = vs_ort.first_output_drift(float_outs, got)
                 row.update(metric=round(vs_ort.metric(prep, float_outs, got), 4), drift=float(f"{drift:.3g}"),
                            path=str(out))
         print(json.dumps({k: v for k, v in row.items() if k != "path"}), flush=True)
@@ -160,12 +160,6 @@ def bench_model(spec: str, runs: int, tmp: Path, pythons: dict[str, Path]) -> li
     for r in rows:
         r["load"] = f"{load0}-{load1}"
     return rows
-
-
-def _drift(ref, got) -> float:
-    from onnxshrink.validate import flat_drift, flat_floats
-
-    return flat_drift(flat_floats(a[0] for a in ref), flat_floats(b[0] for b in got))
 
 
 # ---------------------------------------------------------------- report
