@@ -100,7 +100,7 @@ class Phases(dict):
         self._last = now
 
     def timed(self, name: str, fn: Callable) -> Callable:
-        """``fn``, which laps ``name`` when it returns (for a step run deep inside another)."""
+        """``fn``, which laps ``name`` when it returns or raises (for a step run deep inside another)."""
 
         def run(*args, **kwargs):
             try:
