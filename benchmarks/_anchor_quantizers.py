@@ -78,15 +78,32 @@ def inc_quantize(job: dict) -> str:
     return __version__
 
 
-def olive_quantize(job: dict) -> str:
-    """Olive's ``OnnxStaticQuantization`` pass (its defaults: QDQ, int8 activations and weights,
-    per-tensor, MinMax, ORT's pre-processing) run as an Olive workflow on the calibration feeds."""
+def olive_workflow(src: str, out: str | Path, passes: dict, data_configs: list | None = None) -> None:
+    """Run an Olive workflow of ``passes`` on the model at ``src`` in a temporary folder (its cache
+    there too) and copy the model it writes to ``out``, with the external data files beside it."""
     import shutil
     import tempfile
 
+    from olive.workflows import run as olive_run
+
+    with tempfile.TemporaryDirectory(prefix="olive-") as tmp:
+        olive_run({"input_model": {"type": "ONNXModel", "model_path": src}, "data_configs": data_configs or [],
+                   "passes": passes, "output_dir": tmp, "cache_dir": str(Path(tmp) / "cache"),
+                   "log_severity_level": 3, "evaluate_input_model": False})
+        found = sorted(p for p in Path(tmp).rglob("*.onnx") if "cache" not in p.relative_to(tmp).parts)
+        if not found:
+            raise RuntimeError(f"Olive wrote no model under {tmp}")
+        shutil.copyfile(found[0], out)
+        for extra in found[0].parent.iterdir():  # its external data keeps the name the model refers to
+            if extra.is_file() and extra.suffix != ".onnx":
+                shutil.copyfile(extra, Path(out).parent / extra.name)
+
+
+def olive_quantize(job: dict) -> str:
+    """Olive's ``OnnxStaticQuantization`` pass (its defaults: QDQ, int8 activations and weights,
+    per-tensor, MinMax, ORT's pre-processing) run as an Olive workflow on the calibration feeds."""
     import olive
     from olive.data.registry import Registry
-    from olive.workflows import run as olive_run
 
     data = feeds(job["calib_dir"])
 
@@ -94,21 +111,9 @@ def olive_quantize(job: dict) -> str:
     def _dataset(**_):
         return [(feed, 0) for feed in data]
 
-    with tempfile.TemporaryDirectory(prefix="olive-") as tmp:
-        config = {
-            "input_model": {"type": "ONNXModel", "model_path": job["src"]},
-            "data_configs": [{"name": "calib", "load_dataset_config": {"type": "onnxshrink_calib_feeds"},
-                              "dataloader_config": {"type": "no_auto_batch_dataloader"}}],
-            "passes": {"quantize": {"type": "OnnxStaticQuantization", "data_config": "calib"}},
-            "output_dir": tmp, "log_severity_level": 3, "evaluate_input_model": False,
-        }
-        olive_run(config)
-        found = sorted(Path(tmp).rglob("*.onnx"))
-        if not found:
-            raise RuntimeError(f"Olive wrote no model under {tmp}")
-        shutil.copyfile(found[0], job["out"])
-        for extra in found[0].parent.glob(found[0].name + "*.data"):
-            shutil.copyfile(extra, Path(job["out"]).parent / extra.name)
+    olive_workflow(job["src"], job["out"], {"quantize": {"type": "OnnxStaticQuantization", "data_config": "calib"}},
+                   [{"name": "calib", "load_dataset_config": {"type": "onnxshrink_calib_feeds"},
+                     "dataloader_config": {"type": "no_auto_batch_dataloader"}}])
     return olive.__version__
 
 

@@ -70,7 +70,7 @@ def command(tool: str, src: Path, out: Path, big: bool = False) -> list[str]:
         return [sys.executable, "-m", "onnxshrink.cli", "-q", "optimize", str(src), "-o", str(out)]
     if tool == "olive":
         return [str(tool_bin(tool) / "python"), str(Path(__file__).resolve().parent / "_olive_peephole.py"), str(src),
-                str(out), *(["--external-data"] if big else [])]
+                str(out)]
     if tool == "polygraphy":
         return [str(tool_bin(tool) / "polygraphy"), "surgeon", "sanitize", str(src), "--fold-constants", "-o", str(out),
                 *(["--save-external-data"] if big else [])]
